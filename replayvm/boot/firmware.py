@@ -1,0 +1,109 @@
+"""What firmware leaves behind before a boot sector or kernel runs. No BIOS code ever runs here.
+
+Two boot methods:
+- disk: sector 0 of disk 0 at 0x7C00, real mode, CS:IP = 0:7C00, DL = 0x80 (like a PC BIOS);
+- multiboot: a multiboot kernel ELF's segments loaded at their physical addresses, 32-bit flat
+  protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure.
+Both fill the BIOS data area (EBDA pointer, base memory size) and the MP tables.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from elftools.elf.elffile import ELFFile
+from elftools.common.exceptions import ELFError
+
+from replayvm import hw
+from replayvm.boot.mptable import write_mp_tables
+from replayvm.engines.base import CpuState, Segment, real_mode_state
+from replayvm.errors import UsageError
+
+SECTOR_SIZE = 512
+BOOT_SIGNATURE = b"\x55\xAA"
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+MULTIBOOT_SEARCH_BYTES = 8192
+MULTIBOOT_INFO_MEMORY = 1 << 0
+BOOT_GDT_ADDR = 0x800                     # a flat GDT for multiboot entry (below the boot stack)
+BOOT_STACK_TOP = 0x7000
+FLAT_CODE_SELECTOR = 0x08
+FLAT_DATA_SELECTOR = 0x10
+
+
+def fill_bios_data_area(ram: memoryview) -> None:
+    """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them."""
+    ram[hw.BDA_EBDA_SEGMENT:hw.BDA_EBDA_SEGMENT + 2] = struct.pack("<H", hw.EBDA_ADDR >> 4)
+    ram[hw.BDA_BASE_MEM_KB:hw.BDA_BASE_MEM_KB + 2] = struct.pack("<H", hw.BASE_MEM_KB)
+    write_mp_tables(ram)
+
+
+def boot_from_disk(ram: memoryview, first_sector: bytes) -> CpuState:
+    """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
+    if len(first_sector) < SECTOR_SIZE:
+        raise UsageError("disk 0 is smaller than one sector: nothing to boot")
+    if first_sector[510:512] != BOOT_SIGNATURE:
+        raise UsageError("disk 0 has no boot signature (0x55AA at byte 510): not bootable")
+    fill_bios_data_area(ram)
+    ram[hw.BOOT_SECTOR_ADDR:hw.BOOT_SECTOR_ADDR + SECTOR_SIZE] = first_sector[:SECTOR_SIZE]
+    return real_mode_state(0, hw.BOOT_SECTOR_ADDR, rdx=0x80, rsp=BOOT_STACK_TOP)
+
+
+def _flat_segment(selector: int, code: bool) -> Segment:
+    return Segment(selector=selector, base=0, limit=0xFFFFFFFF, type=0xB if code else 0x3,
+                   s=1, dpl=0, present=1, db=1, g=1)
+
+
+def _write_flat_gdt(ram: memoryview) -> tuple[int, int]:
+    gdt = struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+    ram[BOOT_GDT_ADDR:BOOT_GDT_ADDR + len(gdt)] = gdt
+    return BOOT_GDT_ADDR, len(gdt) - 1
+
+
+def find_multiboot_header(image: bytes) -> int | None:
+    """Offset of a valid multiboot header in the first 8 KiB (magic + flags + checksum == 0)."""
+    for offset in range(0, min(len(image), MULTIBOOT_SEARCH_BYTES) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", image, offset)
+        if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            return offset
+    return None
+
+
+def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
+    """Load a multiboot ELF kernel and return the state a multiboot loader hands it."""
+    try:
+        image = kernel.read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read kernel {kernel}: {error.strerror}") from None
+    if find_multiboot_header(image) is None:
+        raise UsageError(f"{kernel} has no multiboot header in its first 8 KiB")
+    fill_bios_data_area(ram)
+    try:
+        with kernel.open("rb") as f:
+            elf = ELFFile(f)
+            if elf.get_machine_arch() != "x86":
+                raise UsageError(f"{kernel} is not a 32-bit x86 ELF")
+            entry = elf.header.e_entry
+            for segment in elf.iter_segments():
+                if segment["p_type"] != "PT_LOAD":
+                    continue
+                paddr, filesz, memsz = segment["p_paddr"], segment["p_filesz"], segment["p_memsz"]
+                if paddr + memsz > len(ram):
+                    raise UsageError(f"{kernel}: segment at {paddr:#x}+{memsz:#x} is beyond guest RAM")
+                ram[paddr:paddr + filesz] = segment.data()
+                ram[paddr + filesz:paddr + memsz] = bytes(memsz - filesz)
+    except ELFError as error:
+        raise UsageError(f"{kernel} is not a valid ELF file: {error}") from None
+    info = struct.pack("<III", MULTIBOOT_INFO_MEMORY, hw.BASE_MEM_KB, len(ram) // 1024 - 1024)
+    ram[hw.MULTIBOOT_INFO_ADDR:hw.MULTIBOOT_INFO_ADDR + len(info)] = info
+    state = CpuState()
+    state.regs = {name: 0 for name in CpuState.GPR_NAMES}
+    state.regs.update(rax=MULTIBOOT_BOOTLOADER_MAGIC, rbx=hw.MULTIBOOT_INFO_ADDR, rsp=BOOT_STACK_TOP,
+                      rip=entry, rflags=0x2)
+    state.cr0 = 0x11                                  # PE + ET
+    state.gdt = _write_flat_gdt(ram)
+    state.cs = _flat_segment(FLAT_CODE_SELECTOR, code=True)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(state, name, _flat_segment(FLAT_DATA_SELECTOR, code=False))
+    return state

@@ -1,0 +1,486 @@
+"""The `emu` CPU engine: Unicorn (QEMU's TCG as a library) driven through cffi.
+
+Used where KVM cannot run the guest (on this project's PVM hosts: any 32-bit paged guest, xv6).
+Position in the guest's execution is exact: a C hook counts every instruction begun (each
+iteration of a `rep` instruction counts, as Unicorn executes them one by one; a faulting
+instruction counts each time it is attempted), and a run can be stopped before any given count.
+That count, `icount`, is what the recorder logs as the position of asynchronous events.
+
+Interrupts and exceptions are delivered by `x86_delivery` (Unicorn never runs QEMU's delivery).
+An external interrupt is taken at the first instruction boundary where EFLAGS.IF=1 once the
+interrupt controller reports it pending; the one-instruction STI shadow is honoured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Callable
+
+from replayvm import hw
+from replayvm.clock import VirtualClock
+from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
+from replayvm.engines import x86_delivery
+from replayvm.errors import EngineUnavailable
+
+
+def _load_unicorn() -> None:
+    """Make libunicorn's symbols global so our extension (not linked against it) resolves them."""
+    import unicorn  # noqa: F401  (locates and loads the library the wheel ships)
+
+    lib_dir = os.path.join(os.path.dirname(unicorn.__file__), "lib")
+    for name in ("libunicorn.so.2", "libunicorn.so"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            return
+    raise EngineUnavailable(f"libunicorn not found in {lib_dir}")
+
+
+_load_unicorn()
+from replayvm.engines._uc import ffi, lib  # noqa: E402
+import unicorn.x86_const as ucx  # noqa: E402
+
+UC_ARCH_X86 = 4
+UC_MODE_32 = 4
+UC_PROT_ALL = 7
+UC_PROT_READ = 1
+UC_PROT_WRITE = 2
+
+REG = {
+    "eax": ucx.UC_X86_REG_EAX, "ebx": ucx.UC_X86_REG_EBX, "ecx": ucx.UC_X86_REG_ECX,
+    "edx": ucx.UC_X86_REG_EDX, "esi": ucx.UC_X86_REG_ESI, "edi": ucx.UC_X86_REG_EDI,
+    "esp": ucx.UC_X86_REG_ESP, "ebp": ucx.UC_X86_REG_EBP, "eip": ucx.UC_X86_REG_EIP,
+    "eflags": ucx.UC_X86_REG_EFLAGS, "cs": ucx.UC_X86_REG_CS, "ds": ucx.UC_X86_REG_DS,
+    "es": ucx.UC_X86_REG_ES, "fs": ucx.UC_X86_REG_FS, "gs": ucx.UC_X86_REG_GS,
+    "ss": ucx.UC_X86_REG_SS, "cr0": ucx.UC_X86_REG_CR0, "cr2": ucx.UC_X86_REG_CR2,
+    "cr3": ucx.UC_X86_REG_CR3, "cr4": ucx.UC_X86_REG_CR4,
+}
+TABLE_REG = {"gdtr": ucx.UC_X86_REG_GDTR, "idtr": ucx.UC_X86_REG_IDTR,
+             "tr": ucx.UC_X86_REG_TR, "ldtr": ucx.UC_X86_REG_LDTR}
+GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
+
+SLICE_INSTRUCTIONS = 200_000        # how long a run goes before the machine polls time again
+EFLAGS_IF = 1 << 9
+OPCODE_STI = 0xFB
+
+
+class UnicornError(Exception):
+    pass
+
+
+def _check(err: int, what: str) -> None:
+    if err:
+        raise UnicornError(f"{what}: {ffi.string(lib.uc_strerror(err)).decode()}")
+
+
+class EmuEngine:
+    """One x86 vCPU emulated by Unicorn over the machine's RAM (see module docstring)."""
+
+    name = "emu"
+
+    def __init__(self, machine: MachineView) -> None:
+        self.machine = machine
+        handle = ffi.new("uc_engine **")
+        _check(lib.uc_open(UC_ARCH_X86, UC_MODE_32, handle), "uc_open")
+        self.uc = handle[0]
+        self.state = ffi.new("struct emu_state *")
+        self.state.stop_at = 0
+        self._owner = ffi.new_handle(self)
+        _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, -1), "hook setup")
+        # Take the pointer from the mmap itself, not the memoryview: a cffi buffer over a
+        # memoryview crashes CPython's garbage collector at interpreter exit.
+        self._ram = ffi.from_buffer(getattr(machine.ram, "obj", machine.ram))
+        _check(lib.uc_mem_map_ptr(self.uc, 0, len(machine.ram), UC_PROT_ALL, self._ram), "map RAM")
+        for mapping in machine.mmio.mappings():
+            size = (mapping.length + 0xFFF) & ~0xFFF
+            _check(lib.replayvm_uc_map_mmio(self.uc, self.state, mapping.base, size, self._owner),
+                   f"map MMIO {mapping.name}")
+        lapic = getattr(machine, "lapic", None)
+        self.state.lapic_base = hw.LAPIC_ADDR if lapic is not None else 0xFFFFFFFF_FFFFF000
+        self._refresh_lapic_id()
+        if lib.replayvm_uc_probe_env_layout(self.uc, self.state) != 0:
+            raise EngineUnavailable("unicorn: cannot locate the exception state in the CPU context "
+                                    "(unsupported unicorn version; replayvm needs 2.1.4)")
+        self._u32 = ffi.new("uint32_t *")
+        self._mmr = ffi.new("uc_x86_mmr *")
+        self._err = ffi.new("int *")
+        self._is_int = ffi.new("int *")
+        self._stop_requested = False
+        self._python_error: BaseException | None = None
+        self._pending_fault: tuple[int, int | None, int] | None = None   # (vector, error, eip)
+        self._shutdown_in_hook = False
+        self.halted = False
+        self.last_error = ""
+        self.exceptions_delivered = 0
+        self.interrupts_delivered = 0
+        self.on_interrupt: Callable[[int, int], None] | None = None   # (vector, icount) observer
+        self._instruction_clock = isinstance(machine.clock, VirtualClock)
+        if self._instruction_clock:
+            machine.clock.source = lambda: self.state.icount
+
+    # ----------------------------------------------------------------- registers and memory
+    def reg(self, name: str) -> int:
+        _check(lib.uc_reg_read(self.uc, REG[name], self._u32), f"read {name}")
+        return self._u32[0]
+
+    def set_reg(self, name: str, value: int) -> None:
+        self._u32[0] = value & 0xFFFFFFFF
+        _check(lib.uc_reg_write(self.uc, REG[name], self._u32), f"write {name}")
+
+    def table_register(self, name: str) -> tuple[int, int]:
+        _check(lib.uc_reg_read(self.uc, TABLE_REG[name], self._mmr), f"read {name}")
+        return self._mmr.base, self._mmr.limit
+
+    def set_table_register(self, name: str, base: int, limit: int, selector: int = 0,
+                           flags: int = 0) -> None:
+        mmr = ffi.new("uc_x86_mmr *", {"selector": selector, "base": base, "limit": limit, "flags": flags})
+        _check(lib.uc_reg_write(self.uc, TABLE_REG[name], mmr), f"write {name}")
+
+    def read_linear(self, addr: int, size: int) -> bytes:
+        start = self.translate(addr)
+        if self.translate(addr + size - 1) - start == size - 1:
+            return bytes(self.machine.ram[start:start + size])
+        return bytes(self.machine.ram[self.translate(addr + i)] for i in range(size))
+
+    def write_linear(self, addr: int, data: bytes) -> None:
+        start = self.translate(addr, write=True)
+        if self.translate(addr + len(data) - 1, write=True) - start == len(data) - 1:
+            self.machine.ram[start:start + len(data)] = data
+        else:                                              # the write straddles two pages
+            for i, byte in enumerate(data):
+                self.machine.ram[self.translate(addr + i, write=True)] = byte
+
+    def translate(self, linear: int, write: bool = False) -> int:
+        """Linear to physical through the guest's 32-bit page tables (4 KiB and 4 MiB pages)."""
+        linear &= 0xFFFFFFFF
+        ram = self.machine.ram
+        if not self.reg("cr0") & 0x80000000:
+            physical = linear
+        else:
+            cr3 = self.reg("cr3") & 0xFFFFF000
+            pde = int.from_bytes(ram[cr3 + ((linear >> 22) << 2):][:4], "little")
+            if not pde & 1:
+                self._page_fault(linear, write)
+            if pde & 0x80 and self.reg("cr4") & 0x10:
+                physical = (pde & 0xFFC00000) | (linear & 0x3FFFFF)
+            else:
+                table = pde & 0xFFFFF000
+                if table + 4096 > len(ram):
+                    self._page_fault(linear, write)
+                pte = int.from_bytes(ram[table + (((linear >> 12) & 0x3FF) << 2):][:4], "little")
+                if not pte & 1:
+                    self._page_fault(linear, write)
+                physical = (pte & 0xFFFFF000) | (linear & 0xFFF)
+        if physical >= len(ram):
+            raise x86_delivery.DeliveryFault(x86_delivery.VECTOR_GENERAL_PROTECTION, 0,
+                                             f"address {linear:#x} is not RAM")
+        return physical
+
+    def _page_fault(self, linear: int, write: bool) -> None:
+        self.set_reg("cr2", linear)
+        raise x86_delivery.DeliveryFault(x86_delivery.VECTOR_PAGE_FAULT, 2 if write else 0,
+                                         f"page fault at {linear:#x} during delivery")
+
+    def load_segments_from_user_mode(self, cs: int, ss: int) -> None:
+        # Unicorn checks a selector write against the current privilege level like a MOV to a
+        # segment register would, and refuses ring-0 selectors at CPL 3. Its CPL follows SS, and
+        # with CR0.PE clear a segment load is real-mode style (DPL 0): so clear PE for one SS load
+        # to reach CPL 0, restore PE, then load the real selectors.
+        cr0 = self.reg("cr0")
+        self.set_reg("cr0", cr0 & ~1)
+        self.set_reg("ss", 0)
+        self.set_reg("cr0", cr0)
+        self.set_reg("ss", ss)
+        self.set_reg("cs", cs)
+
+    # ----------------------------------------------------------------- state transfer
+    def set_state(self, state: CpuState) -> None:
+        regs = state.regs
+        for name in GPR32:
+            self.set_reg(name, regs.get("r" + name[1:], 0))
+        self.set_reg("eflags", regs.get("rflags", 2))
+        self.set_table_register("gdtr", state.gdt[0], state.gdt[1])
+        self.set_table_register("idtr", state.idt[0], state.idt[1])
+        self.set_reg("cr4", state.cr4)
+        self.set_reg("cr3", state.cr3)
+        self.set_reg("cr0", state.cr0)
+        protected = bool(state.cr0 & 1)
+        if protected:
+            self.set_reg("cr0", state.cr0 & ~1)        # load SS/CS as CPL 0 first (see above)
+            self.set_reg("ss", 0)
+            self.set_reg("cr0", state.cr0)
+        for name in ("ss", "ds", "es", "fs", "gs", "cs"):
+            self.set_reg(name, getattr(state, name).selector)
+        tr = state.tr
+        self.set_table_register("tr", tr.base, tr.limit, tr.selector, _segment_flags(tr))
+        self.set_reg("eip", regs.get("rip", 0))
+
+    def get_state(self) -> CpuState:
+        state = CpuState()
+        state.regs = {name: 0 for name in CpuState.GPR_NAMES}
+        for name in GPR32:
+            state.regs["r" + name[1:]] = self.reg(name)
+        state.regs["rip"] = self.reg("eip")
+        state.regs["rflags"] = self.reg("eflags")
+        state.cr0, state.cr2, state.cr3, state.cr4 = (self.reg(n) for n in ("cr0", "cr2", "cr3", "cr4"))
+        state.gdt = self.table_register("gdtr")
+        state.idt = self.table_register("idtr")
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            setattr(state, name, self._segment(name, state))
+        _check(lib.uc_reg_read(self.uc, TABLE_REG["tr"], self._mmr), "read tr")
+        state.tr = Segment(selector=self._mmr.selector, base=self._mmr.base, limit=self._mmr.limit,
+                           type=0xB, s=0)
+        return state
+
+    def _segment(self, name: str, state: CpuState) -> Segment:
+        """Unicorn exposes only selectors; rebuild the hidden part as the CPU loaded it."""
+        selector = self.reg(name)
+        if not state.cr0 & 1:
+            return Segment(selector=selector, base=selector << 4, type=0xB if name == "cs" else 3)
+        try:
+            base, limit, access = x86_delivery._descriptor(self, selector)
+        except x86_delivery.DeliveryFault:
+            return Segment(selector=selector, unusable=1, present=0)
+        return Segment(selector=selector, base=base, limit=limit, type=(access >> 8) & 0xF,
+                       s=(access >> 12) & 1, dpl=(access >> 13) & 3, present=1,
+                       db=(access >> 22) & 1, g=(access >> 23) & 1, avl=(access >> 20) & 1)
+
+    # ----------------------------------------------------------------- running
+    @property
+    def icount(self) -> int:
+        return self.state.icount
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        lib.uc_emu_stop(self.uc)
+
+    def _stop_now(self) -> None:
+        """From inside a hook: end the run before the next instruction begins (count exact)."""
+        self.state.stop_at = self.state.icount
+        lib.uc_emu_stop(self.uc)
+
+    def run(self, budget_ns: int | None = None, max_instructions: int | None = None) -> StopReason:
+        """Run until halt, shutdown, stop request, or the time or instruction budget is used."""
+        machine = self.machine
+        state = self.state
+        interrupts = machine.interrupts
+        clock = machine.clock
+        end = None if max_instructions is None else state.icount + max_instructions
+        time_end = None if budget_ns is None else clock.now_ns() + budget_ns
+        self.halted = False
+        while True:
+            if self._stop_requested:
+                self._stop_requested = False
+                return StopReason.STOP_REQUESTED
+            if end is not None and state.icount >= end:
+                return StopReason.BUDGET
+            until_timer = machine.poll()
+            if time_end is not None and clock.now_ns() >= time_end:
+                return StopReason.BUDGET
+            if self._pending_fault is not None:
+                vector, error, eip = self._pending_fault
+                self._pending_fault = None
+                if not self._deliver(vector, software=False, error_code=error, return_eip=eip):
+                    return StopReason.SHUTDOWN
+                continue
+            single_step = False
+            if interrupts.has_pending():
+                if self.reg("eflags") & EFLAGS_IF:
+                    if self._in_sti_shadow():
+                        single_step = True            # STI's shadow: one more instruction first
+                    else:
+                        vector = interrupts.acknowledge()
+                        self.interrupts_delivered += 1
+                        if self.on_interrupt is not None:
+                            self.on_interrupt(vector, state.icount)
+                        if not self._deliver(vector, software=False, error_code=None,
+                                             return_eip=self.reg("eip")):
+                            return StopReason.SHUTDOWN
+                        continue
+                state.prev_if = 0
+                state.prev_size = 0
+                state.want_window = 0 if single_step else 1
+            else:
+                state.want_window = 0
+            slice_end = state.icount + SLICE_INSTRUCTIONS
+            if end is not None:
+                slice_end = min(slice_end, end)
+            if self._instruction_clock and until_timer is not None:
+                slice_end = min(slice_end, state.icount + max(1, until_timer))
+            if single_step:
+                slice_end = state.icount + 1
+            state.stop_at = slice_end
+            state.stop_reason = lib.STOP_NONE
+            err = lib.uc_emu_start(self.uc, self.reg("eip"), 0, 0, 0)
+            if self._python_error is not None:
+                error, self._python_error = self._python_error, None
+                raise error
+            if self._shutdown_in_hook:
+                self._shutdown_in_hook = False
+                return StopReason.SHUTDOWN
+            if err:
+                self.last_error = (f"emulation stopped: {ffi.string(lib.uc_strerror(err)).decode()} "
+                                   f"at eip={self.reg('eip'):#x} (instruction {state.icount})")
+                return StopReason.SHUTDOWN
+            if state.stop_reason == lib.STOP_NONE and not self._stop_requested \
+                    and self._pending_fault is None and state.icount < state.stop_at:
+                self.halted = True
+                return StopReason.HALT
+
+    def _in_sti_shadow(self) -> bool:
+        """True when the instruction just executed was the STI that enabled interrupts."""
+        st = self.state
+        if not st.want_window or st.prev_if or st.prev_size != 1:
+            return False
+        try:
+            return self.read_linear(st.prev_addr, 1)[0] == OPCODE_STI
+        except x86_delivery.DeliveryFault:
+            return False
+
+    def _deliver(self, vector: int, *, software: bool, error_code: int | None, return_eip: int) -> bool:
+        try:
+            x86_delivery.deliver_with_escalation(self, vector, software=software,
+                                                 error_code=error_code, return_eip=return_eip)
+            return True
+        except x86_delivery.TripleFault as fault:
+            self.last_error = str(fault)
+            return False
+
+    # ----------------------------------------------------------------- hooks (called from C)
+    def _on_intr(self, intno: int) -> None:
+        lib.replayvm_uc_take_exception(self.uc, self.state, self._err, self._is_int)
+        software = bool(self._is_int[0])
+        error_code = None
+        if not software and intno in x86_delivery.VECTORS_WITH_ERROR_CODE:
+            error_code = self._err[0] & 0xFFFFFFFF
+        self.exceptions_delivered += 1
+        if not self._deliver(intno, software=software, error_code=error_code,
+                             return_eip=self.reg("eip")):
+            self._shutdown_in_hook = True
+            self._stop_now()
+
+    def _io_allowed(self) -> bool:
+        """Port I/O from user mode is allowed only when CPL <= IOPL (no I/O bitmap support)."""
+        cr0 = self.reg("cr0")
+        if not cr0 & 1:
+            return True
+        cpl = self.reg("cs") & 3
+        iopl = (self.reg("eflags") >> 12) & 3
+        return cpl <= iopl
+
+    def _on_in(self, port: int, size: int) -> int:
+        if not self._io_allowed():
+            self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
+            return self.reg("eax") & ((1 << (8 * size)) - 1)
+        return self.machine.pio.read(port, size)
+
+    def _on_out(self, port: int, size: int, value: int) -> None:
+        if not self._io_allowed():
+            self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
+            return
+        self.machine.pio.write(port, size, value)
+
+    def _fault_in_hook(self, vector: int, error_code: int) -> None:
+        """An instruction must fault, but the hook cannot abort it: stop and deliver afterwards."""
+        self._pending_fault = (vector, error_code, self.reg("eip"))
+        self._stop_now()
+
+    def _on_mmio_read(self, addr: int, size: int) -> int:
+        return self.machine.mmio.read(addr, size)
+
+    def _on_mmio_write(self, addr: int, size: int, value: int) -> None:
+        self.machine.mmio.write(addr, size, value)
+        if hw.LAPIC_ADDR <= addr < hw.LAPIC_ADDR + hw.LAPIC_SIZE:
+            self._refresh_lapic_id()
+
+    def _refresh_lapic_id(self) -> None:
+        lapic = getattr(self.machine, "lapic", None)
+        if lapic is not None:
+            self.state.lapic_id_value = lapic.id_register_value
+
+    def _on_invalid(self) -> bool:
+        self._pending_fault = (6, None, self.reg("eip"))   # #UD, no error code
+        self._stop_now()
+        return True
+
+    def _on_rdtsc(self) -> int:
+        tsc = self.machine.read_tsc()
+        self.set_reg("eax", tsc & 0xFFFFFFFF)
+        self.set_reg("edx", (tsc >> 32) & 0xFFFFFFFF)
+        return 1
+
+    def close(self) -> None:
+        if self.uc is not None:
+            lib.uc_close(self.uc)
+            self.uc = None
+
+
+def _segment_flags(seg: Segment) -> int:
+    """QEMU's descriptor-cache flags word (the high dword of a descriptor) for a Segment."""
+    return ((seg.type & 0xF) << 8 | (seg.s & 1) << 12 | (seg.dpl & 3) << 13 | (seg.present & 1) << 15
+            | (seg.avl & 1) << 20 | (seg.l & 1) << 21 | (seg.db & 1) << 22 | (seg.g & 1) << 23)
+
+
+def _engine(owner) -> EmuEngine:
+    return ffi.from_handle(owner)
+
+
+def _on_error(exc_type, exc_value, traceback) -> None:
+    # A Python error inside a hook must not be swallowed: keep it, stop, re-raise after the run.
+    engine = _current_error_target[0]
+    if engine is not None and engine._python_error is None:
+        engine._python_error = exc_value
+        engine._stop_now()
+
+
+_current_error_target: list[EmuEngine | None] = [None]
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_in(uc, port, size, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._on_in(port, size)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_out(uc, port, size, value, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_out(port, size, value)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_mmio_read(addr, size, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._on_mmio_read(addr, size)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_mmio_write(addr, size, value, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_mmio_write(addr, size, value)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_intr(uc, intno, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_intr(intno)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_invalid(uc, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._on_invalid()
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_rdtsc(uc, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._on_rdtsc()

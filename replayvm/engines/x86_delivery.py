@@ -1,0 +1,202 @@
+"""Interrupt and exception delivery through the IVT/IDT, done by the VMM as the CPU would do it.
+
+Unicorn runs QEMU's translator but never QEMU's interrupt delivery: an `int n`, an exception or an
+external interrupt reaches us as a vector number, and the emulating engine must do what the
+processor does (Intel SDM vol. 3, 6.12 "Exception and interrupt handling"): look up the gate, switch
+to the inner stack from the TSS when privilege changes, push the return frame (and error code),
+and load CS:EIP with IF cleared for interrupt gates. Real mode uses the IVT.
+
+Supported: real mode; 32-bit protected mode with 32-bit interrupt/trap gates, rings 0 and 3, flat
+or based segments, paging. Not supported (reported as a shutdown with the reason): task gates,
+16-bit gates, virtual-8086 mode, long mode (64-bit guests run on the kvm engine).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+EFLAGS_TF = 1 << 8
+EFLAGS_IF = 1 << 9
+EFLAGS_NT = 1 << 14
+EFLAGS_RF = 1 << 16
+EFLAGS_VM = 1 << 17
+EFLAGS_AC = 1 << 18
+
+VECTOR_DOUBLE_FAULT = 8
+VECTOR_INVALID_TSS = 10
+VECTOR_SEGMENT_NOT_PRESENT = 11
+VECTOR_GENERAL_PROTECTION = 13
+VECTOR_PAGE_FAULT = 14
+VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+GATE_INTERRUPT_32 = 0xE
+GATE_TRAP_32 = 0xF
+
+
+class CpuAccess(Protocol):
+    """What delivery needs from an engine: registers by name and linear-address memory."""
+
+    def reg(self, name: str) -> int: ...
+
+    def set_reg(self, name: str, value: int) -> None: ...
+
+    def table_register(self, name: str) -> tuple[int, int]:
+        """(base, limit) of 'gdtr' or 'idtr', or the base/limit of 'tr'."""
+        ...
+
+    def read_linear(self, addr: int, size: int) -> bytes: ...
+
+    def write_linear(self, addr: int, data: bytes) -> None: ...
+
+    def load_segments_from_user_mode(self, cs: int, ss: int) -> None:
+        """Load a more privileged CS and SS (the engine knows how to get past its own checks)."""
+        ...
+
+
+class DeliveryFault(Exception):
+    """Delivering a vector raised another exception (vector, error code)."""
+
+    def __init__(self, vector: int, error_code: int, why: str) -> None:
+        super().__init__(why)
+        self.vector = vector
+        self.error_code = error_code
+
+
+class TripleFault(Exception):
+    """Delivery failed while delivering a double fault: the CPU shuts down."""
+
+
+def _u32(data: bytes, offset: int = 0) -> int:
+    return int.from_bytes(data[offset:offset + 4], "little")
+
+
+def _descriptor(cpu: CpuAccess, selector: int) -> tuple[int, int, int]:
+    """(base, limit, access-high-dword) of a GDT code/data descriptor."""
+    gdt_base, gdt_limit = cpu.table_register("gdtr")
+    index = selector & ~7
+    if selector & 4 or index + 7 > gdt_limit or index == 0:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, selector & ~3, f"bad selector {selector:#x}")
+    raw = cpu.read_linear(gdt_base + index, 8)
+    lo, hi = _u32(raw, 0), _u32(raw, 4)
+    base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
+    limit = (lo & 0xFFFF) | (hi & 0xF0000)
+    if hi & (1 << 23):
+        limit = (limit << 12) | 0xFFF
+    if not hi & (1 << 15):
+        raise DeliveryFault(VECTOR_SEGMENT_NOT_PRESENT, selector & ~3, f"segment {selector:#x} not present")
+    return base, limit, hi
+
+
+def deliver(cpu: CpuAccess, vector: int, *, software: bool, error_code: int | None,
+            return_eip: int) -> None:
+    """Deliver one vector; raises DeliveryFault when the delivery itself faults."""
+    if not cpu.reg("cr0") & 1:
+        _deliver_real_mode(cpu, vector, return_eip)
+    else:
+        _deliver_protected_mode(cpu, vector, software, error_code, return_eip)
+
+
+def deliver_with_escalation(cpu: CpuAccess, vector: int, *, software: bool,
+                            error_code: int | None, return_eip: int) -> None:
+    """Deliver; a fault while delivering is delivered instead, a fault delivering that becomes a
+    double fault, and a fault delivering the double fault is a triple fault (shutdown)."""
+    try:
+        deliver(cpu, vector, software=software, error_code=error_code, return_eip=return_eip)
+        return
+    except DeliveryFault as first:
+        nested = first
+    if vector != VECTOR_DOUBLE_FAULT:
+        try:
+            deliver(cpu, nested.vector, software=False, error_code=nested.error_code,
+                    return_eip=return_eip)
+            return
+        except DeliveryFault as second:
+            nested = second
+        try:
+            deliver(cpu, VECTOR_DOUBLE_FAULT, software=False, error_code=0, return_eip=return_eip)
+            return
+        except DeliveryFault as third:
+            nested = third
+    raise TripleFault(f"triple fault delivering vector {vector}: {nested}")
+
+
+def _deliver_real_mode(cpu: CpuAccess, vector: int, return_ip: int) -> None:
+    ivt_base, ivt_limit = cpu.table_register("idtr")
+    if vector * 4 + 3 > ivt_limit:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, f"vector {vector} beyond the IVT limit")
+    entry = _u32(cpu.read_linear(ivt_base + vector * 4, 4))
+    ss = cpu.reg("ss")
+    sp = cpu.reg("esp") & 0xFFFF
+    flags = cpu.reg("eflags")
+    frame = b"".join(v.to_bytes(2, "little") for v in (return_ip & 0xFFFF, cpu.reg("cs"), flags & 0xFFFF))
+    sp = (sp - 6) & 0xFFFF
+    cpu.write_linear((ss << 4) + sp, frame)
+    cpu.set_reg("esp", (cpu.reg("esp") & 0xFFFF0000) | sp)
+    cpu.set_reg("eflags", flags & ~(EFLAGS_IF | EFLAGS_TF | EFLAGS_AC))
+    cpu.set_reg("cs", entry >> 16)
+    cpu.set_reg("eip", entry & 0xFFFF)
+
+
+def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
+                            error_code: int | None, return_eip: int) -> None:
+    gate_error = vector * 8 + 2 + (0 if software else 1)
+    idt_base, idt_limit = cpu.table_register("idtr")
+    if vector * 8 + 7 > idt_limit:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
+    raw = cpu.read_linear(idt_base + vector * 8, 8)
+    lo, hi = _u32(raw, 0), _u32(raw, 4)
+    gate_type = (hi >> 8) & 0x1F
+    gate_dpl = (hi >> 13) & 3
+    eflags = cpu.reg("eflags")
+    if eflags & EFLAGS_VM:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, "virtual-8086 mode is not supported")
+    old_cs = cpu.reg("cs")
+    cpl = old_cs & 3
+    if software and gate_dpl < cpl:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, vector * 8 + 2,
+                            f"int {vector:#x} from ring {cpl} through a DPL {gate_dpl} gate")
+    if gate_type not in (GATE_INTERRUPT_32, GATE_TRAP_32):
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error,
+                            f"vector {vector}: unsupported gate type {gate_type:#x}")
+    if not hi & (1 << 15):
+        raise DeliveryFault(VECTOR_SEGMENT_NOT_PRESENT, gate_error, f"vector {vector}: gate not present")
+    target_cs = lo >> 16
+    target_eip = (lo & 0xFFFF) | (hi & 0xFFFF0000)
+    _, _, cs_access = _descriptor(cpu, target_cs)
+    target_dpl = (cs_access >> 13) & 3
+    conforming = bool(cs_access & (1 << 10))
+
+    if target_dpl < cpl and not conforming:
+        # Inner-privilege stack from the TSS: esp0 at +4, ss0 at +8 (for ring n: +4+8n, +8+8n).
+        tss_base, tss_limit = cpu.table_register("tr")
+        if tss_limit < 8 * target_dpl + 9:
+            raise DeliveryFault(VECTOR_INVALID_TSS, cpu.reg("tr") & ~3, "TSS too small for the stack switch")
+        tss = cpu.read_linear(tss_base + 4 + 8 * target_dpl, 8)
+        new_esp, new_ss = _u32(tss, 0), _u32(tss, 4) & 0xFFFF
+        ss_base, _, _ = _descriptor(cpu, new_ss)
+        old_ss, old_esp = cpu.reg("ss"), cpu.reg("esp")
+        frame = [old_ss, old_esp, eflags, old_cs, return_eip]
+        new_cpl = target_dpl
+    else:
+        new_ss = None
+        ss_base, _, _ = _descriptor(cpu, cpu.reg("ss"))
+        new_esp = cpu.reg("esp")
+        frame = [eflags, old_cs, return_eip]
+        new_cpl = cpl
+    if error_code is not None:
+        frame.append(error_code)
+    data = b"".join((v & 0xFFFFFFFF).to_bytes(4, "little") for v in reversed(frame))
+    new_esp = (new_esp - len(data)) & 0xFFFFFFFF
+    cpu.write_linear(ss_base + new_esp, data)       # may raise DeliveryFault (#PF on the stack)
+
+    # The frame is written: now commit the register changes.
+    if new_ss is not None:
+        cpu.load_segments_from_user_mode((target_cs & ~3) | new_cpl, new_ss)
+    elif target_cs != old_cs:
+        cpu.set_reg("cs", (target_cs & ~3) | new_cpl)
+    new_flags = eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+    if gate_type == GATE_INTERRUPT_32:
+        new_flags &= ~EFLAGS_IF
+    cpu.set_reg("eflags", new_flags)
+    cpu.set_reg("esp", new_esp)
+    cpu.set_reg("eip", target_eip)

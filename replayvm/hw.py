@@ -1,0 +1,56 @@
+"""The PC's fixed addresses, ports and interrupt lines: one home for every hardware constant.
+
+Devices take their base address from here when they are registered on a bus; register
+offsets *inside* a device live in that device's module.
+"""
+
+# --- Guest physical memory layout -------------------------------------------------------
+BOOT_SECTOR_ADDR = 0x7C00          # where firmware loads sector 0 of disk 0
+BDA_ADDR = 0x400                   # BIOS data area
+BDA_EBDA_SEGMENT = 0x40E           # word: EBDA segment (paragraphs)
+BDA_BASE_MEM_KB = 0x413            # word: base memory size in KiB
+EBDA_ADDR = 0x9FC00                # extended BIOS data area (last KiB of 639 KiB base memory)
+BASE_MEM_KB = 639
+MPTABLE_ADDR = EBDA_ADDR           # MP floating pointer + config table live in the EBDA's first KiB
+CGA_TEXT_ADDR = 0xB8000
+CGA_TEXT_SIZE = 0x8000
+BIOS_ROM_ADDR = 0xF0000            # 64 KiB of "ROM" (zero-filled RAM here; no BIOS code runs)
+MULTIBOOT_INFO_ADDR = 0x9000       # where a multiboot loader puts its info struct
+DEFAULT_RAM_MIB = 256
+
+IOAPIC_ADDR = 0xFEC00000
+IOAPIC_SIZE = 0x1000
+LAPIC_ADDR = 0xFEE00000
+LAPIC_SIZE = 0x1000
+
+# --- Port I/O ----------------------------------------------------------------------------
+PIC_MASTER_PORT = 0x20             # 0x20-0x21
+PIC_SLAVE_PORT = 0xA0              # 0xA0-0xA1
+IMCR_PORT = 0x22                   # 0x22 select, 0x23 data
+I8042_DATA_PORT = 0x60
+I8042_STATUS_PORT = 0x64           # status on read, command on write
+CMOS_PORT = 0x70                   # 0x70 index, 0x71 data
+POST_PORT = 0x80                   # POST/delay port: writes ignored quietly
+IDE0_CMD_PORT = 0x1F0              # 0x1F0-0x1F7 command block
+IDE0_CTRL_PORT = 0x3F6             # device control / alternate status
+COM1_PORT = 0x3F8                  # 0x3F8-0x3FF
+CGA_CRT_PORT = 0x3D4               # 0x3D4 index, 0x3D5 data
+DEBUG_EXIT_PORT = 0x8A00           # Bochs/QEMU debug port (xv6's loader writes it on failure)
+DEBUG_CON_PORT = 0xE9              # Bochs debug console (one byte out)
+
+# --- Interrupt lines (ISA IRQ == IOAPIC pin for these) ----------------------------------
+IRQ_TIMER = 0
+IRQ_KEYBOARD = 1
+IRQ_COM1 = 4
+IRQ_IDE0 = 14
+IOAPIC_PINS = 24
+
+# --- The guest-visible CPU and chipset ----------------------------------------------------
+BSP_APIC_ID = 0
+IOAPIC_ID = 1                      # must match what the MP table says (xv6 checks)
+LAPIC_VERSION = 0x14               # integrated APIC
+IOAPIC_VERSION = 0x11
+LAPIC_BUS_HZ = 1_000_000_000       # LAPIC timer input clock: 1 GHz, as QEMU and KVM model it
+
+# --- Interrupt controller wiring (appended by the interrupt-controller work) ----------------
+IRQ_PIC_CASCADE = 2                # master 8259 input driven by the slave's INT output

@@ -1,0 +1,42 @@
+"""Shared fixtures: where xv6 lives, whether /dev/kvm may be used, and built bundled guests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def kvm_usable() -> tuple[bool, str]:
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable by this user"
+    return True, ""
+
+
+@pytest.fixture
+def require_kvm() -> None:
+    """Skip without /dev/kvm on a developer machine; on CI (CI=true) its absence is a failure."""
+    ok, why = kvm_usable()
+    if not ok:
+        if ON_CI:
+            pytest.fail(f"CI requires KVM: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def xv6_dir() -> Path:
+    """A local xv6-public build (xv6.img, fs.img, kernel), never committed: REPLAYVM_XV6_DIR."""
+    value = os.environ.get("REPLAYVM_XV6_DIR")
+    if not value:
+        pytest.skip("REPLAYVM_XV6_DIR is not set (point it at a folder with xv6.img, fs.img, kernel "
+                    "built from github:mit-pdos/xv6-public)")
+    path = Path(value)
+    missing = [n for n in ("xv6.img", "fs.img", "kernel") if not (path / n).is_file()]
+    if missing:
+        pytest.fail(f"REPLAYVM_XV6_DIR={path} lacks {', '.join(missing)}")
+    return path
