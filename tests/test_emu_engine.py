@@ -283,3 +283,15 @@ def test_triple_fault_is_a_shutdown_with_a_reason():
     m, engine = protected_machine("int $3")   # no IDT entries at all: #NP, then #DF, then shutdown
     assert engine.run(max_instructions=1000) is StopReason.SHUTDOWN
     assert engine.last_error
+
+
+def test_user_code_at_linear_address_zero_runs():
+    # Unicorn treats emu_start's `until` address (0) as an exit unless exits are enabled; xv6's
+    # first user program starts at 0.
+    m, engine = protected_machine("SETGATE 0x40, done, 3\n TO_USER 0",
+                                  {0x40: "done:\n mov %esp, %eax\n out %eax, $0x84\n hlt"}, paging=True)
+    user = assemble("push $0x24\n int $0x40", 0)
+    m.ram[0:len(user)] = user
+    assert engine.run(max_instructions=1000) is StopReason.HALT, engine.last_error
+    assert m.port.writes == [(4, 4, KSTACK - 20)]
+    assert m.ram[USTACK - 4] == 0x24

@@ -121,6 +121,7 @@ class EmuEngine:
 
     # ----------------------------------------------------------------- registers and memory
     def reg(self, name: str) -> int:
+        self._u32[0] = 0                        # segment registers are read as 16 bits
         _check(lib.uc_reg_read(self.uc, REG[name], self._u32), f"read {name}")
         return self._u32[0]
 

@@ -216,6 +216,11 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
         err = uc_ctl_set_cpu_model(uc, cpu_model);
         if (err) return err;
     }
+    /* Without this, emu_start's `until` argument makes address 0 an exit: guest code at
+       linear 0 (xv6's first user program) would stop the run. With exits enabled and none
+       listed, only HLT, a count or a stop request ends a run. */
+    err = uc_ctl_exits_enable(uc);
+    if (err) return err;
     s->env_error_code_offset = -1;
     s->env_old_exception_offset = -1;
     s->env_is_int_offset = -1;

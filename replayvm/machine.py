@@ -1,0 +1,236 @@
+"""The PC: guest RAM, the buses with their devices, one vCPU engine, and the loop that runs them.
+
+Construction (`Machine.create`) wires the devices xv6 needs onto the PIO and MMIO buses and the
+interrupt lines into the IOAPIC and PIC; boot setup lives in `replayvm.boot`; the CPU engines in
+`replayvm.engines`. `run()` only alternates between the engine and the machine's own duties:
+handing console input to the UART, sleeping while the guest halts, and checking stop conditions.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from replayvm import hw
+from replayvm.boot import firmware
+from replayvm.bus import Bus, PioBus
+from replayvm.clock import GuestClock, VirtualClock
+from replayvm.console import Console
+from replayvm.devices.cga import CgaCrt
+from replayvm.devices.cmos import Cmos
+from replayvm.devices.debugport import DebugConsolePort, DebugExitPort, PostPort
+from replayvm.devices.disk import Disk
+from replayvm.devices.i8042 import I8042
+from replayvm.devices.ide import IdeChannel
+from replayvm.devices.imcr import Imcr
+from replayvm.devices.ioapic import Ioapic
+from replayvm.devices.irq import IrqLine
+from replayvm.devices.lapic import Lapic
+from replayvm.devices.pic import Pic8259Pair
+from replayvm.devices.uart import Uart16550
+from replayvm.engines.base import CpuState, StopReason
+from replayvm.errors import GuestFault, UsageError
+
+MIN_RAM_MIB = 2
+MAX_RAM_MIB = 3 * 1024                    # stay below the 0xC0000000+ device window
+HALT_POLL_NS = 50_000_000                 # how long a halted guest with no timer may sleep at once
+RUN_SLICE_NS = 20_000_000                 # how often the loop looks at console input and limits
+
+
+@dataclass
+class MachineConfig:
+    """What the user asked for: disks in IDE order, or a multiboot kernel, RAM and engine."""
+
+    disks: list[Path] = field(default_factory=list)
+    kernel: Path | None = None
+    ram_mib: int = hw.DEFAULT_RAM_MIB
+    engine: str = "emu"
+    virtual_clock: bool = False
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended: 'script-done', 'until', 'quit', 'timeout', 'shutdown', 'unsupported'."""
+
+    reason: str
+    guest_ns: int
+    instructions: int | None
+    detail: str = ""
+
+
+class Machine:
+    """One PC with one vCPU. See the module docstring."""
+
+    def __init__(self, config: MachineConfig, console: Console) -> None:
+        if not MIN_RAM_MIB <= config.ram_mib <= MAX_RAM_MIB:
+            raise UsageError(f"--mem must be between {MIN_RAM_MIB} and {MAX_RAM_MIB} MiB")
+        self.config = config
+        self.console = console
+        self.clock: GuestClock = VirtualClock() if config.virtual_clock else GuestClock()
+        self._ram_map = mmap.mmap(-1, config.ram_mib << 20)
+        self.ram = memoryview(self._ram_map)
+        self.pio = PioBus()
+        self.mmio = Bus("mmio")
+        self.shutdown_reason: str | None = None
+        self.disks = [_open_disk(path, index) for index, path in enumerate(config.disks)]
+        if len(self.disks) > 2:
+            raise UsageError("at most two disks (the primary IDE channel's master and slave)")
+        self._wire_devices()
+        self.engine = _create_engine(config.engine, self)
+        self.boot_state = self._boot()
+        self.engine.set_state(self.boot_state)
+
+    # ---------------------------------------------------------------- construction
+    def _wire_devices(self) -> None:
+        self.pic = Pic8259Pair()
+        self.lapic = Lapic(self.clock, self.pic, apic_id=hw.BSP_APIC_ID)
+        self.ioapic = Ioapic(self.lapic, ioapic_id=hw.IOAPIC_ID)
+        self.interrupts = self.lapic
+        lines = {pin: IrqLine(pin, [self.ioapic, self.pic]) for pin in range(16)}
+        self.irq_lines = lines
+
+        self.uart = Uart16550(lines[hw.IRQ_COM1], self.console.write)
+        self.i8042 = I8042(lines[hw.IRQ_KEYBOARD], self._on_reset)
+        master = self.disks[0] if self.disks else None
+        slave = self.disks[1] if len(self.disks) > 1 else None
+        self.ide = IdeChannel(lines[hw.IRQ_IDE0], master, slave)
+        self.cmos = Cmos(self.clock, len(self.ram))
+        self.cga = CgaCrt()
+        self.imcr = Imcr()
+
+        pio = self.pio
+        pio.register(hw.PIC_MASTER_PORT, 2, self.pic.master, "pic.master")
+        pio.register(hw.PIC_SLAVE_PORT, 2, self.pic.slave, "pic.slave")
+        pio.register(hw.IMCR_PORT, 2, self.imcr, "imcr")
+        pio.register(hw.I8042_DATA_PORT, 5, self.i8042, "i8042")
+        pio.register(hw.CMOS_PORT, 2, self.cmos, "cmos")
+        pio.register(hw.POST_PORT, 1, PostPort(), "post")
+        pio.register(hw.IDE0_CMD_PORT, 8, self.ide.command_block, "ide0")
+        pio.register(hw.IDE0_CTRL_PORT, 1, self.ide.control_block, "ide0.control")
+        pio.register(hw.COM1_PORT, 8, self.uart, "com1")
+        pio.register(hw.CGA_CRT_PORT, 2, self.cga, "cga.crt")
+        pio.register(hw.DEBUG_EXIT_PORT, 2, DebugExitPort(self._on_debug_exit), "debug.exit")
+        pio.register(hw.DEBUG_CON_PORT, 1, DebugConsolePort(self.console.write), "debug.console")
+        self.mmio.register(hw.IOAPIC_ADDR, hw.IOAPIC_SIZE, self.ioapic, "ioapic")
+        self.mmio.register(hw.LAPIC_ADDR, hw.LAPIC_SIZE, self.lapic, "lapic")
+
+    def _boot(self) -> CpuState:
+        if self.config.kernel is not None:
+            return firmware.boot_multiboot(self.ram, self.config.kernel)
+        if not self.disks:
+            raise UsageError("nothing to boot: give --disk IMAGE or --kernel ELF")
+        return firmware.boot_from_disk(self.ram, self.disks[0].read_sector(0))
+
+    def _on_reset(self) -> None:
+        self.shutdown_reason = "the guest reset the machine through the keyboard controller"
+        self.engine.request_stop()
+
+    def _on_debug_exit(self, why: str) -> None:
+        self.shutdown_reason = f"the guest asked to shut down ({why})"
+        self.engine.request_stop()
+
+    # ---------------------------------------------------------------- engine services
+    def poll(self) -> int | None:
+        """Advance timers to now; return guest ns until the next timed event (None: no timer)."""
+        now = self.clock.now_ns()
+        self.lapic.poll(now)
+        deadline = self.lapic.next_deadline_ns()
+        return None if deadline is None else max(0, deadline - now)
+
+    def read_tsc(self) -> int:
+        """The guest's time-stamp counter: guest nanoseconds at a 1 GHz TSC."""
+        return self.clock.now_ns()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, timeout_s: float | None = None) -> RunOutcome:
+        """Run until the console says the session is over, the guest dies, or the timeout."""
+        timeout_ns = None if timeout_s is None else int(timeout_s * 1e9)
+        engine = self.engine
+        try:
+            while True:
+                data = self.console.take_input()
+                if data:
+                    self.uart.feed_input(data)
+                self.console.flush()
+                if self.console.finished:
+                    return self._outcome(self._finish_reason())
+                if self.shutdown_reason is not None:
+                    return self._outcome("shutdown", self.shutdown_reason)
+                if timeout_ns is not None and self.clock.now_ns() >= timeout_ns:
+                    return self._outcome("timeout", f"no end after {timeout_s:g} s of guest time")
+                reason = engine.run(RUN_SLICE_NS)
+                if reason is StopReason.HALT:
+                    self._wait_while_halted(timeout_ns)
+                elif reason is StopReason.SHUTDOWN:
+                    why = getattr(engine, "last_error", "") or "triple fault"
+                    raise GuestFault(self._fault_report(f"shut down: {why}"))
+                elif reason is StopReason.UNSUPPORTED:
+                    return self._outcome("unsupported", getattr(engine, "last_error", "")
+                                         or "the engine cannot continue with this guest")
+        finally:
+            self.console.flush()
+
+    def _finish_reason(self) -> str:
+        if self.console.quit_requested:
+            return "quit"
+        if self.console.until_matched:
+            return "until"
+        return "script-done"
+
+    def _wait_while_halted(self, timeout_ns: int | None) -> None:
+        """The guest executed HLT: nothing happens until a timer fires or input arrives."""
+        now = self.clock.now_ns()
+        self.lapic.poll(now)
+        if self.interrupts.has_pending():
+            return
+        deadline = self.lapic.next_deadline_ns()
+        if isinstance(self.clock, VirtualClock):
+            if deadline is None:
+                raise GuestFault(self._fault_report("halted with no timer and no input to wake it"))
+            self.clock.advance(max(0, deadline - now))
+            return
+        wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
+        if timeout_ns is not None:
+            wait_ns = min(wait_ns, max(0, timeout_ns - now))
+        if wait_ns > 0:
+            self.console.input_ready.wait(wait_ns / 1e9)
+
+    def _outcome(self, reason: str, detail: str = "") -> RunOutcome:
+        return RunOutcome(reason, self.clock.now_ns(), getattr(self.engine, "icount", None), detail)
+
+    def _fault_report(self, what: str) -> str:
+        try:
+            state = self.engine.get_state().describe()
+        except Exception as error:               # the report must not hide the fault
+            state = f"(CPU state unavailable: {error})"
+        return f"guest {what}\n{state}"
+
+    def close(self) -> None:
+        self.engine.close()
+        self.console.close()
+
+
+def _open_disk(path: Path, index: int) -> Disk:
+    if not path.is_file():
+        raise UsageError(f"disk image not found: {path}")
+    if path.stat().st_size < firmware.SECTOR_SIZE:
+        raise UsageError(f"disk image {path} is smaller than one 512-byte sector")
+    return Disk(path, name=f"disk{index}")
+
+
+def _create_engine(name: str, machine: Machine):
+    if name == "emu":
+        from replayvm.engines.emu import EmuEngine
+
+        return EmuEngine(machine)
+    if name == "kvm":
+        from replayvm.engines.kvm import KvmEngine
+
+        return KvmEngine(machine)
+    raise UsageError(f"unknown engine {name!r} (choose auto, kvm or emu)")
+
+
+def wall_seconds(start: float) -> float:
+    return time.monotonic() - start
