@@ -1,0 +1,113 @@
+"""`replayvm` command line: thin verbs over the Python API. Errors are one line and a status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from replayvm import __version__, hw
+from replayvm.errors import GuestFault, ReplayVMError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"replayvm: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="replayvm", description="Record, replay and query x86 guest sessions.")
+    parser.add_argument("--version", action="version", version=f"replayvm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    record = verbs.add_parser("record", help="boot a guest with its console (the demo guest by default)",
+                              description="Boot a guest with its serial console on the terminal. "
+                                          "With no --disk or --kernel, the bundled demo guest.")
+    record.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
+                        help="disk image, in IDE order (first: master, boot disk; second: slave)")
+    record.add_argument("--kernel", type=Path, metavar="ELF", help="multiboot kernel to load directly")
+    record.add_argument("--engine", choices=("auto", "kvm", "emu"), default="auto",
+                        help="CPU engine (default auto: kvm when it can run the guest, else emu)")
+    record.add_argument("--mem", type=int, default=hw.DEFAULT_RAM_MIB, metavar="MiB", help="guest RAM")
+    record.add_argument("--input", metavar="TEXT",
+                        help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
+    record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
+    record.add_argument("--until", metavar="TEXT", help="end when the console shows TEXT")
+    record.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds of guest time")
+    record.add_argument("--virtual-clock", action="store_true",
+                        help="deterministic guest time from the instruction count (emu engine only)")
+    record.add_argument("-o", "--output", type=Path, metavar="FILE", help="trace file to write")
+    return parser
+
+
+def _resolve_engine(requested: str) -> str:
+    from replayvm.engines.probe import choose_engine
+
+    name, reason = choose_engine(requested)
+    if requested == "auto":
+        sys.stderr.write(f"replayvm: engine {name}: {reason}\n")
+    return name
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from replayvm.console import decode_escapes
+    from replayvm.record.session import SessionOptions, run_session
+
+    if args.output is not None:
+        raise UsageError("writing traces (-o) is not implemented yet in this version")
+    if args.kernel is not None and not args.kernel.is_file():
+        raise UsageError(f"kernel not found: {args.kernel}")
+    for disk in args.disk:
+        if not disk.is_file():
+            raise UsageError(f"disk image not found: {disk}")
+    engine = _resolve_engine(args.engine)
+    if args.virtual_clock and engine != "emu":
+        raise UsageError("--virtual-clock needs the emu engine")
+    script = decode_escapes(args.input) if args.input is not None else None
+    options = SessionOptions(
+        disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
+        prompt=decode_escapes(args.prompt), until=decode_escapes(args.until) if args.until else None,
+        timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
+        virtual_clock=args.virtual_clock)
+    outcome, machine = run_session(options)
+    sys.stdout.flush()
+    if outcome.reason == "timeout":
+        sys.stderr.write(f"\nreplayvm: timeout: {outcome.detail}\n")
+        return 1
+    if outcome.reason == "unsupported":
+        sys.stderr.write(f"\nreplayvm: {outcome.detail}\n")
+        return 1
+    if outcome.reason == "shutdown":
+        sys.stderr.write(f"\nreplayvm: {outcome.detail}\n")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "record":
+            return cmd_record(args)
+        raise UsageError(f"unknown verb {args.verb}")
+    except GuestFault as fault:
+        sys.stdout.flush()
+        sys.stderr.write(f"\nreplayvm: {fault}\n")
+        return fault.exit_status
+    except ReplayVMError as error:
+        sys.stderr.write(f"replayvm: {error}\n")
+        return error.exit_status
+    except KeyboardInterrupt:
+        sys.stderr.write("\nreplayvm: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Firmware tables as xv6's mp.c reads them: found where it searches, checksums right, entries valid."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+from replayvm import hw
+from replayvm.boot import firmware, mptable
+
+
+def fresh_ram(mib: int = 16) -> memoryview:
+    return memoryview(mmap.mmap(-1, mib << 20))
+
+
+def find_floating_pointer(ram: memoryview) -> int:
+    """xv6's mpsearch: the EBDA's first KiB, then the last KiB of base memory, then the BIOS ROM."""
+    ebda = struct.unpack_from("<H", ram, 0x40E)[0] << 4
+    candidates = [(ebda, 1024)] if ebda else []
+    base_kb = struct.unpack_from("<H", ram, 0x413)[0]
+    candidates.append((base_kb * 1024 - 1024, 1024))
+    candidates.append((0xF0000, 0x10000))
+    for start, length in candidates:
+        for addr in range(start, start + length, 16):
+            if bytes(ram[addr:addr + 4]) == b"_MP_" and sum(ram[addr:addr + 16]) % 256 == 0:
+                return addr
+    raise AssertionError("no MP floating pointer where xv6 looks")
+
+
+def test_mp_tables_are_where_xv6_looks_with_valid_checksums():
+    ram = fresh_ram()
+    firmware.fill_bios_data_area(ram)
+    pointer = find_floating_pointer(ram)
+    config_addr = struct.unpack_from("<I", ram, pointer + 4)[0]
+    assert ram[pointer + 9] == 4                       # spec revision 1.4
+    header = bytes(ram[config_addr:config_addr + 44])
+    assert header[:4] == b"PCMP"
+    length, version = struct.unpack_from("<HB", header, 4)
+    assert version in (1, 4)
+    assert sum(ram[config_addr:config_addr + length]) % 256 == 0
+    count, lapic = struct.unpack_from("<HI", header, 34)
+    assert lapic == hw.LAPIC_ADDR
+    entries, offset = [], config_addr + 44
+    sizes = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}
+    for _ in range(count):
+        kind = ram[offset]
+        assert kind in sizes, f"entry type {kind} makes xv6 panic"
+        entries.append(bytes(ram[offset:offset + sizes[kind]]))
+        offset += sizes[kind]
+    assert offset == config_addr + length
+    processors = [e for e in entries if e[0] == 0]
+    assert len(processors) == 1 and processors[0][3] & 2      # one CPU, the bootstrap processor
+    ioapics = [e for e in entries if e[0] == 2]
+    assert len(ioapics) == 1 and ioapics[0][1] == hw.IOAPIC_ID
+    assert struct.unpack_from("<I", ioapics[0], 4)[0] == hw.IOAPIC_ADDR
+
+
+def test_checksum_byte_makes_the_sum_zero():
+    data = bytes(range(37))
+    assert (sum(data) + mptable.checksum_byte(data)) % 256 == 0
+
+
+def test_boot_sector_state_is_what_a_bios_leaves():
+    ram = fresh_ram()
+    sector = bytes(510) + b"\x55\xAA"
+    state = firmware.boot_from_disk(ram, sector)
+    assert state.cs.selector == 0 and state.regs["rip"] == 0x7C00
+    assert state.regs["rdx"] & 0xFF == 0x80
+    assert bytes(ram[0x7C00 + 510:0x7C00 + 512]) == b"\x55\xAA"
+    assert struct.unpack_from("<H", ram, 0x413)[0] == hw.BASE_MEM_KB
+
+
+def test_multiboot_header_is_found_and_validated():
+    image = bytearray(8192)
+    struct.pack_into("<III", image, 0x1000, 0x1BADB002, 0, (-0x1BADB002) & 0xFFFFFFFF)
+    assert firmware.find_multiboot_header(bytes(image)) == 0x1000
+    struct.pack_into("<I", image, 0x1008, 0)
+    assert firmware.find_multiboot_header(bytes(image)) is None
