@@ -80,6 +80,22 @@ class Bus:
             return
         m.device.write(addr - m.base, size, value)
 
+    def read_string(self, addr: int, size: int, count: int) -> bytes:
+        """`count` reads of `size` bytes at one address (rep ins), as little-endian bytes."""
+        m = self.lookup(addr)
+        if m is not None and hasattr(m.device, "read_string"):
+            return m.device.read_string(addr - m.base, size, count)
+        return b"".join(self.read(addr, size).to_bytes(size, "little") for _ in range(count))
+
+    def write_string(self, addr: int, size: int, data: bytes) -> None:
+        """Writes of `size`-byte elements of `data` to one address (rep outs)."""
+        m = self.lookup(addr)
+        if m is not None and hasattr(m.device, "write_string"):
+            m.device.write_string(addr - m.base, size, data)
+            return
+        for i in range(0, len(data), size):
+            self.write(addr, size, int.from_bytes(data[i:i + size], "little"))
+
     def name_of(self, addr: int) -> str | None:
         m = self.lookup(addr)
         return None if m is None else m.name

@@ -1,0 +1,55 @@
+"""CGA text mode: the CRT controller's index/data ports (cursor position) and a text-screen reader.
+
+The text buffer itself at 0xB8000 is plain guest RAM; `render_text_screen` reads it as lines.
+"""
+
+from __future__ import annotations
+
+from replayvm import hw
+
+INDEX = 0
+DATA = 1
+REG_CURSOR_HIGH = 0x0E
+REG_CURSOR_LOW = 0x0F
+REGISTER_COUNT = 0x20
+
+
+class CgaCrt:
+    name = "cga.crt"
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.registers = bytearray(REGISTER_COUNT)
+
+    @property
+    def cursor(self) -> int:
+        return self.registers[REG_CURSOR_HIGH] << 8 | self.registers[REG_CURSOR_LOW]
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == INDEX:
+            return self.index
+        return self.registers[self.index] if self.index < REGISTER_COUNT else 0xFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == INDEX:
+            self.index = value & 0xFF
+        elif self.index < REGISTER_COUNT:
+            self.registers[self.index] = value & 0xFF
+
+    def state(self) -> dict:
+        return {"index": self.index, "registers": bytes(self.registers)}
+
+    def restore(self, state: dict) -> None:
+        self.index = state["index"]
+        self.registers = bytearray(state["registers"])
+
+
+def render_text_screen(ram: memoryview | bytes, base: int = hw.CGA_TEXT_ADDR, rows: int = 25,
+                       cols: int = 80) -> list[str]:
+    """The text screen as lines (characters only, trailing blanks stripped)."""
+    cells = bytes(ram[base:base + rows * cols * 2])
+    lines = []
+    for row in range(rows):
+        chars = cells[row * cols * 2:(row + 1) * cols * 2:2]
+        lines.append(chars.decode("cp437").replace("\0", " ").rstrip())
+    return lines

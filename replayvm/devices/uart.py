@@ -1,0 +1,165 @@
+"""16550A UART (COM1): the guest's serial console.
+
+Input enters through `feed_input`, the one door a recorder logs. xv6 runs the UART with its FIFO
+off, where on real hardware a byte typed before the guest read the previous one overwrites it;
+here the next queued byte moves into the receive buffer only once the guest has read the previous
+one, so no input is ever lost. Output is instant: the transmitter is always empty.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from replayvm.devices.irq import IrqLine
+
+# Register offsets (DLAB = LCR bit 7 switches offsets 0 and 1 to the divisor latch).
+RBR_THR = 0
+IER = 1
+IIR_FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+IER_RX_AVAILABLE = 0x01
+IER_TX_EMPTY = 0x02
+IIR_NO_INTERRUPT = 0x01
+IIR_TX_EMPTY = 0x02
+IIR_RX_AVAILABLE = 0x04
+IIR_FIFO_ENABLED = 0xC0
+LCR_DLAB = 0x80
+LSR_DATA_READY = 0x01
+LSR_THR_EMPTY = 0x20
+LSR_TX_EMPTY = 0x40
+MCR_LOOPBACK = 0x10
+MSR_IDLE = 0xB0            # CTS, DSR, DCD asserted: a terminal is attached
+
+
+class Uart16550:
+    """A 16550A whose transmit side is instantaneous and receive side never overruns."""
+
+    name = "com1"
+
+    def __init__(self, irq: IrqLine, on_output: Callable[[int], None]) -> None:
+        self.irq = irq
+        self.on_output = on_output
+        self.pending: deque[int] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.rbr: int | None = None          # the byte the guest can read now, if any
+        self.ier = 0
+        self.lcr = 0x03
+        self.mcr = 0
+        self.scr = 0
+        self.fcr = 0
+        self.divisor = 12                    # 9600 baud
+        self.tx_interrupt_pending = False   # THR-empty interrupt, cleared by reading IIR or writing THR
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    # ---------------------------------------------------------------- input
+    def feed_input(self, data: bytes) -> None:
+        """Queue bytes typed at the console; they reach the guest one read at a time."""
+        self.pending.extend(data)
+        self._refill()
+
+    def rx_pending(self) -> int:
+        """Bytes not yet read by the guest (including the one in the receive buffer)."""
+        return len(self.pending) + (self.rbr is not None)
+
+    def _refill(self) -> None:
+        if self.rbr is None and self.pending:
+            self.rbr = self.pending.popleft()
+        self._update_irq()
+
+    # ---------------------------------------------------------------- interrupts
+    def _interrupt_id(self) -> int:
+        if self.ier & IER_RX_AVAILABLE and self.rbr is not None:
+            return IIR_RX_AVAILABLE
+        if self.ier & IER_TX_EMPTY and self.tx_interrupt_pending:
+            return IIR_TX_EMPTY
+        return IIR_NO_INTERRUPT
+
+    def _update_irq(self) -> None:
+        level = self._interrupt_id() != IIR_NO_INTERRUPT
+        if level != self.irq.level:
+            self.irq.set_level(level)
+
+    # ---------------------------------------------------------------- registers
+    def read(self, offset: int, size: int) -> int:
+        if offset == LSR:
+            lsr = LSR_THR_EMPTY | LSR_TX_EMPTY
+            return lsr | (LSR_DATA_READY if self.rbr is not None else 0)
+        if offset == RBR_THR:
+            if self.lcr & LCR_DLAB:
+                return self.divisor & 0xFF
+            value = self.rbr if self.rbr is not None else 0
+            if self.rbr is not None:
+                self.rbr = None
+                self.bytes_in += 1
+                if self.irq.level:           # the condition clears: the next byte is a new edge
+                    self.irq.set_level(False)
+                self._refill()
+            return value
+        if offset == IER:
+            return (self.divisor >> 8) & 0xFF if self.lcr & LCR_DLAB else self.ier
+        if offset == IIR_FCR:
+            iid = self._interrupt_id()
+            if iid == IIR_TX_EMPTY:
+                self.tx_interrupt_pending = False
+                self._update_irq()
+            return iid | (IIR_FIFO_ENABLED if self.fcr & 1 else 0)
+        if offset == LCR:
+            return self.lcr
+        if offset == MCR:
+            return self.mcr
+        if offset == MSR:
+            return MSR_IDLE
+        if offset == SCR:
+            return self.scr
+        return 0xFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        if offset == RBR_THR:
+            if self.lcr & LCR_DLAB:
+                self.divisor = (self.divisor & 0xFF00) | value
+                return
+            self.bytes_out += 1
+            if self.mcr & MCR_LOOPBACK:
+                self.feed_input(bytes((value,)))
+            else:
+                self.on_output(value)
+            self.tx_interrupt_pending = True          # transmitted at once: THR empty again
+            self._update_irq()
+        elif offset == IER:
+            if self.lcr & LCR_DLAB:
+                self.divisor = (self.divisor & 0xFF) | (value << 8)
+                return
+            self.ier = value & 0x0F
+            self.tx_interrupt_pending = bool(self.ier & IER_TX_EMPTY)
+            self._update_irq()
+        elif offset == IIR_FCR:
+            self.fcr = value
+        elif offset == LCR:
+            self.lcr = value
+        elif offset == MCR:
+            self.mcr = value & 0x1F
+        elif offset == SCR:
+            self.scr = value
+
+    # ---------------------------------------------------------------- snapshots
+    def state(self) -> dict:
+        return {"rbr": self.rbr, "pending": bytes(self.pending), "ier": self.ier, "lcr": self.lcr,
+                "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr, "divisor": self.divisor,
+                "tx_interrupt_pending": self.tx_interrupt_pending}
+
+    def restore(self, state: dict) -> None:
+        self.rbr = state["rbr"]
+        self.pending = deque(state["pending"])
+        for key in ("ier", "lcr", "mcr", "scr", "fcr", "divisor", "tx_interrupt_pending"):
+            setattr(self, key, state[key])
+        self._update_irq()
