@@ -74,6 +74,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock)
     outcome, machine = run_session(options)
+    if machine.console.transcript and not machine.console.transcript.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")          # leave the shell prompt on its own line
     sys.stdout.flush()
     if outcome.reason == "timeout":
         sys.stderr.write(f"\nreplayvm: timeout: {outcome.detail}\n")

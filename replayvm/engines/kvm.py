@@ -1,0 +1,398 @@
+"""The `kvm` CPU engine: one vCPU through the KVM API (cffi), interrupt controllers in userspace.
+
+There is no in-kernel irqchip: the machine's LAPIC decides which interrupt is pending and this
+engine injects it with KVM_INTERRUPT when the guest can take it (IF=1, no interrupt shadow),
+otherwise it asks KVM for an interrupt-window exit. A guest that runs without exits still gets its
+timer interrupts: a kicker thread interrupts KVM_RUN at the next timer deadline (immediate_exit
+plus a signal to the vCPU thread, so a kick that arrives between two KVM_RUNs is not lost).
+
+On this project's hosts /dev/kvm is PVM, which cannot run 32-bit paged protected mode: the guest
+triple-faults when it sets CR0.PG. That case is recognised and reported as UNSUPPORTED with a
+message pointing at `--engine emu`, rather than as a guest crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import threading
+from collections import Counter
+
+from replayvm.engines._kvm import ffi, lib
+from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
+from replayvm.errors import EngineUnavailable
+
+KVM_API_VERSION = 12
+KICK_SIGNAL = signal.SIGUSR1
+TSS_ADDR = 0xFFFBD000                  # three pages KVM needs for real-mode emulation on VMX,
+IDENTITY_MAP_ADDR = 0xFFFBC000         # placed just below the BIOS area at the top of 4 GiB
+CR0_PE = 1 << 0
+CR0_PG = 1 << 31
+EFER_LMA = 1 << 10
+CPUID_ECX_RDRAND = 1 << 30
+CPUID_ECX_X2APIC = 1 << 21
+CPUID_EBX_RDSEED = 1 << 18
+EFLAGS_IF = 1 << 9
+
+
+def kvm_device_path() -> str:
+    """The KVM device (REPLAYVM_KVM_DEVICE overrides /dev/kvm, e.g. to test a host without it)."""
+    return os.environ.get("REPLAYVM_KVM_DEVICE", "/dev/kvm")
+
+
+def open_kvm() -> int:
+    path = kvm_device_path()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as error:
+        raise EngineUnavailable(f"the kvm engine needs {path}: {error.strerror}") from None
+    version = lib.replayvm_ioctl_int(fd, lib.KVM_GET_API_VERSION, 0)
+    if version != KVM_API_VERSION:
+        os.close(fd)
+        raise EngineUnavailable(f"{path} speaks KVM API {version}, replayvm needs {KVM_API_VERSION}")
+    return fd
+
+
+def _ioctl(fd: int, request: int, arg=None, what: str = "ioctl") -> int:
+    if arg is None or isinstance(arg, int):
+        result = lib.replayvm_ioctl_int(fd, request, arg or 0)
+    else:
+        result = lib.replayvm_ioctl_ptr(fd, request, arg)
+    if result < 0:
+        raise OSError(-result, f"{what}: {os.strerror(-result)}")
+    return result
+
+
+class _Kicker:
+    """Interrupts KVM_RUN at a deadline (guest timer, run budget) or on request."""
+
+    def __init__(self, run, thread_id: int) -> None:
+        self._run = run
+        self._thread_id = thread_id
+        self._deadline: float | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self.kicks = 0
+        self._thread = threading.Thread(target=self._loop, name="kvm-kicker", daemon=True)
+        self._thread.start()
+
+    def arm(self, deadline: float | None) -> None:
+        """Kick at `deadline` (time.monotonic() seconds); None disarms."""
+        if deadline == self._deadline:
+            return
+        with self._cond:
+            self._deadline = deadline
+            self._cond.notify()
+
+    def kick_now(self) -> None:
+        self._run.immediate_exit = 1
+        self.kicks += 1
+        signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+
+    def _loop(self) -> None:
+        import time
+
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                delay = self._deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                self._deadline = None
+                self.kick_now()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+
+class KvmEngine:
+    name = "kvm"
+
+    def __init__(self, machine: MachineView) -> None:
+        self.machine = machine
+        self.kvm_fd = open_kvm()
+        self.exit_counts: Counter[str] = Counter()
+        self.last_error = ""
+        self.interrupts_injected = 0
+        self.on_interrupt = None
+        self._stop_requested = False
+        try:
+            self.vm_fd = _ioctl(self.kvm_fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            _ioctl(self.vm_fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
+            ident = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
+            _ioctl(self.vm_fd, lib.KVM_SET_IDENTITY_MAP_ADDR, ident, "KVM_SET_IDENTITY_MAP_ADDR")
+            # The address of the mmap behind machine.ram (a cffi buffer over the mmap itself:
+            # one over a memoryview upsets CPython's garbage collector at exit).
+            self._ram = ffi.from_buffer(getattr(machine.ram, "obj", machine.ram))
+            region = ffi.new("struct kvm_userspace_memory_region *", {
+                "slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": len(machine.ram),
+                "userspace_addr": int(ffi.cast("uintptr_t", self._ram))})
+            _ioctl(self.vm_fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+            self.vcpu_fd = _ioctl(self.vm_fd, lib.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
+            size = _ioctl(self.kvm_fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            self._run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._run_buffer = ffi.from_buffer(self._run_map)
+            self.run_struct = ffi.cast("struct kvm_run *", self._run_buffer)
+            self._set_cpuid()
+        except OSError as error:
+            raise EngineUnavailable(f"KVM refused to set up the VM: {error}") from None
+        self._regs = ffi.new("struct kvm_regs *")
+        self._sregs = ffi.new("struct kvm_sregs *")
+        self._irq = ffi.new("struct kvm_interrupt *")
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)   # a no-op handler: EINTR, no death
+        self._kicker = _Kicker(self.run_struct, threading.get_ident())
+
+    # ---------------------------------------------------------------- setup
+    def _set_cpuid(self) -> None:
+        count = lib.KVM_MAX_CPUID_ENTRIES
+        cpuid_with_entries = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
+                                     + count * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", cpuid_with_entries)
+        cpuid.nent = count
+        _ioctl(self.kvm_fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID")
+        self.cpuid_table = []
+        for i in range(cpuid.nent):
+            entry = cpuid.entries[i]
+            if entry.function == 1:
+                entry.ecx &= ~(CPUID_ECX_RDRAND | CPUID_ECX_X2APIC)   # no hardware randomness
+                entry.ebx &= 0x00FFFFFF                               # initial APIC id 0
+            elif entry.function == 7 and entry.index == 0:
+                entry.ebx &= ~CPUID_EBX_RDSEED
+            self.cpuid_table.append((entry.function, entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx))
+        _ioctl(self.vcpu_fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self._cpuid_buffer = cpuid_with_entries
+
+    # ---------------------------------------------------------------- state
+    def set_state(self, state: CpuState) -> None:
+        regs = self._regs
+        for name in CpuState.GPR_NAMES:
+            setattr(regs, name, state.regs.get(name, 0))
+        regs.rip = state.regs.get("rip", 0)
+        regs.rflags = state.regs.get("rflags", 2)
+        sregs = self._sregs
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        for name in CpuState.SEGMENT_NAMES:
+            _segment_to_kvm(getattr(state, name), getattr(sregs, "ldt" if name == "ldtr" else name))
+        sregs.gdt.base, sregs.gdt.limit = state.gdt
+        sregs.idt.base, sregs.idt.limit = state.idt
+        sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer = (
+            state.cr0, state.cr2, state.cr3, state.cr4, state.efer)
+        _ioctl(self.vcpu_fd, lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+        _ioctl(self.vcpu_fd, lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_state(self) -> CpuState:
+        regs, sregs = self._regs, self._sregs
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        state = CpuState()
+        state.regs = {name: getattr(regs, name) for name in CpuState.GPR_NAMES}
+        state.regs["rip"] = regs.rip
+        state.regs["rflags"] = regs.rflags
+        for name in CpuState.SEGMENT_NAMES:
+            setattr(state, name, _segment_from_kvm(getattr(sregs, "ldt" if name == "ldtr" else name)))
+        state.gdt = (sregs.gdt.base, sregs.gdt.limit)
+        state.idt = (sregs.idt.base, sregs.idt.limit)
+        state.cr0, state.cr2, state.cr3, state.cr4, state.efer = (
+            sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer)
+        return state
+
+    # ---------------------------------------------------------------- running
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._kicker.kick_now()
+
+    def run(self, budget_ns: int | None = None) -> StopReason:
+        """Run until HLT, shutdown, stop request or the budget (guest ns) is used."""
+        import time
+
+        machine = self.machine
+        run = self.run_struct
+        interrupts = machine.interrupts
+        clock = machine.clock
+        end_ns = None if budget_ns is None else clock.now_ns() + budget_ns
+        vcpu = self.vcpu_fd
+        KVM_RUN = lib.KVM_RUN
+        while True:
+            if self._stop_requested:
+                self._stop_requested = False
+                self._kicker.arm(None)
+                return StopReason.STOP_REQUESTED
+            until_timer = machine.poll()
+            now = clock.now_ns()
+            if end_ns is not None and now >= end_ns:
+                self._kicker.arm(None)
+                return StopReason.BUDGET
+            if interrupts.has_pending():
+                if run.ready_for_interrupt_injection and run.if_flag:
+                    vector = interrupts.acknowledge()
+                    self._irq.irq = vector
+                    _ioctl(vcpu, lib.KVM_INTERRUPT, self._irq, "KVM_INTERRUPT")
+                    self.interrupts_injected += 1
+                    if self.on_interrupt is not None:
+                        self.on_interrupt(vector, self.exit_counts.total())
+                    run.request_interrupt_window = 1 if interrupts.has_pending() else 0
+                else:
+                    run.request_interrupt_window = 1
+            else:
+                run.request_interrupt_window = 0
+            wake_ns = until_timer
+            if end_ns is not None:
+                wake_ns = end_ns - now if wake_ns is None else min(wake_ns, end_ns - now)
+            self._kicker.arm(None if wake_ns is None else time.monotonic() + wake_ns / 1e9)
+            result = lib.replayvm_ioctl_int(vcpu, KVM_RUN, 0)
+            if result < 0:
+                if result == -errno.EINTR or result == -errno.EAGAIN:
+                    run.immediate_exit = 0
+                    self.exit_counts["intr"] += 1
+                    continue
+                self.last_error = f"KVM_RUN failed: {os.strerror(-result)}"
+                return StopReason.UNSUPPORTED
+            reason = run.exit_reason
+            if reason == lib.KVM_EXIT_IO:
+                self.exit_counts["io"] += 1
+                self._port_io(run)
+            elif reason == lib.KVM_EXIT_MMIO:
+                self.exit_counts["mmio"] += 1
+                self._mmio(run)
+            elif reason == lib.KVM_EXIT_IRQ_WINDOW_OPEN:
+                self.exit_counts["irq_window"] += 1
+            elif reason == lib.KVM_EXIT_INTR:
+                self.exit_counts["intr"] += 1
+                run.immediate_exit = 0
+            elif reason == lib.KVM_EXIT_HLT:
+                self.exit_counts["hlt"] += 1
+                return StopReason.HALT
+            elif reason == lib.KVM_EXIT_SHUTDOWN:
+                self.exit_counts["shutdown"] += 1
+                self._kicker.arm(None)
+                return self._explain_shutdown()
+            elif reason == lib.KVM_EXIT_DEBUG:
+                self.exit_counts["debug"] += 1
+                self._kicker.arm(None)
+                return StopReason.BUDGET
+            else:
+                self._kicker.arm(None)
+                self.exit_counts["other"] += 1
+                self.last_error = self._describe_failure(run, reason)
+                return StopReason.UNSUPPORTED
+
+    def _port_io(self, run) -> None:
+        io = run.io
+        size, port, count = io.size, io.port, io.count
+        offset = io.data_offset
+        length = size * count
+        pio = self.machine.pio
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            data = self._run_map[offset:offset + length]
+            if count == 1:
+                pio.write(port, size, int.from_bytes(data, "little"))
+            else:
+                pio.write_string(port, size, data)
+        else:
+            if count == 1:
+                self._run_map[offset:offset + size] = pio.read(port, size).to_bytes(size, "little")
+            else:
+                self._run_map[offset:offset + length] = pio.read_string(port, size, count)
+
+    def _mmio(self, run) -> None:
+        mmio = run.mmio
+        length = mmio.len
+        if mmio.is_write:
+            value = int.from_bytes(bytes(ffi.buffer(mmio.data, length)), "little")
+            self.machine.mmio.write(mmio.phys_addr, length, value)
+        else:
+            value = self.machine.mmio.read(mmio.phys_addr, length)
+            ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
+
+    def _explain_shutdown(self) -> StopReason:
+        """Tell PVM's refusal of 32-bit paging apart from a guest's own triple fault."""
+        try:
+            state = self.get_state()
+        except OSError:
+            self.last_error = "triple fault (CPU state unavailable)"
+            return StopReason.SHUTDOWN
+        if state.cr0 & CR0_PE and not state.efer & EFER_LMA and self._enabling_paging(state):
+            self.last_error = ("this KVM cannot run 32-bit paged protected mode (the guest "
+                               "triple-faulted as it enabled paging at "
+                               f"rip={state.regs['rip']:#x}; /dev/kvm here is a software "
+                               "hypervisor such as PVM); run this guest with --engine emu")
+            return StopReason.UNSUPPORTED
+        self.last_error = "triple fault"
+        return StopReason.SHUTDOWN
+
+    def _enabling_paging(self, state: CpuState) -> bool:
+        """Is the instruction at (or just before) RIP a `mov reg, %cr0` setting CR0.PG?"""
+        if state.cr0 & CR0_PG:
+            return True
+        linear = state.cs.base + state.regs["rip"]
+        ram = self.machine.ram
+        for start in (linear, linear - 3):
+            if 0 <= start and start + 3 <= len(ram):
+                op = bytes(ram[start:start + 3])
+                if op[:2] == b"\x0f\x22" and (op[2] >> 3) & 7 == 0 and op[2] >= 0xC0:
+                    source = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")[op[2] & 7]
+                    if state.regs.get(source, 0) & CR0_PG:
+                        return True
+        return False
+
+    def _describe_failure(self, run, reason: int) -> str:
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            detail = f"internal error, suberror {run.internal.suberror}"
+        elif reason == lib.KVM_EXIT_FAIL_ENTRY:
+            detail = f"entry failed, reason {run.fail_entry.hardware_entry_failure_reason:#x}"
+        else:
+            detail = f"unhandled exit reason {reason}"
+        try:
+            state = self.get_state()
+            where = f" at rip={state.regs['rip']:#x} cr0={state.cr0:#x}"
+        except OSError:
+            where = ""
+        return f"KVM cannot continue: {detail}{where}"
+
+    def set_guest_debug(self, single_step: bool = False, hw_breakpoints: list[int] = ()) -> None:
+        """Single-step and/or up to four execution breakpoints (KVM_EXIT_DEBUG ends run())."""
+        debug = ffi.new("struct kvm_guest_debug *")
+        control = 0
+        if single_step or hw_breakpoints:
+            control = lib.KVM_GUESTDBG_ENABLE
+            if single_step:
+                control |= lib.KVM_GUESTDBG_SINGLESTEP
+            if hw_breakpoints:
+                control |= lib.KVM_GUESTDBG_USE_HW_BP
+                dr7 = 0
+                for i, addr in enumerate(list(hw_breakpoints)[:4]):
+                    debug.arch.debugreg[i] = addr
+                    dr7 |= 1 << (2 * i)
+                debug.arch.debugreg[7] = dr7 | 0x400
+        debug.control = control
+        _ioctl(self.vcpu_fd, lib.KVM_SET_GUEST_DEBUG, debug, "KVM_SET_GUEST_DEBUG")
+
+    def close(self) -> None:
+        self._kicker.close()
+        for fd in ("vcpu_fd", "vm_fd", "kvm_fd"):
+            value = getattr(self, fd, None)
+            if value is not None:
+                try:
+                    os.close(value)
+                except OSError:
+                    pass
+                setattr(self, fd, None)
+
+
+def _segment_to_kvm(seg: Segment, out) -> None:
+    out.base, out.limit, out.selector = seg.base, seg.limit, seg.selector
+    out.type, out.present, out.dpl, out.db = seg.type, seg.present, seg.dpl, seg.db
+    out.s, out.l, out.g, out.avl, out.unusable = seg.s, seg.l, seg.g, seg.avl, seg.unusable
+
+
+def _segment_from_kvm(seg) -> Segment:
+    return Segment(selector=seg.selector, base=seg.base, limit=seg.limit, type=seg.type, s=seg.s,
+                   dpl=seg.dpl, present=seg.present, db=seg.db, l=seg.l, g=seg.g, avl=seg.avl,
+                   unusable=seg.unusable)
