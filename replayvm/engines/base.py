@@ -23,6 +23,7 @@ class StopReason(enum.Enum):
     BUDGET = "budget"              # the run's time or instruction budget is used up
     STOP_REQUESTED = "stop"        # request_stop() was called (console quit, --until matched, ...)
     UNSUPPORTED = "unsupported"    # this engine cannot go on executing the guest (e.g. paging on PVM)
+    DEBUG = "debug"                # a breakpoint or single step the debugger asked for
 
 
 @dataclass

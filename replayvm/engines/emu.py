@@ -374,13 +374,24 @@ class EmuEngine:
         if not self._io_allowed():
             self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
             return self.reg("eax") & ((1 << (8 * size)) - 1)
-        return self.machine.pio.read(port, size)
+        value = self.machine.pio.read(port, size)
+        self._watch_for_interrupt()
+        return value
 
     def _on_out(self, port: int, size: int, value: int) -> None:
         if not self._io_allowed():
             self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
             return
         self.machine.pio.write(port, size, value)
+        self._watch_for_interrupt()
+
+    def _watch_for_interrupt(self) -> None:
+        """A device access may have raised an interrupt: take it at the next instruction with IF=1
+        rather than at the end of the slice."""
+        if not self.state.want_window and self.machine.interrupts.has_pending():
+            self.state.want_window = 1
+            self.state.prev_if = 0
+            self.state.prev_size = 0
 
     def _fault_in_hook(self, vector: int, error_code: int) -> None:
         """An instruction must fault, but the hook cannot abort it: stop and deliver afterwards."""
@@ -388,12 +399,15 @@ class EmuEngine:
         self._stop_now()
 
     def _on_mmio_read(self, addr: int, size: int) -> int:
-        return self.machine.mmio.read(addr, size)
+        value = self.machine.mmio.read(addr, size)
+        self._watch_for_interrupt()
+        return value
 
     def _on_mmio_write(self, addr: int, size: int, value: int) -> None:
         self.machine.mmio.write(addr, size, value)
         if hw.LAPIC_ADDR <= addr < hw.LAPIC_ADDR + hw.LAPIC_SIZE:
             self._refresh_lapic_id()
+        self._watch_for_interrupt()
 
     def _refresh_lapic_id(self) -> None:
         lapic = getattr(self.machine, "lapic", None)

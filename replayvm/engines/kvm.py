@@ -276,7 +276,7 @@ class KvmEngine:
             elif reason == lib.KVM_EXIT_DEBUG:
                 self.exit_counts["debug"] += 1
                 self._kicker.arm(None)
-                return StopReason.BUDGET
+                return StopReason.DEBUG
             else:
                 self._kicker.arm(None)
                 self.exit_counts["other"] += 1

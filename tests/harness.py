@@ -1,0 +1,115 @@
+"""A minimal real machine for engine tests: RAM, real buses, recording test devices, and an
+interrupt source the test controls (now, or at a guest-time deadline). Engines are never mocked."""
+
+from __future__ import annotations
+
+import mmap
+
+from replayvm.bus import Bus, PioBus
+from replayvm.clock import GuestClock, VirtualClock
+from replayvm.engines.base import CpuState, Segment, real_mode_state
+
+
+class PortLog:
+    """Test ports: remembers writes (offset, size, value) and answers reads from a script."""
+
+    def __init__(self, answers: dict[int, int] | None = None) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.answers = answers or {}
+        self.strings_in = bytearray(b"\x34\x12\x78\x56")
+        self.on_write = {}
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 7:                                  # port 0x87: insw source
+            value = int.from_bytes(self.strings_in[:size], "little")
+            del self.strings_in[:size]
+            return value
+        return self.answers.get(offset, 0x5A)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+        action = self.on_write.get(offset)
+        if action is not None:
+            action()
+
+
+class MmioLog:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return self.value & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+class Interrupts:
+    """Pending vectors the test raises; `timer_at_ns` makes one pending at a guest time."""
+
+    def __init__(self, clock: GuestClock) -> None:
+        self.clock = clock
+        self.pending: list[int] = []
+        self.timer_at_ns: int | None = None
+        self.timer_vector = 0x30
+        self.acknowledged: list[int] = []
+
+    def poll(self) -> int | None:
+        if self.timer_at_ns is None:
+            return None
+        now = self.clock.now_ns()
+        if now >= self.timer_at_ns:
+            self.pending.append(self.timer_vector)
+            self.timer_at_ns = None
+            return None
+        return self.timer_at_ns - now
+
+    def has_pending(self) -> bool:
+        return bool(self.pending)
+
+    def acknowledge(self) -> int:
+        vector = self.pending.pop(0)
+        self.acknowledged.append(vector)
+        return vector
+
+
+class TestMachine:
+    __test__ = False
+
+    def __init__(self, ram_bytes: int = 0x80000, virtual_clock: bool = False) -> None:
+        self._map = mmap.mmap(-1, ram_bytes)
+        self.ram = memoryview(self._map)
+        self.pio = PioBus()
+        self.mmio = Bus("mmio")
+        self.clock = VirtualClock() if virtual_clock else GuestClock()
+        self.interrupts = Interrupts(self.clock)
+        self.ports = PortLog({1: 0x5A})
+        self.pio.register(0x80, 16, self.ports, "test")
+
+    def poll(self) -> int | None:
+        return self.interrupts.poll()
+
+    def read_tsc(self) -> int:
+        return self.clock.now_ns()
+
+
+def flat_protected_state(entry: int, gdt_addr: int, ram: memoryview) -> CpuState:
+    """Flat 32-bit protected mode without paging, with a GDT written at gdt_addr."""
+    gdt = (0).to_bytes(8, "little") + (0x00CF9A000000FFFF).to_bytes(8, "little") \
+        + (0x00CF92000000FFFF).to_bytes(8, "little")
+    ram[gdt_addr:gdt_addr + len(gdt)] = gdt
+    state = CpuState()
+    state.regs = {name: 0 for name in CpuState.GPR_NAMES}
+    state.regs.update(rip=entry, rflags=2, rsp=0x8000)
+    state.cr0 = 0x11
+    state.gdt = (gdt_addr, len(gdt) - 1)
+    state.cs = Segment(selector=0x08, limit=0xFFFFFFFF, type=0xB, db=1, g=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(state, name, Segment(selector=0x10, limit=0xFFFFFFFF, type=3, db=1, g=1))
+    return state
+
+
+def load_realmode_guest(machine: TestMachine, image: bytes) -> CpuState:
+    machine.ram[0x7C00:0x7C00 + len(image)] = image
+    return real_mode_state(0, 0x7C00)
