@@ -15,6 +15,9 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
+/* Functions a debugger or a symbolised trace should see keep their own symbol. */
+#define VISIBLE __attribute__((noinline))
+
 #define KERNBASE 0x80000000u
 #define P2V(a) ((void *)((u32)(a) + KERNBASE))
 #define V2P(a) ((u32)(a) - KERNBASE)
@@ -218,7 +221,7 @@ static void wait_ide_interrupt(int before)
         halt();
 }
 
-static void disk_test(void)
+VISIBLE static void disk_test(void)
 {
     static u32 round;
     round++;
@@ -290,14 +293,14 @@ static struct task *spawn(int slot, const char *name, void (*user_entry)(void))
     return t;
 }
 
-static void yield(void)
+VISIBLE static void yield(void)
 {
     struct task *t = current;
     current = 0;
     switch_to(&t->saved_esp, scheduler_esp);
 }
 
-static void scheduler(void)
+VISIBLE static void scheduler(void)
 {
     int next = 0;
     for (;;) {
@@ -326,7 +329,7 @@ static void scheduler(void)
 static char input_ring[256];
 static volatile u32 input_read, input_write;
 
-static void uart_interrupt(void)
+VISIBLE static void uart_interrupt(void)
 {
     while (inb(COM1 + 5) & 1) {
         char c = inb(COM1);
@@ -360,7 +363,7 @@ enum { SYS_WRITE = 1, SYS_GETC, SYS_TICKS, SYS_YIELD, SYS_EXIT, SYS_RACE, SYS_DA
  * timer interrupt in that window lets the other task run, and its increments are overwritten.
  * Most of each iteration is outside the window, so whether updates are lost depends on exactly
  * where the interrupts land. */
-static void race_task(void)
+VISIBLE static void race_task(void)
 {
     for (u32 i = 0; i < RACE_ITERATIONS; i++) {
         u32 value = race_counter;
@@ -373,7 +376,7 @@ static void race_task(void)
     syscall(SYS_EXIT, 0, 0);
 }
 
-static void start_race(void)
+VISIBLE static void start_race(void)
 {
     race_counter = 0;
     race_tasks_done = 0;
@@ -382,7 +385,7 @@ static void start_race(void)
     spawn(2, "race-b", race_task);
 }
 
-static void report_race(void)
+VISIBLE static void report_race(void)
 {
     puts("race: counter="); putu(race_counter); puts(" expected="); putu(2 * RACE_ITERATIONS);
     puts(race_counter == 2 * RACE_ITERATIONS ? "\nrace: ok\n" : "\nrace: LOST UPDATES\n");
@@ -413,7 +416,7 @@ static u32 u_atou(const char *s)
     return v;
 }
 
-static void shell_task(void)
+VISIBLE static void shell_task(void)
 {
     char line[LINE_MAX];
     syscall(SYS_RACE, 0, 0);                 /* wait for the boot race's result */
@@ -447,7 +450,7 @@ static void shell_task(void)
 }
 
 /* ------------------------------------------------------------------ traps */
-static int system_call(struct trapframe *tf)
+VISIBLE static int system_call(struct trapframe *tf)
 {
     switch (tf->eax) {
     case SYS_WRITE: {
