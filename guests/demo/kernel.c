@@ -343,9 +343,10 @@ VISIBLE static void uart_interrupt(void)
 }
 
 /* ------------------------------------------------------------------ the race */
-#define RACE_ITERATIONS 3000
-#define RACE_WINDOW 4                        /* delay between the load and the store */
+#define RACE_WINDOW 2                        /* delay between the load and the store */
 #define RACE_PAUSE 40                        /* delay outside the window */
+#define RACE_TICKS 3                         /* each task runs for about this many timer ticks */
+static u32 race_iterations = 3000;           /* calibrated at boot against the timer */
 static volatile u32 race_counter;
 static volatile int race_tasks_done;
 static u32 race_runs;
@@ -363,17 +364,40 @@ enum { SYS_WRITE = 1, SYS_GETC, SYS_TICKS, SYS_YIELD, SYS_EXIT, SYS_RACE, SYS_DA
  * timer interrupt in that window lets the other task run, and its increments are overwritten.
  * Most of each iteration is outside the window, so whether updates are lost depends on exactly
  * where the interrupts land. */
+VISIBLE static inline void race_step(volatile u32 *counter)
+{
+    u32 value = *counter;
+    for (volatile int d = 0; d < RACE_WINDOW; d++)
+        ;
+    *counter = value + 1;
+    for (volatile int d = 0; d < RACE_PAUSE; d++)
+        ;
+}
+
 VISIBLE static void race_task(void)
 {
-    for (u32 i = 0; i < RACE_ITERATIONS; i++) {
-        u32 value = race_counter;
-        for (volatile int d = 0; d < RACE_WINDOW; d++)
-            ;
-        race_counter = value + 1;
-        for (volatile int d = 0; d < RACE_PAUSE; d++)
-            ;
-    }
+    for (u32 i = 0; i < race_iterations; i++)
+        race_step(&race_counter);
     syscall(SYS_EXIT, 0, 0);
+}
+
+/* How many race iterations fit in one timer tick on this CPU (emulated or not): the race then
+ * spans a few ticks whatever the speed, so preemptions happen inside it. */
+static VISIBLE void calibrate_race(void)
+{
+    volatile u32 scratch = 0;
+    u32 start, n = 0;
+    sti();
+    for (start = ticks; ticks == start; )
+        halt();
+    for (start = ticks; ticks == start; n++)
+        race_step(&scratch);
+    cli();
+    race_iterations = n * RACE_TICKS;
+    if (race_iterations < 1000) race_iterations = 1000;
+    if (race_iterations > 50000000) race_iterations = 50000000;
+    puts("race: "); putu(race_iterations); puts(" iterations per task (about ");
+    putu(RACE_TICKS); puts(" timer ticks)\n");
 }
 
 VISIBLE static void start_race(void)
@@ -387,8 +411,8 @@ VISIBLE static void start_race(void)
 
 VISIBLE static void report_race(void)
 {
-    puts("race: counter="); putu(race_counter); puts(" expected="); putu(2 * RACE_ITERATIONS);
-    puts(race_counter == 2 * RACE_ITERATIONS ? "\nrace: ok\n" : "\nrace: LOST UPDATES\n");
+    puts("race: counter="); putu(race_counter); puts(" expected="); putu(2 * race_iterations);
+    puts(race_counter == 2 * race_iterations ? "\nrace: ok\n" : "\nrace: LOST UPDATES\n");
 }
 
 /* ------------------------------------------------------------------ the shell (ring 3) */
@@ -556,6 +580,7 @@ void kernel_main(void)
     sti();
     disk_test();
     cli();
+    calibrate_race();
     start_race();
     spawn(0, "shell", shell_task);
     puts("tasks: race-a race-b shell\n");

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Callable
 
 from replayvm import hw
@@ -61,6 +62,7 @@ TABLE_REG = {"gdtr": ucx.UC_X86_REG_GDTR, "idtr": ucx.UC_X86_REG_IDTR,
 GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
 
 SLICE_INSTRUCTIONS = 200_000        # how long a run goes before the machine polls time again
+MIN_WALL_SLICE = 2_000              # shortest slice towards a wall-clock timer deadline
 EFLAGS_IF = 1 << 9
 OPCODE_STI = 0xFB
 
@@ -115,6 +117,7 @@ class EmuEngine:
         self.exceptions_delivered = 0
         self.interrupts_delivered = 0
         self.on_interrupt: Callable[[int, int], None] | None = None   # (vector, icount) observer
+        self._instructions_per_ns = 0.05          # a first guess (50 MIPS), learned while running
         self._instruction_clock = isinstance(machine.clock, VirtualClock)
         if self._instruction_clock:
             machine.clock.source = lambda: self.state.icount
@@ -307,13 +310,19 @@ class EmuEngine:
             slice_end = state.icount + SLICE_INSTRUCTIONS
             if end is not None:
                 slice_end = min(slice_end, end)
-            if self._instruction_clock and until_timer is not None:
-                slice_end = min(slice_end, state.icount + max(1, until_timer))
+            if until_timer is not None:
+                if self._instruction_clock:             # 1 ns per instruction: exact
+                    slice_end = min(slice_end, state.icount + max(1, until_timer))
+                else:                                   # wall clock: estimate from the speed
+                    ahead = int(until_timer * self._instructions_per_ns)
+                    slice_end = min(slice_end, state.icount + max(MIN_WALL_SLICE, ahead))
             if single_step:
                 slice_end = state.icount + 1
             state.stop_at = slice_end
             state.stop_reason = lib.STOP_NONE
+            started_at, started_ns = state.icount, time.perf_counter_ns()
             err = lib.uc_emu_start(self.uc, self.reg("eip"), 0, 0, 0)
+            self._learn_speed(state.icount - started_at, time.perf_counter_ns() - started_ns)
             if self._python_error is not None:
                 error, self._python_error = self._python_error, None
                 raise error
@@ -328,6 +337,11 @@ class EmuEngine:
                     and self._pending_fault is None and state.icount < state.stop_at:
                 self.halted = True
                 return StopReason.HALT
+
+    def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
+        """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""
+        if instructions >= 10_000 and elapsed_ns > 0:
+            self._instructions_per_ns = 0.8 * self._instructions_per_ns + 0.2 * (instructions / elapsed_ns)
 
     def _in_sti_shadow(self) -> bool:
         """True when the instruction just executed was the STI that enabled interrupts."""
