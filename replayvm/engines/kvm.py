@@ -17,6 +17,7 @@ import errno
 import mmap
 import os
 import signal
+import struct
 import threading
 from collections import Counter
 
@@ -26,6 +27,7 @@ from replayvm.errors import EngineUnavailable
 
 KVM_API_VERSION = 12
 KICK_SIGNAL = signal.SIGUSR1
+KICK_SLACK_NS = 100_000                # re-arming for a deadline this close is not worth a wakeup
 TSS_ADDR = 0xFFFBD000                  # three pages KVM needs for real-mode emulation on VMX,
 IDENTITY_MAP_ADDR = 0xFFFBC000         # placed just below the BIOS area at the top of 4 GiB
 CR0_PE = 1 << 0
@@ -35,6 +37,13 @@ CPUID_ECX_RDRAND = 1 << 30
 CPUID_ECX_X2APIC = 1 << 21
 CPUID_EBX_RDSEED = 1 << 18
 EFLAGS_IF = 1 << 9
+
+
+# The hottest fields of kvm_run, read with struct at offsets the compiler gave cffi.
+EXIT_REASON = struct.Struct("<I")
+EXIT_REASON_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
+EXIT_IO = struct.Struct("<BBHIQ")              # direction, size, port, count, data_offset
+EXIT_IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
 
 
 def kvm_device_path() -> str:
@@ -66,24 +75,28 @@ def _ioctl(fd: int, request: int, arg=None, what: str = "ioctl") -> int:
 
 
 class _Kicker:
-    """Interrupts KVM_RUN at a deadline (guest timer, run budget) or on request."""
+    """Interrupts KVM_RUN at a deadline in guest time (timer, run budget) or on request."""
 
-    def __init__(self, run, thread_id: int) -> None:
+    def __init__(self, run, thread_id: int, clock) -> None:
         self._run = run
         self._thread_id = thread_id
-        self._deadline: float | None = None
+        self._clock = clock
+        self._deadline_ns: int | None = None
         self._cond = threading.Condition()
         self._closed = False
         self.kicks = 0
         self._thread = threading.Thread(target=self._loop, name="kvm-kicker", daemon=True)
         self._thread.start()
 
-    def arm(self, deadline: float | None) -> None:
-        """Kick at `deadline` (time.monotonic() seconds); None disarms."""
-        if deadline == self._deadline:
+    def arm(self, deadline_ns: int | None) -> None:
+        """Kick when the guest clock reaches `deadline_ns`; None disarms. Cheap when unchanged,
+        which is the common case: deadlines are absolute, so they stay put between exits."""
+        current = self._deadline_ns
+        if deadline_ns == current or (deadline_ns is not None and current is not None
+                                      and abs(deadline_ns - current) < KICK_SLACK_NS):
             return
         with self._cond:
-            self._deadline = deadline
+            self._deadline_ns = deadline_ns
             self._cond.notify()
 
     def kick_now(self) -> None:
@@ -92,18 +105,16 @@ class _Kicker:
         signal.pthread_kill(self._thread_id, KICK_SIGNAL)
 
     def _loop(self) -> None:
-        import time
-
         with self._cond:
             while not self._closed:
-                if self._deadline is None:
+                if self._deadline_ns is None:
                     self._cond.wait()
                     continue
-                delay = self._deadline - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
+                delay_ns = self._deadline_ns - self._clock.now_ns()
+                if delay_ns > 0:
+                    self._cond.wait(delay_ns / 1e9)
                     continue
-                self._deadline = None
+                self._deadline_ns = None
                 self.kick_now()
 
     def close(self) -> None:
@@ -147,7 +158,7 @@ class KvmEngine:
         self._sregs = ffi.new("struct kvm_sregs *")
         self._irq = ffi.new("struct kvm_interrupt *")
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)   # a no-op handler: EINTR, no death
-        self._kicker = _Kicker(self.run_struct, threading.get_ident())
+        self._kicker = _Kicker(self.run_struct, threading.get_ident(), machine.clock)
 
     # ---------------------------------------------------------------- setup
     def _set_cpuid(self) -> None:
@@ -210,8 +221,6 @@ class KvmEngine:
 
     def run(self, budget_ns: int | None = None) -> StopReason:
         """Run until HLT, shutdown, stop request or the budget (guest ns) is used."""
-        import time
-
         machine = self.machine
         run = self.run_struct
         interrupts = machine.interrupts
@@ -219,6 +228,7 @@ class KvmEngine:
         end_ns = None if budget_ns is None else clock.now_ns() + budget_ns
         vcpu = self.vcpu_fd
         KVM_RUN = lib.KVM_RUN
+        run_map = self._run_map
         while True:
             if self._stop_requested:
                 self._stop_requested = False
@@ -242,10 +252,10 @@ class KvmEngine:
                     run.request_interrupt_window = 1
             else:
                 run.request_interrupt_window = 0
-            wake_ns = until_timer
+            wake_ns = None if until_timer is None else now + until_timer
             if end_ns is not None:
-                wake_ns = end_ns - now if wake_ns is None else min(wake_ns, end_ns - now)
-            self._kicker.arm(None if wake_ns is None else time.monotonic() + wake_ns / 1e9)
+                wake_ns = end_ns if wake_ns is None else min(wake_ns, end_ns)
+            self._kicker.arm(wake_ns)
             result = lib.replayvm_ioctl_int(vcpu, KVM_RUN, 0)
             if result < 0:
                 if result == -errno.EINTR or result == -errno.EAGAIN:
@@ -254,10 +264,10 @@ class KvmEngine:
                     continue
                 self.last_error = f"KVM_RUN failed: {os.strerror(-result)}"
                 return StopReason.UNSUPPORTED
-            reason = run.exit_reason
+            reason = EXIT_REASON.unpack_from(run_map, EXIT_REASON_OFFSET)[0]
             if reason == lib.KVM_EXIT_IO:
                 self.exit_counts["io"] += 1
-                self._port_io(run)
+                self._port_io(run_map)
             elif reason == lib.KVM_EXIT_MMIO:
                 self.exit_counts["mmio"] += 1
                 self._mmio(run)
@@ -283,13 +293,11 @@ class KvmEngine:
                 self.last_error = self._describe_failure(run, reason)
                 return StopReason.UNSUPPORTED
 
-    def _port_io(self, run) -> None:
-        io = run.io
-        size, port, count = io.size, io.port, io.count
-        offset = io.data_offset
+    def _port_io(self, run_map: mmap.mmap) -> None:
+        direction, size, port, count, offset = EXIT_IO.unpack_from(run_map, EXIT_IO_OFFSET)
         length = size * count
         pio = self.machine.pio
-        if io.direction == lib.KVM_EXIT_IO_OUT:
+        if direction == lib.KVM_EXIT_IO_OUT:
             data = self._run_map[offset:offset + length]
             if count == 1:
                 pio.write(port, size, int.from_bytes(data, "little"))
