@@ -45,6 +45,8 @@ class Bus:
         self._bases: list[int] = []
         self.unclaimed_reads: Counter[int] = Counter()
         self.unclaimed_writes: Counter[int] = Counter()
+        self.reads = 0                       # accesses (string accesses count each element)
+        self.writes = 0
 
     def register(self, base: int, length: int, device: Device, name: str) -> None:
         for m in self._mappings:
@@ -67,6 +69,7 @@ class Bus:
         return list(self._mappings)
 
     def read(self, addr: int, size: int) -> int:
+        self.reads += 1
         m = self.lookup(addr)
         if m is None:
             self.unclaimed_reads[addr] += 1
@@ -74,6 +77,7 @@ class Bus:
         return m.device.read(addr - m.base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
+        self.writes += 1
         m = self.lookup(addr)
         if m is None:
             self.unclaimed_writes[addr] += 1
@@ -84,6 +88,7 @@ class Bus:
         """`count` reads of `size` bytes at one address (rep ins), as little-endian bytes."""
         m = self.lookup(addr)
         if m is not None and hasattr(m.device, "read_string"):
+            self.reads += count
             return m.device.read_string(addr - m.base, size, count)
         return b"".join(self.read(addr, size).to_bytes(size, "little") for _ in range(count))
 
@@ -91,6 +96,7 @@ class Bus:
         """Writes of `size`-byte elements of `data` to one address (rep outs)."""
         m = self.lookup(addr)
         if m is not None and hasattr(m.device, "write_string"):
+            self.writes += len(data) // size
             m.device.write_string(addr - m.base, size, data)
             return
         for i in range(0, len(data), size):

@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds of guest time")
     record.add_argument("--virtual-clock", action="store_true",
                         help="deterministic guest time from the instruction count (emu engine only)")
-    record.add_argument("-o", "--output", type=Path, metavar="FILE", help="trace file to write")
+    record.add_argument("-o", "--output", type=Path, metavar="FILE",
+                        help="record the session into this trace file (e.g. session.zst)")
+
+    info = verbs.add_parser("info", help="summarise a trace: header, events, interrupts, size",
+                            description="Print a trace's header and a summary of what it holds.")
+    info.add_argument("trace", type=Path, metavar="TRACE")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -57,8 +63,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     from replayvm.console import decode_escapes
     from replayvm.record.session import SessionOptions, run_session
 
-    if args.output is not None:
-        raise UsageError("writing traces (-o) is not implemented yet in this version")
+    if args.output is not None and args.output.is_dir():
+        raise UsageError(f"trace path {args.output} is a folder")
     if args.kernel is not None and not args.kernel.is_file():
         raise UsageError(f"kernel not found: {args.kernel}")
     for disk in args.disk:
@@ -72,7 +78,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
         prompt=decode_escapes(args.prompt), until=decode_escapes(args.until) if args.until else None,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
-        virtual_clock=args.virtual_clock)
+        virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:])
     outcome, machine = run_session(options)
     if machine.console.transcript and not machine.console.transcript.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")          # leave the shell prompt on its own line
@@ -89,12 +95,24 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from replayvm.trace.summary import format_summary, summarize
+
+    summary = summarize(args.trace)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.verb == "record":
             return cmd_record(args)
+        if args.verb == "info":
+            return cmd_info(args)
         raise UsageError(f"unknown verb {args.verb}")
     except GuestFault as fault:
         sys.stdout.flush()

@@ -21,6 +21,11 @@ class GuestClock:
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._start_ns
 
+    def start(self) -> None:
+        """Guest time 0 is now: the moment the guest starts running, not when it was built."""
+        self._start_ns = time.monotonic_ns()
+        self.epoch_s = time.time()
+
     def wall_time_s(self) -> float:
         """Seconds since the Unix epoch at the current guest time (what the CMOS RTC shows)."""
         return self.epoch_s + self.now_ns() / 1e9
@@ -46,3 +51,6 @@ class VirtualClock(GuestClock):
 
     def advance(self, ns: int) -> None:
         self._offset_ns += ns
+
+    def start(self) -> None:
+        """Virtual time does not depend on when the guest starts."""

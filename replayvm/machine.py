@@ -27,12 +27,13 @@ from replayvm.devices.ide import IdeChannel
 from replayvm.devices.imcr import Imcr
 from replayvm.devices.ioapic import Ioapic
 from replayvm.devices.irq import IrqLine
-from replayvm.devices.lapic import Lapic
+from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, Lapic
 from replayvm.devices.pic import Pic8259Pair
 from replayvm.devices.uart import Uart16550
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import GuestFault, UsageError
 
+IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
 MIN_RAM_MIB = 2
 MAX_RAM_MIB = 3 * 1024                    # stay below the 0xC0000000+ device window
 HALT_POLL_NS = 50_000_000                 # how long a halted guest with no timer may sleep at once
@@ -74,6 +75,9 @@ class Machine:
         self.pio = PioBus()
         self.mmio = Bus("mmio")
         self.shutdown_reason: str | None = None
+        self._started = False
+        self.input_observers: list = []           # f(source, data) for every byte typed
+        self.halt_observers: list = []            # f() whenever the guest halts
         self.disks = [_open_disk(path, index) for index, path in enumerate(config.disks)]
         if len(self.disks) > 2:
             raise UsageError("at most two disks (the primary IDE channel's master and slave)")
@@ -139,6 +143,15 @@ class Machine:
         deadline = self.lapic.next_deadline_ns()
         return None if deadline is None else max(0, deadline - now)
 
+    def interrupt_source(self, vector: int) -> str:
+        """Which device an interrupt vector belongs to, from how the guest programmed the chips."""
+        if vector == self.lapic.lvt[LAPIC_LVT_TIMER] & 0xFF:
+            return "timer"
+        for pin, entry in enumerate(self.ioapic.low):
+            if entry & 0xFF == vector:
+                return IRQ_NAMES.get(pin, f"irq{pin}")
+        return f"vector{vector}"
+
     def read_tsc(self) -> int:
         """The guest's time-stamp counter: guest nanoseconds at a 1 GHz TSC."""
         return self.clock.now_ns()
@@ -148,10 +161,15 @@ class Machine:
         """Run until the console says the session is over, the guest dies, or the timeout."""
         timeout_ns = None if timeout_s is None else int(timeout_s * 1e9)
         engine = self.engine
+        if not self._started:
+            self._started = True
+            self.clock.start()
         try:
             while True:
                 data = self.console.take_input()
                 if data:
+                    for observer in self.input_observers:
+                        observer("com1", data)
                     self.uart.feed_input(data)
                 self.console.flush()
                 if self.console.finished:
@@ -162,6 +180,8 @@ class Machine:
                     return self._outcome("timeout", f"no end after {timeout_s:g} s of guest time")
                 reason = engine.run(RUN_SLICE_NS)
                 if reason is StopReason.HALT:
+                    for observer in self.halt_observers:
+                        observer()
                     self._wait_while_halted(timeout_ns)
                 elif reason is StopReason.SHUTDOWN:
                     why = getattr(engine, "last_error", "") or "triple fault"

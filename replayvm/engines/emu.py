@@ -255,6 +255,15 @@ class EmuEngine:
     def icount(self) -> int:
         return self.state.icount
 
+    @property
+    def position(self) -> int:
+        """Where the guest is, in the unit traces use on this engine: instructions begun."""
+        return self.state.icount
+
+    def exit_context(self) -> tuple[int, int]:
+        """(EIP, CPL) of the instruction being executed, for trace records."""
+        return self.reg("eip"), self.reg("cs") & 3
+
     def request_stop(self) -> None:
         self._stop_requested = True
         lib.uc_emu_stop(self.uc)

@@ -214,6 +214,17 @@ class KvmEngine:
             sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer)
         return state
 
+    # ---------------------------------------------------------------- positions
+    @property
+    def position(self) -> int:
+        """Where the guest is, in the unit traces use on this engine: exits so far (no PMU here)."""
+        return self.exit_counts.total()
+
+    def exit_context(self) -> tuple[int, int]:
+        """(RIP, CPL) at the current exit; CPL is -1 (not fetched: it costs a KVM_GET_SREGS)."""
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+        return self._regs.rip, -1
+
     # ---------------------------------------------------------------- running
     def request_stop(self) -> None:
         self._stop_requested = True

@@ -1,19 +1,26 @@
 """Running a guest session: the Python API behind `replayvm record`.
 
-Until the trace writer lands (recording issue), a session runs the guest with its console and
-reports how it ended; `-o FILE` is accepted and refused with a clear message.
+A session boots the guest with its console and, when given a trace path, records it: the header
+(machine, disks, initial RAM and CPU state) first, every event while it runs, and a footer with
+counts and the final state when it ends -- also when the guest dies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from replayvm import hw
+from replayvm import __version__, hw
 from replayvm.console import Console
+from replayvm.errors import GuestFault
 from replayvm.machine import Machine, MachineConfig, RunOutcome
+from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
+from replayvm.trace.format import Kind
+from replayvm.trace.writer import TraceWriter
 
 
 @dataclass
@@ -28,6 +35,8 @@ class SessionOptions:
     timeout_s: float | None = None
     interactive: bool = False
     virtual_clock: bool = False
+    trace: Path | None = None
+    command_line: list[str] = field(default_factory=list)
 
 
 def bundled_demo_disk() -> Path:
@@ -38,7 +47,7 @@ def bundled_demo_disk() -> Path:
 
 
 def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tuple[RunOutcome, Machine]:
-    """Boot the guest, run it until the session ends, and return how it ended."""
+    """Boot the guest, run it until the session ends (recording it if asked), return how it ended."""
     console = Console(output if output is not None else sys.stdout.buffer, script=options.script,
                       prompt=options.prompt, until=options.until, interactive=options.interactive)
     disks = list(options.disks)
@@ -51,8 +60,62 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
     except BaseException:
         console.close()
         raise
+    recording = None
+    outcome: RunOutcome | None = None
+    end_detail = "the recorder stopped"
     try:
+        if options.trace is not None:
+            recording = start_recording(machine, options)
         outcome = machine.run(timeout_s=options.timeout_s)
+        end_detail = outcome.detail
+    except GuestFault as fault:
+        end_detail = str(fault).splitlines()[0]
+        raise
     finally:
+        if recording is not None:
+            finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
         machine.close()
     return outcome, machine
+
+
+def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWriter, Recorder, float]:
+    header = {
+        "format": "replayvm-trace", "replayvm": __version__, "engine": machine.engine.name,
+        "position_unit": "instructions" if machine.engine.name == "emu" else "exits",
+        "ram_bytes": len(machine.ram),
+        "cpuid": getattr(machine.engine, "cpuid_table", "unicorn default x86 model"),
+        "boot": "multiboot" if options.kernel is not None else "disk",
+        "kernel": str(options.kernel) if options.kernel is not None else None,
+        "disks": [{"name": disk.name, "path": str(disk.path) if disk.path else None,
+                   "sha256": disk.sha256(), "sectors": disk.sector_count} for disk in machine.disks],
+        "command_line": options.command_line, "start_time": time.time(),
+        "clock": "virtual" if options.virtual_clock else "wall",
+        "initial_state": machine.boot_state.to_dict(),
+    }
+    writer = TraceWriter(options.trace, header)
+    for number, page in initial_ram_pages(machine.ram):
+        writer.append((Kind.RAM_PAGE, number, page))
+    recorder = Recorder(machine, writer)
+    machine.halt_observers.append(recorder.halted)
+    return writer, recorder, time.monotonic()
+
+
+def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, started: float,
+                     reason: str, detail: str) -> None:
+    recorder.finish()
+    engine = machine.engine
+    try:
+        final_state = engine.get_state().to_dict()
+    except Exception as error:               # the footer must still be written
+        final_state = {"error": str(error)}
+    lapic_id_reads = recorder.lapic_id_reads_logged_away + getattr(getattr(engine, "state", None),
+                                                                   "lapic_id_reads", 0)
+    writer.close(footer={
+        "end": reason, "detail": detail, "counts": dict(recorder.counts),
+        "interrupt_sources": dict(recorder.interrupt_sources),
+        "instructions": getattr(engine, "icount", None), "position": engine.position,
+        "guest_ns": machine.clock.now_ns(), "wall_s": time.monotonic() - started,
+        "lapic_id_reads": lapic_id_reads, "final_state": final_state,
+        "ram_sha256": ram_digest(machine.ram),
+        "console_sha256": hashlib.sha256(bytes(machine.console.transcript)).hexdigest(),
+    })

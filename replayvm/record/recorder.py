@@ -1,0 +1,246 @@
+"""The recorder: logs every device access and nondeterministic input of a running machine.
+
+It sits between the engines and the buses (a `RecordingBus` in front of each), receives every
+interrupt the engine injects and every byte the console types, and appends compact records to a
+`TraceWriter`. What is logged (see docs/trace-format.md):
+- every port and MMIO access with its value: for reads that value is the input replay feeds back,
+  for writes it is what replay checks; reads of time (CMOS clock, LAPIC current count, RDTSC) are
+  CLOCK records;
+- `rep ins` / `rep outs` element runs as one record; sector-sized read runs (disk data) as
+  references to a content table, so a sector read twice is stored once;
+- interrupts with their exact position and source; console input with its position.
+Deliberately not logged: reads of the LAPIC ID register, a pure function of the machine (xv6 does
+~470,000 a second); they are counted in the footer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from replayvm import hw
+from replayvm.devices.cmos import TIME_REGISTERS
+from replayvm.trace.format import Kind
+from replayvm.trace.writer import TraceWriter
+
+if TYPE_CHECKING:
+    from replayvm.machine import Machine
+
+SECTOR_SIZE = 512
+PAGE_SIZE = 4096
+ZERO_PAGE = bytes(PAGE_SIZE)
+LAPIC_ID_ADDR = hw.LAPIC_ADDR + 0x20
+LAPIC_TIMER_CURRENT_ADDR = hw.LAPIC_ADDR + 0x390
+CMOS_DATA_PORT = hw.CMOS_PORT + 1
+
+
+class RecordingBus:
+    """A bus in front of a bus: forwards every access and tells the recorder about it."""
+
+    def __init__(self, bus, recorder: "Recorder", mmio: bool) -> None:
+        self._bus = bus
+        self._recorder = recorder
+        self._mmio = mmio
+        self.kind = bus.kind
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    def read(self, addr: int, size: int) -> int:
+        value = self._bus.read(addr, size)
+        self._recorder.read(self._mmio, addr, size, value)
+        return value
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self._recorder.write(self._mmio, addr, size, value)
+        self._bus.write(addr, size, value)
+
+    def read_string(self, addr: int, size: int, count: int) -> bytes:
+        data = self._bus.read_string(addr, size, count)
+        self._recorder.string(Kind.PIO_READ_RUN, addr, size, data)
+        return data
+
+    def write_string(self, addr: int, size: int, data: bytes) -> None:
+        self._recorder.string(Kind.PIO_WRITE_RUN, addr, size, data)
+        self._bus.write_string(addr, size, data)
+
+
+class Recorder:
+    def __init__(self, machine: "Machine", writer: TraceWriter) -> None:
+        self.machine = machine
+        self.engine = machine.engine
+        self.writer = writer
+        self.append = writer.append
+        self.counts: Counter[str] = Counter()
+        self.interrupt_sources: Counter[str] = Counter()
+        self.lapic_id_reads_logged_away = 0
+        self._last_position = 0
+        self._sectors_stored: set[bytes] = set()
+        self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next]
+        self._appends = 0
+        machine.pio = RecordingBus(machine.pio, self, mmio=False)
+        machine.mmio = RecordingBus(machine.mmio, self, mmio=True)
+        self.engine.on_interrupt = self.interrupt
+        machine.input_observers.append(self.input)
+        inner_tsc = machine.read_tsc
+
+        def read_tsc() -> int:
+            value = inner_tsc()
+            self._clock("rdtsc", value)
+            return value
+
+        machine.read_tsc = read_tsc
+
+    # ---------------------------------------------------------------- helpers
+    def _position_delta(self, position: int) -> int:
+        delta = position - self._last_position
+        self._last_position = position
+        return delta
+
+    def _context(self) -> tuple[int, int]:
+        return self.engine.exit_context()
+
+    def _emit(self, record: tuple) -> None:
+        self.append(record)
+        self._appends += 1
+        if self._appends & 0x3FFF == 0:
+            self.writer.maybe_wake()
+
+    def _flush_run(self) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._run = None
+        kind, start, port, size, data, rip, cpl, _ = run
+        if len(data) == size:                       # a run of one is a plain access
+            simple = Kind.PIO_READ if kind == Kind.PIO_READ_RUN else Kind.PIO_WRITE
+            self._emit((simple, self._position_delta(start), port, size,
+                        int.from_bytes(data, "little"), rip, cpl))
+            self.counts[simple.name.lower()] += 1
+            return
+        self._emit_string(kind, start, port, size, bytes(data), rip, cpl)
+
+    def _emit_string(self, kind: Kind, position: int, port: int, size: int, data: bytes,
+                     rip: int, cpl: int) -> None:
+        payload: Any = data
+        if kind == Kind.PIO_READ_RUN and len(data) % SECTOR_SIZE == 0:
+            hashes = []
+            for i in range(0, len(data), SECTOR_SIZE):
+                sector = data[i:i + SECTOR_SIZE]
+                digest = hashlib.sha256(sector).digest()[:16]
+                if digest not in self._sectors_stored:
+                    self._sectors_stored.add(digest)
+                    self._emit((Kind.SECTOR, digest, sector))
+                    self.counts["sector_data"] += 1
+                hashes.append(digest)
+            payload = hashes
+        self._emit((kind, self._position_delta(position), port, size, len(data) // size, payload, rip, cpl))
+        self.counts[kind.name.lower()] += 1
+
+    # ---------------------------------------------------------------- what the bus reports
+    def read(self, mmio: bool, addr: int, size: int, value: int) -> None:
+        if mmio:
+            if addr == LAPIC_ID_ADDR:
+                self.lapic_id_reads_logged_away += 1
+                return
+            self._flush_run()
+            if addr == LAPIC_TIMER_CURRENT_ADDR:
+                self._clock("lapic.tccr", value)
+                return
+            rip, cpl = self._context()
+            self._emit((Kind.MMIO_READ, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self.counts["mmio_read"] += 1
+            return
+        if addr == CMOS_DATA_PORT and self.machine.cmos.index in TIME_REGISTERS:
+            self._flush_run()
+            self._clock("cmos", value)
+            return
+        position = self.engine.position
+        run = self._run
+        if run is not None and run[0] == Kind.PIO_READ_RUN and run[2] == addr and run[3] == size \
+                and position == run[7]:
+            run[4] += value.to_bytes(size, "little")
+            run[7] = position + 1
+            return
+        self._flush_run()
+        rip, cpl = self._context()
+        self._run = [Kind.PIO_READ_RUN, position, addr, size, bytearray(value.to_bytes(size, "little")),
+                     rip, cpl, position + 1]
+
+    def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
+        if mmio:
+            self._flush_run()
+            rip, cpl = self._context()
+            self._emit((Kind.MMIO_WRITE, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self.counts["mmio_write"] += 1
+            return
+        position = self.engine.position
+        run = self._run
+        if run is not None and run[0] == Kind.PIO_WRITE_RUN and run[2] == addr and run[3] == size \
+                and position == run[7]:
+            run[4] += value.to_bytes(size, "little")
+            run[7] = position + 1
+            return
+        self._flush_run()
+        rip, cpl = self._context()
+        self._run = [Kind.PIO_WRITE_RUN, position, addr, size, bytearray(value.to_bytes(size, "little")),
+                     rip, cpl, position + 1]
+
+    def string(self, kind: Kind, port: int, size: int, data: bytes) -> None:
+        self._flush_run()
+        rip, cpl = self._context()
+        self._emit_string(kind, self.engine.position, port, size, data, rip, cpl)
+
+    def _clock(self, source: str, value: int) -> None:
+        self._flush_run()
+        rip, cpl = self._context()
+        self._emit((Kind.CLOCK, self._position_delta(self.engine.position), source, value, rip, cpl))
+        self.counts["clock"] += 1
+
+    # ---------------------------------------------------------------- engine and console
+    def interrupt(self, vector: int, position: int) -> None:
+        self._flush_run()
+        source = self.machine.interrupt_source(vector)
+        rip, cpl = self._context()
+        self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl))
+        self.counts["interrupt"] += 1
+        self.interrupt_sources[source] += 1
+
+    def input(self, source: str, data: bytes) -> None:
+        self._flush_run()
+        self._emit((Kind.INPUT, self._position_delta(self.engine.position), source, data))
+        self.counts["input"] += 1
+        self.counts["input_bytes"] += len(data)
+
+    def halted(self) -> None:
+        self._flush_run()
+        self._emit((Kind.HALT, self._position_delta(self.engine.position)))
+        self.counts["halt"] += 1
+
+    def finish(self) -> None:
+        self._flush_run()
+
+
+CHUNK_SIZE = 1 << 20
+ZERO_CHUNK = bytes(CHUNK_SIZE)
+
+
+def initial_ram_pages(ram: memoryview) -> list[tuple[int, bytes]]:
+    """The non-zero 4 KiB pages of RAM: the initial image a trace carries.
+
+    RAM is compared a MiB at a time as bytes (C-speed memcmp); only non-zero MiBs are split."""
+    pages = []
+    for chunk_start in range(0, len(ram), CHUNK_SIZE):
+        chunk = bytes(ram[chunk_start:chunk_start + CHUNK_SIZE])
+        if chunk == ZERO_CHUNK[:len(chunk)]:
+            continue
+        for offset in range(0, len(chunk), PAGE_SIZE):
+            page = chunk[offset:offset + PAGE_SIZE]
+            if page != ZERO_PAGE:
+                pages.append(((chunk_start + offset) // PAGE_SIZE, page))
+    return pages
+
+
+def ram_digest(ram: memoryview) -> str:
+    return hashlib.sha256(ram).hexdigest()

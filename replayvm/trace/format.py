@@ -1,0 +1,58 @@
+"""Constants of the trace format: magic, versions, record kinds, limits. One home for each."""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from replayvm.errors import ReplayVMError
+
+MAGIC = b"RVMTRACE"
+FORMAT_MAJOR = 1                 # readers refuse another major version
+FORMAT_MINOR = 0                 # newer minors only add record kinds in the optional range
+FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
+FRAME_HEADER = struct.Struct("<II")           # compressed length, crc32 of the compressed bytes
+
+# Limits: a trace is untrusted input.
+MAX_FRAME_COMPRESSED = 64 << 20
+MAX_FRAME_DECOMPRESSED = 256 << 20
+MAX_BIN_LEN = 16 << 20
+MAX_STR_LEN = 1 << 20
+MAX_ARRAY_LEN = 1 << 20
+MAX_MAP_LEN = 1 << 16
+OPTIONAL_KIND_MIN = 64           # kinds >= this may be skipped by readers that do not know them
+
+
+class Kind(enum.IntEnum):
+    """Record kinds: each record is a msgpack array whose first element is its kind.
+
+    Positions (`dpos`) are deltas from the previous positioned record: instruction counts on
+    the emu engine, exit counts on the kvm engine (see docs/trace-format.md).
+    """
+
+    HEADER = 0            # [0, {header fields}]
+    PIO_READ = 1          # [1, dpos, port, size, value, rip, cpl]
+    PIO_WRITE = 2         # [2, dpos, port, size, value, rip, cpl]
+    MMIO_READ = 3         # [3, dpos, addr, size, value, rip, cpl]
+    MMIO_WRITE = 4        # [4, dpos, addr, size, value, rip, cpl]
+    PIO_READ_RUN = 5      # [5, dpos, port, size, count, data | sector-hash list, rip, cpl]
+    INTERRUPT = 6         # [6, dpos, vector, source, rip, cpl]
+    INPUT = 7             # [7, dpos, source, bytes]
+    CLOCK = 8             # [8, dpos, source, value, rip, cpl]   (a time value the guest read)
+    HALT = 9              # [9, dpos]
+    SECTOR = 10           # [10, sha256-16 bytes, 512 bytes]   content table entry, before first use
+    RAM_PAGE = 11         # [11, page number, 4096 bytes]      initial RAM, non-zero pages only
+    FOOTER = 12           # [12, {footer fields}]
+    PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
+
+
+POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE,
+                        Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN, Kind.INTERRUPT, Kind.INPUT,
+                        Kind.CLOCK, Kind.HALT})
+EVENT_KINDS = POSITIONED
+
+
+class TraceFormatError(ReplayVMError):
+    """A trace that cannot be read: one line naming the problem and where (byte / frame)."""
+
+    exit_status = 2

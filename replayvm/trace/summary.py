@@ -1,0 +1,101 @@
+"""What `replayvm info` shows: a trace's header and a summary of its events, read by streaming."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from replayvm.trace.format import EVENT_KINDS, POSITIONED, Kind
+from replayvm.trace.reader import TraceReader
+
+SOURCE_FIELD = {Kind.INTERRUPT: 3, Kind.INPUT: 2, Kind.CLOCK: 2}
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """Header fields, events by kind, interrupts by source, sizes; truncated traces included."""
+    by_kind: Counter[str] = Counter()
+    interrupts: Counter[str] = Counter()
+    clocks: Counter[str] = Counter()
+    input_bytes = 0
+    position = 0
+    ram_pages = 0
+    sectors = 0
+    with TraceReader(path) as reader:
+        header = reader.header
+        for record in reader:
+            kind = Kind(record[0])
+            if kind in POSITIONED:
+                position += record[1]
+            if kind in EVENT_KINDS:
+                by_kind[kind.name.lower()] += 1
+            if kind == Kind.INTERRUPT:
+                interrupts[str(record[3])] += 1
+            elif kind == Kind.INPUT:
+                input_bytes += len(record[3])
+            elif kind == Kind.CLOCK:
+                clocks[str(record[2])] += 1
+            elif kind == Kind.RAM_PAGE:
+                ram_pages += 1
+            elif kind == Kind.SECTOR:
+                sectors += 1
+        footer = reader.footer
+        truncated = reader.truncated or footer is None
+        truncated_at = reader.truncated_at
+        frames = reader.frames_read
+    size = os.path.getsize(path)
+    events = sum(by_kind.values())
+    summary = {
+        "path": str(path), "format": f"{reader.major}.{reader.minor}",
+        "replayvm": header.get("replayvm"), "engine": header.get("engine"),
+        "position_unit": header.get("position_unit"), "ram_bytes": header.get("ram_bytes"),
+        "boot": header.get("boot"), "clock": header.get("clock"),
+        "disks": [{k: d.get(k) for k in ("name", "path", "sha256", "sectors")} for d in header.get("disks", [])],
+        "command_line": header.get("command_line"), "start_time": header.get("start_time"),
+        "events": events, "events_by_kind": dict(by_kind), "interrupts_by_source": dict(interrupts),
+        "clock_reads_by_source": dict(clocks), "input_bytes": input_bytes,
+        "initial_ram_pages": ram_pages, "distinct_sectors": sectors, "frames": frames,
+        "final_position": position, "last_event_position": position, "file_bytes": size,
+        "bytes_per_event": round(size / events, 2) if events else None,
+        "truncated": truncated, "readable_bytes": truncated_at if reader.truncated else size,
+    }
+    if footer is not None:
+        summary.update(end=footer.get("end"), instructions=footer.get("instructions"),
+                       guest_seconds=footer.get("guest_ns", 0) / 1e9, wall_seconds=footer.get("wall_s"),
+                       lapic_id_reads_not_logged=footer.get("lapic_id_reads"),
+                       position_at_end=footer.get("position"),
+                       ram_sha256=footer.get("ram_sha256"))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"trace        {s['path']} (format {s['format']}, replayvm {s['replayvm']})",
+             f"machine      engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
+             f"boot from {s['boot']}, {s['clock']} clock"]
+    for disk in s["disks"]:
+        lines.append(f"disk         {disk['name']}: {disk['path']} ({disk['sectors']} sectors, "
+                     f"sha256 {str(disk['sha256'])[:16]}...)")
+    if s["truncated"]:
+        lines.append(f"state        TRUNCATED: readable up to byte {s['readable_bytes']} "
+                     f"({s['frames']} complete frames); the recorder did not finish")
+    else:
+        lines.append(f"state        complete, ended by {s.get('end')}")
+    if s.get("instructions") is not None:
+        lines.append(f"instructions {s['instructions']:,}")
+    if s.get("guest_seconds") is not None:
+        lines.append(f"duration     {s['guest_seconds']:.3f} s guest time, {s['wall_seconds']:.3f} s wall")
+    lines.append(f"events       {s['events']:,} ({s['position_unit']} position {s['final_position']:,})")
+    for kind, count in sorted(s["events_by_kind"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:14s} {count:>10,}")
+    if s["interrupts_by_source"]:
+        lines.append("interrupts   " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["interrupts_by_source"].items())))
+    if s["clock_reads_by_source"]:
+        lines.append("clock reads  " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["clock_reads_by_source"].items())))
+    lines.append(f"input        {s['input_bytes']:,} bytes typed")
+    if s.get("lapic_id_reads_not_logged") is not None:
+        lines.append(f"not logged   {s['lapic_id_reads_not_logged']:,} LAPIC ID reads (pure register)")
+    lines.append(f"content      {s['initial_ram_pages']:,} initial RAM pages, {s['distinct_sectors']:,} distinct disk sectors")
+    per_event = f", {s['bytes_per_event']} bytes per event" if s["bytes_per_event"] else ""
+    lines.append(f"size         {s['file_bytes']:,} bytes{per_event}")
+    return "\n".join(lines)
