@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="record the session into this trace file (e.g. session.zst)")
 
+    replay = verbs.add_parser("replay", help="re-execute a trace and verify it went the same way",
+                              description="Replay a recorded session from the trace alone: device "
+                                          "reads from the trace, interrupts at their recorded "
+                                          "positions, every write and the final state checked.")
+    replay.add_argument("trace", type=Path, metavar="TRACE")
+    replay.add_argument("--quiet", action="store_true", help="do not show the guest's console output")
+    replay.add_argument("--continue", dest="keep_going", action="store_true",
+                        help="do not stop at the first mismatching write: count them")
+
     info = verbs.add_parser("info", help="summarise a trace: header, events, interrupts, size",
                             description="Print a trace's header and a summary of what it holds.")
     info.add_argument("trace", type=Path, metavar="TRACE")
@@ -95,6 +104,26 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from replayvm.replay.replayer import replay
+
+    output = None if args.quiet else sys.stdout.buffer
+    result = replay(args.trace, output=output, keep_going=args.keep_going)
+    if result.console and not result.console.endswith(b"\n") and output is not None:
+        output.write(b"\n")
+    sys.stdout.flush()
+    if result.truncated:
+        print(f"replay not verified: the trace ended early (recorder stopped before its footer); "
+              f"{result.events} events, {result.instructions} instructions replayed up to there")
+        return 1
+    if result.mismatches:
+        print(f"replay finished with {len(result.mismatches)} mismatches: {result.mismatches[0]}")
+        return 1
+    print(f"replay verified: {result.events} events, {result.instructions} instructions, "
+          f"state hash {result.state_hash}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -113,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_record(args)
         if args.verb == "info":
             return cmd_info(args)
+        if args.verb == "replay":
+            return cmd_replay(args)
         raise UsageError(f"unknown verb {args.verb}")
     except GuestFault as fault:
         sys.stdout.flush()

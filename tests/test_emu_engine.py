@@ -295,3 +295,11 @@ def test_user_code_at_linear_address_zero_runs():
     assert engine.run(max_instructions=1000) is StopReason.HALT, engine.last_error
     assert m.port.writes == [(4, 4, KSTACK - 20)]
     assert m.ram[USTACK - 4] == 0x24
+
+
+def test_undefined_opcode_is_delivered_as_invalid_opcode_fault():
+    code = "SETGATE 6, ud, 0\n mov $udinsn, %esi\nudinsn:\n ud2\n"
+    m, engine = protected_machine(code, {6: "ud:\n pop %eax\n out %eax, $0x84\n mov %esi, %eax\n out %eax, $0x88\n hlt"})
+    assert engine.run(max_instructions=1000) is StopReason.HALT, engine.last_error
+    (_, _, eip), (_, _, expected) = m.port.writes
+    assert eip == expected                     # #UD reports the undefined instruction itself

@@ -75,6 +75,20 @@ class CpuState:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CpuState":
+        """The inverse of to_dict (e.g. a trace header's initial state)."""
+        state = cls()
+        state.regs = {str(k): int(v) for k, v in data.get("regs", {}).items()}
+        for name in cls.SEGMENT_NAMES:
+            if name in data:
+                setattr(state, name, Segment(**{k: int(v) for k, v in data[name].items()}))
+        state.gdt = tuple(data.get("gdt", state.gdt))
+        state.idt = tuple(data.get("idt", state.idt))
+        for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+            setattr(state, name, int(data.get(name, getattr(state, name))))
+        return state
+
     def describe(self) -> str:
         """A compact multi-line dump for humans (triple faults, --until)."""
         r = self.regs

@@ -268,10 +268,18 @@ class EmuEngine:
         self._stop_requested = True
         lib.uc_emu_stop(self.uc)
 
+    def stop_here(self) -> None:
+        """From inside a hook: make run() return STOP_REQUESTED before the next instruction."""
+        self._stop_requested = True
+        self._stop_now()
+
     def _stop_now(self) -> None:
-        """From inside a hook: end the run before the next instruction begins (count exact)."""
+        """From inside a hook: end the run before the next instruction begins (count exact).
+
+        Only the count target moves; the per-instruction hook does the stopping. Calling
+        uc_emu_stop inside an MMIO callback would make Unicorn restart the instruction, which
+        then performs its access a second time."""
         self.state.stop_at = self.state.icount
-        lib.uc_emu_stop(self.uc)
 
     def run(self, budget_ns: int | None = None, max_instructions: int | None = None) -> StopReason:
         """Run until halt, shutdown, stop request, or the time or instruction budget is used."""
@@ -338,7 +346,7 @@ class EmuEngine:
             if self._shutdown_in_hook:
                 self._shutdown_in_hook = False
                 return StopReason.SHUTDOWN
-            if err:
+            if err and self._pending_fault is None:
                 self.last_error = (f"emulation stopped: {ffi.string(lib.uc_strerror(err)).decode()} "
                                    f"at eip={self.reg('eip'):#x} (instruction {state.icount})")
                 return StopReason.SHUTDOWN
@@ -438,9 +446,10 @@ class EmuEngine:
             self.state.lapic_id_value = lapic.id_register_value
 
     def _on_invalid(self) -> bool:
+        """An undefined opcode: stop here (returning False) and deliver #UD after the run."""
         self._pending_fault = (6, None, self.reg("eip"))   # #UD, no error code
         self._stop_now()
-        return True
+        return False
 
     def _on_rdtsc(self) -> int:
         tsc = self.machine.read_tsc()

@@ -1,0 +1,363 @@
+"""Replay: re-execute a recorded session from its trace alone, and prove it went the same way.
+
+The replay machine has the recorded RAM and CPU state and no devices: every port or MMIO read
+returns the value the trace logged, every write is checked against the logged one, time values
+(CMOS, LAPIC current count, RDTSC) come from the trace, and each interrupt is injected at exactly
+its recorded position (the emu engine stops at that instruction count). Console output is what
+the guest writes to the UART. At the end the CPU state and a hash of RAM must match the footer.
+The first difference stops the replay with a report naming the event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from replayvm import hw
+from replayvm.bus import Mapping
+from replayvm.clock import VirtualClock
+from replayvm.engines.base import CpuState, StopReason
+from replayvm.errors import ReplayVMError, UsageError
+from replayvm.trace.format import POSITIONED, Kind
+from replayvm.trace.reader import TraceReader
+
+COM1_DATA = hw.COM1_PORT
+COM1_LCR = hw.COM1_PORT + 3
+LCR_DLAB = 0x80
+COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
+RECENT = 5
+
+
+class Divergence(ReplayVMError):
+    """The replayed guest did something the recording did not: exit status 1."""
+
+    exit_status = 1
+
+
+@dataclass
+class Event:
+    index: int
+    kind: Kind
+    position: int
+    record: list
+
+    def describe(self) -> str:
+        r = self.record
+        name = self.kind.name.lower()
+        if self.kind in (Kind.PIO_READ, Kind.PIO_WRITE):
+            return f"{name} port {r[2]:#x} size {r[3]} value {r[4]:#x} rip {r[5]:#x}"
+        if self.kind in (Kind.MMIO_READ, Kind.MMIO_WRITE):
+            return f"{name} addr {r[2]:#x} size {r[3]} value {r[4]:#x} rip {r[5]:#x}"
+        if self.kind in (Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN):
+            return f"{name} port {r[2]:#x} size {r[3]} count {r[4]} rip {r[6]:#x}"
+        if self.kind == Kind.INTERRUPT:
+            return f"interrupt vector {r[2]} ({r[3]})"
+        if self.kind == Kind.CLOCK:
+            return f"clock read {r[2]} value {r[3]}"
+        if self.kind == Kind.INPUT:
+            return f"input {bytes(r[3])!r}"
+        return name
+
+
+@dataclass
+class ReplayResult:
+    events: int
+    instructions: int
+    state_hash: str
+    verified: bool
+    truncated: bool
+    console: bytes = b""
+    mismatches: list[str] = field(default_factory=list)
+
+
+class _NoDevice:
+    """Stands where a device was: the trace answers instead."""
+
+
+class ReplayBus:
+    """The bus the engine sees during replay: answers from the trace, checks against it."""
+
+    def __init__(self, replayer: "Replayer", mmio: bool) -> None:
+        self.replayer = replayer
+        self.mmio = mmio
+        self.kind = "mmio" if mmio else "pio"
+
+    def mappings(self) -> list[Mapping]:
+        if not self.mmio:
+            return []
+        return [Mapping(hw.IOAPIC_ADDR, hw.IOAPIC_SIZE, _NoDevice(), "ioapic"),
+                Mapping(hw.LAPIC_ADDR, hw.LAPIC_SIZE, _NoDevice(), "lapic")]
+
+    def read(self, addr: int, size: int) -> int:
+        return self.replayer.read(self.mmio, addr, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self.replayer.write(self.mmio, addr, size, value)
+
+
+class _Lapic:
+    id_register_value = hw.BSP_APIC_ID << 24
+
+
+class Replayer:
+    def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False) -> None:
+        self.reader = TraceReader(trace)
+        header = self.reader.header
+        if header.get("engine") != "emu":
+            raise UsageError(f"{trace}: replaying traces recorded on the {header.get('engine')} engine "
+                             "is not supported yet (only emu traces)")
+        self.output = output
+        self.keep_going = keep_going
+        self.mismatches: list[str] = []
+        self.console = bytearray()
+        self._map = mmap.mmap(-1, int(header["ram_bytes"]))
+        self.ram = memoryview(self._map)
+        self.clock = VirtualClock()
+        self.pio = ReplayBus(self, mmio=False)
+        self.mmio = ReplayBus(self, mmio=True)
+        self.lapic = _Lapic()
+        self.interrupts = self
+        self._records = iter(self.reader)
+        self._sectors: dict[bytes, bytes] = {}
+        self._position = 0
+        self._index = 0
+        self._recent: deque[Event] = deque(maxlen=RECENT)
+        self._lcr = 0
+        self._run_data: bytes | None = None      # the current read/write run being consumed
+        self._run_offset = 0
+        self._run_event: Event | None = None
+        self.footer: dict | None = None
+        self.inputs: list[bytes] = []
+        self.next: Event | None = None
+        self._advance()                           # loads initial RAM pages, finds the first event
+        from replayvm.engines.emu import EmuEngine
+
+        self.engine = EmuEngine(self)
+        self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+
+    # ---------------------------------------------------------------- the event stream
+    def _advance(self) -> None:
+        """Move `next` to the following positioned event, absorbing content records on the way."""
+        for record in self._records:
+            kind = record[0]
+            if kind == Kind.RAM_PAGE:
+                start = record[1] * 4096
+                self.ram[start:start + 4096] = record[2]
+            elif kind == Kind.SECTOR:
+                self._sectors[bytes(record[1])] = bytes(record[2])
+            elif kind == Kind.FOOTER:
+                self.footer = record[1]
+            elif kind == Kind.INPUT:
+                # Typed bytes reach the guest as UART reads, which the trace answers; the input
+                # record itself only moves the position and counts as an event.
+                self._position += record[1]
+                self._index += 1
+                self.inputs.append(bytes(record[3]))
+            elif kind in POSITIONED:
+                self._position += record[1]
+                self.next = Event(self._index, Kind(kind), self._position, record)
+                self._index += 1
+                return
+        self.next = None
+
+    def _take(self, *kinds: Kind) -> Event:
+        """Consume the next event, which must be of one of `kinds` at the engine's position."""
+        event = self.next
+        position = self.engine.position
+        if event is None:
+            self._diverge(f"the guest went on past the end of the trace at position {position}", None)
+        if event.kind not in kinds or event.position != position:
+            wanted = "/".join(k.name.lower() for k in kinds)
+            self._diverge(f"expected {event.describe()} at position {event.position}; the guest did a "
+                          f"{wanted} at position {position} (rip {self.engine.reg('eip'):#x})", event)
+        self._recent.append(event)
+        self._advance()
+        self._stop_at_next_interrupt()
+        return event
+
+    def _stop_at_next_interrupt(self) -> None:
+        """End the engine's current run where the trace needs control back: at the next
+        interrupt's position, or where the recording ended once no event is left."""
+        event = self.next
+        if event is None:
+            self.engine.stop_here()                # the rest runs to the footer's position
+            return
+        if event.kind == Kind.INTERRUPT:
+            target = event.position
+        else:
+            return
+        state = self.engine.state
+        if target < state.stop_at:
+            state.stop_at = max(target, state.icount)
+
+    def _diverge(self, what: str, event: Event | None) -> None:
+        recent = "; ".join(f"#{e.index} @{e.position} {e.describe()}" for e in self._recent)
+        where = f"event {event.index}" if event is not None else "end of trace"
+        message = f"replay diverged at {where}: {what}"
+        if recent:
+            message += f" [last matching: {recent}]"
+        raise Divergence(message)
+
+    # ---------------------------------------------------------------- device accesses
+    def read(self, mmio: bool, addr: int, size: int) -> int:
+        if self._run_data is not None:
+            return self._read_from_run(addr, size)
+        if mmio:
+            if addr == hw.LAPIC_ADDR + 0x390:
+                return self._take(Kind.CLOCK).record[3]
+            event = self._take(Kind.MMIO_READ)
+        else:
+            event = self._take(Kind.PIO_READ, Kind.PIO_READ_RUN, Kind.CLOCK)
+            if event.kind == Kind.CLOCK:
+                return event.record[3]
+            if event.kind == Kind.PIO_READ_RUN:
+                self._start_run(event)
+                return self._read_from_run(addr, size, first=True)
+        self._check_access(event, addr, size)
+        return event.record[4]
+
+    def _start_run(self, event: Event) -> None:
+        payload = event.record[5]
+        if isinstance(payload, list):
+            payload = b"".join(self._sectors[bytes(h)] for h in payload)
+        self._run_data = bytes(payload)
+        self._run_offset = 0
+        self._run_event = event
+
+    def _read_from_run(self, addr: int, size: int, first: bool = False) -> int:
+        event = self._run_event
+        assert event is not None and self._run_data is not None
+        element = self._run_offset // size
+        if addr != event.record[2] or size != event.record[3] or \
+                self.engine.position != event.position + element:
+            self._diverge(f"a run of reads from port {event.record[2]:#x} was at element {element}; the "
+                          f"guest read port {addr:#x} size {size} at position {self.engine.position}", event)
+        value = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
+        self._run_offset += size
+        if self._run_offset >= len(self._run_data):
+            self._run_data = None
+            self._run_event = None
+        return value
+
+    def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
+        if self._run_data is not None and self._run_event is not None \
+                and self._run_event.kind == Kind.PIO_WRITE_RUN:
+            self._write_into_run(addr, size, value)
+            return
+        if mmio:
+            event = self._take(Kind.MMIO_WRITE)
+            self._check_access(event, addr, size, value)
+            return
+        event = self._take(Kind.PIO_WRITE, Kind.PIO_WRITE_RUN)
+        if event.kind == Kind.PIO_WRITE_RUN:
+            self._start_run(event)
+            self._write_into_run(addr, size, value)
+            return
+        self._check_access(event, addr, size, value)
+        self._console(addr, value)
+
+    def _write_into_run(self, addr: int, size: int, value: int) -> None:
+        event = self._run_event
+        assert event is not None and self._run_data is not None
+        expected = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
+        element = self._run_offset // size
+        if addr != event.record[2] or size != event.record[3] or value != expected:
+            self._mismatch(f"write run to port {event.record[2]:#x} element {element}: recorded "
+                           f"{expected:#x}, replayed {value:#x} to port {addr:#x}", event)
+        self._run_offset += size
+        if self._run_offset >= len(self._run_data):
+            self._run_data = None
+            self._run_event = None
+
+    def _check_access(self, event: Event, addr: int, size: int, value: int | None = None) -> None:
+        record = event.record
+        if record[2] != addr or record[3] != size or (value is not None and record[4] != value):
+            got = f"address {addr:#x} size {size}" + (f" value {value:#x}" if value is not None else "")
+            self._mismatch(f"recorded {event.describe()}; replayed {got}", event)
+
+    def _mismatch(self, what: str, event: Event) -> None:
+        if not self.keep_going:
+            self._diverge(what, event)
+        self.mismatches.append(f"event {event.index}: {what}")
+
+    def _console(self, port: int, value: int) -> None:
+        if port == COM1_LCR:
+            self._lcr = value
+        elif port == COM1_DATA and not self._lcr & LCR_DLAB or port == hw.DEBUG_CON_PORT:
+            byte = bytes((value & 0xFF,))
+            self.console += byte
+            if self.output is not None:
+                self.output.write(byte)
+
+    # ---------------------------------------------------------------- what the engine asks
+    def poll(self) -> int | None:
+        event = self.next
+        if event is not None and event.kind == Kind.INTERRUPT:
+            return max(0, event.position - self.engine.position)
+        return None
+
+    def has_pending(self) -> bool:
+        event = self.next
+        return event is not None and event.kind == Kind.INTERRUPT and event.position == self.engine.position
+
+    def acknowledge(self) -> int:
+        return self._take(Kind.INTERRUPT).record[2]
+
+    def read_tsc(self) -> int:
+        return self._take(Kind.CLOCK).record[3]
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> ReplayResult:
+        engine = self.engine
+        while self.next is not None:
+            reason = engine.run(max_instructions=1 << 40)
+            if reason is StopReason.HALT:
+                self._take(Kind.HALT)
+            elif reason is StopReason.SHUTDOWN:
+                self._diverge(f"the guest shut down: {engine.last_error}", self.next)
+            if self.output is not None:
+                self.output.flush()
+        truncated = self.footer is None
+        if not truncated:
+            end = int(self.footer.get("position") or 0)
+            if engine.position < end:
+                engine.run(max_instructions=end - engine.position)
+            self._verify_end()
+        digest = hashlib.sha256(self.ram).hexdigest()
+        return ReplayResult(events=self._index, instructions=engine.position, state_hash=digest[:16],
+                            verified=not truncated and not self.mismatches, truncated=truncated,
+                            console=bytes(self.console), mismatches=self.mismatches)
+
+    def _verify_end(self) -> None:
+        footer = self.footer or {}
+        end = int(footer.get("position") or 0)
+        if self.engine.position != end:
+            self._diverge(f"the recording ended at position {end}, the replay at {self.engine.position}", None)
+        final = footer.get("final_state", {}).get("regs", {})
+        state = self.engine.get_state()
+        differing = [f"{name} {final[name]:#x}!={state.regs.get(name, 0):#x}" for name in COMPARED_REGISTERS
+                     if name in final and final[name] != state.regs.get(name, 0)]
+        if differing:
+            self._diverge("final registers differ: " + ", ".join(differing), None)
+        if footer.get("ram_sha256") and hashlib.sha256(self.ram).hexdigest() != footer["ram_sha256"]:
+            self._diverge("final RAM differs from the recording (sha256 mismatch)", None)
+        if footer.get("console_sha256") and hashlib.sha256(bytes(self.console)).hexdigest() != footer["console_sha256"]:
+            self._diverge("console output differs from the recording", None)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.reader.close()
+
+
+def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False) -> ReplayResult:
+    """Replay a trace; raises Divergence at the first difference (unless keep_going)."""
+    replayer = Replayer(trace, output=output, keep_going=keep_going)
+    try:
+        return replayer.run()
+    finally:
+        replayer.close()

@@ -1,0 +1,170 @@
+"""Replay from the trace alone: verified sessions, the race reproduced, tampering caught."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replayvm.record.session import SessionOptions, run_session
+from replayvm.replay.replayer import Divergence, replay
+from replayvm.trace import Kind, TraceReader, TraceWriter
+from replayvm.trace.format import POSITIONED
+
+
+def record(trace: Path, script: bytes, **kwargs) -> bytes:
+    out = io.BytesIO()
+    outcome, _ = run_session(SessionOptions(engine="emu", script=script, trace=trace, timeout_s=120,
+                                            **kwargs), output=out)
+    assert outcome.reason == "script-done", outcome
+    return out.getvalue()
+
+
+def test_demo_with_serial_input_replays_verified_with_the_same_console(tmp_path):
+    shown = record(tmp_path / "t.zst", b"echo hello\ndisk\ndate\n")
+    result = replay(tmp_path / "t.zst")
+    assert result.verified and result.console == shown
+    assert result.events > 100
+
+
+def test_cpu_bound_guest_preempted_between_exits_replays_verified(tmp_path):
+    shown = record(tmp_path / "t.zst", b"ticks\nspin 40\nticks\n")
+    ticks = [int(t) for t in re.findall(rb"ticks: (\d+)", shown)]
+    assert ticks[1] - ticks[0] >= 3                       # timer interrupts landed inside the spin
+    with TraceReader(tmp_path / "t.zst") as reader:
+        positions, previous = [], 0
+        for rec in reader:
+            if rec[0] in POSITIONED:
+                previous += rec[1]
+                if rec[0] == Kind.INTERRUPT:
+                    positions.append(previous)
+    assert len(positions) >= 3
+    assert replay(tmp_path / "t.zst").verified
+
+
+def test_the_race_recorded_once_replays_the_same_wrong_counter_every_time(tmp_path):
+    trace = tmp_path / "race.zst"
+    for attempt in range(15):                             # record until the bug shows
+        shown = record(trace, b"race\nrace\n")
+        if b"LOST UPDATES" in shown:
+            break
+    else:
+        pytest.fail("the race never lost an update in 15 recordings (30 races)")
+    wrong = re.findall(rb"race: counter=(\d+) expected=(\d+)\nrace: LOST UPDATES", shown)
+    assert wrong and wrong[0][0] != wrong[0][1]
+    for _ in range(5):
+        result = replay(trace)
+        assert result.verified
+        assert re.findall(rb"race: counter=(\d+) expected=(\d+)\nrace: LOST UPDATES", result.console) == wrong
+
+
+def test_xv6_session_replays_without_the_disk_images(xv6_dir, tmp_path):
+    for name in ("xv6.img", "fs.img"):
+        shutil.copy(xv6_dir / name, tmp_path / name)
+    shown = record(tmp_path / "xv6.zst", b"ls\necho hello\ncat README\n",
+                   disks=[tmp_path / "xv6.img", tmp_path / "fs.img"])
+    (tmp_path / "xv6.img").unlink()
+    (tmp_path / "fs.img").unlink()
+    result = replay(tmp_path / "xv6.zst")
+    assert result.verified and result.console == shown
+
+
+# ------------------------------------------------------------------------------- tampering
+def rewrite(source: Path, target: Path, edit) -> None:
+    """Copy a trace record by record through `edit(records) -> records`."""
+    with TraceReader(source) as reader:
+        header, records = reader.header, list(reader)
+    records = edit(records)
+    writer = TraceWriter(target, header)
+    footer = None
+    for rec in records:
+        if rec[0] == Kind.FOOTER:
+            footer = rec[1]
+        else:
+            writer.append(tuple(rec))
+    writer.close(footer)
+
+
+def event_index(records: list, predicate) -> tuple[int, int]:
+    """(list index, event index) of the first positioned record matching predicate."""
+    n = 0
+    for i, rec in enumerate(records):
+        if rec[0] in POSITIONED:
+            if predicate(rec):
+                return i, n
+            n += 1
+    raise AssertionError("no such record")
+
+
+def divergence_event(trace: Path) -> int:
+    with pytest.raises(Divergence) as info:
+        replay(trace)
+    match = re.search(r"at event (\d+)", str(info.value))
+    assert match, str(info.value)
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def demo_trace(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("r") / "demo.zst"
+    record(path, b"echo hello\n")
+    return path
+
+
+def test_a_changed_read_value_is_caught_where_it_changes_the_guest(demo_trace, tmp_path):
+    def edit(records):
+        i, _ = event_index(records, lambda r: r[0] == Kind.PIO_READ and r[2] == 0x3F8 and r[4] == ord("e"))
+        records[i] = [*records[i][:4], ord("x"), *records[i][5:]]      # the typed 'e' becomes 'x'
+        edit.event = event_index(records, lambda r: r is records[i])[1]
+        return records
+    rewrite(demo_trace, tmp_path / "t.zst", edit)
+    where = divergence_event(tmp_path / "t.zst")
+    assert edit.event < where <= edit.event + 100      # where the echo of the character differs
+
+
+def test_a_dropped_interrupt_is_caught_at_its_event(demo_trace, tmp_path):
+    def edit(records):
+        i, n = event_index(records, lambda r: r[0] == Kind.INTERRUPT and r[3] == "timer")
+        j, _ = event_index(records[i + 1:], lambda r: True)
+        records[i + 1 + j] = [records[i + 1 + j][0], records[i + 1 + j][1] + records[i][1], *records[i + 1 + j][2:]]
+        edit.event = n
+        return records[:i] + records[i + 1:]
+    rewrite(demo_trace, tmp_path / "t.zst", edit)
+    assert divergence_event(tmp_path / "t.zst") == edit.event
+
+
+def test_a_shifted_position_is_caught_at_its_event(demo_trace, tmp_path):
+    def edit(records):
+        i, n = event_index(records, lambda r: r[0] == Kind.PIO_WRITE and r[2] == 0x3F8)
+        j, _ = event_index(records[i + 1:], lambda r: True)
+        records[i] = [records[i][0], records[i][1] + 3, *records[i][2:]]
+        nxt = records[i + 1 + j]
+        records[i + 1 + j] = [nxt[0], nxt[1] - 3, *nxt[2:]]
+        edit.event = n
+        return records
+    rewrite(demo_trace, tmp_path / "t.zst", edit)
+    assert divergence_event(tmp_path / "t.zst") == edit.event
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replayvm.cli", *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_cli_reports_divergence_and_truncation_without_tracebacks(demo_trace, tmp_path):
+    result = cli("replay", "--quiet", str(demo_trace))
+    assert result.returncode == 0 and result.stdout.startswith("replay verified:"), result
+    data = demo_trace.read_bytes()
+    (tmp_path / "cut.zst").write_bytes(data[:len(data) * 2 // 3])
+    result = cli("replay", "--quiet", str(tmp_path / "cut.zst"))
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert "ended early" in result.stdout or "diverged" in result.stderr
+    (tmp_path / "junk.zst").write_bytes(b"garbage" * 10)
+    result = cli("replay", str(tmp_path / "junk.zst"))
+    assert result.returncode == 2 and "not a replayvm trace" in result.stderr
