@@ -134,6 +134,7 @@ class KvmEngine:
         self.interrupts_injected = 0
         self.on_interrupt = None
         self._stop_requested = False
+        self._kicked = False              # the last return from KVM_RUN was a kick, not a guest exit
         try:
             self.vm_fd = _ioctl(self.kvm_fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             _ioctl(self.vm_fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
@@ -220,6 +221,17 @@ class KvmEngine:
         """Where the guest is, in the unit traces use on this engine: exits so far (no PMU here)."""
         return self.exit_counts.total()
 
+    def interrupt_landmark(self) -> dict | None:
+        """Where an interrupt lands when it was not at a synchronous exit (after a kick): RIP, the
+        general registers and CR3, which replay finds with a breakpoint and register matching."""
+        if not self._kicked:
+            return None
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
+        landmark = {name: getattr(self._regs, name) for name in CpuState.GPR_NAMES}
+        landmark.update(rip=self._regs.rip, rflags=self._regs.rflags, cr3=self._sregs.cr3)
+        return landmark
+
     def exit_context(self) -> tuple[int, int]:
         """(RIP, CPL) at the current exit; CPL is -1 (not fetched: it costs a KVM_GET_SREGS)."""
         _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
@@ -272,9 +284,11 @@ class KvmEngine:
                 if result == -errno.EINTR or result == -errno.EAGAIN:
                     run.immediate_exit = 0
                     self.exit_counts["intr"] += 1
+                    self._kicked = True
                     continue
                 self.last_error = f"KVM_RUN failed: {os.strerror(-result)}"
                 return StopReason.UNSUPPORTED
+            self._kicked = False
             reason = EXIT_REASON.unpack_from(run_map, EXIT_REASON_OFFSET)[0]
             if reason == lib.KVM_EXIT_IO:
                 self.exit_counts["io"] += 1
@@ -287,6 +301,7 @@ class KvmEngine:
             elif reason == lib.KVM_EXIT_INTR:
                 self.exit_counts["intr"] += 1
                 run.immediate_exit = 0
+                self._kicked = True
             elif reason == lib.KVM_EXIT_HLT:
                 self.exit_counts["hlt"] += 1
                 return StopReason.HALT

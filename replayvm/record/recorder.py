@@ -203,7 +203,12 @@ class Recorder:
         self._flush_run()
         source = self.machine.interrupt_source(vector)
         rip, cpl = self._context()
-        self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl))
+        landmark = getattr(self.engine, "interrupt_landmark", lambda: None)()
+        if landmark is None:
+            self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl))
+        else:
+            self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl, landmark))
+            self.counts["interrupt_landmarks"] += 1
         self.counts["interrupt"] += 1
         self.interrupt_sources[source] += 1
 

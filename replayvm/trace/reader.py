@@ -48,6 +48,9 @@ class TraceReader:
         self.footer: dict[str, Any] | None = None
         self._iter = self._records()
         first = next(self._iter, None)
+        if first is None and self.truncated:
+            raise TraceFormatError(f"{self.path}: truncated before its header was complete "
+                                   f"(frame 0 at byte {FILE_HEADER.size} is cut short)")
         if first is None or first[0] != Kind.HEADER or not isinstance(first[1], dict):
             raise TraceFormatError(f"{self.path}: first record is not a header (frame 0, byte "
                                    f"{FILE_HEADER.size})")
