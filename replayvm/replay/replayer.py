@@ -133,6 +133,7 @@ class Replayer:
         self._run_event: Event | None = None
         self.footer: dict | None = None
         self.inputs: list[bytes] = []
+        self._digest: str | None = None
         self.next: Event | None = None
         self._advance()                           # loads initial RAM pages, finds the first event
         from replayvm.engines.emu import EmuEngine
@@ -328,10 +329,15 @@ class Replayer:
             if engine.position < end:
                 engine.run(max_instructions=end - engine.position)
             self._verify_end()
-        digest = hashlib.sha256(self.ram).hexdigest()
+        digest = self._ram_digest()
         return ReplayResult(events=self._index, instructions=engine.position, state_hash=digest[:16],
                             verified=not truncated and not self.mismatches, truncated=truncated,
                             console=bytes(self.console), mismatches=self.mismatches)
+
+    def _ram_digest(self) -> str:
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.ram).hexdigest()
+        return self._digest
 
     def _verify_end(self) -> None:
         footer = self.footer or {}
@@ -344,7 +350,7 @@ class Replayer:
                      if name in final and final[name] != state.regs.get(name, 0)]
         if differing:
             self._diverge("final registers differ: " + ", ".join(differing), None)
-        if footer.get("ram_sha256") and hashlib.sha256(self.ram).hexdigest() != footer["ram_sha256"]:
+        if footer.get("ram_sha256") and self._ram_digest() != footer["ram_sha256"]:
             self._diverge("final RAM differs from the recording (sha256 mismatch)", None)
         if footer.get("console_sha256") and hashlib.sha256(bytes(self.console)).hexdigest() != footer["console_sha256"]:
             self._diverge("console output differs from the recording", None)
