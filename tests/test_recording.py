@@ -245,3 +245,14 @@ def test_kvm_recording_positions_by_exit_and_landmarks_for_kicked_interrupts(req
     landmark = interrupts[2][6]
     assert landmark["rip"] == busy and "cr3" in landmark and "rax" in landmark
     machine.engine.close()
+
+
+def test_header_carries_the_cpuid_table_the_guest_sees_without_rdrand(tmp_path):
+    record(tmp_path / "t.zst", b"echo hi\n", engine="emu")
+    with TraceReader(tmp_path / "t.zst") as reader:
+        table = {(row[0], row[1]): row[2:] for row in reader.header["cpuid"]}
+    eax, ebx, ecx, edx = table[(1, 0)]
+    assert not ecx & (1 << 30)                       # RDRAND hidden: its values are not replayable
+    assert edx & (1 << 3)                            # PSE, which xv6 and the demo use
+    leaf7 = table.get((7, 0))
+    assert leaf7 is None or not leaf7[1] & (1 << 18)  # no RDSEED either

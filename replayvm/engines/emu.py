@@ -61,6 +61,9 @@ TABLE_REG = {"gdtr": ucx.UC_X86_REG_GDTR, "idtr": ucx.UC_X86_REG_IDTR,
              "tr": ucx.UC_X86_REG_TR, "ldtr": ucx.UC_X86_REG_LDTR}
 GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
 
+# The i386-class "qemu32" model: what xv6 targets, and it offers no RDRAND/RDSEED (Unicorn's
+# default model advertises RDRAND, whose values a trace could not reproduce).
+CPU_MODEL = ucx.UC_CPU_X86_QEMU32
 SLICE_INSTRUCTIONS = 200_000        # how long a run goes before the machine polls time again
 MIN_WALL_SLICE = 2_000              # shortest slice towards a wall-clock timer deadline
 EFLAGS_IF = 1 << 9
@@ -89,7 +92,7 @@ class EmuEngine:
         self.state = ffi.new("struct emu_state *")
         self.state.stop_at = 0
         self._owner = ffi.new_handle(self)
-        _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, -1), "hook setup")
+        _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, CPU_MODEL), "hook setup")
         # Take the pointer from the mmap itself, not the memoryview: a cffi buffer over a
         # memoryview crashes CPython's garbage collector at interpreter exit.
         self._ram = ffi.from_buffer(getattr(machine.ram, "obj", machine.ram))
@@ -109,6 +112,7 @@ class EmuEngine:
         self._err = ffi.new("int *")
         self._is_int = ffi.new("int *")
         self._stop_requested = False
+        self._cpuid_table: list | None = None
         self._python_error: BaseException | None = None
         self._pending_fault: tuple[int, int | None, int] | None = None   # (vector, error, eip)
         self._shutdown_in_hook = False
@@ -121,6 +125,35 @@ class EmuEngine:
         self._instruction_clock = isinstance(machine.clock, VirtualClock)
         if self._instruction_clock:
             machine.clock.source = lambda: self.state.icount
+
+    @property
+    def cpuid_table(self) -> list[tuple[int, int, int, int, int, int]]:
+        """(leaf, subleaf, eax, ebx, ecx, edx) the guest sees: executed once on a scratch CPU of
+        the same model, for the trace header."""
+        if self._cpuid_table is None:
+            from unicorn import Uc
+
+            scratch = Uc(UC_ARCH_X86, UC_MODE_32)
+            scratch.ctl_set_cpu_model(CPU_MODEL)
+            scratch.mem_map(0x1000, 0x1000)
+            scratch.mem_write(0x1000, b"\x0f\xa2")                # cpuid
+            table = []
+
+            def leaf(number: int, sub: int = 0) -> tuple[int, ...]:
+                scratch.reg_write(ucx.UC_X86_REG_EAX, number)
+                scratch.reg_write(ucx.UC_X86_REG_ECX, sub)
+                scratch.emu_start(0x1000, 0x1002)
+                values = tuple(scratch.reg_read(r) for r in (ucx.UC_X86_REG_EAX, ucx.UC_X86_REG_EBX,
+                                                              ucx.UC_X86_REG_ECX, ucx.UC_X86_REG_EDX))
+                table.append((number, sub, *values))
+                return values
+
+            for base in (0, 0x80000000):
+                highest = leaf(base)[0]
+                for number in range(base + 1, min(highest, base + 0x20) + 1):
+                    leaf(number)
+            self._cpuid_table = table
+        return self._cpuid_table
 
     # ----------------------------------------------------------------- registers and memory
     def reg(self, name: str) -> int:

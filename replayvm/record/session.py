@@ -83,7 +83,7 @@ def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWri
         "format": "replayvm-trace", "replayvm": __version__, "engine": machine.engine.name,
         "position_unit": "instructions" if machine.engine.name == "emu" else "exits",
         "ram_bytes": len(machine.ram),
-        "cpuid": getattr(machine.engine, "cpuid_table", "unicorn default x86 model"),
+        "cpuid": [list(entry) for entry in machine.engine.cpuid_table],
         "boot": "multiboot" if options.kernel is not None else "disk",
         "kernel": str(options.kernel) if options.kernel is not None else None,
         "disks": [{"name": disk.name, "path": str(disk.path) if disk.path else None,
