@@ -156,17 +156,7 @@ class Recorder:
             self._flush_run()
             self._clock("cmos", value)
             return
-        position = self.engine.position
-        run = self._run
-        if run is not None and run[0] == Kind.PIO_READ_RUN and run[2] == addr and run[3] == size \
-                and position == run[7]:
-            run[4] += value.to_bytes(size, "little")
-            run[7] = position + 1
-            return
-        self._flush_run()
-        rip, cpl = self._context()
-        self._run = [Kind.PIO_READ_RUN, position, addr, size, bytearray(value.to_bytes(size, "little")),
-                     rip, cpl, position + 1]
+        self._port_access(Kind.PIO_READ_RUN, addr, size, value)
 
     def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
         if mmio:
@@ -175,16 +165,21 @@ class Recorder:
             self._emit((Kind.MMIO_WRITE, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
             self.counts["mmio_write"] += 1
             return
+        self._port_access(Kind.PIO_WRITE_RUN, addr, size, value)
+
+    def _port_access(self, run_kind: Kind, port: int, size: int, value: int) -> None:
+        """Port accesses are held back as a run while the same port is accessed once per
+        instruction (`rep ins`/`rep outs`); a run of one is written as a plain access."""
         position = self.engine.position
         run = self._run
-        if run is not None and run[0] == Kind.PIO_WRITE_RUN and run[2] == addr and run[3] == size \
+        if run is not None and run[0] == run_kind and run[2] == port and run[3] == size \
                 and position == run[7]:
             run[4] += value.to_bytes(size, "little")
             run[7] = position + 1
             return
         self._flush_run()
         rip, cpl = self._context()
-        self._run = [Kind.PIO_WRITE_RUN, position, addr, size, bytearray(value.to_bytes(size, "little")),
+        self._run = [run_kind, position, port, size, bytearray(value.to_bytes(size, "little")),
                      rip, cpl, position + 1]
 
     def string(self, kind: Kind, port: int, size: int, data: bytes) -> None:
