@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--quiet", action="store_true", help="do not show the guest's console output")
     replay.add_argument("--continue", dest="keep_going", action="store_true",
                         help="do not stop at the first mismatching write: count them")
+    replay.add_argument("--until", metavar="EVENT|iCOUNT",
+                        help="stop after event number EVENT, or at instruction COUNT (i5000000), "
+                             "and print the CPU state")
+    replay.add_argument("--stats", action="store_true", help="print replay speed on stderr")
 
     info = verbs.add_parser("info", help="summarise a trace: header, events, interrupts, size",
                             description="Print a trace's header and a summary of what it holds.")
@@ -107,11 +111,34 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from replayvm.replay.replayer import replay
 
+    import time
+
+    until_event = until_position = None
+    if args.until is not None:
+        text = args.until.strip().lower()
+        try:
+            if text.startswith("i"):
+                until_position = int(text[1:].replace("_", ""))
+            else:
+                until_event = int(text.replace("_", ""))
+        except ValueError:
+            raise UsageError(f"--until takes an event number or i<instruction count>, not {args.until!r}") from None
     output = None if args.quiet else sys.stdout.buffer
-    result = replay(args.trace, output=output, keep_going=args.keep_going)
+    started = time.perf_counter()
+    result = replay(args.trace, output=output, keep_going=args.keep_going, until_event=until_event,
+                    until_position=until_position)
+    elapsed = time.perf_counter() - started
+    if args.stats:
+        sys.stderr.write(f"replay: {result.events:,} events, {result.instructions:,} instructions in "
+                         f"{elapsed:.3f} s ({result.instructions / elapsed / 1e6:.1f} M instructions/s, "
+                         f"{result.events / elapsed:,.0f} events/s)\n")
     if result.console and not result.console.endswith(b"\n") and output is not None:
         output.write(b"\n")
     sys.stdout.flush()
+    if result.stopped_early:
+        print(f"replay stopped at event {result.events - 1}, instruction {result.instructions}")
+        print(result.cpu)
+        return 0
     if result.truncated:
         print(f"replay not verified: the trace ended early (recorder stopped before its footer); "
               f"{result.events} events, {result.instructions} instructions replayed up to there")

@@ -168,3 +168,54 @@ def test_cli_reports_divergence_and_truncation_without_tracebacks(demo_trace, tm
     (tmp_path / "junk.zst").write_bytes(b"garbage" * 10)
     result = cli("replay", str(tmp_path / "junk.zst"))
     assert result.returncode == 2 and "not a replayvm trace" in result.stderr
+
+
+def test_a_session_typed_with_delays_replays_verified_and_fast(tmp_path):
+    """Keystrokes arrive while the guest runs (not at prompts), 40 ms apart, as a person types.
+    (How much faster such a replay runs than the recording is measured in bench/bench_replay.py.)"""
+    import threading
+
+    from replayvm.console import Console
+    from replayvm.machine import Machine, MachineConfig
+    from replayvm.record.session import bundled_demo_disk, finish_recording, start_recording
+
+    out = io.BytesIO()
+    console = Console(out, until=b"\ntyped-done\n$ ")
+    machine = Machine(MachineConfig(disks=[bundled_demo_disk()], engine="emu"), console)
+    options = SessionOptions(engine="emu", trace=tmp_path / "typed.zst")
+    recording = start_recording(machine, options)
+    text = b"echo typed-done\n"
+
+    def typist() -> None:
+        while b"$ " not in console.transcript:
+            threading.Event().wait(0.01)
+        for byte in text:
+            console.keystrokes(bytes((byte,)))
+            threading.Event().wait(0.04)
+
+    thread = threading.Thread(target=typist, daemon=True)
+    thread.start()
+    outcome = machine.run(timeout_s=60)
+    finish_recording(machine, *recording, outcome.reason, outcome.detail)
+    machine.close()
+    assert outcome.reason == "until"
+    inputs = result_inputs(tmp_path / "typed.zst")
+    assert b"".join(inputs) == text and len(inputs) > 1        # keystrokes arrived separately
+    result = replay(tmp_path / "typed.zst")
+    assert result.verified and result.console == out.getvalue()
+
+
+def result_inputs(trace: Path) -> list[bytes]:
+    with TraceReader(trace) as reader:
+        return [bytes(rec[3]) for rec in reader if rec[0] == Kind.INPUT]
+
+
+def test_until_stops_at_an_event_or_instruction_and_shows_the_same_state_each_time(demo_trace):
+    first = cli("replay", "--quiet", "--until", "i200000", str(demo_trace))
+    again = cli("replay", "--quiet", "--until", "i200000", str(demo_trace))
+    assert first.returncode == 0 and "instruction 200000" in first.stdout and "rip=" in first.stdout
+    assert first.stdout == again.stdout
+    by_event = cli("replay", "--quiet", "--until", "100", str(demo_trace))
+    assert by_event.returncode == 0 and "stopped at event 100," in by_event.stdout
+    bad = cli("replay", "--until", "soon", str(demo_trace))
+    assert bad.returncode == 2 and "--until takes" in bad.stderr

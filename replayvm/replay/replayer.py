@@ -73,6 +73,8 @@ class ReplayResult:
     truncated: bool
     console: bytes = b""
     mismatches: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+    cpu: str = ""
 
 
 class _NoDevice:
@@ -105,7 +107,8 @@ class _Lapic:
 
 
 class Replayer:
-    def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False) -> None:
+    def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
+                 until_event: int | None = None, until_position: int | None = None) -> None:
         self.reader = TraceReader(trace)
         header = self.reader.header
         if header.get("engine") != "emu":
@@ -113,6 +116,9 @@ class Replayer:
                              "is not supported yet (only emu traces)")
         self.output = output
         self.keep_going = keep_going
+        self.until_event = until_event
+        self.until_position = until_position
+        self.stopped_early = False
         self.mismatches: list[str] = []
         self.console = bytearray()
         self._map = mmap.mmap(-1, int(header["ram_bytes"]))
@@ -178,7 +184,11 @@ class Replayer:
                           f"{wanted} at position {position} (rip {self.engine.reg('eip'):#x})", event)
         self._recent.append(event)
         self._advance()
-        self._stop_at_next_interrupt()
+        if self.until_event is not None and event.index >= self.until_event:
+            self.stopped_early = True
+            self.engine.stop_here()
+        else:
+            self._stop_at_next_interrupt()
         return event
 
     def _stop_at_next_interrupt(self) -> None:
@@ -315,14 +325,24 @@ class Replayer:
     # ---------------------------------------------------------------- the loop
     def run(self) -> ReplayResult:
         engine = self.engine
-        while self.next is not None:
-            reason = engine.run(max_instructions=1 << 40)
+        while self.next is not None and not self.stopped_early:
+            budget = 1 << 40
+            if self.until_position is not None:
+                budget = self.until_position - engine.position
+                if budget <= 0:
+                    self.stopped_early = True
+                    break
+            reason = engine.run(max_instructions=budget)
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
             elif reason is StopReason.SHUTDOWN:
                 self._diverge(f"the guest shut down: {engine.last_error}", self.next)
             if self.output is not None:
                 self.output.flush()
+        if self.stopped_early:
+            return ReplayResult(events=self._index, instructions=engine.position, state_hash="",
+                                verified=False, truncated=False, console=bytes(self.console),
+                                mismatches=self.mismatches, stopped_early=True)
         truncated = self.footer is None
         if not truncated:
             end = int(self.footer.get("position") or 0)
@@ -360,10 +380,17 @@ class Replayer:
         self.reader.close()
 
 
-def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False) -> ReplayResult:
-    """Replay a trace; raises Divergence at the first difference (unless keep_going)."""
-    replayer = Replayer(trace, output=output, keep_going=keep_going)
+def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
+           until_event: int | None = None, until_position: int | None = None) -> ReplayResult:
+    """Replay a trace; raises Divergence at the first difference (unless keep_going). With
+    `until_event` / `until_position` it stops there instead and reports the CPU state."""
+    replayer = Replayer(trace, output=output, keep_going=keep_going, until_event=until_event,
+                        until_position=until_position)
     try:
-        return replayer.run()
+        result = replayer.run()
+        if result.stopped_early:
+            result.cpu = replayer.engine.get_state().describe()
+            result.events = min(result.events, (until_event + 1) if until_event is not None else result.events)
+        return result
     finally:
         replayer.close()
