@@ -242,6 +242,9 @@ def test_kvm_recording_positions_by_exit_and_landmarks_for_kicked_interrupts(req
         interrupts = [rec for rec in reader if rec[0] == Kind.INTERRUPT]
     assert len(interrupts) == 3
     assert all(len(rec) == 6 for rec in interrupts[:2])       # at synchronous exits: no landmark
+    engine = machine.engine
+    assert engine.position == engine.exit_counts["io"] + engine.exit_counts["mmio"] + engine.exit_counts["hlt"]
+    assert engine.exit_counts["intr"] >= 1                    # the kick did not move the position
     landmark = interrupts[2][6]
     assert landmark["rip"] == busy and "cr3" in landmark and "rax" in landmark
     machine.engine.close()

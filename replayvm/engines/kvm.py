@@ -216,10 +216,15 @@ class KvmEngine:
         return state
 
     # ---------------------------------------------------------------- positions
+    SYNCHRONOUS_EXITS = ("io", "mmio", "hlt")
+
     @property
     def position(self) -> int:
-        """Where the guest is, in the unit traces use on this engine: exits so far (no PMU here)."""
-        return self.exit_counts.total()
+        """Where the guest is, in the unit traces use on this engine: synchronous exits so far
+        (port, MMIO, HLT). Kicks and interrupt-window exits depend on host timing, so they do not
+        count; there is no PMU here to count instructions."""
+        counts = self.exit_counts
+        return counts["io"] + counts["mmio"] + counts["hlt"]
 
     def interrupt_landmark(self) -> dict | None:
         """Where an interrupt lands when it was not at a synchronous exit (after a kick): RIP, the
@@ -269,7 +274,7 @@ class KvmEngine:
                     _ioctl(vcpu, lib.KVM_INTERRUPT, self._irq, "KVM_INTERRUPT")
                     self.interrupts_injected += 1
                     if self.on_interrupt is not None:
-                        self.on_interrupt(vector, self.exit_counts.total())
+                        self.on_interrupt(vector, self.position)
                     run.request_interrupt_window = 1 if interrupts.has_pending() else 0
                 else:
                     run.request_interrupt_window = 1
