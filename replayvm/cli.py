@@ -56,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "and print the CPU state")
     replay.add_argument("--stats", action="store_true", help="print replay speed on stderr")
 
+    analyze = verbs.add_parser("analyze", help="load a trace into SQLite for SQL questions",
+                               description="Load a trace into an SQLite database (tables exits, "
+                                           "interrupts, inputs, clock_reads, disk_io, console, "
+                                           "devices, meta; see docs/analysis.md).")
+    analyze.add_argument("trace", type=Path, metavar="TRACE")
+    analyze.add_argument("-o", "--output", type=Path, metavar="DB", help="database (default TRACE.db)")
+    analyze.add_argument("--symbols", type=Path, action="append", default=[], metavar="ELF",
+                         help="ELF with symbols (kernel; user programs for CPL 3); repeatable")
+    analyze.add_argument("--append", action="store_true", help="add to a database holding other traces")
+
+    sql = verbs.add_parser("sql", help="run SQL on an analysed database (or a trace)",
+                           description="Run a query on a database made by analyze (opened read-only), "
+                                       "or on a trace, analysed into a temporary database first.")
+    sql.add_argument("source", type=Path, metavar="DB|TRACE")
+    sql.add_argument("query", metavar="SQL")
+    fmt = sql.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+
     info = verbs.add_parser("info", help="summarise a trace: header, events, interrupts, size",
                             description="Print a trace's header and a summary of what it holds.")
     info.add_argument("trace", type=Path, metavar="TRACE")
@@ -151,6 +170,82 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import time
+
+    from replayvm.analyze.loader import load_trace
+
+    db_path = args.output or args.trace.with_suffix(args.trace.suffix + ".db")
+    started = time.perf_counter()
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" events", desc="loading", leave=False)
+    last = [0]
+
+    def progress(events: int) -> None:
+        if bar is not None:
+            bar.update(events - last[0])
+            last[0] = events
+
+    counts = load_trace(args.trace, db_path, symbols=args.symbols, append=args.append, progress=progress)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    rows = sum(v for k, v in counts.items() if k != "trace_id")
+    tables = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "trace_id")
+    print(f"{db_path}: trace {counts['trace_id']}: {tables}; {rows:,} rows in {elapsed:.2f} s "
+          f"({rows / elapsed:,.0f} rows/s)")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import csv
+    import json
+    import sqlite3
+    import tempfile
+
+    from replayvm.trace.format import MAGIC
+
+    source = args.source
+    if not source.exists():
+        raise UsageError(f"no such database or trace: {source}")
+    with source.open("rb") as f:
+        is_trace = f.read(len(MAGIC)) == MAGIC
+    tmp = None
+    if is_trace:
+        from replayvm.analyze.loader import load_trace
+
+        tmp = tempfile.TemporaryDirectory()
+        db_path = Path(tmp.name) / "trace.db"
+        load_trace(source, db_path)
+    else:
+        db_path = source
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            cursor = conn.execute(args.query)
+        except sqlite3.Error as error:
+            raise UsageError(f"SQL error: {error}") from None
+        columns = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchall()
+        if args.json:
+            print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        elif args.csv:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        else:
+            from tabulate import tabulate
+
+            print(tabulate(rows, headers=columns))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -171,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.verb == "replay":
             return cmd_replay(args)
+        if args.verb == "analyze":
+            return cmd_analyze(args)
+        if args.verb == "sql":
+            return cmd_sql(args)
         raise UsageError(f"unknown verb {args.verb}")
     except GuestFault as fault:
         sys.stdout.flush()

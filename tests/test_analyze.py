@@ -1,0 +1,102 @@
+"""Traces in SQLite: row counts match the trace, the console comes back exactly, symbols resolve."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from replayvm.analyze.loader import console_text, load_trace
+from replayvm.guests import guest_file
+from replayvm.record.session import SessionOptions, run_session
+from replayvm.trace.summary import summarize
+
+
+def record(trace: Path, script: bytes, **kwargs) -> str:
+    out = io.BytesIO()
+    outcome, _ = run_session(SessionOptions(engine="emu", script=script, trace=trace, timeout_s=120, **kwargs),
+                             output=out)
+    assert outcome.reason == "script-done"
+    return out.getvalue().decode()
+
+
+def assert_rows_match_info(db: sqlite_utils.Database, trace: Path) -> None:
+    kinds = summarize(trace)["events_by_kind"]
+    exits = sum(kinds.get(k, 0) for k in ("pio_read", "pio_write", "mmio_read", "mmio_write",
+                                           "pio_read_run", "pio_write_run"))
+    assert db["exits"].count == exits
+    assert db["interrupts"].count == kinds.get("interrupt", 0)
+    assert db["clock_reads"].count == kinds.get("clock", 0)
+    assert db["inputs"].count == kinds.get("input", 0)
+    assert db["halts"].count == kinds.get("halt", 0)
+
+
+def test_demo_trace_in_sqlite(tmp_path):
+    shown = record(tmp_path / "t.zst", "echo hello\ndisk\n".encode())
+    counts = load_trace(tmp_path / "t.zst", tmp_path / "t.db", symbols=[guest_file("demo", "kernel.elf")])
+    db = sqlite_utils.Database(tmp_path / "t.db")
+    assert_rows_match_info(db, tmp_path / "t.zst")
+    assert console_text(db) == shown
+    top = [r["function"] for r in db.query("SELECT function FROM exits_per_function LIMIT 8")]
+    assert "disk_test" in top and "putc" in top or "puts" in top
+    writes = list(db.query("SELECT sector, direction FROM disk_io WHERE direction = 'write'"))
+    assert writes == [{"sector": 2000, "direction": "write"}] * 2          # boot test + `disk`
+    regs = {r["register"] for r in db.query("SELECT register FROM exits_per_register")}
+    assert {"ide0.status", "com1.lsr", "com1.data", "cmos.index"} <= regs
+    assert counts["trace_id"] == 1
+
+
+def test_xv6_boot_reads_the_ide_status_port_most(xv6_dir, tmp_path):
+    shown = record(tmp_path / "x.zst", b"ls\necho hello\ncat README\n",
+                   disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"])
+    load_trace(tmp_path / "x.zst", tmp_path / "x.db", symbols=[xv6_dir / "kernel"])
+    db = sqlite_utils.Database(tmp_path / "x.db")
+    assert_rows_match_info(db, tmp_path / "x.zst")
+    assert console_text(db) == shown
+    boot_end = db.execute("SELECT min(position) FROM inputs").fetchone()[0]
+    top = db.execute("""SELECT d.register FROM exits e JOIN devices d ON d.space = e.space AND d.address = e.address
+                        WHERE e.direction = 'read' AND e.position < ? GROUP BY d.register
+                        ORDER BY count(*) DESC LIMIT 1""", [boot_end]).fetchone()[0]
+    assert top == "ide0.status"
+    functions = [r["function"] for r in db.query("SELECT function FROM exits_per_function LIMIT 10")]
+    assert {"uartputc", "idestart"} & set(functions), functions
+
+
+def test_loading_twice_needs_append_and_keys_rows_by_trace(tmp_path):
+    record(tmp_path / "a.zst", b"echo a\n")
+    record(tmp_path / "b.zst", b"echo b\n")
+    load_trace(tmp_path / "a.zst", tmp_path / "t.db")
+    from replayvm.errors import UsageError
+
+    with pytest.raises(UsageError, match="--append"):
+        load_trace(tmp_path / "b.zst", tmp_path / "t.db")
+    assert load_trace(tmp_path / "b.zst", tmp_path / "t.db", append=True)["trace_id"] == 2
+    db = sqlite_utils.Database(tmp_path / "t.db")
+    assert "\nb\n" in console_text(db, 2) and "\na\n" in console_text(db, 1)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replayvm.cli", *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_cli_analyze_and_sql(tmp_path):
+    record(tmp_path / "t.zst", b"echo hi\n")
+    result = cli("analyze", str(tmp_path / "t.zst"), "-o", str(tmp_path / "t.db"))
+    assert result.returncode == 0 and "rows/s" in result.stdout, result.stderr
+    result = cli("sql", str(tmp_path / "t.db"), "SELECT source, count(*) AS n FROM interrupts GROUP BY source",
+                 "--json")
+    rows = json.loads(result.stdout)
+    assert {r["source"] for r in rows} >= {"timer"}
+    direct = cli("sql", str(tmp_path / "t.zst"), "SELECT count(*) AS n FROM exits", "--csv")
+    assert direct.returncode == 0 and direct.stdout.splitlines()[0] == "n"
+    refused = cli("sql", str(tmp_path / "t.db"), "DELETE FROM exits")
+    assert refused.returncode == 2 and "readonly" in refused.stderr.lower()
+    (tmp_path / "bad.zst").write_bytes(b"junk" * 4)
+    bad = cli("analyze", str(tmp_path / "bad.zst"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a replayvm trace" in bad.stderr
