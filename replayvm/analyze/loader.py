@@ -30,9 +30,12 @@ BATCH = 50_000
 IDE = hw.IDE0_CMD_PORT
 IDE_READ_COMMANDS = {0x20, 0x21, 0xC4}
 IDE_WRITE_COMMANDS = {0x30, 0x31, 0xC5}
-ACCESS_KINDS = {Kind.PIO_READ: ("pio", "read"), Kind.PIO_WRITE: ("pio", "write"),
-                Kind.MMIO_READ: ("mmio", "read"), Kind.MMIO_WRITE: ("mmio", "write"),
-                Kind.PIO_READ_RUN: ("pio", "read"), Kind.PIO_WRITE_RUN: ("pio", "write")}
+KIND_NAMES = {int(k): k.name.lower() for k in Kind}
+ACCESS_KINDS = {int(Kind.PIO_READ): ("pio", "read"), int(Kind.PIO_WRITE): ("pio", "write"),
+                int(Kind.MMIO_READ): ("mmio", "read"), int(Kind.MMIO_WRITE): ("mmio", "write"),
+                int(Kind.PIO_READ_RUN): ("pio", "read"), int(Kind.PIO_WRITE_RUN): ("pio", "write")}
+RUN_KINDS = frozenset({int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)})
+POSITIONED_KINDS = frozenset(int(k) for k in POSITIONED)
 
 VIEWS = {
     "exits_per_device": """
@@ -86,6 +89,7 @@ class Symbols:
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._tables: list[tuple[list[int], list[tuple[int, int, str]], bool]] = []
+        self._cache: dict[tuple[int, bool], str | None] = {}
         for path in paths:
             try:
                 with Path(path).open("rb") as f:
@@ -103,8 +107,17 @@ class Symbols:
             self._tables.append(([f[0] for f in functions], functions, user))
 
     def lookup(self, address: int | None, cpl: int | None) -> str | None:
-        if address is None:
+        if address is None or not self._tables:
             return None
+        key = (address, cpl == 3)
+        cached = self._cache.get(key, self)
+        if cached is not self:
+            return cached
+        name = self._lookup(address, cpl)
+        self._cache[key] = name
+        return name
+
+    def _lookup(self, address: int, cpl: int | None) -> str | None:
         for starts, functions, user in self._tables:
             if user and cpl != 3:
                 continue
@@ -117,24 +130,28 @@ class Symbols:
 
 
 class _Tables:
-    """Row buffers flushed in batches."""
+    """Row buffers (tuples in SCHEMA column order) flushed in batches with executemany: the
+    load is the hot path, and dict rows through insert_all cost ten times more."""
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
-        self.rows: dict[str, list[dict]] = {}
+        self.rows: dict[str, list[tuple]] = {name: [] for name in SCHEMA}
         self.counts: dict[str, int] = {}
+        self.sql = {name: f"INSERT INTO [{name}] VALUES ({', '.join('?' * len(columns))})"
+                    for name, columns in SCHEMA.items()}
 
-    def add(self, table: str, row: dict) -> None:
-        rows = self.rows.setdefault(table, [])
+    def add(self, table: str, row: tuple) -> None:
+        rows = self.rows[table]
         rows.append(row)
         if len(rows) >= BATCH:
             self.flush(table)
 
     def flush(self, table: str | None = None) -> None:
         for name in [table] if table else list(self.rows):
-            rows = self.rows.get(name)
+            rows = self.rows[name]
             if rows:
-                self.db[name].insert_all(rows, batch_size=BATCH, alter=True)
+                with self.db.conn:
+                    self.db.conn.executemany(self.sql[name], rows)
                 self.counts[name] = self.counts.get(name, 0) + len(rows)
                 self.rows[name] = []
 
@@ -161,7 +178,7 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
         meta = {key: (json.dumps(value) if isinstance(value, (dict, list)) else value)
                 for key, value in header.items() if key != "initial_state"}
         for key, value in meta.items():
-            tables.add("meta", {"trace_id": trace_id, "key": key, "value": value})
+            tables.add("meta", (trace_id, key, value))
         state = _LoadState(trace_id, names, tables)
         for record in reader:
             state.record(record)
@@ -170,9 +187,9 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
         state.finish()
         if reader.footer is not None:
             for key in ("end", "instructions", "position", "guest_ns", "ram_sha256", "lapic_id_reads"):
-                tables.add("meta", {"trace_id": trace_id, "key": f"footer.{key}", "value": reader.footer.get(key)})
-        tables.add("meta", {"trace_id": trace_id, "key": "trace_path", "value": str(trace)})
-        tables.add("meta", {"trace_id": trace_id, "key": "truncated", "value": int(reader.truncated or reader.footer is None)})
+                tables.add("meta", (trace_id, f"footer.{key}", reader.footer.get(key)))
+        tables.add("meta", (trace_id, "trace_path", str(trace)))
+        tables.add("meta", (trace_id, "truncated", int(reader.truncated or reader.footer is None)))
     tables.flush()
     if "devices" not in db.table_names():
         db["devices"].insert_all(device_rows(), pk=("space", "address"))
@@ -205,38 +222,34 @@ class _LoadState:
         if kind == Kind.SECTOR:
             self.sectors[bytes(record[1])] = bytes(record[2])
             return
-        if kind not in POSITIONED:
+        if kind not in POSITIONED_KINDS:
             return
         self.position += record[1]
         self.seq += 1
         t, seq, pos = self.trace_id, self.seq, self.position
-        if kind in ACCESS_KINDS:
-            space, direction = ACCESS_KINDS[Kind(kind)]
-            run = kind in (Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN)
+        access = ACCESS_KINDS.get(kind)
+        if access is not None:
+            space, direction = access
+            run = kind in RUN_KINDS
             address, size = record[2], record[3]
             count = record[4] if run else 1
             rip, cpl = (record[6], record[7]) if run else (record[5], record[6])
             value = None if run else record[4]
-            self.tables.add("exits", {"trace_id": t, "seq": seq, "position": pos, "kind": Kind(kind).name.lower(),
-                                      "space": space, "address": address, "size": size, "direction": direction,
-                                      "value": value, "count": count, "rip": rip, "cpl": cpl,
-                                      "symbol": self.names.lookup(rip, cpl)})
+            self.tables.add("exits", (t, seq, pos, KIND_NAMES[kind], space, address, size, direction,
+                                      value, count, rip, cpl, self.names.lookup(rip, cpl)))
             if space == "pio":
                 self._pio(kind, address, size, record, pos)
         elif kind == Kind.INTERRUPT:
-            self.tables.add("interrupts", {"trace_id": t, "seq": seq, "position": pos, "vector": record[2],
-                                           "source": record[3], "rip": record[4], "cpl": record[5],
-                                           "symbol": self.names.lookup(record[4], record[5]),
-                                           "landmark": json.dumps(record[6]) if len(record) > 6 else None})
+            self.tables.add("interrupts", (t, seq, pos, record[2], record[3], record[4], record[5],
+                                           self.names.lookup(record[4], record[5]),
+                                           json.dumps(record[6]) if len(record) > 6 else None))
         elif kind == Kind.INPUT:
-            self.tables.add("inputs", {"trace_id": t, "seq": seq, "position": pos, "source": record[2],
-                                       "text": bytes(record[3]).decode("utf-8", "replace")})
+            self.tables.add("inputs", (t, seq, pos, record[2], bytes(record[3]).decode("utf-8", "replace")))
         elif kind == Kind.CLOCK:
-            self.tables.add("clock_reads", {"trace_id": t, "seq": seq, "position": pos, "source": record[2],
-                                            "value": record[3], "rip": record[4],
-                                            "symbol": self.names.lookup(record[4], record[5])})
+            self.tables.add("clock_reads", (t, seq, pos, record[2], record[3], record[4],
+                                            self.names.lookup(record[4], record[5])))
         elif kind == Kind.HALT:
-            self.tables.add("halts", {"trace_id": t, "seq": seq, "position": pos})
+            self.tables.add("halts", (t, seq, pos))
 
     # ------------------------------------------------------------ derived tables
     def _pio(self, kind: int, port: int, size: int, record: list, position: int) -> None:
@@ -278,10 +291,8 @@ class _LoadState:
             return
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
-            self.tables.add("disk_io", {"trace_id": self.trace_id, "seq": self.seq, "position": position,
-                                        "drive": (ide["drive"] >> 4) & 1, "sector": ide["next"],
-                                        "direction": direction, "count": 1,
-                                        "content_hash": hashlib.sha256(sector).hexdigest()[:32]})
+            self.tables.add("disk_io", (self.trace_id, self.seq, position, (ide["drive"] >> 4) & 1,
+                                        ide["next"], direction, 1, hashlib.sha256(sector).hexdigest()[:32]))
             ide["next"] += 1
 
     def _console(self, data: bytes, position: int) -> None:
@@ -295,9 +306,8 @@ class _LoadState:
 
     def _emit_line(self, newline: bool) -> None:
         self.line_no += 1
-        self.tables.add("console", {"trace_id": self.trace_id, "line_no": self.line_no,
-                                    "position": self.line_position, "text": self.line.decode("utf-8", "replace"),
-                                    "newline": int(newline)})
+        self.tables.add("console", (self.trace_id, self.line_no, self.line_position,
+                                    self.line.decode("utf-8", "replace"), int(newline)))
         self.line = bytearray()
         self.line_position = None
 
