@@ -101,6 +101,12 @@ class ReplayBus:
     def write(self, addr: int, size: int, value: int) -> None:
         self.replayer.write(self.mmio, addr, size, value)
 
+    def read_string(self, addr: int, size: int, count: int) -> bytes:
+        return self.replayer.read_string(addr, size, count)
+
+    def write_string(self, addr: int, size: int, data: bytes) -> None:
+        self.replayer.write_string(addr, size, data)
+
 
 class _Lapic:
     id_register_value = hw.BSP_APIC_ID << 24
@@ -111,9 +117,8 @@ class Replayer:
                  until_event: int | None = None, until_position: int | None = None) -> None:
         self.reader = TraceReader(trace)
         header = self.reader.header
-        if header.get("engine") != "emu":
-            raise UsageError(f"{trace}: replaying traces recorded on the {header.get('engine')} engine "
-                             "is not supported yet (only emu traces)")
+        if header.get("engine") not in ("emu", "kvm"):
+            raise UsageError(f"{trace}: recorded on an unknown engine {header.get('engine')!r}")
         self.output = output
         self.keep_going = keep_going
         self.until_event = until_event
@@ -141,10 +146,18 @@ class Replayer:
         self.inputs: list[bytes] = []
         self._digest: str | None = None
         self.next: Event | None = None
+        self._landmark_reached = False
+        self.landmark_hits = 0
         self._advance()                           # loads initial RAM pages, finds the first event
-        from replayvm.engines.emu import EmuEngine
+        if header["engine"] == "kvm":
+            from replayvm.engines.kvm import KvmEngine
 
-        self.engine = EmuEngine(self)
+            self.engine = KvmEngine(self)
+        else:
+            from replayvm.engines.emu import EmuEngine
+
+            self.engine = EmuEngine(self)
+        self.on_kvm = self.engine.name == "kvm"
         self.engine.set_state(CpuState.from_dict(header["initial_state"]))
 
     # ---------------------------------------------------------------- the event stream
@@ -181,22 +194,36 @@ class Replayer:
         if event.kind not in kinds or event.position != position:
             wanted = "/".join(k.name.lower() for k in kinds)
             self._diverge(f"expected {event.describe()} at position {event.position}; the guest did a "
-                          f"{wanted} at position {position} (rip {self.engine.reg('eip'):#x})", event)
+                          f"{wanted} at position {position} (rip {self.engine.exit_context()[0]:#x})", event)
         self._recent.append(event)
         self._advance()
         if self.until_event is not None and event.index >= self.until_event:
             self.stopped_early = True
-            self.engine.stop_here()
+            self._stop_engine()
         else:
             self._stop_at_next_interrupt()
         return event
+
+    def _stop_engine(self) -> None:
+        """Make the running engine return before it goes further."""
+        if self.on_kvm:
+            self.engine.request_stop()           # checked before the next KVM_RUN
+        else:
+            self.engine.stop_here()
 
     def _stop_at_next_interrupt(self) -> None:
         """End the engine's current run where the trace needs control back: at the next
         interrupt's position, or where the recording ended once no event is left."""
         event = self.next
         if event is None:
-            self.engine.stop_here()                # the rest runs to the footer's position
+            self._stop_engine()                    # the rest runs to the footer's position
+            return
+        if self.on_kvm:
+            # kvm checks for interrupts at every exit by itself; one placed by a landmark needs
+            # the loop to take over (breakpoints) once its exit count is reached.
+            if event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+                    event.position == self.engine.position:
+                self._stop_engine()
             return
         if event.kind == Kind.INTERRUPT:
             target = event.position
@@ -239,6 +266,26 @@ class Replayer:
         self._run_data = bytes(payload)
         self._run_offset = 0
         self._run_event = event
+
+    def read_string(self, port: int, size: int, count: int) -> bytes:
+        """A whole `rep ins` at once (the kvm engine's string exits): one run record."""
+        event = self._take(Kind.PIO_READ_RUN, Kind.PIO_READ)
+        if event.kind == Kind.PIO_READ:
+            data = event.record[4].to_bytes(size, "little")
+        else:
+            payload = event.record[5]
+            data = b"".join(self._sectors[bytes(h)] for h in payload) if isinstance(payload, list) else bytes(payload)
+        if event.record[2] != port or event.record[3] != size or len(data) != size * count:
+            self._diverge(f"recorded {event.describe()}; replayed a string read of {count} x {size} bytes "
+                          f"from port {port:#x}", event)
+        return data
+
+    def write_string(self, port: int, size: int, data: bytes) -> None:
+        event = self._take(Kind.PIO_WRITE_RUN, Kind.PIO_WRITE)
+        recorded = event.record[4].to_bytes(size, "little") if event.kind == Kind.PIO_WRITE else bytes(event.record[5])
+        if event.record[2] != port or event.record[3] != size or recorded != data:
+            self._mismatch(f"recorded {event.describe()}; replayed a string write of {len(data)} bytes "
+                           f"to port {port:#x}", event)
 
     def _read_from_run(self, addr: int, size: int, first: bool = False) -> int:
         event = self._run_event
@@ -308,16 +355,47 @@ class Replayer:
     # ---------------------------------------------------------------- what the engine asks
     def poll(self) -> int | None:
         event = self.next
-        if event is not None and event.kind == Kind.INTERRUPT:
+        if event is not None and event.kind == Kind.INTERRUPT and not self.on_kvm:
             return max(0, event.position - self.engine.position)
         return None
 
     def has_pending(self) -> bool:
         event = self.next
-        return event is not None and event.kind == Kind.INTERRUPT and event.position == self.engine.position
+        if event is None or event.kind != Kind.INTERRUPT or event.position != self.engine.position:
+            return False
+        return len(event.record) <= 6 or self._landmark_reached
 
     def acknowledge(self) -> int:
+        self._landmark_reached = False
         return self._take(Kind.INTERRUPT).record[2]
+
+    def _seek_landmark(self, event: Event) -> None:
+        """kvm: the interrupt was injected between exits. Run to the recorded RIP with a hardware
+        breakpoint and inject where the registers match too (KVM does not set RF: step over a
+        hit that does not match with the breakpoint off, then arm it again)."""
+        landmark = event.record[6]
+        engine = self.engine
+        address = engine.get_state().cs.base + landmark["rip"]
+        compared = [name for name in CpuState.GPR_NAMES + ("rflags",) if name in landmark]
+        engine.set_guest_debug(hw_breakpoints=[address])
+        try:
+            for _ in range(1_000_000):
+                reason = engine.run()
+                if reason is not StopReason.DEBUG:
+                    self._diverge(f"the landmark of {event.describe()} at rip {landmark['rip']:#x} "
+                                  f"was not reached (the guest stopped: {reason.value})", event)
+                self.landmark_hits += 1
+                state = engine.get_state()
+                if all(state.regs.get(n) == landmark[n] for n in compared) and \
+                        state.cr3 == landmark.get("cr3", state.cr3):
+                    self._landmark_reached = True
+                    return
+                engine.set_guest_debug(single_step=True)
+                engine.run()
+                engine.set_guest_debug(hw_breakpoints=[address])
+            self._diverge(f"the landmark of {event.describe()} never matched in 1,000,000 hits", event)
+        finally:
+            engine.set_guest_debug()
 
     def read_tsc(self) -> int:
         return self._take(Kind.CLOCK).record[3]
@@ -332,7 +410,14 @@ class Replayer:
                 if budget <= 0:
                     self.stopped_early = True
                     break
-            reason = engine.run(max_instructions=budget)
+            event = self.next
+            if self.on_kvm:
+                if event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+                        event.position == engine.position and not self._landmark_reached:
+                    self._seek_landmark(event)
+                reason = engine.run()
+            else:
+                reason = engine.run(max_instructions=budget)
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
             elif reason is StopReason.SHUTDOWN:
@@ -346,7 +431,7 @@ class Replayer:
         truncated = self.footer is None
         if not truncated:
             end = int(self.footer.get("position") or 0)
-            if engine.position < end:
+            if engine.position < end and not self.on_kvm:
                 engine.run(max_instructions=end - engine.position)
             self._verify_end()
         digest = self._ram_digest()
