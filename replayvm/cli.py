@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop after event number EVENT, or at instruction COUNT (i5000000), "
                              "and print the CPU state")
     replay.add_argument("--stats", action="store_true", help="print replay speed on stderr")
+    replay.add_argument("--engine", choices=("emu", "kvm"),
+                        help="must be the engine the trace was recorded on (emu traces replay on emu, "
+                             "kvm traces on kvm; replaying on the other engine is not supported yet)")
 
     analyze = verbs.add_parser("analyze", help="load a trace into SQLite for SQL questions",
                                description="Load a trace into an SQLite database (tables exits, "
@@ -142,6 +145,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 until_event = int(text.replace("_", ""))
         except ValueError:
             raise UsageError(f"--until takes an event number or i<instruction count>, not {args.until!r}") from None
+    if args.engine is not None:
+        from replayvm.trace.reader import TraceReader
+
+        with TraceReader(args.trace) as reader:
+            recorded_on = reader.header.get("engine")
+        if recorded_on != args.engine:
+            raise UsageError(f"{args.trace} was recorded on {recorded_on}; replaying it on {args.engine} "
+                             "is not supported yet (positions are instruction counts on emu and exit "
+                             "counts on kvm)")
     output = None if args.quiet else sys.stdout.buffer
     started = time.perf_counter()
     result = replay(args.trace, output=output, keep_going=args.keep_going, until_event=until_event,

@@ -170,18 +170,18 @@ def test_cli_reports_divergence_and_truncation_without_tracebacks(demo_trace, tm
     assert result.returncode == 2 and "not a replayvm trace" in result.stderr
 
 
-def test_a_session_typed_with_delays_replays_verified_and_fast(tmp_path):
+def typed_session(tmp_path: Path, disks: list[Path]) -> None:
     """Keystrokes arrive while the guest runs (not at prompts), 40 ms apart, as a person types.
     (How much faster such a replay runs than the recording is measured in bench/bench_replay.py.)"""
     import threading
 
     from replayvm.console import Console
     from replayvm.machine import Machine, MachineConfig
-    from replayvm.record.session import bundled_demo_disk, finish_recording, start_recording
+    from replayvm.record.session import finish_recording, start_recording
 
     out = io.BytesIO()
     console = Console(out, until=b"\ntyped-done\n$ ")
-    machine = Machine(MachineConfig(disks=[bundled_demo_disk()], engine="emu"), console)
+    machine = Machine(MachineConfig(disks=disks, engine="emu"), console)
     options = SessionOptions(engine="emu", trace=tmp_path / "typed.zst")
     recording = start_recording(machine, options)
     text = b"echo typed-done\n"
@@ -203,6 +203,16 @@ def test_a_session_typed_with_delays_replays_verified_and_fast(tmp_path):
     assert b"".join(inputs) == text and len(inputs) > 1        # keystrokes arrived separately
     result = replay(tmp_path / "typed.zst")
     assert result.verified and result.console == out.getvalue()
+
+
+def test_demo_session_typed_with_delays_replays_verified(tmp_path):
+    from replayvm.record.session import bundled_demo_disk
+
+    typed_session(tmp_path, [bundled_demo_disk()])
+
+
+def test_xv6_session_typed_with_delays_replays_verified(xv6_dir, tmp_path):
+    typed_session(tmp_path, [xv6_dir / "xv6.img", xv6_dir / "fs.img"])
 
 
 def result_inputs(trace: Path) -> list[bytes]:
@@ -283,3 +293,10 @@ def test_kvm_trace_replays_on_kvm_including_an_interrupt_placed_by_landmark(requ
         assert replayer.landmark_hits >= 1             # the kicked interrupt was found by breakpoint
     finally:
         replayer.close()
+
+
+def test_replay_engine_must_match_the_recording(demo_trace):
+    same = cli("replay", "--quiet", "--engine", "emu", str(demo_trace))
+    assert same.returncode == 0
+    other = cli("replay", "--quiet", "--engine", "kvm", str(demo_trace))
+    assert other.returncode == 2 and "recorded on emu" in other.stderr and "not supported" in other.stderr
