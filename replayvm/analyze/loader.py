@@ -51,6 +51,14 @@ VIEWS = {
     "exits_per_function": """
         SELECT trace_id, coalesce(symbol, '?') AS function, count(*) AS accesses
         FROM exits GROUP BY trace_id, function ORDER BY accesses DESC""",
+    "accesses_per_function": """
+        SELECT trace_id, function, sum(accesses) AS accesses FROM (
+            SELECT trace_id, coalesce(symbol, '?') AS function, count(*) AS accesses
+            FROM exits GROUP BY trace_id, function
+            UNION ALL
+            SELECT trace_id, coalesce(symbol, '?') AS function, sum(count) AS accesses
+            FROM pure_reads GROUP BY trace_id, function)
+        GROUP BY trace_id, function ORDER BY accesses DESC""",
     "interrupt_rate": """
         SELECT trace_id, source, position / 10000000 AS bucket, count(*) AS interrupts
         FROM interrupts GROUP BY trace_id, source, bucket ORDER BY trace_id, bucket""",
@@ -80,6 +88,7 @@ SCHEMA = {
     "disk_io": {"trace_id": int, "seq": int, "position": int, "drive": int, "sector": int, "direction": str,
                 "count": int, "content_hash": str},
     "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int},
+    "pure_reads": {"trace_id": int, "register": str, "rip": int, "count": int, "symbol": str},
 }
 
 
@@ -221,6 +230,10 @@ class _LoadState:
         kind = record[0]
         if kind == Kind.SECTOR:
             self.sectors[bytes(record[1])] = bytes(record[2])
+            return
+        if kind == Kind.PURE_READS:
+            for rip, count in record[2]:
+                self.tables.add("pure_reads", (self.trace_id, record[1], rip, count, self.names.lookup(rip, None)))
             return
         if kind not in POSITIONED_KINDS:
             return

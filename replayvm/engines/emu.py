@@ -293,6 +293,11 @@ class EmuEngine:
         """Where the guest is, in the unit traces use on this engine: instructions begun."""
         return self.state.icount
 
+    def pure_read_sites(self) -> dict[int, int]:
+        """LAPIC ID reads (served in C, not logged) counted by the EIP that made them."""
+        st = self.state
+        return {st.id_read_rip[i]: st.id_read_count[i] for i in range(1024) if st.id_read_count[i]}
+
     def exit_context(self) -> tuple[int, int]:
         """(EIP, CPL) of the instruction being executed, for trace records."""
         return self.reg("eip"), self.reg("cs") & 3

@@ -49,6 +49,9 @@ struct emu_state {
     uint32_t prev_size;
     uint32_t lapic_id_value;  /* served from C: reads of a pure register are not device input */
     uint64_t lapic_id_reads;
+    uint32_t id_read_rip[1024];    /* where those reads come from: EIP -> count (open addressing) */
+    uint64_t id_read_count[1024];
+    uint64_t id_read_overflow;
     uint64_t lapic_base;
     int env_error_code_offset;    /* offsets into the CPU context, found by probing; -1 unknown */
     int env_old_exception_offset;
@@ -116,6 +119,9 @@ struct emu_state {
     uint32_t prev_size;
     uint32_t lapic_id_value;
     uint64_t lapic_id_reads;
+    uint32_t id_read_rip[1024];
+    uint64_t id_read_count[1024];
+    uint64_t id_read_overflow;
     uint64_t lapic_base;
     int env_error_code_offset;
     int env_old_exception_offset;
@@ -171,8 +177,17 @@ static uint64_t on_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void
     struct mmio_region *r = user_data;
     uint64_t addr = r->base + offset;
     if (addr == r->s->lapic_base + 0x20 && size == 4) {
-        r->s->lapic_id_reads++;
-        return r->s->lapic_id_value;
+        struct emu_state *s = r->s;
+        uint32_t eip = 0, slot, i;
+        s->lapic_id_reads++;
+        uc_reg_read(uc, UC_X86_REG_EIP, &eip);
+        slot = (eip * 2654435761u) >> 22;
+        for (i = 0; i < 1024; i++, slot = (slot + 1) & 1023) {
+            if (s->id_read_count[slot] == 0) { s->id_read_rip[slot] = eip; s->id_read_count[slot] = 1; break; }
+            if (s->id_read_rip[slot] == eip) { s->id_read_count[slot]++; break; }
+        }
+        if (i == 1024) s->id_read_overflow++;
+        return s->lapic_id_value;
     }
     return replayvm_py_mmio_read(addr, size, r->owner);
 }

@@ -75,6 +75,7 @@ class Recorder:
         self.counts: Counter[str] = Counter()
         self.interrupt_sources: Counter[str] = Counter()
         self.lapic_id_reads_logged_away = 0
+        self._id_read_sites: Counter[int] = Counter()     # kvm: where the bus saw ID reads
         self._last_position = 0
         self._sectors_stored: set[bytes] = set()
         self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next]
@@ -143,6 +144,7 @@ class Recorder:
         if mmio:
             if addr == LAPIC_ID_ADDR:
                 self.lapic_id_reads_logged_away += 1
+                self._id_read_sites[self._context()[0]] += 1
                 return
             self._flush_run()
             if addr == LAPIC_TIMER_CURRENT_ADDR:
@@ -219,7 +221,12 @@ class Recorder:
         self.counts["halt"] += 1
 
     def finish(self) -> None:
+        """Flush what is held back, and say where the unlogged pure reads came from."""
         self._flush_run()
+        sites = Counter(self._id_read_sites)
+        sites.update(getattr(self.engine, "pure_read_sites", dict)())
+        if sites:
+            self._emit((Kind.PURE_READS, "lapic.id", [[rip, count] for rip, count in sites.most_common()]))
 
 
 CHUNK_SIZE = 1 << 20

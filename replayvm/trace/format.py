@@ -44,6 +44,7 @@ class Kind(enum.IntEnum):
     RAM_PAGE = 11         # [11, page number, 4096 bytes]      initial RAM, non-zero pages only
     FOOTER = 12           # [12, {footer fields}]
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
+    PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
 
 
 POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE,

@@ -22,6 +22,7 @@ def summarize(path: Path) -> dict[str, Any]:
     position = 0
     ram_pages = 0
     sectors = 0
+    pure_sites = 0
     with TraceReader(path) as reader:
         header = reader.header
         for record in reader:
@@ -40,6 +41,8 @@ def summarize(path: Path) -> dict[str, Any]:
                 ram_pages += 1
             elif kind == Kind.SECTOR:
                 sectors += 1
+            elif kind == Kind.PURE_READS:
+                pure_sites = len(record[2])
         footer = reader.footer
         truncated = reader.truncated or footer is None
         truncated_at = reader.truncated_at
@@ -56,6 +59,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "events": events, "events_by_kind": dict(by_kind), "interrupts_by_source": dict(interrupts),
         "clock_reads_by_source": dict(clocks), "input_bytes": input_bytes,
         "initial_ram_pages": ram_pages, "distinct_sectors": sectors, "frames": frames,
+        "pure_read_sites": pure_sites,
         "final_position": position, "last_event_position": position, "file_bytes": size,
         "bytes_per_event": round(size / events, 2) if events else None,
         "truncated": truncated, "readable_bytes": truncated_at if reader.truncated else size,
@@ -94,7 +98,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("clock reads  " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["clock_reads_by_source"].items())))
     lines.append(f"input        {s['input_bytes']:,} bytes typed")
     if s.get("lapic_id_reads_not_logged") is not None:
-        lines.append(f"not logged   {s['lapic_id_reads_not_logged']:,} LAPIC ID reads (pure register)")
+        lines.append(f"not logged   {s['lapic_id_reads_not_logged']:,} LAPIC ID reads (pure register), "
+                     f"counted at {s['pure_read_sites']:,} call sites")
     lines.append(f"content      {s['initial_ram_pages']:,} initial RAM pages, {s['distinct_sectors']:,} distinct disk sectors")
     per_event = f", {s['bytes_per_event']} bytes per event" if s["bytes_per_event"] else ""
     lines.append(f"size         {s['file_bytes']:,} bytes{per_event}")
