@@ -43,11 +43,11 @@ def measure_kvm_landmarks(rounds: int = 20) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from replayvm.replay.replayer import Replayer
-    from tests.test_replay import record_kvm_realmode_guest
+    from tests.harness import record_kvm_realmode_guest
 
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "kvm.zst"
-        record_kvm_realmode_guest(trace)
+        record_kvm_realmode_guest(trace).engine.close()
         seek_times, hits = [], 0
         for _ in range(rounds):
             replayer = Replayer(trace)

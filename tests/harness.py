@@ -4,6 +4,7 @@ interrupt source the test controls (now, or at a guest-time deadline). Engines a
 from __future__ import annotations
 
 import mmap
+from pathlib import Path
 
 from replayvm.bus import Bus, PioBus
 from replayvm.clock import GuestClock, VirtualClock
@@ -113,3 +114,45 @@ def flat_protected_state(entry: int, gdt_addr: int, ram: memoryview) -> CpuState
 def load_realmode_guest(machine: TestMachine, image: bytes) -> CpuState:
     machine.ram[0x7C00:0x7C00 + len(image)] = image
     return real_mode_state(0, 0x7C00)
+
+
+class RecordableMachine(TestMachine):
+    """What the recorder needs of a machine besides buses and an engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_observers: list = []
+        self.cmos = type("NoCmos", (), {"index": 0})()
+
+    def interrupt_source(self, vector: int) -> str:
+        return "test"
+
+
+def record_kvm_realmode_guest(trace: Path) -> RecordableMachine:
+    """Record the real-mode test guest on kvm (I/O, interrupts at exits, one after a kick) into a
+    complete trace; returns the machine, its engine still open."""
+    import hashlib
+
+    from replayvm.engines.kvm import KvmEngine
+    from replayvm.guests import guest_file
+    from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
+    from replayvm.trace import Kind, TraceWriter
+
+    machine = RecordableMachine()
+    machine.ports.on_write[8] = lambda: machine.interrupts.pending.append(0x30)
+    machine.ports.on_write[9] = lambda: setattr(machine.interrupts, "timer_at_ns",
+                                                machine.clock.now_ns() + 20_000_000)
+    state = load_realmode_guest(machine, guest_file("kvmtests", "realmode.bin").read_bytes())
+    machine.engine = KvmEngine(machine)
+    machine.engine.set_state(state)
+    writer = TraceWriter(trace, {"engine": "kvm", "position_unit": "exits", "ram_bytes": len(machine.ram),
+                                 "initial_state": state.to_dict()})
+    for number, page in initial_ram_pages(machine.ram):
+        writer.append((Kind.RAM_PAGE, number, page))
+    recorder = Recorder(machine, writer)
+    machine.engine.run(budget_ns=10_000_000_000)                # ends with the guest's HLT
+    recorder.halted()
+    recorder.finish()
+    writer.close({"position": machine.engine.position, "final_state": machine.engine.get_state().to_dict(),
+                  "ram_sha256": ram_digest(machine.ram), "console_sha256": hashlib.sha256(b"").hexdigest()})
+    return machine

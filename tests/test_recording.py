@@ -210,33 +210,11 @@ def test_unknown_record_kind_is_named(tmp_path):
 def test_kvm_recording_positions_by_exit_and_landmarks_for_kicked_interrupts(require_kvm, tmp_path):
     """On kvm, positions count exits; an interrupt injected after a kick (the guest was spinning
     without exits) carries a landmark: RIP, general registers and CR3."""
-    from replayvm.engines.kvm import KvmEngine
     from replayvm.guests import guest_file
-    from replayvm.record.recorder import Recorder
-    from replayvm.trace import TraceWriter
-    from tests.harness import TestMachine, load_realmode_guest
+    from tests.harness import record_kvm_realmode_guest
 
-    class RecordableMachine(TestMachine):
-        def __init__(self) -> None:
-            super().__init__()
-            self.input_observers = []
-            self.cmos = type("NoCmos", (), {"index": 0})()
-
-        def interrupt_source(self, vector: int) -> str:
-            return "test"
-
-    machine = RecordableMachine()
-    ports = machine.ports
-    ports.on_write[8] = lambda: machine.interrupts.pending.append(0x30)
-    ports.on_write[9] = lambda: setattr(machine.interrupts, "timer_at_ns", machine.clock.now_ns() + 20_000_000)
+    machine = record_kvm_realmode_guest(tmp_path / "kvm.zst")
     image = guest_file("kvmtests", "realmode.bin").read_bytes()
-    machine.engine = KvmEngine(machine)
-    machine.engine.set_state(load_realmode_guest(machine, image))
-    writer = TraceWriter(tmp_path / "kvm.zst", {"engine": "kvm", "position_unit": "exits"})
-    recorder = Recorder(machine, writer)
-    machine.engine.run(budget_ns=10_000_000_000)
-    recorder.finish()
-    writer.close({"position": machine.engine.position})
     busy = 0x7C00 + image.index(b"\xeb\xfe")                    # jmp . (the busy loop)
     with TraceReader(tmp_path / "kvm.zst") as reader:
         interrupts = [rec for rec in reader if rec[0] == Kind.INTERRUPT]

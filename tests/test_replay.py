@@ -242,47 +242,11 @@ def test_xv6_usertests_recorded_and_replayed_verified(xv6_dir, tmp_path):
     assert result.verified and result.console == out.getvalue()
 
 
-def record_kvm_realmode_guest(trace: Path) -> None:
-    """Record the real-mode test guest on kvm (I/O, interrupts at exits, one after a kick)."""
-    from replayvm.engines.kvm import KvmEngine
-    from replayvm.guests import guest_file
-    from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
-    from tests.harness import TestMachine, load_realmode_guest
-    import hashlib
-
-    class RecordableMachine(TestMachine):
-        def __init__(self) -> None:
-            super().__init__()
-            self.input_observers = []
-            self.cmos = type("NoCmos", (), {"index": 0})()
-
-        def interrupt_source(self, vector: int) -> str:
-            return "test"
-
-    machine = RecordableMachine()
-    machine.ports.on_write[8] = lambda: machine.interrupts.pending.append(0x30)
-    machine.ports.on_write[9] = lambda: setattr(machine.interrupts, "timer_at_ns",
-                                                machine.clock.now_ns() + 20_000_000)
-    state = load_realmode_guest(machine, guest_file("kvmtests", "realmode.bin").read_bytes())
-    machine.engine = KvmEngine(machine)
-    machine.engine.set_state(state)
-    writer = TraceWriter(trace, {"engine": "kvm", "position_unit": "exits", "ram_bytes": len(machine.ram),
-                                 "initial_state": state.to_dict()})
-    for number, page in initial_ram_pages(machine.ram):
-        writer.append((Kind.RAM_PAGE, number, page))
-    recorder = Recorder(machine, writer)
-    machine.engine.run(budget_ns=10_000_000_000)                # ends with the guest's HLT
-    recorder.halted()
-    recorder.finish()
-    writer.close({"position": machine.engine.position, "final_state": machine.engine.get_state().to_dict(),
-                  "ram_sha256": ram_digest(machine.ram), "console_sha256": hashlib.sha256(b"").hexdigest()})
-    machine.engine.close()
-
-
 def test_kvm_trace_replays_on_kvm_including_an_interrupt_placed_by_landmark(require_kvm, tmp_path):
     from replayvm.replay.replayer import Replayer
+    from tests.harness import record_kvm_realmode_guest
 
-    record_kvm_realmode_guest(tmp_path / "kvm.zst")
+    record_kvm_realmode_guest(tmp_path / "kvm.zst").engine.close()
     with TraceReader(tmp_path / "kvm.zst") as reader:
         landmarks = [rec for rec in reader if rec[0] == Kind.INTERRUPT and len(rec) > 6]
     assert len(landmarks) == 1
