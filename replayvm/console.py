@@ -152,6 +152,11 @@ class _RawTerminal:
         self.fd = sys.stdin.fileno()
         self._saved = termios.tcgetattr(self.fd)
         tty.setraw(self.fd)
+        # Keep output processing (as QEMU's stdio console does): guests print "\n" alone, and a
+        # raw terminal would draw a staircase.
+        attrs = termios.tcgetattr(self.fd)
+        attrs[1] |= termios.OPOST | termios.ONLCR
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         self._thread = threading.Thread(target=self._read_loop, name="console-input", daemon=True)
         self._thread.start()
 
