@@ -152,3 +152,45 @@ def test_auto_engine_choice_says_why(require_kvm):
     name, reason = choose_engine("auto")
     assert name == ("kvm" if run_paging_probe() else "emu")
     assert reason
+
+
+def long_mode_state(machine: TestMachine) -> "CpuState":
+    """64-bit long mode at 0x1000: identity-mapped 2 MiB pages (the first 4 MiB), flat segments."""
+    import struct
+
+    from replayvm.engines.base import CpuState, Segment
+
+    pml4, pdpt, pd, gdt = 0x8000, 0x9000, 0xA000, 0x500
+    machine.ram[pml4:pml4 + 8] = struct.pack("<Q", pdpt | 3)
+    machine.ram[pdpt:pdpt + 8] = struct.pack("<Q", pd | 3)
+    machine.ram[pd:pd + 16] = struct.pack("<QQ", 0x83, 0x200000 | 0x83)   # 2 MiB pages (1 GiB: not on PVM)
+    machine.ram[gdt:gdt + 24] = struct.pack("<QQQ", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
+    state = CpuState()
+    state.regs = {name: 0 for name in CpuState.GPR_NAMES}
+    state.regs.update(rip=0x1000, rflags=2, rsp=0x7000)
+    state.cr0, state.cr3, state.cr4, state.efer = 0x80000011, pml4, 0x20, 0x500    # PG PE, PAE, LME LMA
+    state.gdt = (gdt, 23)
+    state.cs = Segment(selector=0x08, limit=0xFFFFFFFF, type=0xB, l=1, db=0, g=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(state, name, Segment(selector=0x10, limit=0xFFFFFFFF, type=3, db=1, g=1))
+    return state
+
+
+def test_kvm_long_mode_guest_exits_and_takes_a_kicked_interrupt(require_kvm):
+    machine = TestMachine(ram_bytes=1 << 20)
+    mmio = MmioLog(0x0BADCAFE)
+    machine.mmio.register(0x200000, 0x1000, mmio, "test-mmio")
+    machine.ports.on_write[9] = lambda: setattr(machine.interrupts, "timer_at_ns",
+                                                machine.clock.now_ns() + 20_000_000)
+    image = guest_file("kvmtests", "long64.bin").read_bytes()
+    machine.ram[0x1000:0x1000 + len(image)] = image
+    engine = make_engine("kvm", machine)
+    engine.set_state(long_mode_state(machine))
+    assert engine.run(budget_ns=10_000_000_000) is StopReason.HALT, engine.last_error
+    writes = machine.ports.writes
+    assert [v for off, size, v in writes if off == 0] == [0x11, 0x22, 0x66]
+    assert (2, 1, 0x5A) in writes and (10, 1, 0x30) in writes
+    assert mmio.writes == [(8, 4, 0x0BADCAFE)]
+    assert engine._kicker.kicks >= 1 and machine.interrupts.acknowledged == [0x30]
+    assert engine.get_state().efer & 0x400                       # still in long mode (LMA)
+    engine.close()

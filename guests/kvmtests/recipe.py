@@ -1,7 +1,8 @@
 """Build the small test guests PVM's KVM can run: flat binaries, no C, no paging.
 
 realmode.bin is linked at 0x7C00 (a boot sector's place, entered in real mode at 0:7C00);
-pm32.bin at 0x1000 (entered in flat 32-bit protected mode by the VMM).
+pm32.bin at 0x1000 (entered in flat 32-bit protected mode by the VMM); long64.bin at 0x1000
+(entered in 64-bit long mode with identity-mapped 2 MiB pages).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-GUESTS = {"realmode": 0x7C00, "pm32": 0x1000}
+GUESTS = {"realmode": 0x7C00, "pm32": 0x1000, "long64": 0x1000}
 
 
 def _run(command: list) -> None:
@@ -21,7 +22,8 @@ def _run(command: list) -> None:
 def build(src: Path, out: Path) -> None:
     src, out = src.resolve(), out.resolve()
     for name, base in GUESTS.items():
-        _run(["gcc", "-m32", "-c", src / f"{name}.S", "-o", out / f"{name}.o"])
-        _run(["ld", "-m", "elf_i386", "-N", "-e", "start", "-Ttext", hex(base), "-o", out / f"{name}.elf",
+        bits, emulation = ("-m64", "elf_x86_64") if name == "long64" else ("-m32", "elf_i386")
+        _run(["gcc", bits, "-c", src / f"{name}.S", "-o", out / f"{name}.o"])
+        _run(["ld", "-m", emulation, "-N", "-e", "start", "-Ttext", hex(base), "-o", out / f"{name}.elf",
               out / f"{name}.o"])
         _run(["objcopy", "-O", "binary", "-j", ".text", out / f"{name}.elf", out / f"{name}.bin"])
