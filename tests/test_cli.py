@@ -80,8 +80,11 @@ idtdesc: .word 0
 """, 0x7C00, bits=16)
     image = tmp_path / "fault.img"
     image.write_bytes(boot.ljust(510, b"\0") + b"\x55\xAA" + bytes(512 * 7))
-    result = replayvm("record", "--engine", "emu", "--disk", str(image), "--timeout", "5")
+    trace = tmp_path / "fault.zst"
+    result = replayvm("record", "--engine", "emu", "--disk", str(image), "--timeout", "5", "-o", str(trace))
     assert result.returncode == 1, result
     assert "triple fault" in result.stderr
     assert "rip=" in result.stderr and "cr0=" in result.stderr
     assert "Traceback" not in result.stderr
+    info = replayvm("info", str(trace))                 # the trace of a dead guest is still whole
+    assert info.returncode == 0 and "ended by fault" in info.stdout, info

@@ -58,3 +58,14 @@ def test_xv6_loader_on_kvm_reaches_the_paging_switch_and_says_so(xv6_dir, requir
     with (xv6_dir / "kernel").open("rb") as f:
         loaded = sum(seg["p_filesz"] for seg in ELFFile(f).iter_segments() if seg["p_type"] == "PT_LOAD")
     assert machine.ide.sectors_read >= loaded // 512       # the loader read the kernel over IDE PIO
+
+
+def test_xv6_kernel_boots_by_multiboot_with_its_file_system(xv6_dir):
+    out = io.BytesIO()
+    options = SessionOptions(kernel=xv6_dir / "kernel", disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"],
+                             engine="emu", script=b"echo multiboot\n", timeout_s=120)
+    outcome, machine = run_session(options, output=out)
+    text = out.getvalue().decode()
+    assert outcome.reason == "script-done", text[-1000:]
+    assert "\nmultiboot\n" in text
+    assert machine.ide.sectors_read < 100        # the kernel came from the ELF, not the boot loader
