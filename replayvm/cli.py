@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deterministic guest time from the instruction count (emu engine only)")
     record.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="record the session into this trace file (e.g. session.zst)")
+    record.add_argument("--chaos", action="store_true",
+                        help="raise extra timer interrupts at random moments (seeded) so timing "
+                             "bugs show up more often; the trace still replays exactly")
+    record.add_argument("--seed", type=int, help="seed for --chaos (default: random, printed)")
+    record.add_argument("--repeat", type=int, metavar="K", default=1,
+                        help="with --until-fail: record up to K runs")
+    record.add_argument("--until-fail", metavar="PATTERN",
+                        help="keep recording (up to --repeat runs) until the console matches this "
+                             "regular expression; the matching run's trace is kept")
 
     replay = verbs.add_parser("replay", help="re-execute a trace and verify it went the same way",
                               description="Replay a recorded session from the trace alone: device "
@@ -109,12 +118,50 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.virtual_clock and engine != "emu":
         raise UsageError("--virtual-clock needs the emu engine")
     script = decode_escapes(args.input) if args.input is not None else None
-    options = SessionOptions(
-        disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
-        prompt=decode_escapes(args.prompt), until=decode_escapes(args.until) if args.until else None,
-        timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
-        virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:])
-    outcome, machine = run_session(options)
+    if args.repeat < 1:
+        raise UsageError("--repeat takes a count of 1 or more")
+    if args.until_fail is not None and script is None:
+        raise UsageError("--until-fail needs --input: repeated runs are scripted")
+    seed = args.seed
+    if args.chaos and seed is None:
+        import secrets
+
+        seed = secrets.randbelow(1 << 32)
+    pattern = None
+    if args.until_fail is not None:
+        import re
+
+        try:
+            pattern = re.compile(args.until_fail.encode())
+        except re.error as error:
+            raise UsageError(f"--until-fail is not a valid regular expression: {error}") from None
+    runs = args.repeat if pattern is not None else 1
+    for run in range(runs):
+        run_seed = None if not args.chaos else seed + run
+        if args.chaos:
+            sys.stderr.write(f"replayvm: chaos seed {run_seed}\n")
+        options = SessionOptions(
+            disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
+            prompt=decode_escapes(args.prompt), until=decode_escapes(args.until) if args.until else None,
+            timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
+            virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
+            chaos_seed=run_seed)
+        if pattern is None:
+            outcome, machine = run_session(options)
+            break
+        import io
+
+        captured = io.BytesIO()
+        outcome, machine = run_session(options, output=captured)
+        if pattern.search(captured.getvalue()):
+            sys.stdout.buffer.write(captured.getvalue())
+            sys.stderr.write(f"\nreplayvm: run {run + 1} of {runs} matched {args.until_fail!r}"
+                             + (f"; trace kept in {args.output}" if args.output else "") + "\n")
+            break
+        sys.stderr.write(f"replayvm: run {run + 1} of {runs}: no match\n")
+    else:
+        sys.stderr.write(f"replayvm: no run of {runs} matched {args.until_fail!r}\n")
+        return 1
     if machine.console.transcript and not machine.console.transcript.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")          # leave the shell prompt on its own line
     sys.stdout.flush()

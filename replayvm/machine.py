@@ -49,6 +49,7 @@ class MachineConfig:
     ram_mib: int = hw.DEFAULT_RAM_MIB
     engine: str = "emu"
     virtual_clock: bool = False
+    chaos_seed: int | None = None             # extra timer interrupts at seeded random moments
 
 
 @dataclass
@@ -82,6 +83,11 @@ class Machine:
         if len(self.disks) > 2:
             raise UsageError("at most two disks (the primary IDE channel's master and slave)")
         self._wire_devices()
+        self.chaos = None
+        if config.chaos_seed is not None:
+            from replayvm.record.chaos import TimerChaos
+
+            self.chaos = TimerChaos(self.lapic, config.chaos_seed)
         self.engine = _create_engine(config.engine, self)
         self.boot_state = self._boot()
         self.engine.set_state(self.boot_state)
@@ -141,7 +147,12 @@ class Machine:
         now = self.clock.now_ns()
         self.lapic.poll(now)
         deadline = self.lapic.next_deadline_ns()
-        return None if deadline is None else max(0, deadline - now)
+        until = None if deadline is None else max(0, deadline - now)
+        if self.chaos is not None:
+            extra = self.chaos.poll(now)
+            if extra is not None and (until is None or extra < until):
+                until = extra
+        return until
 
     def interrupt_source(self, vector: int) -> str:
         """Which device an interrupt vector belongs to, from how the guest programmed the chips."""
@@ -201,11 +212,11 @@ class Machine:
 
     def _wait_while_halted(self, timeout_ns: int | None) -> None:
         """The guest executed HLT: nothing happens until a timer fires or input arrives."""
+        until = self.poll()
         now = self.clock.now_ns()
-        self.lapic.poll(now)
         if self.interrupts.has_pending():
             return
-        deadline = self.lapic.next_deadline_ns()
+        deadline = None if until is None else now + until
         if isinstance(self.clock, VirtualClock):
             if deadline is None:
                 raise GuestFault(self._fault_report("halted with no timer and no input to wake it"))

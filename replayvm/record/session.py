@@ -37,6 +37,7 @@ class SessionOptions:
     virtual_clock: bool = False
     trace: Path | None = None
     command_line: list[str] = field(default_factory=list)
+    chaos_seed: int | None = None
 
 
 def bundled_demo_disk() -> Path:
@@ -54,7 +55,8 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
     if not disks and options.kernel is None:
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
-                           engine=options.engine, virtual_clock=options.virtual_clock)
+                           engine=options.engine, virtual_clock=options.virtual_clock,
+                           chaos_seed=options.chaos_seed)
     try:
         machine = Machine(config, console)
     except BaseException:
@@ -90,6 +92,7 @@ def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWri
                    "sha256": disk.sha256(), "sectors": disk.sector_count} for disk in machine.disks],
         "command_line": options.command_line, "start_time": time.time(),
         "clock": "virtual" if options.virtual_clock else "wall",
+        "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
     writer = TraceWriter(options.trace, header)
