@@ -238,8 +238,8 @@ class _LoadState:
         if kind not in POSITIONED_KINDS:
             return
         self.position += record[1]
+        t, seq, pos = self.trace_id, self.seq, self.position     # seq: the event number replay uses
         self.seq += 1
-        t, seq, pos = self.trace_id, self.seq, self.position
         access = ACCESS_KINDS.get(kind)
         if access is not None:
             space, direction = access
@@ -304,7 +304,7 @@ class _LoadState:
             return
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
-            self.tables.add("disk_io", (self.trace_id, self.seq, position, (ide["drive"] >> 4) & 1,
+            self.tables.add("disk_io", (self.trace_id, self.seq - 1, position, (ide["drive"] >> 4) & 1,
                                         ide["next"], direction, 1, hashlib.sha256(sector).hexdigest()[:32]))
             ide["next"] += 1
 
