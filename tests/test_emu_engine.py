@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 import struct
 
-import pytest
 
 from replayvm.bus import Bus, PioBus
 from replayvm.clock import VirtualClock

@@ -154,7 +154,7 @@ def test_auto_engine_choice_says_why(require_kvm):
     assert reason
 
 
-def long_mode_state(machine: TestMachine) -> "CpuState":
+def long_mode_state(machine: TestMachine):
     """64-bit long mode at 0x1000: identity-mapped 2 MiB pages (the first 4 MiB), flat segments."""
     import struct
 

@@ -21,7 +21,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
-from replayvm.analyze.devices import PIO_REGISTERS, device_rows
+from replayvm.analyze.devices import device_rows
 from replayvm.errors import UsageError
 from replayvm.trace.format import POSITIONED, Kind
 from replayvm.trace.reader import TraceReader

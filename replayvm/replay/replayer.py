@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
