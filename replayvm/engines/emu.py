@@ -115,6 +115,8 @@ class EmuEngine:
         self._cpuid_table: list | None = None
         self._python_error: BaseException | None = None
         self._pending_fault: tuple[int, int | None, int] | None = None   # (vector, error, eip)
+        self._context = None                      # uc_context for checkpoints, made on first use
+        self._context_size = 0
         self._shutdown_in_hook = False
         self.halted = False
         self.last_error = ""
@@ -179,6 +181,15 @@ class EmuEngine:
         if self.translate(addr + size - 1) - start == size - 1:
             return bytes(self.machine.ram[start:start + size])
         return bytes(self.machine.ram[self.translate(addr + i)] for i in range(size))
+
+    def peek_linear(self, addr: int, size: int) -> bytes:
+        """read_linear for a debugger: an unmapped page raises DeliveryFault but leaves CR2 alone."""
+        cr2 = self.reg("cr2")
+        try:
+            return self.read_linear(addr, size)
+        except x86_delivery.DeliveryFault:
+            self.set_reg("cr2", cr2)
+            raise
 
     def write_linear(self, addr: int, data: bytes) -> None:
         start = self.translate(addr, write=True)
@@ -328,12 +339,13 @@ class EmuEngine:
         end = None if max_instructions is None else state.icount + max_instructions
         time_end = None if budget_ns is None else clock.now_ns() + budget_ns
         self.halted = False
+        # Everything due at the current count (a fault, an interrupt) is delivered before the
+        # loop returns for the count budget or a debugger stop: a run always ends "settled",
+        # with EIP at the next instruction to execute, so a position names one CPU state.
         while True:
             if self._stop_requested:
                 self._stop_requested = False
                 return StopReason.STOP_REQUESTED
-            if end is not None and state.icount >= end:
-                return StopReason.BUDGET
             until_timer = machine.poll()
             if time_end is not None and clock.now_ns() >= time_end:
                 return StopReason.BUDGET
@@ -362,6 +374,10 @@ class EmuEngine:
                 state.want_window = 0 if single_step else 1
             else:
                 state.want_window = 0
+            if state.debug_hit:
+                return StopReason.DEBUG
+            if end is not None and state.icount >= end:
+                return StopReason.BUDGET
             slice_end = state.icount + SLICE_INSTRUCTIONS
             if end is not None:
                 slice_end = min(slice_end, end)
@@ -389,9 +405,82 @@ class EmuEngine:
                                    f"at eip={self.reg('eip'):#x} (instruction {state.icount})")
                 return StopReason.SHUTDOWN
             if state.stop_reason == lib.STOP_NONE and not self._stop_requested \
-                    and self._pending_fault is None and state.icount < state.stop_at:
+                    and self._pending_fault is None:
                 self.halted = True
                 return StopReason.HALT
+
+    # ----------------------------------------------------------------- debugging and checkpoints
+    def set_breakpoints(self, addresses: list[int]) -> None:
+        """Stop before executing an instruction at any of these linear addresses (at most 64)."""
+        if len(addresses) > len(self.state.breaks):
+            raise ValueError(f"at most {len(self.state.breaks)} breakpoints")
+        for i, address in enumerate(addresses):
+            self.state.breaks[i] = address & 0xFFFFFFFF
+        self.state.nbreak = len(addresses)
+
+    def add_watch(self, address: int, length: int, access: int) -> int:
+        """Stop after an instruction reads (access & 1) or writes (access & 2) the linear range.
+
+        Returns a handle for remove_watch. The VMM's own writes (interrupt frames it pushes) are
+        not seen: they do not go through the emulated CPU."""
+        handle = ffi.new("uc_hook *")
+        _check(lib.replayvm_uc_add_watch(self.uc, self.state, address, address + max(1, length) - 1,
+                                         access, handle), "add watchpoint")
+        return handle[0]
+
+    def remove_watch(self, handle: int) -> None:
+        _check(lib.uc_hook_del(self.uc, handle), "remove watchpoint")
+
+    def take_debug_hit(self) -> tuple[int, int]:
+        """(DEBUG_* kind, watched address) of the last debugger stop, and clear it."""
+        hit = (self.state.debug_hit, self.state.watch_addr)
+        self.state.debug_hit = lib.DEBUG_NONE
+        return hit
+
+    def linear_pc(self) -> int:
+        """CS base + EIP: the address breakpoints compare with."""
+        eip = self.reg("eip")
+        cs = self.reg("cs")
+        if not self.reg("cr0") & 1:
+            return (cs << 4) + eip
+        try:
+            base = x86_delivery._descriptor(self, cs)[0]
+        except x86_delivery.DeliveryFault:
+            base = 0
+        return (base + eip) & 0xFFFFFFFF
+
+    def resume_here(self) -> None:
+        """The next run must not stop at a breakpoint on the instruction it starts with."""
+        self.state.skip_icount = self.state.icount
+        self.state.skip_addr = self.linear_pc()
+
+    _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr")
+
+    def save_cpu(self) -> tuple:
+        """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
+        if self._context is None:
+            holder = ffi.new("uc_context **")
+            _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
+            self._context = holder[0]
+            self._context_size = lib.uc_context_size(self.uc)
+        _check(lib.uc_context_save(self.uc, self._context), "save context")
+        return (bytes(ffi.buffer(self._context, self._context_size)), bytes(ffi.buffer(self.state)),
+                self._pending_fault, self.halted, self.interrupts_delivered, self.exceptions_delivered)
+
+    def restore_cpu(self, saved: tuple) -> None:
+        """Undo to a save_cpu() point; RAM is the caller's. Translated code and the TLB are
+        dropped, since RAM (code included) may have been put back too."""
+        context, counters, self._pending_fault, self.halted, self.interrupts_delivered, \
+            self.exceptions_delivered = saved
+        ffi.memmove(self._context, context, self._context_size)
+        _check(lib.uc_context_restore(self.uc, self._context), "restore context")
+        kept = {name: ffi.buffer(ffi.addressof(self.state, name))[:] for name in self._KEPT_ON_RESTORE}
+        ffi.buffer(self.state)[:] = counters
+        for name, value in kept.items():
+            ffi.buffer(ffi.addressof(self.state, name))[:] = value
+        self._stop_requested = False
+        _check(lib.replayvm_uc_flush_tb(self.uc), "flush translated code")
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""

@@ -57,11 +57,21 @@ struct emu_state {
     int env_old_exception_offset;
     int env_is_int_offset;
     int env_next_eip_offset;
+    uint32_t nbreak;          /* debugger: stop before an instruction at one of these linear addresses */
+    uint32_t breaks[64];
+    uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
+    uint64_t skip_addr;
+    uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
+    uint64_t watch_addr;      /* the address a watchpoint saw accessed */
 };
 
 #define STOP_NONE 0
 #define STOP_COUNT 1
 #define STOP_WINDOW 2
+#define STOP_BREAK 3
+#define DEBUG_NONE 0
+#define DEBUG_BREAK 1
+#define DEBUG_WATCH 2
 
 #define UC_ARCH_X86 4
 #define UC_MODE_32 4
@@ -91,8 +101,11 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
 int replayvm_uc_map_mmio(uc_engine *uc, struct emu_state *s, uint64_t base, size_t size, void *owner);
 int replayvm_uc_remove_cache(uc_engine *uc, uint64_t begin, uint64_t end);
 int replayvm_uc_flush_tlb(uc_engine *uc);
+int replayvm_uc_flush_tb(uc_engine *uc);
 int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s);
 int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_code, int *is_int);
+int replayvm_uc_add_watch(uc_engine *uc, struct emu_state *s, uint64_t begin, uint64_t end, int access, uc_hook *out);
+size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
 extern "Python" void replayvm_py_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *owner);
@@ -127,11 +140,21 @@ struct emu_state {
     int env_old_exception_offset;
     int env_is_int_offset;
     int env_next_eip_offset;
+    uint32_t nbreak;          /* debugger: stop before an instruction at one of these linear addresses */
+    uint32_t breaks[64];
+    uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
+    uint64_t skip_addr;
+    uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
+    uint64_t watch_addr;      /* the address a watchpoint saw accessed */
 };
 
 #define STOP_NONE 0
 #define STOP_COUNT 1
 #define STOP_WINDOW 2
+#define STOP_BREAK 3
+#define DEBUG_NONE 0
+#define DEBUG_BREAK 1
+#define DEBUG_WATCH 2
 #define EFLAGS_IF 0x200u
 
 static uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
@@ -150,6 +173,17 @@ static void on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user_d
         s->stop_reason = STOP_COUNT;
         uc_emu_stop(uc);
         return;
+    }
+    if (s->nbreak && !(s->icount == s->skip_icount && address == s->skip_addr)) {
+        uint32_t i;
+        for (i = 0; i < s->nbreak; i++) {
+            if (s->breaks[i] == (uint32_t)address) {
+                s->stop_reason = STOP_BREAK;
+                s->debug_hit = DEBUG_BREAK;
+                uc_emu_stop(uc);
+                return;
+            }
+        }
     }
     if (s->want_window) {
         uint32_t eflags = 0;
@@ -275,6 +309,13 @@ int replayvm_uc_flush_tlb(uc_engine *uc)
     return uc_ctl_flush_tlb(uc);
 }
 
+/* Drop every translated block (remove_cache translates its start address through the guest's
+   page tables, so it cannot cover "all of RAM" once paging is on). */
+int replayvm_uc_flush_tb(uc_engine *uc)
+{
+    return uc_ctl_flush_tb(uc);
+}
+
 /* The CPU context blob is a copy of QEMU's CPUX86State. Its debug registers dr[0..7] sit 16 bytes
    after error_code (int error_code; int exception_is_int; target_ulong exception_next_eip;) and
    old_exception follows dr[8] and four breakpoint pointers. Find dr[] by writing marks into
@@ -328,6 +369,42 @@ int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_co
     memcpy(is_int, data + s->env_is_int_offset, sizeof(int));
     memcpy(data + s->env_old_exception_offset, &none, sizeof(int));
     return uc_context_restore(uc, ctx);
+}
+
+/* Watchpoints: a memory hook over [begin, end]. The access completes; the run stops before the
+   next instruction begins (a count stop: uc_emu_stop here would restart the instruction). */
+static void on_watch(uc_engine *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+{
+    struct emu_state *s = user_data;
+    if (s->debug_hit != DEBUG_WATCH) {
+        s->debug_hit = DEBUG_WATCH;
+        s->watch_addr = address;
+    }
+    s->stop_at = s->icount;
+}
+
+int replayvm_uc_add_watch(uc_engine *uc, struct emu_state *s, uint64_t begin, uint64_t end, int access, uc_hook *out)
+{
+    int types = 0;
+    if (access & 1) types |= UC_HOOK_MEM_READ;
+    if (access & 2) types |= UC_HOOK_MEM_WRITE;
+    return uc_hook_add(uc, out, types, (void *)on_watch, s, begin, end);
+}
+
+/* Checkpoints: which 4 KiB pages of RAM differ from the shadow copy (RAM at the previous
+   checkpoint); the shadow is brought up to date on the way. Returns how many were written to out. */
+size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out)
+{
+    size_t i, n = 0;
+    for (i = 0; i < npages; i++) {
+        const uint8_t *a = ram + (i << 12);
+        uint8_t *b = shadow + (i << 12);
+        if (memcmp(a, b, 4096) != 0) {
+            memcpy(b, a, 4096);
+            out[n++] = (uint32_t)i;
+        }
+    }
+    return n;
 }
 """
 

@@ -15,7 +15,7 @@ import mmap
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from replayvm import hw
 from replayvm.bus import Mapping
@@ -111,9 +111,38 @@ class _Lapic:
     id_register_value = hw.BSP_APIC_ID << 24
 
 
+class RecordLog:
+    """The trace's records in order behind a cursor. A seekable log keeps every record it has
+    read, so that a checkpoint can put the cursor back; a plain replay streams and keeps none."""
+
+    def __init__(self, records: Iterator[list], keep: bool) -> None:
+        self._source = records
+        self._kept: list[list] | None = [] if keep else None
+        self.cursor = 0
+
+    def next(self) -> list | None:
+        kept = self._kept
+        if kept is not None and self.cursor < len(kept):
+            record = kept[self.cursor]
+        else:
+            record = next(self._source, None)
+            if record is None:
+                return None
+            if kept is not None:
+                kept.append(record)
+        self.cursor += 1
+        return record
+
+    def rewind(self, cursor: int) -> None:
+        if self._kept is None:
+            raise ValueError("this record log streams: it cannot go back")
+        self.cursor = cursor
+
+
 class Replayer:
     def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
-                 until_event: int | None = None, until_position: int | None = None) -> None:
+                 until_event: int | None = None, until_position: int | None = None,
+                 seekable: bool = False) -> None:
         self.reader = TraceReader(trace)
         header = self.reader.header
         if header.get("engine") not in ("emu", "kvm"):
@@ -132,7 +161,7 @@ class Replayer:
         self.mmio = ReplayBus(self, mmio=True)
         self.lapic = _Lapic()
         self.interrupts = self
-        self._records = iter(self.reader)
+        self._records = RecordLog(iter(self.reader), keep=seekable)
         self._sectors: dict[bytes, bytes] = {}
         self._position = 0
         self._index = 0
@@ -143,6 +172,8 @@ class Replayer:
         self._run_event: Event | None = None
         self.footer: dict | None = None
         self.inputs: list[bytes] = []
+        self._console_seen = b""                  # the longest console / input so far (checkpoints)
+        self._inputs_seen: list[bytes] = []
         self._digest: str | None = None
         self.next: Event | None = None
         self._landmark_reached = False
@@ -162,7 +193,8 @@ class Replayer:
     # ---------------------------------------------------------------- the event stream
     def _advance(self) -> None:
         """Move `next` to the following positioned event, absorbing content records on the way."""
-        for record in self._records:
+        take = self._records.next
+        while (record := take()) is not None:
             kind = record[0]
             if kind == Kind.RAM_PAGE:
                 start = record[1] * 4096
@@ -399,39 +431,92 @@ class Replayer:
     def read_tsc(self) -> int:
         return self._take(Kind.CLOCK).record[3]
 
+    # ---------------------------------------------------------------- saving and restoring
+    def save_state(self) -> tuple:
+        """Where the replay stands in the trace (not RAM or CPU: see replay.checkpoints).
+
+        Console text and typed input are prefixes of what the whole replay produces, so only
+        their lengths are saved; the longest seen so far is kept to restore a later point."""
+        if len(self.console) > len(self._console_seen):
+            self._console_seen = bytes(self.console)
+        if len(self.inputs) > len(self._inputs_seen):
+            self._inputs_seen = list(self.inputs)
+        return (self._records.cursor, self._position, self._index, self.next, tuple(self._recent),
+                self._lcr, self._run_data, self._run_offset, self._run_event, len(self.console),
+                len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early)
+
+    def restore_state(self, saved: tuple) -> None:
+        (cursor, self._position, self._index, self.next, recent, self._lcr, self._run_data,
+         self._run_offset, self._run_event, console, inputs, mismatches, self._landmark_reached,
+         self.stopped_early) = saved
+        self._records.rewind(cursor)
+        self._recent = deque(recent, maxlen=RECENT)
+        if len(self.console) > len(self._console_seen):
+            self._console_seen = bytes(self.console)
+        if len(self.inputs) > len(self._inputs_seen):
+            self._inputs_seen = list(self.inputs)
+        self.console[:] = self._console_seen[:console]
+        self.inputs[:] = self._inputs_seen[:inputs]
+        del self.mismatches[mismatches:]
+        self._digest = None
+
+    @property
+    def end_position(self) -> int | None:
+        """Where the recording ended (the footer's position); None for a trace cut short."""
+        return None if self.footer is None else int(self.footer.get("position") or 0)
+
     # ---------------------------------------------------------------- the loop
-    def run(self) -> ReplayResult:
+    def run_to(self, limit: int | None = None) -> str:
+        """Run forward until position `limit`, a debugger stop, or the end of the recording.
+
+        Returns "limit", "debug" (a breakpoint or watchpoint), "end" (everything recorded has
+        been replayed: the guest is at the footer's position) or "stopped" (--until EVENT).
+        On emu every stop is settled: what was due at that instruction count has been delivered."""
         engine = self.engine
-        while self.next is not None and not self.stopped_early:
-            budget = 1 << 40
-            if self.until_position is not None:
-                budget = self.until_position - engine.position
-                if budget <= 0:
-                    self.stopped_early = True
-                    break
-            event = self.next
+        while True:
+            if self.stopped_early:
+                return "stopped"
             if self.on_kvm:
+                if self.next is None:
+                    return "end"
+                event = self.next
                 if event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
                         event.position == engine.position and not self._landmark_reached:
                     self._seek_landmark(event)
                 reason = engine.run()
             else:
+                target = limit
+                if self.next is None:
+                    end = self.end_position
+                    end = engine.position if end is None else end
+                    target = end if limit is None else min(limit, end)
+                budget = 1 << 40 if target is None else max(0, target - engine.position)
                 reason = engine.run(max_instructions=budget)
+            if self.output is not None:
+                self.output.flush()
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
             elif reason is StopReason.SHUTDOWN:
                 self._diverge(f"the guest shut down: {engine.last_error}", self.next)
-            if self.output is not None:
-                self.output.flush()
+            elif reason is StopReason.DEBUG:
+                return "debug"
+            elif reason is StopReason.BUDGET:
+                if self.next is None and engine.position >= (self.end_position or engine.position):
+                    return "end"
+                if limit is not None and engine.position >= limit:
+                    return "limit"
+
+    def run(self) -> ReplayResult:
+        engine = self.engine
+        outcome = self.run_to(self.until_position)
+        if outcome == "limit":
+            self.stopped_early = True
         if self.stopped_early:
             return ReplayResult(events=self._index, instructions=engine.position, state_hash="",
                                 verified=False, truncated=False, console=bytes(self.console),
                                 mismatches=self.mismatches, stopped_early=True)
         truncated = self.footer is None
         if not truncated:
-            end = int(self.footer.get("position") or 0)
-            if engine.position < end and not self.on_kvm:
-                engine.run(max_instructions=end - engine.position)
             self._verify_end()
         digest = self._ram_digest()
         return ReplayResult(events=self._index, instructions=engine.position, state_hash=digest[:16],

@@ -1,0 +1,119 @@
+"""Checkpoints of a replay: the vCPU, the replay's place in the trace, and RAM as page deltas.
+
+A checkpoint lets the debugger go back in time: restore the nearest one before the wanted position
+and re-execute forward (replay is deterministic, so the same instructions produce the same states).
+
+RAM is kept as 4 KiB pages. A shadow copy holds RAM as it was at the newest checkpoint; the next
+checkpoint compares RAM with it in C (`replayvm_dirty_pages`, ~memcmp speed) and keeps only the
+pages that changed. Every FULL_EVERY-th checkpoint also keeps a complete page table (references to
+page objects shared with earlier checkpoints, not copies), so restoring one is: write the pages of
+the nearest full table, then apply at most FULL_EVERY - 1 deltas.
+
+Checkpoints are only ever taken past the newest one: going back and forward again retraces the
+recorded execution, so the shadow (RAM at the newest checkpoint) stays right.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+
+from replayvm.engines.emu import ffi, lib
+
+PAGE = 4096
+FULL_EVERY = 16
+
+
+@dataclass
+class Checkpoint:
+    position: int
+    cpu: tuple                                   # EmuEngine.save_cpu()
+    replay: tuple                                # Replayer.save_state()
+    delta: dict[int, bytes]                      # pages changed since the previous checkpoint
+    pages: list | None = None                    # every page (shared objects), every FULL_EVERY-th
+
+
+@dataclass
+class CheckpointStats:
+    taken: int = 0
+    dirty_pages: int = 0
+    take_seconds: float = 0.0
+    restores: int = 0
+    restore_seconds: float = 0.0
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.dirty_pages * PAGE
+
+
+class CheckpointStore:
+    """The checkpoints of one replay, in position order (see the module docstring)."""
+
+    def __init__(self, replayer) -> None:
+        self.replayer = replayer
+        self.engine = replayer.engine
+        self.ram = replayer.ram
+        self.npages = len(self.ram) // PAGE
+        self._shadow = bytearray(self.ram)
+        self._shadow_ptr = ffi.from_buffer(self._shadow)
+        self._ram_ptr = ffi.from_buffer(self.ram.obj if hasattr(self.ram, "obj") else self.ram)
+        self._dirty = ffi.new("uint32_t[]", self.npages)
+        base = bytes(self._shadow)
+        view = memoryview(base)
+        self._initial_pages = [view[i * PAGE:(i + 1) * PAGE] for i in range(self.npages)]
+        self._latest_pages = list(self._initial_pages)   # every page as of the newest checkpoint
+        self.checkpoints: list[Checkpoint] = []
+        self._positions: list[int] = []
+        self.stats = CheckpointStats()
+
+    @property
+    def newest(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def take(self) -> Checkpoint:
+        """A checkpoint at the engine's position, which must be past the newest one."""
+        started = time.perf_counter()
+        position = self.engine.position
+        if self.checkpoints and position <= self.checkpoints[-1].position:
+            raise ValueError(f"checkpoint at {position} is not past the newest ({self.checkpoints[-1].position})")
+        count = lib.replayvm_dirty_pages(self._ram_ptr, self._shadow_ptr, self.npages, self._dirty)
+        delta = {}
+        latest = self._latest_pages
+        shadow = memoryview(self._shadow)
+        for i in range(count):
+            page = self._dirty[i]
+            data = bytes(shadow[page * PAGE:(page + 1) * PAGE])
+            delta[page] = data
+            latest[page] = data
+        full = list(latest) if len(self.checkpoints) % FULL_EVERY == 0 else None
+        checkpoint = Checkpoint(position, self.engine.save_cpu(), self.replayer.save_state(), delta, full)
+        self.checkpoints.append(checkpoint)
+        self._positions.append(position)
+        self.stats.taken += 1
+        self.stats.dirty_pages += count
+        self.stats.take_seconds += time.perf_counter() - started
+        return checkpoint
+
+    def at_or_before(self, position: int) -> int:
+        """Index of the newest checkpoint at or before `position` (there is always one at 0)."""
+        return max(0, bisect.bisect_right(self._positions, position) - 1)
+
+    def restore(self, index: int) -> Checkpoint:
+        """Put the guest (RAM, vCPU) and the replay back to checkpoint `index`."""
+        started = time.perf_counter()
+        checkpoint = self.checkpoints[index]
+        full_index = index - index % FULL_EVERY
+        pages = self.checkpoints[full_index].pages
+        assert pages is not None
+        ram = self.ram
+        for page, data in enumerate(pages):
+            ram[page * PAGE:(page + 1) * PAGE] = data
+        for later in self.checkpoints[full_index + 1:index + 1]:
+            for page, data in later.delta.items():
+                ram[page * PAGE:(page + 1) * PAGE] = data
+        self.engine.restore_cpu(checkpoint.cpu)
+        self.replayer.restore_state(checkpoint.replay)
+        self.stats.restores += 1
+        self.stats.restore_seconds += time.perf_counter() - started
+        return checkpoint

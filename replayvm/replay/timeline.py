@@ -1,0 +1,232 @@
+"""A replay you can move along: step, continue to breakpoints and watchpoints, seek to any
+instruction count, and go backwards (reverse step, reverse continue).
+
+Positions are instruction counts (emu traces). Every stop is *settled*: whatever the recording did
+at that count (an interrupt, an exception) has been delivered, so EIP is the next instruction to
+execute and a position names exactly one CPU state. Going back restores the nearest checkpoint at
+or before the target and re-executes forward; checkpoints are taken every `checkpoint_every`
+instructions the first time the replay passes there (replay.checkpoints).
+
+The replayer under the timeline answers the guest from the trace and checks its writes as usual:
+a divergence while moving along the timeline is raised as for a plain replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from replayvm.engines.emu import lib
+from replayvm.errors import UsageError
+from replayvm.replay.checkpoints import CheckpointStore
+from replayvm.replay.replayer import Replayer
+from replayvm.trace.format import POSITIONED
+from replayvm.trace.reader import TraceReader
+
+DEFAULT_CHECKPOINT_EVERY = 5_000_000       # instructions between checkpoints
+INTERRUPT_CHUNK = 2_000_000                # how far a continue runs between looks for Ctrl-C
+NO_SKIP = (1 << 64) - 1
+
+WATCH_READ = 1
+WATCH_WRITE = 2
+WATCH_ACCESS = 3
+
+
+@dataclass
+class Stop:
+    """Why the timeline stopped: "step", "break", "watch", "seek", "end" (the recording's end),
+    "begin" (reverse execution reached the start) or "interrupted" (the debugger asked)."""
+
+    reason: str
+    position: int
+    address: int | None = None            # breakpoint PC, or the data address a watchpoint saw
+
+
+class Timeline:
+    def __init__(self, trace: Path, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                 output: BinaryIO | None = None) -> None:
+        self.replayer = Replayer(trace, seekable=True)
+        if self.replayer.on_kvm:
+            self.replayer.close()
+            raise UsageError(f"{trace}: recorded on kvm; stepping, seeking and reverse execution "
+                             f"need a trace recorded on emu (positions on kvm are exit counts)")
+        if checkpoint_every < 1:
+            raise UsageError("the checkpoint interval must be at least one instruction")
+        self.trace = Path(trace)
+        self.engine = self.replayer.engine
+        self.every = checkpoint_every
+        self.output = output
+        self._shown = 0
+        self.breakpoints: set[int] = set()
+        self.watches: dict[tuple[int, int, int], int | None] = {}   # (addr, len, access) -> hook
+        self.interrupt_check: Callable[[], bool] | None = None
+        self._event_positions, self._end = self._scan_events()
+        self.checkpoints = CheckpointStore(self.replayer)
+        self.checkpoints.take()
+
+    # ---------------------------------------------------------------- where we are
+    @property
+    def position(self) -> int:
+        return self.engine.position
+
+    @property
+    def end(self) -> int:
+        """The last position the replay can reach: where the recording ended, or for a trace cut
+        short, its last event."""
+        return self._end
+
+    @property
+    def events_done(self) -> int:
+        """How many of the trace's events the replay has consumed so far."""
+        return self.replayer._index - (1 if self.replayer.next is not None else 0)
+
+    def when(self) -> str:
+        return (f"instruction {self.position} of {self.end}, "
+                f"event {self.events_done} of {len(self._event_positions)}")
+
+    def _scan_events(self) -> tuple[list[int], int]:
+        """One pass over the trace: every event's position, and where the recording ended."""
+        positions, position = [], 0
+        with TraceReader(self.trace) as reader:
+            for record in reader:
+                if record[0] in POSITIONED:
+                    position += record[1]
+                    positions.append(position)
+            footer = reader.footer
+        end = int(footer.get("position") or position) if footer else position
+        return positions, end
+
+    def event_position(self, index: int) -> int:
+        """The position of event `index` (numbered from 0, as `replay --until` and analysis do)."""
+        if not 0 <= index < len(self._event_positions):
+            raise UsageError(f"no event {index}: the trace has {len(self._event_positions)}")
+        return self._event_positions[index]
+
+    # ---------------------------------------------------------------- moving forward
+    def cont(self) -> Stop:
+        """Run forward to the next breakpoint or watchpoint, or the end of the recording."""
+        self._arm(True, skip_current=True)
+        return self._stop(self._forward(None, interruptible=True))
+
+    def step(self, count: int = 1) -> Stop:
+        """Execute `count` instructions (a watchpoint still stops a step early)."""
+        self._arm(True, skip_current=True)
+        return self._stop(self._forward(self.position + count, interruptible=False))
+
+    def seek(self, position: int) -> Stop:
+        """Go to `position` (clamped to the recording), backwards or forwards, breakpoints ignored."""
+        position = min(max(0, position), self.end)
+        index = self.checkpoints.at_or_before(position)
+        checkpoint = self.checkpoints.checkpoints[index]
+        if position < self.position or checkpoint.position > self.position:
+            self.checkpoints.restore(index)
+        self._arm(False, skip_current=False)
+        self._forward(position, interruptible=False)
+        return Stop("seek", self.position)
+
+    # ---------------------------------------------------------------- moving backward
+    def reverse_step(self) -> Stop:
+        if self.position == 0:
+            return Stop("begin", 0)
+        self.seek(self.position - 1)
+        return Stop("step", self.position)
+
+    def reverse_continue(self) -> Stop:
+        """Go back to the latest breakpoint or watchpoint hit before here, or to the start."""
+        here = self.position
+        index = self.checkpoints.at_or_before(max(0, here - 1))
+        while here > 0 and index >= 0:
+            hits = self._hits(index, here)
+            if hits:
+                position, reason, address = hits[-1]
+                self.seek(position)
+                return Stop(reason, self.position, address)
+            here = self.checkpoints.checkpoints[index].position
+            index -= 1
+        self.seek(0)
+        return Stop("begin", 0)
+
+    def _hits(self, index: int, before: int) -> list[tuple[int, str, int]]:
+        """Breakpoint and watchpoint hits from checkpoint `index` up to position `before`."""
+        self.checkpoints.restore(index)
+        self._arm(True, skip_current=False)
+        hits = []
+        while self._forward(before, interruptible=False) == "debug":
+            kind, address = self.engine.take_debug_hit()
+            position = self.position
+            if kind == lib.DEBUG_BREAK and position < before:
+                hits.append((position, "break", self.engine.linear_pc()))
+            elif kind == lib.DEBUG_WATCH and position <= before:
+                hits.append((position - 1, "watch", address))   # in reverse: before the access
+            self.engine.resume_here()
+        return hits
+
+    # ---------------------------------------------------------------- machinery
+    def _arm(self, on: bool, skip_current: bool) -> None:
+        engine = self.engine
+        engine.set_breakpoints(sorted(self.breakpoints) if on else [])
+        for key, hook in list(self.watches.items()):
+            if on and hook is None:
+                self.watches[key] = engine.add_watch(*key)
+            elif not on and hook is not None:
+                engine.remove_watch(hook)
+                self.watches[key] = None
+        engine.take_debug_hit()
+        if skip_current:
+            engine.resume_here()
+        else:
+            engine.state.skip_icount = NO_SKIP
+
+    def _forward(self, limit: int | None, interruptible: bool) -> str:
+        """run_to in pieces, taking a checkpoint at each interval boundary passed for the first time."""
+        engine = self.engine
+        while True:
+            newest = self.checkpoints.newest.position
+            boundary = newest + self.every
+            piece = limit
+            if engine.position >= newest:
+                piece = boundary if piece is None else min(piece, boundary)
+            if interruptible and self.interrupt_check is not None:
+                chunk = engine.position + INTERRUPT_CHUNK
+                piece = chunk if piece is None else min(piece, chunk)
+            outcome = self.replayer.run_to(piece)
+            if outcome == "limit" and engine.position == boundary:
+                self.checkpoints.take()
+            self._show_console()
+            if outcome != "limit":
+                return outcome
+            if limit is not None and engine.position >= limit:
+                return "limit"
+            if interruptible and self.interrupt_check is not None and self.interrupt_check():
+                return "interrupted"
+
+    def _stop(self, outcome: str) -> Stop:
+        if outcome == "debug":
+            kind, address = self.engine.take_debug_hit()
+            if kind == lib.DEBUG_WATCH:
+                return Stop("watch", self.position, address)
+            return Stop("break", self.position, self.engine.linear_pc())
+        if outcome == "limit":
+            return Stop("step", self.position)
+        return Stop(outcome, self.position)
+
+    def _show_console(self) -> None:
+        """Print console output the first time the replay produces it (not again after going back)."""
+        console = self.replayer.console
+        if self.output is not None and len(console) > self._shown:
+            self.output.write(bytes(console[self._shown:]))
+            self.output.flush()
+            self._shown = len(console)
+
+    # ---------------------------------------------------------------- state for the debugger
+    def registers(self):
+        return self.engine.get_state()
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        """Guest-virtual memory through the guest's page tables (raises on an unmapped page)."""
+        return self.engine.peek_linear(address, length)
+
+    def close(self) -> None:
+        self.replayer.close()
+
