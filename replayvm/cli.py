@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop after event number EVENT, or at instruction COUNT (i5000000), "
                              "and print the CPU state")
     replay.add_argument("--stats", action="store_true", help="print replay speed on stderr")
+    replay.add_argument("--gdb", metavar="[HOST:]PORT",
+                        help="serve the GDB remote protocol on the replay (loopback unless HOST is "
+                             "given): breakpoints, watchpoints, stepping, reverse execution")
+    replay.add_argument("--seek", metavar="EVENT|iCOUNT",
+                        help="start at this point (with --gdb: the debugger starts there), going "
+                             "there through checkpoints; without --gdb, print the CPU state there")
+    replay.add_argument("--checkpoint-every", type=int, metavar="N", default=None,
+                        help="with --gdb/--seek: instructions between checkpoints (default 5,000,000)")
     replay.add_argument("--engine", choices=("emu", "kvm"),
                         help="must be the engine the trace was recorded on (emu traces replay on emu, "
                              "kvm traces on kvm; replaying on the other engine is not supported yet)")
@@ -177,10 +185,44 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_debug(args: argparse.Namespace) -> int:
+    """replay --gdb / --seek: a Timeline with checkpoints, served to gdb or stopped at a point."""
+    from replayvm.replay import gdbstub
+    from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
+
+    if args.until is not None or args.keep_going:
+        raise UsageError("--gdb and --seek do not combine with --until or --continue")
+    output = None if args.quiet else sys.stdout.buffer
+    timeline = Timeline(args.trace, checkpoint_every=args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
+                        output=output)
+    try:
+        if args.seek is not None:
+            timeline.seek(gdbstub.parse_position(args.seek, timeline))
+        if args.gdb is None:
+            sys.stdout.flush()
+            print(f"\nreplay at {timeline.when()}")
+            print(timeline.registers().describe())
+            return 0
+
+        def announce(line: str) -> None:
+            sys.stderr.write(f"replayvm: {line}\n")
+            sys.stderr.flush()
+
+        gdbstub.serve(timeline, args.gdb, announce=announce)
+        sys.stdout.flush()
+        sys.stderr.write(f"replayvm: gdb session ended at {timeline.when()}\n")
+        return 0
+    finally:
+        timeline.close()
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from replayvm.replay.replayer import replay
 
     import time
+
+    if args.gdb is not None or args.seek is not None:
+        return cmd_debug(args)
 
     until_event = until_position = None
     if args.until is not None:

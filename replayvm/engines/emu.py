@@ -116,6 +116,7 @@ class EmuEngine:
         self._python_error: BaseException | None = None
         self._pending_fault: tuple[int, int | None, int] | None = None   # (vector, error, eip)
         self._context = None                      # uc_context for checkpoints, made on first use
+        self._watch_hook = None
         self._context_size = 0
         self._shutdown_in_hook = False
         self.halted = False
@@ -181,6 +182,15 @@ class EmuEngine:
         if self.translate(addr + size - 1) - start == size - 1:
             return bytes(self.machine.ram[start:start + size])
         return bytes(self.machine.ram[self.translate(addr + i)] for i in range(size))
+
+    def peek_translate(self, linear: int) -> int | None:
+        """translate() for a debugger: None for an unmapped address, and CR2 left alone."""
+        cr2 = self.reg("cr2")
+        try:
+            return self.translate(linear)
+        except x86_delivery.DeliveryFault:
+            self.set_reg("cr2", cr2)
+            return None
 
     def peek_linear(self, addr: int, size: int) -> bytes:
         """read_linear for a debugger: an unmapped page raises DeliveryFault but leaves CR2 alone."""
@@ -418,18 +428,35 @@ class EmuEngine:
             self.state.breaks[i] = address & 0xFFFFFFFF
         self.state.nbreak = len(addresses)
 
-    def add_watch(self, address: int, length: int, access: int) -> int:
-        """Stop after an instruction reads (access & 1) or writes (access & 2) the linear range.
+    def set_watchpoints(self, watches: list[tuple[int, int, int]]) -> None:
+        """Stop after an instruction reads (access & 1) or writes (access & 2) one of these
+        (linear address, length, access) ranges, mapped through the page tables at each access.
 
-        Returns a handle for remove_watch. The VMM's own writes (interrupt frames it pushes) are
-        not seen: they do not go through the emulated CPU."""
-        handle = ffi.new("uc_hook *")
-        _check(lib.replayvm_uc_add_watch(self.uc, self.state, address, address + max(1, length) - 1,
-                                         access, handle), "add watchpoint")
-        return handle[0]
+        At most 4. The VMM's own writes (interrupt frames it pushes) are not seen: they do not
+        go through the emulated CPU. While any is set, every memory access calls a C hook."""
+        st = self.state
+        if len(watches) > len(st.watch_va):
+            raise ValueError(f"at most {len(st.watch_va)} watchpoints")
+        for i, (address, length, access) in enumerate(watches):
+            st.watch_va[i], st.watch_len[i], st.watch_access[i] = address, max(1, length), access
+        st.nwatch = len(watches)
+        if watches and self._watch_hook is None:
+            st.ram = ffi.cast("uint8_t *", self._ram)
+            st.ram_size = len(self.machine.ram)
+            handle = ffi.new("uc_hook *")
+            _check(lib.replayvm_uc_add_watch_hook(self.uc, st, handle), "add watchpoint hook")
+            self._watch_hook = handle[0]
+            self._forget_translations()
+        elif not watches and self._watch_hook is not None:
+            _check(lib.uc_hook_del(self.uc, self._watch_hook), "remove watchpoint hook")
+            self._watch_hook = None
+            self._forget_translations()
 
-    def remove_watch(self, handle: int) -> None:
-        _check(lib.uc_hook_del(self.uc, handle), "remove watchpoint")
+    def _forget_translations(self) -> None:
+        """Memory hooks are decided when code is translated and when a TLB entry is filled (an
+        entry made before the hook lets accesses bypass it): drop both."""
+        _check(lib.replayvm_uc_flush_tb(self.uc), "flush translated code")
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
 
     def take_debug_hit(self) -> tuple[int, int]:
         """(DEBUG_* kind, watched address) of the last debugger stop, and clear it."""
@@ -454,7 +481,8 @@ class EmuEngine:
         self.state.skip_icount = self.state.icount
         self.state.skip_addr = self.linear_pc()
 
-    _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr")
+    _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr",
+                        "nwatch", "watch_va", "watch_len", "watch_access", "ram", "ram_size")
 
     def save_cpu(self) -> tuple:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
@@ -479,8 +507,7 @@ class EmuEngine:
         for name, value in kept.items():
             ffi.buffer(ffi.addressof(self.state, name))[:] = value
         self._stop_requested = False
-        _check(lib.replayvm_uc_flush_tb(self.uc), "flush translated code")
-        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        self._forget_translations()
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""

@@ -62,7 +62,13 @@ struct emu_state {
     uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
     uint64_t skip_addr;
     uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
-    uint64_t watch_addr;      /* the address a watchpoint saw accessed */
+    uint64_t watch_addr;      /* the (virtual) address a watchpoint saw accessed */
+    uint32_t nwatch;          /* watchpoints: guest-virtual ranges, checked against each access */
+    uint32_t watch_va[4];
+    uint32_t watch_len[4];
+    uint32_t watch_access[4]; /* 1 read, 2 write, 3 both */
+    uint8_t *ram;             /* guest RAM, for the page walk that maps a watch to physical */
+    uint64_t ram_size;
 };
 
 #define STOP_NONE 0
@@ -104,7 +110,7 @@ int replayvm_uc_flush_tlb(uc_engine *uc);
 int replayvm_uc_flush_tb(uc_engine *uc);
 int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s);
 int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_code, int *is_int);
-int replayvm_uc_add_watch(uc_engine *uc, struct emu_state *s, uint64_t begin, uint64_t end, int access, uc_hook *out);
+int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out);
 size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
@@ -145,7 +151,13 @@ struct emu_state {
     uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
     uint64_t skip_addr;
     uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
-    uint64_t watch_addr;      /* the address a watchpoint saw accessed */
+    uint64_t watch_addr;      /* the (virtual) address a watchpoint saw accessed */
+    uint32_t nwatch;          /* watchpoints: guest-virtual ranges, checked against each access */
+    uint32_t watch_va[4];
+    uint32_t watch_len[4];
+    uint32_t watch_access[4]; /* 1 read, 2 write, 3 both */
+    uint8_t *ram;             /* guest RAM, for the page walk that maps a watch to physical */
+    uint64_t ram_size;
 };
 
 #define STOP_NONE 0
@@ -371,24 +383,61 @@ int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_co
     return uc_context_restore(uc, ctx);
 }
 
-/* Watchpoints: a memory hook over [begin, end]. The access completes; the run stops before the
-   next instruction begins (a count stop: uc_emu_stop here would restart the instruction). */
+/* Watchpoints. Unicorn hands memory hooks physical addresses, while a debugger watches
+   guest-virtual ones whose mapping changes with CR3; so one hook sees every access and maps each
+   watched range through the guest's page tables at the moment of the access. Only accesses whose
+   page offset can overlap a watched range pay for the walk. The access completes; the run stops
+   before the next instruction begins (a count stop: uc_emu_stop here would restart it). */
+static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear)
+{
+    uint32_t cr0 = 0, cr3 = 0, cr4 = 0, pde, pte;
+    uint64_t table;
+    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    if (!(cr0 & 0x80000000u)) return linear;
+    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
+    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    table = (cr3 & 0xFFFFF000u) + ((linear >> 22) << 2);
+    if (table + 4 > s->ram_size) return -1;
+    memcpy(&pde, s->ram + table, 4);
+    if (!(pde & 1)) return -1;
+    if ((pde & 0x80) && (cr4 & 0x10)) return (pde & 0xFFC00000u) | (linear & 0x3FFFFFu);
+    table = (pde & 0xFFFFF000u) + (((linear >> 12) & 0x3FF) << 2);
+    if (table + 4 > s->ram_size) return -1;
+    memcpy(&pte, s->ram + table, 4);
+    if (!(pte & 1)) return -1;
+    return (pte & 0xFFFFF000u) | (linear & 0xFFF);
+}
+
 static void on_watch(uc_engine *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
 {
     struct emu_state *s = user_data;
-    if (s->debug_hit != DEBUG_WATCH) {
-        s->debug_hit = DEBUG_WATCH;
-        s->watch_addr = address;
+    uint32_t i, want = (type == UC_MEM_WRITE) ? 2 : 1;
+    for (i = 0; i < s->nwatch; i++) {
+        uint32_t va = s->watch_va[i], len = s->watch_len[i], k;
+        if (!(s->watch_access[i] & want)) continue;
+        /* page offsets are the same virtual and physical: a cheap test first */
+        if (len < 4096 && ((uint32_t)address - va) % 4096 >= len &&
+            (va - (uint32_t)address) % 4096 >= (uint32_t)size) continue;
+        for (k = 0; k < len; k += 4096 - ((va + k) & 0xFFF)) {
+            int64_t pa = walk(uc, s, va + k);
+            uint32_t piece = 4096 - ((va + k) & 0xFFF);
+            if (piece > len - k) piece = len - k;
+            if (pa < 0) continue;
+            if (address < (uint64_t)pa + piece && (uint64_t)pa < address + size) {
+                if (s->debug_hit != DEBUG_WATCH) {
+                    s->debug_hit = DEBUG_WATCH;
+                    s->watch_addr = va + k + (address > (uint64_t)pa ? address - (uint64_t)pa : 0);
+                }
+                s->stop_at = s->icount;
+                return;
+            }
+        }
     }
-    s->stop_at = s->icount;
 }
 
-int replayvm_uc_add_watch(uc_engine *uc, struct emu_state *s, uint64_t begin, uint64_t end, int access, uc_hook *out)
+int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out)
 {
-    int types = 0;
-    if (access & 1) types |= UC_HOOK_MEM_READ;
-    if (access & 2) types |= UC_HOOK_MEM_WRITE;
-    return uc_hook_add(uc, out, types, (void *)on_watch, s, begin, end);
+    return uc_hook_add(uc, out, UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, (void *)on_watch, s, 1, 0);
 }
 
 /* Checkpoints: which 4 KiB pages of RAM differ from the shadow copy (RAM at the previous

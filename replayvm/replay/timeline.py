@@ -59,7 +59,7 @@ class Timeline:
         self.output = output
         self._shown = 0
         self.breakpoints: set[int] = set()
-        self.watches: dict[tuple[int, int, int], int | None] = {}   # (addr, len, access) -> hook
+        self.watches: set[tuple[int, int, int]] = set()          # (address, length, access)
         self.interrupt_check: Callable[[], bool] | None = None
         self._event_positions, self._end = self._scan_events()
         self.checkpoints = CheckpointStore(self.replayer)
@@ -166,12 +166,7 @@ class Timeline:
     def _arm(self, on: bool, skip_current: bool) -> None:
         engine = self.engine
         engine.set_breakpoints(sorted(self.breakpoints) if on else [])
-        for key, hook in list(self.watches.items()):
-            if on and hook is None:
-                self.watches[key] = engine.add_watch(*key)
-            elif not on and hook is not None:
-                engine.remove_watch(hook)
-                self.watches[key] = None
+        engine.set_watchpoints(sorted(self.watches) if on else [])
         engine.take_debug_hit()
         if skip_current:
             engine.resume_here()
