@@ -1,0 +1,160 @@
+"""The real gdb, in batch mode, against `replayvm replay --gdb` (demo guest; xv6 when given)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from replayvm.guests import guest_file
+from replayvm.record.session import SessionOptions, run_session
+
+STARTUP_S = 60
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def gdb() -> str:
+    path = shutil.which("gdb")
+    if path is None:
+        if ON_CI:
+            pytest.fail("CI needs gdb (.ci/run installs it)")
+        pytest.skip("gdb is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_trace(tmp_path_factory) -> Path:
+    trace = tmp_path_factory.mktemp("gdb") / "demo.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
+                                            timeout_s=120), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    return trace
+
+
+class Stub:
+    """`replayvm replay TRACE --gdb 127.0.0.1:0` in a subprocess; the port comes from its stderr."""
+
+    def __init__(self, trace: Path, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "replayvm.cli", "replay", str(trace), "--gdb", "127.0.0.1:0",
+             "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stderr = b""
+        deadline = time.monotonic() + STARTUP_S
+        while b"listening on" not in self.stderr:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.process.stderr], [], [], max(0, remaining))
+            chunk = self.process.stderr.read1(4096) if ready else b""
+            if not chunk:
+                self.process.kill()
+                raise AssertionError(f"the stub did not start: {self.stderr.decode()}")
+            self.stderr += chunk
+        self.address = re.search(rb"listening on (\S+:\d+)", self.stderr).group(1).decode()
+
+    def finish(self) -> str:
+        _, err = self.process.communicate(timeout=60)
+        return (self.stderr + err).decode()
+
+
+def run_gdb(gdb: str, elf: Path, address: str, commands: list[str]) -> str:
+    script = ["set pagination off", "set confirm off", f"target remote {address}", *commands, "kill"]
+    args = [gdb, "-nx", "-batch"]
+    for command in script:
+        args += ["-ex", command]
+    result = subprocess.run([*args, str(elf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=300)
+    return result.stdout
+
+
+def registers(output: str, marker: str) -> str:
+    """The `info registers` block printed after `echo MARKER\\n`."""
+    block = output.split(marker + "\n", 1)[1]
+    return "\n".join(line for line in block.splitlines()[:16])
+
+
+def test_gdb_breaks_reads_steps_and_reverse_steps_on_the_demo_guest(gdb, demo_trace):
+    elf = guest_file("demo", "kernel.elf")
+    stub = Stub(demo_trace)
+    out = run_gdb(gdb, elf, stub.address, [
+        "break race_task", "continue",
+        "echo BEFORE\\n", "info registers",
+        "x/2xw $esp", "print race_iterations", "print/x $cr0",
+        "stepi", "echo STEPPED\\n", "info registers",
+        "reverse-stepi", "echo BACK\\n", "info registers",
+        "set var race_counter = 5",
+        "monitor when",
+    ])
+    stub.finish()
+    assert "Breakpoint 1, race_task ()" in out, out
+    before, stepped, back = (registers(out, m) for m in ("BEFORE", "STEPPED", "BACK"))
+    assert re.search(r"eip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <race_task>", before), before
+    assert stepped != before
+    assert back == before                                   # identical registers after reverse-stepi
+    assert re.search(r"\$1 = \d{4,}", out)                  # race_iterations, calibrated at boot
+    assert re.search(r"\$2 = 0x8\w{7}", out)                # CR0 with PG set
+    assert "Could not write" in out or "Cannot access memory" in out   # the replay is read-only
+    assert re.search(r"instruction \d+ of \d+, event \d+ of \d+", out)
+
+
+def test_gdb_reverse_continue_and_watchpoints(gdb, demo_trace):
+    elf = guest_file("demo", "kernel.elf")
+    stub = Stub(demo_trace)
+    out = run_gdb(gdb, elf, stub.address, [
+        "break race_task", "continue", "delete 1",
+        "watch race_counter", "continue", "continue",
+        "echo FORWARD\\n", "print race_counter",
+        "reverse-continue", "echo REVERSED\\n", "print race_counter",
+        "delete 2", "break uart_interrupt", "continue", "continue",
+        "echo SECOND\\n", "monitor when", "reverse-continue", "echo FIRST\\n", "monitor when",
+        "delete", "reverse-continue",
+    ])
+    stub.finish()
+    assert "Hardware watchpoint 2: race_counter" in out, out
+    assert out.count("Old value = ") >= 3
+    forward = int(re.search(r"FORWARD\n\$\d+ = (\d+)", out).group(1))
+    reversed_value = int(re.search(r"REVERSED\n\$\d+ = (\d+)", out).group(1))
+    assert reversed_value == forward - 1                  # stopped before the write that made it
+    second = int(re.search(r"SECOND\ninstruction (\d+)", out).group(1))
+    first = int(re.search(r"FIRST\ninstruction (\d+)", out).group(1))
+    assert first < second
+    assert "No more reverse-execution history" in out       # the last reverse-continue: the start
+
+
+def test_gdb_refuses_a_trace_recorded_on_kvm_with_one_line(tmp_path):
+    from replayvm.trace import TraceWriter
+
+    trace = tmp_path / "kvm.zst"
+    writer = TraceWriter(trace, {"engine": "kvm", "position_unit": "exits", "ram_bytes": 1 << 20,
+                                 "initial_state": {}})
+    writer.close({})
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(trace), "--gdb", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "recorded on kvm" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_gdb_on_xv6_breaks_in_sys_write_with_a_backtrace(gdb, xv6_dir, tmp_path):
+    trace = tmp_path / "xv6.zst"
+    outcome, _ = run_session(SessionOptions(disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"],
+                                            engine="emu", script=b"echo hello\n", trace=trace,
+                                            timeout_s=120), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    stub = Stub(trace)
+    out = run_gdb(gdb, xv6_dir / "kernel", stub.address, [
+        "break sys_write", "continue", "bt", "info registers eip",
+        "stepi", "reverse-stepi", "info registers eip", "monitor when",
+    ])
+    stub.finish()
+    assert "Breakpoint 1, sys_write ()" in out, out
+    frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+)", out, re.M)
+    assert frames[:3] == ["sys_write", "syscall", "trap"], out
+    eips = re.findall(r"eip\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+ <sys_write", out)
+    assert len(eips) == 2 and eips[0] == eips[1]

@@ -1,0 +1,151 @@
+"""The replay timeline: checkpoints, seek, step, reverse execution, breakpoints and watchpoints,
+on real demo-guest recordings (emu engine)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from replayvm.guests import guest_file
+from replayvm.record.session import SessionOptions, run_session
+from replayvm.replay.replayer import replay
+from replayvm.replay.timeline import WATCH_WRITE, Timeline
+
+EVERY = 1_000_000                # small checkpoint interval: the demo session spans several
+
+
+def symbol(name: str) -> int:
+    with open(guest_file("demo", "kernel.elf"), "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+    assert sym, name
+    return sym[0]["st_value"]
+
+
+@pytest.fixture(scope="module")
+def demo_trace(tmp_path_factory) -> Path:
+    trace = tmp_path_factory.mktemp("timeline") / "demo.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
+                                            timeout_s=120), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    return trace
+
+
+def snapshot(timeline: Timeline) -> tuple:
+    state = timeline.registers()
+    return (timeline.position, tuple(sorted(state.regs.items())), state.cr3,
+            hashlib.sha256(timeline.replayer.ram).hexdigest())
+
+
+def test_seek_back_and_forth_gives_the_states_of_a_straight_replay(demo_trace):
+    straight = Timeline(demo_trace, checkpoint_every=10**12)       # one checkpoint: at 0
+    wanted = {}
+    for position in (1_500_000, 3_000_001, 6_123_457):
+        straight.seek(position)
+        wanted[position] = snapshot(straight)
+    straight.close()
+
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.seek(timeline.end)
+    assert timeline.checkpoints.stats.taken >= 8
+    for position in (6_123_457, 1_500_000, 3_000_001, 6_123_457):
+        timeline.seek(position)
+        assert snapshot(timeline) == wanted[position]
+    assert timeline.checkpoints.stats.restores >= 3
+    timeline.close()
+
+
+def test_after_going_back_the_replay_still_verifies_to_the_end(demo_trace):
+    expected = replay(demo_trace)
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.seek(timeline.end)
+    timeline.seek(2_500_000)                           # back, then forward over checkpoints
+    timeline.seek(7_000_000)
+    timeline.seek(4_000_000)
+    timeline.seek(timeline.end)
+    timeline.replayer._verify_end()                    # raises Divergence on any difference
+    assert bytes(timeline.replayer.console) == expected.console
+    timeline.close()
+
+
+def test_step_then_reverse_step_returns_identical_registers(demo_trace):
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.seek(3_456_789)
+    before = snapshot(timeline)
+    assert timeline.step().reason == "step"
+    after = snapshot(timeline)
+    assert after[0] == before[0] + 1 and after[1] != before[1]
+    assert timeline.reverse_step().reason == "step"
+    assert snapshot(timeline) == before
+    timeline.seek(0)
+    assert timeline.reverse_step().reason == "begin"
+    timeline.close()
+
+
+def test_breakpoints_forward_and_reverse(demo_trace):
+    race_task = symbol("race_task")
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.breakpoints.add(race_task)
+    hits = []
+    while (stop := timeline.cont()).reason == "break":
+        assert stop.address == race_task == timeline.registers().regs["rip"]
+        hits.append(stop.position)
+    assert stop.reason == "end" and len(hits) == 4       # two tasks, boot race and typed race
+    for expected in reversed(hits):                   # from the end, back through every hit
+        stop = timeline.reverse_continue()
+        assert (stop.reason, stop.position) == ("break", expected)
+    assert timeline.reverse_continue().reason == "begin"
+    timeline.close()
+
+
+def test_watchpoint_sees_each_write_and_reverse_stops_before_it(demo_trace):
+    counter = symbol("race_counter")
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.breakpoints.add(symbol("race_task"))
+    timeline.cont()
+    timeline.breakpoints.clear()
+    timeline.watches.add((counter, 4, WATCH_WRITE))
+    values = []
+    for _ in range(3):
+        stop = timeline.cont()
+        assert stop.reason == "watch" and stop.address == counter
+        values.append(int.from_bytes(timeline.read_memory(counter, 4), "little"))
+    assert values[1] == values[0] + 1 and values[2] == values[1] + 1
+    stop = timeline.reverse_continue()                  # before the write that made values[2]
+    assert stop.reason == "watch"
+    assert int.from_bytes(timeline.read_memory(counter, 4), "little") == values[1]
+    timeline.step()
+    assert int.from_bytes(timeline.read_memory(counter, 4), "little") == values[2]
+    timeline.close()
+
+
+def test_seek_uses_checkpoints_instead_of_replaying_from_the_start(demo_trace):
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.seek(timeline.end)
+    timeline.seek(7_000_000)
+    restores = timeline.checkpoints.stats.restores
+    timeline.seek(7_500_000)                             # forward inside one interval: no restore
+    assert timeline.checkpoints.stats.restores == restores
+    timeline.seek(4_200_000)                             # back: the checkpoint at 4,000,000
+    assert timeline.checkpoints.stats.restores == restores + 1
+    timeline.close()
+
+
+def test_cli_seek_prints_the_cpu_state_there(demo_trace):
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(demo_trace),
+                             "--seek", "i2000000", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "replay at instruction 2000000 of" in result.stdout
+    assert "eip=" in result.stdout or "rip=" in result.stdout
+
+
+def test_cli_seek_to_a_missing_event_is_a_one_line_error(demo_trace):
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(demo_trace),
+                             "--seek", "99999999"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no event 99999999" in result.stderr
