@@ -85,9 +85,14 @@ class Machine:
         self._wire_devices()
         self.chaos = None
         if config.chaos_seed is not None:
-            from replayvm.record.chaos import TimerChaos
+            from replayvm.record.chaos import (IDE_MEAN_LATENCY_NS, UART_MEAN_LATENCY_NS,
+                                               DeviceLatency, TimerChaos)
 
             self.chaos = TimerChaos(self.lapic, config.chaos_seed)
+            now = self.clock.now_ns
+            self.ide.latency = DeviceLatency(config.chaos_seed, "ide0", IDE_MEAN_LATENCY_NS)
+            self.uart.latency = DeviceLatency(config.chaos_seed, "com1", UART_MEAN_LATENCY_NS)
+            self.ide.now_ns = self.uart.now_ns = now
         self.engine = _create_engine(config.engine, self)
         self.boot_state = self._boot()
         self.engine.set_state(self.boot_state)
@@ -152,6 +157,11 @@ class Machine:
             extra = self.chaos.poll(now)
             if extra is not None and (until is None or extra < until):
                 until = extra
+            for device in (self.ide, self.uart):     # completion latencies
+                device.poll(now)
+                due = device.next_deadline_ns()
+                if due is not None and (until is None or due - now < until):
+                    until = max(0, due - now)
         return until
 
     def interrupt_source(self, vector: int) -> str:

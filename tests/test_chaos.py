@@ -56,3 +56,33 @@ def test_cli_repeats_chaos_runs_until_the_bug_shows_and_keeps_that_trace(tmp_pat
         assert reader.header["chaos_seed"] == 5 + int(matched.group(1)) - 1
     result = replay(trace)
     assert result.verified and LOST.search(result.console)
+
+
+def device_waits(trace) -> tuple[int, int]:
+    """(IDE status reads that found the disk busy, UART LSR reads that found THR full)."""
+    from replayvm import hw
+    from replayvm.trace import Kind, TraceReader
+
+    busy = full = 0
+    with TraceReader(trace) as reader:
+        for record in reader:
+            if record[0] == Kind.PIO_READ:
+                port, value = record[2], record[4]
+                if port == hw.IDE0_CMD_PORT + 7 and value & 0x80:
+                    busy += 1
+                elif port == hw.COM1_PORT + 5 and not value & 0x20:
+                    full += 1
+    return busy, full
+
+
+def test_chaos_gives_disk_and_serial_completion_latency_that_replays(tmp_path):
+    plain, chaotic = tmp_path / "plain.zst", tmp_path / "chaos.zst"
+    for trace, seed in ((plain, None), (chaotic, 7)):
+        out = io.BytesIO()
+        outcome, _ = run_session(SessionOptions(engine="emu", script=b"disk\necho hi\n", chaos_seed=seed,
+                                                trace=trace, timeout_s=60), output=out)
+        assert outcome.reason == "script-done" and b"disk: ok" in out.getvalue()
+    assert device_waits(plain) == (0, 0)                 # default devices complete at once
+    busy, full = device_waits(chaotic)
+    assert busy > 0 and full > 0, (busy, full)           # the guest waited for both devices
+    assert replay(chaotic).verified

@@ -12,6 +12,7 @@ end in an error status, never an exception.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from replayvm.devices.disk import SECTOR_SIZE, Disk
 from replayvm.devices.irq import IrqLine
@@ -88,9 +89,13 @@ class _Registers:
 class IdeChannel:
     """The primary channel's state machine (see module docstring)."""
 
-    def __init__(self, irq: IrqLine, master: Disk | None, slave: Disk | None) -> None:
+    def __init__(self, irq: IrqLine, master: Disk | None, slave: Disk | None,
+                 latency: Callable[[], int] | None = None, now_ns: Callable[[], int] | None = None) -> None:
         self.irq = irq
         self.drives = [master, slave]
+        self.latency = latency               # chaos: ns a command stays busy (None: completes at once)
+        self.now_ns = now_ns
+        self._completion: tuple[int, Callable[[], None]] | None = None
         self.command_block = _Registers(self, control=False)
         self.control_block = _Registers(self, control=True)
         self.commands = 0
@@ -148,9 +153,13 @@ class IdeChannel:
 
     # ---------------------------------------------------------------- registers
     def alternate_status(self) -> int:
+        if self._completion is not None and self.now_ns is not None:
+            self.poll(self.now_ns())
         return self.status if self.drive is not None else 0
 
     def read_register(self, offset: int, size: int) -> int:
+        if self._completion is not None and self.now_ns is not None:
+            self.poll(self.now_ns())             # a guest polling status sees completion on time
         if offset == DATA:
             return int.from_bytes(self.read_data_block(size), "little")
         if self.drive is None:
@@ -245,10 +254,34 @@ class IdeChannel:
         assert drive is not None
         self.buffer = bytearray(drive.read_sector(self.current_lba))
         self.position = 0
-        self.transfer = "read"
-        self.status = READY | STATUS_DRQ
         self.sectors_read += 1
-        self._raise_irq()
+
+        def ready() -> None:
+            self.transfer = "read"
+            self.status = READY | STATUS_DRQ
+            self._raise_irq()
+
+        self._after_latency(ready)
+
+    # ---------------------------------------------------------------- completion latency (chaos)
+    def _after_latency(self, complete: Callable[[], None]) -> None:
+        """Run `complete` now, or with a latency source, after it: busy until then."""
+        if self.latency is None or self.now_ns is None:
+            complete()
+            return
+        self.status = STATUS_BSY
+        self.transfer = None
+        self._completion = (self.now_ns() + self.latency(), complete)
+
+    def poll(self, now_ns: int) -> None:
+        """Complete a delayed command whose time has come."""
+        if self._completion is not None and now_ns >= self._completion[0]:
+            _, complete = self._completion
+            self._completion = None
+            complete()
+
+    def next_deadline_ns(self) -> int | None:
+        return None if self._completion is None else self._completion[0]
 
     def _identify(self) -> bytes:
         drive = self.drive
@@ -301,8 +334,14 @@ class IdeChannel:
             if self.remaining <= 0:
                 self.transfer = None
                 self.buffer = bytearray()
-                self.status = READY
-            self._raise_irq()
+
+                def written() -> None:
+                    self.status = READY
+                    self._raise_irq()
+
+                self._after_latency(written)
+            else:
+                self._raise_irq()
 
     # ---------------------------------------------------------------- snapshots
     def state(self) -> dict:

@@ -42,9 +42,12 @@ class Uart16550:
 
     name = "com1"
 
-    def __init__(self, irq: IrqLine, on_output: Callable[[int], None]) -> None:
+    def __init__(self, irq: IrqLine, on_output: Callable[[int], None],
+                 latency: Callable[[], int] | None = None, now_ns: Callable[[], int] | None = None) -> None:
         self.irq = irq
         self.on_output = on_output
+        self.latency = latency               # chaos: ns the transmit register stays full per byte
+        self.now_ns = now_ns
         self.pending: deque[int] = deque()
         self.reset()
 
@@ -57,6 +60,7 @@ class Uart16550:
         self.fcr = 0
         self.divisor = 12                    # 9600 baud
         self.tx_interrupt_pending = False   # THR-empty interrupt, cleared by reading IIR or writing THR
+        self.tx_busy_until: int | None = None   # chaos: THR full until this guest time
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -90,8 +94,10 @@ class Uart16550:
 
     # ---------------------------------------------------------------- registers
     def read(self, offset: int, size: int) -> int:
+        if self.tx_busy_until is not None and self.now_ns is not None:
+            self.poll(self.now_ns())             # a guest polling LSR sees the byte go on time
         if offset == LSR:
-            lsr = LSR_THR_EMPTY | LSR_TX_EMPTY
+            lsr = LSR_THR_EMPTY | LSR_TX_EMPTY if self.tx_busy_until is None else 0
             return lsr | (LSR_DATA_READY if self.rbr is not None else 0)
         if offset == RBR_THR:
             if self.lcr & LCR_DLAB:
@@ -133,7 +139,11 @@ class Uart16550:
                 self.feed_input(bytes((value,)))
             else:
                 self.on_output(value)
-            self.tx_interrupt_pending = True          # transmitted at once: THR empty again
+            if self.latency is not None and self.now_ns is not None:
+                self.tx_busy_until = self.now_ns() + self.latency()
+                self.tx_interrupt_pending = False
+            else:
+                self.tx_interrupt_pending = True      # transmitted at once: THR empty again
             self._update_irq()
         elif offset == IER:
             if self.lcr & LCR_DLAB:
@@ -152,6 +162,16 @@ class Uart16550:
             self.scr = value
 
     # ---------------------------------------------------------------- snapshots
+    def poll(self, now_ns: int) -> None:
+        """Chaos latency: the byte in the transmit register has gone; THR empty again."""
+        if self.tx_busy_until is not None and now_ns >= self.tx_busy_until:
+            self.tx_busy_until = None
+            self.tx_interrupt_pending = True
+            self._update_irq()
+
+    def next_deadline_ns(self) -> int | None:
+        return self.tx_busy_until
+
     def state(self) -> dict:
         return {"rbr": self.rbr, "pending": bytes(self.pending), "ier": self.ier, "lcr": self.lcr,
                 "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr, "divisor": self.divisor,
