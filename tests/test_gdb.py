@@ -101,7 +101,7 @@ def test_gdb_breaks_reads_steps_and_reverse_steps_on_the_demo_guest(gdb, demo_tr
     assert re.search(r"\$1 = \d{4,}", out)                  # race_iterations, calibrated at boot
     assert re.search(r"\$2 = 0x8\w{7}", out)                # CR0 with PG set
     assert "Could not write" in out or "Cannot access memory" in out   # the replay is read-only
-    assert re.search(r"instruction \d+ of \d+, event \d+ of \d+", out)
+    assert re.search(r"instruction \d+ of \d+, after event \d+ \(of \d+\)", out)
 
 
 def test_gdb_reverse_continue_and_watchpoints(gdb, demo_trace):

@@ -82,8 +82,9 @@ class Timeline:
         return self.replayer._index - (1 if self.replayer.next is not None else 0)
 
     def when(self) -> str:
-        return (f"instruction {self.position} of {self.end}, "
-                f"event {self.events_done} of {len(self._event_positions)}")
+        done = self.events_done
+        last = f"after event {done - 1}" if done else "before event 0"
+        return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)})"
 
     def _scan_events(self) -> tuple[list[int], int]:
         """One pass over the trace: every event's position, and where the recording ended."""
