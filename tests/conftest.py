@@ -40,3 +40,17 @@ def xv6_dir() -> Path:
     if missing:
         pytest.fail(f"REPLAYVM_XV6_DIR={path} lacks {', '.join(missing)}")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_trace(tmp_path_factory) -> Path:
+    """A demo-guest session recorded on emu (`echo hello`, `race`), shared by the replay tests."""
+    import io
+
+    from replayvm.record.session import SessionOptions, run_session
+
+    trace = tmp_path_factory.mktemp("demo-trace") / "demo.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
+                                            timeout_s=120), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    return trace

@@ -31,14 +31,6 @@ def gdb() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def demo_trace(tmp_path_factory) -> Path:
-    trace = tmp_path_factory.mktemp("gdb") / "demo.zst"
-    outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
-                                            timeout_s=120), output=io.BytesIO())
-    assert outcome.reason == "script-done"
-    return trace
-
 
 class Stub:
     """`replayvm replay TRACE --gdb 127.0.0.1:0` in a subprocess; the port comes from its stderr."""

@@ -4,16 +4,12 @@ on real demo-guest recordings (emu engine)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 from elftools.elf.elffile import ELFFile
 
 from replayvm.guests import guest_file
-from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import replay
 from replayvm.replay.timeline import WATCH_WRITE, Timeline
 
@@ -26,14 +22,6 @@ def symbol(name: str) -> int:
     assert sym, name
     return sym[0]["st_value"]
 
-
-@pytest.fixture(scope="module")
-def demo_trace(tmp_path_factory) -> Path:
-    trace = tmp_path_factory.mktemp("timeline") / "demo.zst"
-    outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
-                                            timeout_s=120), output=io.BytesIO())
-    assert outcome.reason == "script-done"
-    return trace
 
 
 def snapshot(timeline: Timeline) -> tuple:

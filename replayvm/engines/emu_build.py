@@ -26,19 +26,10 @@ def unicorn_include_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "include")
 
 
-CDEF = r"""
-typedef struct uc_struct uc_engine;
-typedef struct uc_context uc_context;
-typedef size_t uc_hook;
-typedef int uc_err;
-
-typedef struct uc_x86_mmr {
-    uint16_t selector;
-    uint64_t base;
-    uint32_t limit;
-    uint32_t flags;
-} uc_x86_mmr;
-
+# The state the C hooks share with Python: declared once, put where EMU_STATE_HERE stands in
+# both the declarations for cffi and the C source.
+EMU_STATE_HERE = "/* struct emu_state: EMU_STATE above */"
+EMU_STATE = r"""
 struct emu_state {
     uint64_t icount;          /* instructions begun (hooks run), the engine's position unit */
     uint64_t stop_at;         /* stop before beginning instruction number stop_at */
@@ -70,6 +61,22 @@ struct emu_state {
     uint8_t *ram;             /* guest RAM, for the page walk that maps a watch to physical */
     uint64_t ram_size;
 };
+"""
+
+CDEF = r"""
+typedef struct uc_struct uc_engine;
+typedef struct uc_context uc_context;
+typedef size_t uc_hook;
+typedef int uc_err;
+
+typedef struct uc_x86_mmr {
+    uint16_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+} uc_x86_mmr;
+
+/* struct emu_state: EMU_STATE above */
 
 #define STOP_NONE 0
 #define STOP_COUNT 1
@@ -128,37 +135,7 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <unicorn/unicorn.h>
 
-struct emu_state {
-    uint64_t icount;
-    uint64_t stop_at;
-    uint32_t want_window;
-    uint32_t stop_reason;
-    uint32_t prev_if;
-    uint64_t prev_addr;
-    uint32_t prev_size;
-    uint32_t lapic_id_value;
-    uint64_t lapic_id_reads;
-    uint32_t id_read_rip[1024];
-    uint64_t id_read_count[1024];
-    uint64_t id_read_overflow;
-    uint64_t lapic_base;
-    int env_error_code_offset;
-    int env_old_exception_offset;
-    int env_is_int_offset;
-    int env_next_eip_offset;
-    uint32_t nbreak;          /* debugger: stop before an instruction at one of these linear addresses */
-    uint32_t breaks[64];
-    uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
-    uint64_t skip_addr;
-    uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
-    uint64_t watch_addr;      /* the (virtual) address a watchpoint saw accessed */
-    uint32_t nwatch;          /* watchpoints: guest-virtual ranges, checked against each access */
-    uint32_t watch_va[4];
-    uint32_t watch_len[4];
-    uint32_t watch_access[4]; /* 1 read, 2 write, 3 both */
-    uint8_t *ram;             /* guest RAM, for the page walk that maps a watch to physical */
-    uint64_t ram_size;
-};
+/* struct emu_state: EMU_STATE above */
 
 #define STOP_NONE 0
 #define STOP_COUNT 1
@@ -458,10 +435,10 @@ size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, 
 """
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(CDEF.replace(EMU_STATE_HERE, EMU_STATE))
 ffibuilder.set_source(
     "replayvm.engines._uc",
-    SOURCE,
+    SOURCE.replace(EMU_STATE_HERE, EMU_STATE),
     include_dirs=[unicorn_include_dir()],
     extra_compile_args=["-O2"],
 )
