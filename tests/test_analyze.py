@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
+from replayvm.analyze import loader
 from replayvm.analyze.loader import console_text, load_trace
 from replayvm.guests import guest_file
 from replayvm.record.session import SessionOptions, run_session
+from replayvm.trace import Kind, TraceFormatError, TraceWriter
 from replayvm.trace.summary import summarize
 
 
@@ -106,3 +109,43 @@ def test_cli_analyze_and_sql(tmp_path):
     (tmp_path / "bad.zst").write_bytes(b"junk" * 4)
     bad = cli("analyze", str(tmp_path / "bad.zst"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a replayvm trace" in bad.stderr
+
+
+def dump(db_path: Path) -> list[str]:
+    conn = sqlite3.connect(db_path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def test_rows_built_in_a_second_process_are_the_same(tmp_path, monkeypatch):
+    """Large traces have their rows built by a forked process (overlapping SQLite's inserts): the
+    database must not depend on which way it was made, nor on how rows fall into batches."""
+    record(tmp_path / "t.zst", b"echo hello\ndisk\n")
+    kernel = guest_file("demo", "kernel.elf")
+    load_trace(tmp_path / "t.zst", tmp_path / "inline.db", symbols=[kernel])
+    monkeypatch.setattr(loader, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(loader, "BATCH", 97)
+    monkeypatch.setattr(loader._Inserter, "ROWS_PER_STATEMENT", 7)
+    events = []
+    load_trace(tmp_path / "t.zst", tmp_path / "worker.db", symbols=[kernel], progress=events.append)
+    assert dump(tmp_path / "worker.db") == dump(tmp_path / "inline.db")
+    assert events and events == sorted(events)
+    db = sqlite_utils.Database(tmp_path / "worker.db")
+    assert events[-1] == sum(db[t].count for t in ("exits", "interrupts", "inputs", "clock_reads", "halts"))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_malformed_record_is_a_one_line_error_and_leaves_no_db(tmp_path, monkeypatch, parallel):
+    if parallel:
+        monkeypatch.setattr(loader, "PARALLEL_MIN_BYTES", 0)
+    writer = TraceWriter(tmp_path / "bad.zst", {"engine": "emu", "position_unit": "instructions"})
+    writer.append((Kind.PIO_READ, 7, 0x1F7, 1, 0x58, 0x80102345, 0))
+    writer.append((Kind.PIO_READ, 7, 0x1F7))                      # fields missing
+    writer.close({"position": 14})
+    with pytest.raises(TraceFormatError, match="malformed record in frame 1") as error:
+        load_trace(tmp_path / "bad.zst", tmp_path / "bad.db")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "bad.db").exists()

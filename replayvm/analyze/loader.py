@@ -6,15 +6,27 @@ a `rep ins/outs` run is one row with its `count`), `interrupts`, `inputs`, `cloc
 the guest printed, a row per line with the position where it started), and `devices` (port and
 register names). Views answer common questions; indexes are built after the load. See
 docs/analysis.md.
+
+The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
+are read a frame at a time without per-record checks (`TraceReader.frames`), turned into rows by
+one loop that branches on the kind, and inserted with statements of many rows each (executemany's
+cost is per statement run, not per value). A large trace has its rows built by a forked second
+process while this one inserts them. A new database is written in one transaction without a
+journal (it is deleted if the load fails), the indexes after the rows; it ends in WAL mode.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import json
+import multiprocessing
+import pickle
+import sqlite3
+from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import sqlite_utils
 from elftools.common.exceptions import ELFError
@@ -23,19 +35,28 @@ from elftools.elf.elffile import ELFFile
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
 from replayvm.errors import UsageError
-from replayvm.trace.format import POSITIONED, Kind
-from replayvm.trace.reader import TraceReader
+from replayvm.trace.format import Kind, TraceFormatError
+from replayvm.trace.reader import UNPACK_ERRORS, TraceReader
 
-BATCH = 50_000
+BATCH = 50_000                  # records turned into rows and inserted together
+PARALLEL_MIN_BYTES = 1 << 20    # traces from this size have their rows built by a second process
+PIPE_BYTES = 1 << 20            # the pipe between the two
 IDE = hw.IDE0_CMD_PORT
+COM1 = hw.COM1_PORT
 IDE_READ_COMMANDS = {0x20, 0x21, 0xC4}
 IDE_WRITE_COMMANDS = {0x30, 0x31, 0xC5}
 KIND_NAMES = {int(k): k.name.lower() for k in Kind}
-ACCESS_KINDS = {int(Kind.PIO_READ): ("pio", "read"), int(Kind.PIO_WRITE): ("pio", "write"),
-                int(Kind.MMIO_READ): ("mmio", "read"), int(Kind.MMIO_WRITE): ("mmio", "write"),
-                int(Kind.PIO_READ_RUN): ("pio", "read"), int(Kind.PIO_WRITE_RUN): ("pio", "write")}
-RUN_KINDS = frozenset({int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)})
-POSITIONED_KINDS = frozenset(int(k) for k in POSITIONED)
+# Per kind (indexed by the kind number, 0-4): the exits columns kind, space and direction.
+_KIND = tuple(KIND_NAMES[k] for k in range(5))
+_SPACE = (None, "pio", "pio", "mmio", "mmio")
+_DIRECTION = (None, "read", "write", "read", "write")
+# Ports whose writes feed the derived tables (console, IDE register state).
+DEBUG_CON = hw.DEBUG_CON_PORT
+_WATCHED_PORTS = frozenset({COM1, COM1 + 3, DEBUG_CON, *range(IDE + 2, IDE + 8)})
+# Kinds as plain ints for the hot loop (an enum member is a slower lookup).
+_PIO_READ_RUN, _PIO_WRITE_RUN = int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)
+_INTERRUPT, _INPUT, _CLOCK, _HALT = int(Kind.INTERRUPT), int(Kind.INPUT), int(Kind.CLOCK), int(Kind.HALT)
+_SECTOR, _PURE_READS = int(Kind.SECTOR), int(Kind.PURE_READS)
 
 VIEWS = {
     "exits_per_device": """
@@ -91,14 +112,39 @@ SCHEMA = {
     "pure_reads": {"trace_id": int, "register": str, "rip": int, "count": int, "symbol": str},
 }
 
+# Settings for writing a new database in bulk: no rollback journal (a failed load deletes the
+# file), no fsync, one lock for the whole load, and up to 1 GiB of page cache (pages are only
+# written out at the commit).
+BULK_PRAGMAS = ("PRAGMA journal_mode = OFF", "PRAGMA synchronous = OFF", "PRAGMA locking_mode = EXCLUSIVE",
+                "PRAGMA cache_size = -1048576")
+# Loading into an existing database (--append) keeps its journal, so that a failed load cannot
+# damage the traces already there; the whole load is still one transaction.
+APPEND_PRAGMAS = ("PRAGMA synchronous = OFF", "PRAGMA cache_size = -1048576")
+
+
+class _Names(dict):
+    """address -> function name (or None) for one privilege class, filled on first use."""
+
+    def __init__(self, symbols: "Symbols", user: bool) -> None:
+        super().__init__()
+        self._symbols = symbols
+        self._user = user
+
+    def __missing__(self, address):
+        name = None if address is None else self._symbols._lookup(address, self._user)
+        self[address] = name
+        return name
+
 
 class Symbols:
     """Function names by address from ELF symbol tables; kernel symbols for any privilege level,
-    user programs' symbols only for CPL 3 accesses."""
+    user programs' symbols only for CPL 3 accesses.
+
+    `user[address]` and `other[address]` are the names for CPL 3 and for any other (or unknown)
+    privilege level, cached per address: the loader resolves every row's rip through them."""
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._tables: list[tuple[list[int], list[tuple[int, int, str]], bool]] = []
-        self._cache: dict[tuple[int, bool], str | None] = {}
         for path in paths:
             try:
                 with Path(path).open("rb") as f:
@@ -114,21 +160,15 @@ class Symbols:
             except (OSError, ELFError) as error:
                 raise UsageError(f"cannot read symbols from {path}: {error}") from None
             self._tables.append(([f[0] for f in functions], functions, user))
+        self.user = _Names(self, True)
+        self.other = _Names(self, False)
 
     def lookup(self, address: int | None, cpl: int | None) -> str | None:
-        if address is None or not self._tables:
-            return None
-        key = (address, cpl == 3)
-        cached = self._cache.get(key, self)
-        if cached is not self:
-            return cached
-        name = self._lookup(address, cpl)
-        self._cache[key] = name
-        return name
+        return (self.user if cpl == 3 else self.other)[address]
 
-    def _lookup(self, address: int, cpl: int | None) -> str | None:
+    def _lookup(self, address: int, user_mode: bool) -> str | None:
         for starts, functions, user in self._tables:
-            if user and cpl != 3:
+            if user and not user_mode:
                 continue
             i = bisect.bisect_right(starts, address) - 1
             if i >= 0:
@@ -138,85 +178,206 @@ class Symbols:
         return None
 
 
-class _Tables:
-    """Row buffers (tuples in SCHEMA column order) flushed in batches with executemany: the
-    load is the hot path, and dict rows through insert_all cost ten times more."""
-
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.db = db
-        self.rows: dict[str, list[tuple]] = {name: [] for name in SCHEMA}
-        self.counts: dict[str, int] = {}
-        self.sql = {name: f"INSERT INTO [{name}] VALUES ({', '.join('?' * len(columns))})"
-                    for name, columns in SCHEMA.items()}
-
-    def add(self, table: str, row: tuple) -> None:
-        rows = self.rows[table]
-        rows.append(row)
-        if len(rows) >= BATCH:
-            self.flush(table)
-
-    def flush(self, table: str | None = None) -> None:
-        for name in [table] if table else list(self.rows):
-            rows = self.rows[name]
-            if rows:
-                with self.db.conn:
-                    self.db.conn.executemany(self.sql[name], rows)
-                self.counts[name] = self.counts.get(name, 0) + len(rows)
-                self.rows[name] = []
-
-
 def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append: bool = False,
                progress=None) -> dict[str, int]:
     """Load `trace` into the SQLite database at `db_path`; returns rows per table."""
     names = Symbols(symbols)
-    db = sqlite_utils.Database(db_path)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = OFF")
-    with TraceReader(trace):                       # refuse an unreadable trace before touching the db
+    db_path = Path(db_path)
+    with TraceReader(trace) as reader:             # refuse an unreadable trace before touching the db
+        new = not db_path.exists() or db_path.stat().st_size == 0
+        db = sqlite_utils.Database(db_path)
+        try:
+            if not new and "meta" in db.table_names() and db["meta"].count and not append:
+                raise UsageError(f"{db_path} already holds a trace; use --append to add another (rows "
+                                 "are keyed by trace_id)")
+            for pragma in (BULK_PRAGMAS if new else APPEND_PRAGMAS):
+                db.execute(pragma)
+            trace_id = 1 + (db.execute("SELECT max(trace_id) FROM meta").fetchone()[0] or 0
+                            if "meta" in db.table_names() else 0)
+            for name, columns in SCHEMA.items():
+                db[name].create(columns, if_not_exists=True)
+            counts = _load(reader, db, trace, trace_id, names, progress)
+            if "devices" not in db.table_names():
+                db["devices"].insert_all(device_rows(), pk=("space", "address"))
+            for table, indexes in INDEXES.items():
+                for columns in indexes:
+                    db[table].create_index(columns, if_not_exists=True)
+            for name, sql in VIEWS.items():
+                db.create_view(name, sql, replace=True)
+            db.execute("PRAGMA locking_mode = NORMAL")
+            db.execute("PRAGMA journal_mode = WAL")     # what readers get
+        except BaseException:
+            db.close()
+            if new:
+                for path in (db_path, db_path.with_name(db_path.name + "-journal")):
+                    path.unlink(missing_ok=True)
+            raise
+        db.close()
+    return {"trace_id": trace_id, **counts}
+
+
+def _load(reader: TraceReader, db: sqlite_utils.Database, trace: Path, trace_id: int, names: Symbols,
+          progress) -> dict[str, int]:
+    """Rows from the records into the tables, in one transaction."""
+    inserter = _Inserter(db.conn, trace_id)
+    with db.conn:
+        for rows, events in _row_batches(reader, trace, trace_id, names):
+            for name, values in rows.items():
+                if values:
+                    inserter.insert(name, values)
+            if progress is not None:
+                progress(events)
+        inserter.finish()
+    return {name: inserter.counts[name] for name in SCHEMA if inserter.counts.get(name)}
+
+
+def _row_batches(reader: TraceReader, trace: Path, trace_id: int,
+                 names: Symbols) -> Iterator[tuple[dict[str, list], int]]:
+    """(rows per table, events so far) for every BATCH records: built here for a small trace, in
+    a second process for a large one, so that building rows overlaps inserting them."""
+    if Path(trace).stat().st_size >= PARALLEL_MIN_BYTES and "fork" in multiprocessing.get_all_start_methods():
+        yield from _from_worker(trace, trace_id, names)
+    else:
+        state = _LoadState(trace_id, names)
+        for rows in _batches(reader, state, trace):
+            yield rows, state.seq
+
+
+def _from_worker(trace: Path, trace_id: int, names: Symbols) -> Iterator[tuple[dict[str, list], int]]:
+    context = multiprocessing.get_context("fork")  # the child inherits the symbol tables
+    receiver, sender = context.Pipe(duplex=False)
+    try:                                           # room for a batch or so in flight
+        fcntl.fcntl(sender.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (AttributeError, OSError):
         pass
-    if "meta" in db.table_names() and db["meta"].count and not append:
-        raise UsageError(f"{db_path} already holds a trace; use --append to add another (rows are "
-                         "keyed by trace_id)")
-    trace_id = 1 + (db.execute("SELECT max(trace_id) FROM meta").fetchone()[0] or 0
-                    if "meta" in db.table_names() else 0)
-    for name, columns in SCHEMA.items():
-        db[name].create(columns, if_not_exists=True)
-    tables = _Tables(db)
-    with TraceReader(trace) as reader:
-        header = reader.header
-        meta = {key: (json.dumps(value) if isinstance(value, (dict, list)) else value)
-                for key, value in header.items() if key != "initial_state"}
-        for key, value in meta.items():
-            tables.add("meta", (trace_id, key, value))
-        state = _LoadState(trace_id, names, tables)
-        for record in reader:
-            state.record(record)
-            if progress is not None and state.seq % 100_000 == 0:
-                progress(state.seq)
-        state.finish()
-        if reader.footer is not None:
-            for key in ("end", "instructions", "position", "guest_ns", "ram_sha256", "lapic_id_reads"):
-                tables.add("meta", (trace_id, f"footer.{key}", reader.footer.get(key)))
-        tables.add("meta", (trace_id, "trace_path", str(trace)))
-        tables.add("meta", (trace_id, "truncated", int(reader.truncated or reader.footer is None)))
-    tables.flush()
-    if "devices" not in db.table_names():
-        db["devices"].insert_all(device_rows(), pk=("space", "address"))
-    for table, indexes in INDEXES.items():
-        if table in db.table_names():
-            for columns in indexes:
-                db[table].create_index(columns, if_not_exists=True)
-    for name, sql in VIEWS.items():
-        db.create_view(name, sql, replace=True)
-    db.execute("PRAGMA synchronous = NORMAL")
-    return {"trace_id": trace_id, **tables.counts}
+    process = context.Process(target=_worker, args=(sender, trace, trace_id, names), name="trace-rows",
+                              daemon=True)
+    process.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                message = pickle.loads(receiver.recv_bytes())
+            except EOFError:
+                raise RuntimeError(f"the process reading {trace} ended unexpectedly "
+                                   f"(exit status {process.exitcode})") from None
+            if message[0] == "rows":
+                yield message[1], message[2]
+            elif message[0] == "error":
+                raise message[1]
+            else:
+                return
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.terminate()
+        process.join()
+
+
+def _worker(sender, trace: Path, trace_id: int, names: Symbols) -> None:
+    """The second process: read the trace, send rows batch by batch (pickled), then "done"."""
+    try:
+        with TraceReader(trace) as reader:
+            state = _LoadState(trace_id, names)
+            for rows in _batches(reader, state, trace):
+                sender.send_bytes(pickle.dumps(("rows", rows, state.seq), pickle.HIGHEST_PROTOCOL))
+        sender.send_bytes(pickle.dumps(("done",)))
+    except BaseException as error:                 # re-raised by the loading process
+        try:
+            message = pickle.dumps(("error", error))
+        except Exception:
+            message = pickle.dumps(("error", TraceFormatError(f"{trace}: {error}")))
+        try:
+            sender.send_bytes(message)
+        except OSError:
+            pass                                   # the loading process has gone
+    finally:
+        sender.close()
+
+
+class _Inserter:
+    """Inserts rows given flat (the values of row after row, without the trace_id, which is a
+    literal in the SQL) with statements of many rows each: executemany's cost is mostly per
+    statement run, so a statement of a thousand rows inserts twice as fast as one of one row."""
+
+    ROWS_PER_STATEMENT = 1000
+
+    def __init__(self, conn: sqlite3.Connection, trace_id: int) -> None:
+        self.conn = conn
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self.tables: dict[str, tuple[int, int, str, str]] = {}
+        for name, columns in SCHEMA.items():
+            width = len(columns) - 1
+            row = f"({int(trace_id)}, {', '.join('?' * width)})"
+            per = max(1, min(self.ROWS_PER_STATEMENT, limit // width))
+            self.tables[name] = (width, per, f"INSERT INTO [{name}] VALUES {row}",
+                                 f"INSERT INTO [{name}] VALUES {', '.join([row] * per)}")
+        self.pending: dict[str, list] = {name: [] for name in SCHEMA}
+        self.counts: dict[str, int] = {name: 0 for name in SCHEMA}
+
+    def insert(self, name: str, values: list) -> None:
+        """Insert whole statements' worth of `values`; the rest waits for more, or for finish()."""
+        width, per, _, many = self.tables[name]
+        pending = self.pending[name]
+        if pending:
+            values = pending + values
+        step = width * per
+        whole = len(values) // step * step
+        if whole:
+            self.conn.executemany(many, [values[i:i + step] for i in range(0, whole, step)])
+            self.counts[name] += whole // width
+        self.pending[name] = values[whole:]
+
+    def finish(self) -> None:
+        for name, values in self.pending.items():
+            if values:
+                width, _, one, _ = self.tables[name]
+                self.conn.executemany(one, [values[i:i + width] for i in range(0, len(values), width)])
+                self.counts[name] += len(values) // width
+                self.pending[name] = []
+
+
+def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[dict[str, list[tuple]]]:
+    """Rows per table (flat: see _Inserter) for every BATCH records; the header's meta rows come
+    with the first batch, the footer's with the last."""
+    meta = state.rows["meta"]
+    for key, value in reader.header.items():
+        if key != "initial_state":
+            meta += (key, json.dumps(value) if isinstance(value, (dict, list)) else value)
+    for index, offset, records in reader.frames():
+        while True:
+            try:
+                batch = list(islice(records, BATCH))
+            except UNPACK_ERRORS as error:
+                raise reader.malformed(index, offset, error) from None
+            if not batch:
+                break
+            try:
+                state.run(batch, reader, index, offset)
+            except TraceFormatError:
+                raise
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+                raise TraceFormatError(f"{trace}: malformed record in frame {index} (byte {offset}): "
+                                       f"{error}") from error
+            yield state.take()
+    state.finish()
+    meta = state.rows["meta"]
+    if reader.footer is not None:
+        for key in ("end", "instructions", "position", "guest_ns", "ram_sha256", "lapic_id_reads"):
+            meta += (f"footer.{key}", reader.footer.get(key))
+    meta += ("trace_path", str(trace))
+    meta += ("truncated", int(reader.truncated or reader.footer is None))
+    yield state.take()
 
 
 class _LoadState:
-    def __init__(self, trace_id: int, names: Symbols, tables: _Tables) -> None:
+    """Turns records into row tuples (in SCHEMA column order), keeping what spans records: the
+    position, the event number, the sector table, the IDE registers, the console line."""
+
+    def __init__(self, trace_id: int, names: Symbols) -> None:
         self.trace_id = trace_id
         self.names = names
-        self.tables = tables
+        self.rows: dict[str, list[tuple]] = {name: [] for name in SCHEMA}
         self.position = 0
         self.seq = 0
         self.sectors: dict[bytes, bytes] = {}
@@ -226,64 +387,87 @@ class _LoadState:
         self.line_position: int | None = None
         self.line_no = 0
 
-    def record(self, record: list) -> None:
-        kind = record[0]
-        if kind == Kind.SECTOR:
-            self.sectors[bytes(record[1])] = bytes(record[2])
-            return
-        if kind == Kind.PURE_READS:
-            for rip, count in record[2]:
-                self.tables.add("pure_reads", (self.trace_id, record[1], rip, count, self.names.lookup(rip, None)))
-            return
-        if kind not in POSITIONED_KINDS:
-            return
-        self.position += record[1]
-        t, seq, pos = self.trace_id, self.seq, self.position     # seq: the event number replay uses
-        self.seq += 1
-        access = ACCESS_KINDS.get(kind)
-        if access is not None:
-            space, direction = access
-            run = kind in RUN_KINDS
-            address, size = record[2], record[3]
-            count = record[4] if run else 1
-            rip, cpl = (record[6], record[7]) if run else (record[5], record[6])
-            value = None if run else record[4]
-            self.tables.add("exits", (t, seq, pos, KIND_NAMES[kind], space, address, size, direction,
-                                      value, count, rip, cpl, self.names.lookup(rip, cpl)))
-            if space == "pio":
-                self._pio(kind, address, size, record, pos)
-        elif kind == Kind.INTERRUPT:
-            self.tables.add("interrupts", (t, seq, pos, record[2], record[3], record[4], record[5],
-                                           self.names.lookup(record[4], record[5]),
-                                           json.dumps(record[6]) if len(record) > 6 else None))
-        elif kind == Kind.INPUT:
-            self.tables.add("inputs", (t, seq, pos, record[2], bytes(record[3]).decode("utf-8", "replace")))
-        elif kind == Kind.CLOCK:
-            self.tables.add("clock_reads", (t, seq, pos, record[2], record[3], record[4],
-                                            self.names.lookup(record[4], record[5])))
-        elif kind == Kind.HALT:
-            self.tables.add("halts", (t, seq, pos))
+    def take(self) -> dict[str, list[tuple]]:
+        rows, self.rows = self.rows, {name: [] for name in SCHEMA}
+        return rows
+
+    def run(self, records: list, reader: TraceReader, frame: int, offset: int) -> None:
+        """Rows for `records` (frame `frame` at byte `offset`): the loop every record goes through."""
+        pos = self.position
+        seq = self.seq
+        rows = self.rows
+        exits = rows["exits"].extend
+        interrupts = rows["interrupts"].extend
+        user, other = self.names.user, self.names.other
+        kinds, spaces, directions, watched = _KIND, _SPACE, _DIRECTION, _WATCHED_PORTS
+        line_append = self.line.append
+        try:
+            for record in records:
+                kind = record[0]
+                if 0 < kind < 5:                   # PIO_READ, PIO_WRITE, MMIO_READ, MMIO_WRITE
+                    _, dpos, address, size, value, rip, cpl = record
+                    pos += dpos
+                    exits((seq, pos, kinds[kind], spaces[kind], address, size, directions[kind], value, 1,
+                           rip, cpl, (user if cpl == 3 else other)[rip]))
+                    seq += 1
+                    if kind == 2 and address in watched:
+                        if address == COM1 + 3:
+                            self.lcr = value
+                        elif (address == COM1 and not self.lcr & 0x80) or address == DEBUG_CON:
+                            byte = value & 0xFF
+                            if self.line_position is None:
+                                self.line_position = pos
+                            if byte == 0x0A:
+                                self._emit_line(True)
+                            else:
+                                line_append(byte)
+                        elif address != COM1:
+                            self._ide_register(address - IDE, value)
+                elif kind == _INTERRUPT:
+                    pos += record[1]
+                    rip, cpl = record[4], record[5]
+                    interrupts((seq, pos, record[2], record[3], rip, cpl, (user if cpl == 3 else other)[rip],
+                                json.dumps(record[6]) if len(record) > 6 else None))
+                    seq += 1
+                elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
+                    _, dpos, port, size, count, payload, rip, cpl = record
+                    pos += dpos
+                    exits((seq, pos, KIND_NAMES[kind], "pio", port, size,
+                           "read" if kind == _PIO_READ_RUN else "write", None, count, rip, cpl,
+                           (user if cpl == 3 else other)[rip]))
+                    if port == IDE:
+                        if self.ide["command"] in (IDE_READ_COMMANDS if kind == _PIO_READ_RUN
+                                                   else IDE_WRITE_COMMANDS):
+                            self._ide_data(kind, payload, pos, seq)
+                    elif port == COM1 and kind == _PIO_WRITE_RUN:
+                        self._console(bytes(payload)[::size], pos)
+                    seq += 1
+                elif kind == _INPUT:
+                    pos += record[1]
+                    rows["inputs"] += (seq, pos, record[2], bytes(record[3]).decode("utf-8", "replace"))
+                    seq += 1
+                elif kind == _CLOCK:
+                    pos += record[1]
+                    rip, cpl = record[4], record[5]
+                    rows["clock_reads"] += (seq, pos, record[2], record[3], rip,
+                                            (user if cpl == 3 else other)[rip])
+                    seq += 1
+                elif kind == _HALT:
+                    pos += record[1]
+                    rows["halts"] += (seq, pos)
+                    seq += 1
+                elif kind == _SECTOR:
+                    self.sectors[bytes(record[1])] = bytes(record[2])
+                elif kind == _PURE_READS:
+                    register, pure_reads = record[1], rows["pure_reads"]
+                    for rip, count in record[2]:
+                        pure_reads += (register, rip, count, other[rip])
+                else:                              # header, RAM pages, footer, optional kinds; or bad
+                    reader.check_record(record, frame, offset)
+        finally:
+            self.position, self.seq = pos, seq
 
     # ------------------------------------------------------------ derived tables
-    def _pio(self, kind: int, port: int, size: int, record: list, position: int) -> None:
-        if kind == Kind.PIO_WRITE:
-            value = record[4]
-            if port == hw.COM1_PORT + 3:
-                self.lcr = value
-            elif (port == hw.COM1_PORT and not self.lcr & 0x80) or port == hw.DEBUG_CON_PORT:
-                self._console(bytes((value & 0xFF,)), position)
-            elif IDE + 2 <= port <= IDE + 7:
-                self._ide_register(port - IDE, value)
-        elif kind == Kind.PIO_READ_RUN and port == IDE:
-            payload = record[5]
-            data = b"".join(self.sectors.get(bytes(h), b"") for h in payload) if isinstance(payload, list) \
-                else bytes(payload)
-            self._ide_data("read", data, position)
-        elif kind == Kind.PIO_WRITE_RUN and port == IDE:
-            self._ide_data("write", bytes(record[5]), position)
-        elif kind == Kind.PIO_WRITE_RUN and port == hw.COM1_PORT:
-            self._console(bytes(record[5])[::size], position)
-
     def _ide_register(self, offset: int, value: int) -> None:
         ide = self.ide
         if offset == 2:
@@ -297,15 +481,20 @@ class _LoadState:
             lba = ide["lba"]
             ide["next"] = lba[0] | lba[1] << 8 | lba[2] << 16 | (ide["drive"] & 0x0F) << 24
 
-    def _ide_data(self, direction: str, data: bytes, position: int) -> None:
+    def _ide_data(self, kind: int, payload, position: int, seq: int) -> None:
+        """disk_io rows for a string run on the IDE data port while a read or write command is on."""
+        if kind == _PIO_READ_RUN:
+            direction = "read"
+            data = b"".join(self.sectors.get(bytes(h), b"") for h in payload) \
+                if isinstance(payload, (list, tuple)) else bytes(payload)
+        else:
+            direction, data = "write", bytes(payload)
         ide = self.ide
-        commands = IDE_READ_COMMANDS if direction == "read" else IDE_WRITE_COMMANDS
-        if ide["command"] not in commands:
-            return
+        disk_io = self.rows["disk_io"]
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
-            self.tables.add("disk_io", (self.trace_id, self.seq - 1, position, (ide["drive"] >> 4) & 1,
-                                        ide["next"], direction, 1, hashlib.sha256(sector).hexdigest()[:32]))
+            disk_io += (seq, position, (ide["drive"] >> 4) & 1, ide["next"], direction, 1,
+                        hashlib.sha256(sector).hexdigest()[:32])
             ide["next"] += 1
 
     def _console(self, data: bytes, position: int) -> None:
@@ -319,9 +508,9 @@ class _LoadState:
 
     def _emit_line(self, newline: bool) -> None:
         self.line_no += 1
-        self.tables.add("console", (self.trace_id, self.line_no, self.line_position,
-                                    self.line.decode("utf-8", "replace"), int(newline)))
-        self.line = bytearray()
+        self.rows["console"] += (self.line_no, self.line_position, self.line.decode("utf-8", "replace"),
+                                 int(newline))
+        del self.line[:]                           # the same buffer: run() holds its append
         self.line_position = None
 
     def finish(self) -> None:

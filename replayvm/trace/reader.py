@@ -20,6 +20,8 @@ from replayvm.trace.format import (FILE_HEADER, FORMAT_MAJOR, FRAME_HEADER, MAGI
                                    TraceFormatError)
 
 KNOWN_KINDS = {int(k) for k in Kind}
+UNPACK_ERRORS = (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
+                 msgpack.exceptions.StackError, ValueError)
 
 
 class TraceReader:
@@ -46,6 +48,7 @@ class TraceReader:
         self._decompressor = zstandard.ZstdDecompressor()
         self.header: dict[str, Any] = {}
         self.footer: dict[str, Any] | None = None
+        self._current: tuple[int, int, Iterator] | None = None
         self._iter = self._records()
         first = next(self._iter, None)
         if first is None and self.truncated:
@@ -91,31 +94,62 @@ class TraceReader:
         self.truncated = True
         self.truncated_at = offset
 
+    def _unpacker(self, body: bytes, use_list: bool = True) -> msgpack.Unpacker:
+        unpacker = msgpack.Unpacker(raw=False, use_list=use_list, max_buffer_size=MAX_FRAME_DECOMPRESSED,
+                                    max_bin_len=MAX_BIN_LEN, max_str_len=MAX_STR_LEN,
+                                    max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+                                    strict_map_key=False)
+        unpacker.feed(body)
+        return unpacker
+
+    def check_record(self, record: Any, index: int, offset: int) -> bool:
+        """Check a record's shape and kind (frame `index` at byte `offset`): raise TraceFormatError
+        for a malformed record or an unknown required kind, return False for an optional kind to
+        skip, True otherwise; notes the footer."""
+        if not isinstance(record, (list, tuple)) or not record or not isinstance(record[0], int):
+            raise TraceFormatError(f"{self.path}: malformed record in frame {index} (byte {offset})")
+        kind = record[0]
+        if kind not in KNOWN_KINDS:
+            if kind >= OPTIONAL_KIND_MIN:
+                return False
+            raise TraceFormatError(f"{self.path}: unknown record kind {kind} in frame {index} "
+                                   f"(byte {offset}); written by a newer replayvm?")
+        if kind == Kind.FOOTER:
+            self.footer = record[1] if len(record) > 1 and isinstance(record[1], dict) else {}
+        return True
+
+    def malformed(self, index: int, offset: int, error: BaseException) -> TraceFormatError:
+        """The error for a frame whose msgpack does not decode (one of UNPACK_ERRORS)."""
+        return TraceFormatError(f"{self.path}: frame {index} (byte {offset}) holds malformed "
+                                f"msgpack ({error.__class__.__name__})")
+
     def _records(self) -> Iterator[list]:
+        known = KNOWN_KINDS
         for index, offset, body in self._frames():
-            unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME_DECOMPRESSED,
-                                        max_bin_len=MAX_BIN_LEN, max_str_len=MAX_STR_LEN,
-                                        max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
-                                        strict_map_key=False)
-            unpacker.feed(body)
+            unpacker = self._unpacker(body)
+            self._current = (index, offset, unpacker)
             try:
                 for record in unpacker:
-                    if not isinstance(record, list) or not record or not isinstance(record[0], int):
-                        raise TraceFormatError(f"{self.path}: malformed record in frame {index} "
-                                               f"(byte {offset})")
-                    kind = record[0]
-                    if kind not in KNOWN_KINDS:
-                        if kind >= OPTIONAL_KIND_MIN:
+                    if type(record) is not list or not record or type(record[0]) is not int \
+                            or record[0] not in known or record[0] == Kind.FOOTER:
+                        if not self.check_record(record, index, offset):
                             continue
-                        raise TraceFormatError(f"{self.path}: unknown record kind {kind} in frame {index} "
-                                               f"(byte {offset}); written by a newer replayvm?")
-                    if kind == Kind.FOOTER:
-                        self.footer = record[1] if isinstance(record[1], dict) else {}
                     yield record
-            except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
-                    msgpack.exceptions.StackError, ValueError) as error:
-                raise TraceFormatError(f"{self.path}: frame {index} (byte {offset}) holds malformed "
-                                       f"msgpack ({error.__class__.__name__})") from None
+            except UNPACK_ERRORS as error:
+                raise self.malformed(index, offset, error) from None
+        self._current = None
+
+    def frames(self) -> Iterator[tuple[int, int, Iterator]]:
+        """The records after the header a frame at a time, for bulk readers that check records
+        themselves: (frame index, byte offset, iterator over the frame's records). Records are
+        tuples (lists in the header's own frame) and come unchecked: give every record that is
+        not one of the kinds the caller handles to `check_record`, and turn UNPACK_ERRORS raised
+        while iterating into `malformed(...)`. A reader is iterated once, by this or by `for`."""
+        current, self._current = self._current, None
+        if current is not None:                     # the rest of the frame that held the header
+            yield current
+        for index, offset, body in self._frames():
+            yield index, offset, self._unpacker(body, use_list=False)
 
     def __iter__(self) -> Iterator[list]:
         """Every record after the header, in order (a reader is iterated once)."""
