@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
+from elftools.elf.elffile import ELFFile
 
 from replayvm.analyze import loader
 from replayvm.analyze.loader import console_text, load_trace
@@ -149,3 +150,109 @@ def test_a_malformed_record_is_a_one_line_error_and_leaves_no_db(tmp_path, monke
         load_trace(tmp_path / "bad.zst", tmp_path / "bad.db")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "bad.db").exists()
+
+
+USER_PROGRAM = r"""
+    .text
+    .globl main
+    .type main, @function
+main:                       # at address 0, as in xv6's user programs
+    call fmt
+    call stub
+    ret
+    .size main, .-main
+    .globl fmt
+    .type fmt, @function
+fmt:
+    nop
+    nop
+    nop
+    ret
+    .size fmt, .-fmt
+    .globl stub             # a bare label, not a function (like xv6's system call stubs)
+stub:
+    movl $16, %eax
+    int $64
+    ret
+"""
+
+
+def functions(elf_path: Path) -> dict[str, tuple[int, int]]:
+    with elf_path.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        return {s.name: (s["st_value"], s["st_size"]) for s in symtab.iter_symbols()
+                if s["st_info"]["type"] == "STT_FUNC"}
+
+
+def test_user_program_symbols_apply_to_cpl3_rows_only(tmp_path):
+    """--symbols given twice, a kernel and a user program linked at 0 (as xv6 links `_ls`): a CPL 3
+    rip inside a user function gets its name, a CPL 0 rip at the same address does not (the kernel
+    has nothing there), kernel names apply at any CPL, and a rip in no function is NULL."""
+    (tmp_path / "prog.S").write_text(USER_PROGRAM)
+    subprocess.run(["gcc", "-m32", "-c", "prog.S", "-o", "prog.o"], cwd=tmp_path, check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", "-e", "main", "-Ttext", "0", "-o", "_prog", "prog.o"],
+                   cwd=tmp_path, check=True)
+    user_elf, kernel_elf = tmp_path / "_prog", guest_file("demo", "kernel.elf")
+    user, kernel = functions(user_elf), functions(kernel_elf)
+    assert user["main"][0] == 0 and "stub" not in user
+    k1, k2 = kernel["scheduler"][0] + 3, kernel["yield"][0] + 1
+    main, fmt = user["main"][0] + 1, user["fmt"][0] + 2
+    with user_elf.open("rb") as f:
+        stub = next(s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols()
+                    if s.name == "stub") + 5
+    past_end = 0x4000
+    cases = [  # (rip, cpl, expected symbol)
+        (k1, 0, "scheduler"), (main, 3, "main"), (fmt, 3, "fmt"), (fmt, 0, None), (main, 0, None),
+        (stub, 3, None), (past_end, 3, None), (k2, 3, "yield"), (k2, 0, "yield"),
+    ]
+    trace = tmp_path / "t.zst"
+    writer = TraceWriter(trace, {"engine": "emu", "position_unit": "instructions"})
+    for rip, cpl, _ in cases:
+        writer.append((Kind.PIO_READ, 10, 0x1F7, 1, 0x50, rip, cpl))
+        writer.append((Kind.INTERRUPT, 10, 32, "timer", rip, cpl))
+        writer.append((Kind.CLOCK, 10, "rdtsc", 12345, rip, cpl))
+    writer.append((Kind.PURE_READS, "lapic.id", [[fmt, 5], [k2, 7]]))   # no CPL: kernel names only
+    writer.close({"position": 30 * len(cases)})
+
+    expected = [(rip, cpl, name) for rip, cpl, name in cases]
+    for order in ([kernel_elf, user_elf], [user_elf, kernel_elf]):
+        db_path = tmp_path / f"{order[0].name}.db"
+        load_trace(trace, db_path, symbols=order)
+        db = sqlite_utils.Database(db_path)
+        for table in ("exits", "interrupts"):
+            assert [(r["rip"], r["cpl"], r["symbol"]) for r in db.query(f"SELECT * FROM {table} ORDER BY seq")] \
+                == expected, table
+        assert [r["symbol"] for r in db.query("SELECT symbol FROM clock_reads ORDER BY seq")] \
+            == [name for _, _, name in cases]
+        assert [(r["rip"], r["symbol"]) for r in db.query("SELECT rip, symbol FROM pure_reads")] \
+            == [(fmt, None), (k2, "yield")]
+    load_trace(trace, tmp_path / "none.db")
+    assert sqlite_utils.Database(tmp_path / "none.db").execute(
+        "SELECT count(*) FROM exits WHERE symbol IS NOT NULL").fetchone()[0] == 0
+    # The command line takes --symbols more than once, to the same effect.
+    result = cli("analyze", str(trace), "-o", str(tmp_path / "cli.db"), "--symbols", str(kernel_elf),
+                 "--symbols", str(user_elf))
+    assert result.returncode == 0, result.stderr
+    db = sqlite_utils.Database(tmp_path / "cli.db")
+    assert [(r["rip"], r["cpl"], r["symbol"]) for r in db.query("SELECT * FROM exits ORDER BY seq")] == expected
+
+
+def test_xv6_user_mode_interrupts_named_from_the_user_program(xv6_dir, tmp_path):
+    """`ls` run a few times under chaos (extra timer ticks every ~150 us of guest time), so that
+    some ticks land while `ls` runs in user mode: with `--symbols kernel --symbols _ls`, those
+    CPL 3 interrupts are named after `_ls`'s functions (printf, strlen, ...), and kernel rows
+    only ever after the kernel's."""
+    if not (xv6_dir / "_ls").is_file():
+        pytest.skip(f"{xv6_dir} has no _ls (the user programs of the xv6 build)")
+    record(tmp_path / "x.zst", b"ls\nls\nls\nls\nls\n", disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"],
+           chaos_seed=11)
+    load_trace(tmp_path / "x.zst", tmp_path / "x.db", symbols=[xv6_dir / "kernel", xv6_dir / "_ls"])
+    db = sqlite_utils.Database(tmp_path / "x.db")
+    user_names, kernel_names = set(functions(xv6_dir / "_ls")), set(functions(xv6_dir / "kernel"))
+    user_rows = list(db.query("SELECT rip, symbol FROM interrupts WHERE cpl = 3"))
+    assert all(r["rip"] < 0x80000000 for r in user_rows)
+    named = [r["symbol"] for r in user_rows if r["symbol"] is not None]
+    assert named and set(named) <= user_names, user_rows
+    for table in ("exits", "interrupts"):
+        kernel_rows = {r["symbol"] for r in db.query(f"SELECT DISTINCT symbol FROM {table} WHERE cpl = 0")}
+        assert kernel_rows - {None} <= kernel_names, table

@@ -152,9 +152,11 @@ class Symbols:
                     symtab = elf.get_section_by_name(".symtab")
                     if symtab is None:
                         raise UsageError(f"{path} has no symbol table")
+                    # Defined functions, at any address: a user program's first is at 0.
                     functions = sorted((s["st_value"], s["st_value"] + max(s["st_size"], 1), s.name)
                                        for s in symtab.iter_symbols()
-                                       if s["st_info"]["type"] == "STT_FUNC" and s["st_value"])
+                                       if s["st_info"]["type"] == "STT_FUNC"
+                                       and s["st_shndx"] != "SHN_UNDEF")
                     user = min((seg["p_vaddr"] for seg in elf.iter_segments()
                                 if seg["p_type"] == "PT_LOAD"), default=0) < 0x80000000
             except (OSError, ELFError) as error:
