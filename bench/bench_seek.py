@@ -6,8 +6,9 @@ Without --trace, records a long demo-guest session (the CPU-bound `spin` and a r
 REPLAYVM_XV6_DIR, also an xv6 session: boot, ls, echo, cat README). For each trace it prints:
 a plain replay's time; a first pass of the timeline to the end (taking checkpoints every N
 instructions: their count, page-delta size and time); then a seek back to the middle, a seek to
-3/4, a reverse-stepi there, and a seek to the middle on a fresh timeline (which has to replay from
-the start). Asserts nothing.
+3/4, a reverse-stepi there, keeping the checkpoints in a (temporary) cache, a seek to the middle on
+a fresh timeline (which has to replay from the start), and one in a new timeline that loads the
+kept checkpoints (what `replay --seek` costs the second time). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def measure(name: str, trace: Path, every: int) -> None:
     print(f"{name}: {result.instructions:,} instructions, {result.events:,} events, "
           f"{trace.stat().st_size:,} B trace")
     print(f"  plain replay, start to end              {plain:8.3f} s")
-    opened, timeline = timed(lambda: Timeline(trace, checkpoint_every=every))
+    opened, timeline = timed(lambda: Timeline(trace, checkpoint_every=every, keep_checkpoints=True))
     print(f"  open a timeline (RAM shadow, 1st ckpt)  {opened:8.3f} s")
     first, _ = timed(lambda: timeline.seek(timeline.end))
     stats = timeline.checkpoints.stats
@@ -51,11 +52,19 @@ def measure(name: str, trace: Path, every: int) -> None:
     print(f"  seek forward to 3/4                     {forward:8.3f} s")
     reverse, _ = timed(timeline.reverse_step)
     print(f"  reverse-stepi there                     {reverse:8.3f} s")
+    kept, _ = timed(timeline.save_checkpoints)
+    print(f"  keep the checkpoints in the cache       {kept:8.3f} s  "
+          f"({timeline.checkpoint_file.stat().st_size / 2**20:.1f} MiB file)")
     timeline.close()
     fresh = Timeline(trace, checkpoint_every=every)
     cold, _ = timed(lambda: fresh.seek(middle))
     print(f"  seek to the middle on a fresh timeline  {cold:8.3f} s  (replays from the start)")
     fresh.close()
+    reopened, warm = timed(lambda: Timeline(trace, checkpoint_every=every, keep_checkpoints=True))
+    seek, _ = timed(lambda: warm.seek(middle))
+    print(f"  a new run with the kept checkpoints     {reopened + seek:8.3f} s  (open and load "
+          f"{reopened:.3f} s, seek {seek:.3f} s: what `replay --seek` costs the second time)")
+    warm.close()
 
 
 def record(trace: Path, **options) -> None:
@@ -70,9 +79,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=DEFAULT_CHECKPOINT_EVERY)
     args = parser.parse_args()
     if args.trace:
-        measure(str(args.trace), args.trace, args.every)
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["REPLAYVM_CACHE"] = tmp
+            measure(str(args.trace), args.trace, args.every)
         return
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["REPLAYVM_CACHE"] = str(Path(tmp) / "cache")      # kept checkpoints go here
         demo = Path(tmp) / "demo.zst"
         record(demo, script=b"spin 300\nrace\necho done\n")
         measure("demo: spin 300, race", demo, args.every)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "there through checkpoints; without --gdb, print the CPU state there")
     replay.add_argument("--checkpoint-every", type=int, metavar="N", default=None,
                         help="with --gdb/--seek: instructions between checkpoints (default 5,000,000)")
+    replay.add_argument("--no-keep-checkpoints", dest="keep_checkpoints", action="store_false",
+                        help="with --gdb/--seek: do not use or keep checkpoints in the cache "
+                             "($REPLAYVM_CACHE/checkpoints) for the next run on this trace")
     replay.add_argument("--engine", choices=("emu", "kvm"),
                         help="must be the engine the trace was recorded on (emu traces replay on emu, "
                              "kvm traces on kvm; replaying on the other engine is not supported yet)")
@@ -194,7 +197,18 @@ def cmd_debug(args: argparse.Namespace) -> int:
         raise UsageError("--gdb and --seek do not combine with --until or --continue")
     output = None if args.quiet else sys.stdout.buffer
     timeline = Timeline(args.trace, checkpoint_every=args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
-                        output=output)
+                        output=output, keep_checkpoints=args.keep_checkpoints)
+
+    def say(line: str) -> None:
+        sys.stderr.write(f"replayvm: {line}\n")
+        sys.stderr.flush()
+
+    if timeline.checkpoints_loaded:
+        say(f"{timeline.checkpoints_loaded} checkpoint{'s' if timeline.checkpoints_loaded != 1 else ''} "
+            f"kept from an earlier run "
+            f"(up to instruction {timeline.checkpoints.newest.position:,})")
+    elif timeline.checkpoint_file_note:
+        say(timeline.checkpoint_file_note)
     try:
         if args.seek is not None:
             timeline.seek(gdbstub.parse_position(args.seek, timeline))
@@ -202,15 +216,13 @@ def cmd_debug(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             print(f"\nreplay at {timeline.when()}")
             print(timeline.registers().describe())
-            return 0
-
-        def announce(line: str) -> None:
-            sys.stderr.write(f"replayvm: {line}\n")
-            sys.stderr.flush()
-
-        gdbstub.serve(timeline, args.gdb, announce=announce)
-        sys.stdout.flush()
-        sys.stderr.write(f"replayvm: gdb session ended at {timeline.when()}\n")
+        else:
+            gdbstub.serve(timeline, args.gdb, announce=say)
+            sys.stdout.flush()
+            say(f"gdb session ended at {timeline.when()}")
+        if timeline.save_checkpoints():
+            kept = len(timeline.checkpoints.checkpoints) - 1
+            say(f"kept {kept} checkpoint{'s' if kept != 1 else ''} for the next run")
         return 0
     finally:
         timeline.close()

@@ -4,6 +4,7 @@ on real demo-guest recordings (emu engine)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -137,3 +138,55 @@ def test_cli_seek_to_a_missing_event_is_a_one_line_error(demo_trace):
                              "--seek", "99999999"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no event 99999999" in result.stderr
+
+
+def test_checkpoints_kept_by_one_run_are_used_by_the_next(demo_trace, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLAYVM_CACHE", str(tmp_path / "cache"))
+    first = Timeline(demo_trace, checkpoint_every=EVERY, keep_checkpoints=True)
+    assert first.checkpoints_loaded == 0
+    first.seek(first.end)
+    first.seek(6_543_210)
+    wanted = snapshot(first)
+    taken = len(first.checkpoints.checkpoints) - 1
+    assert taken >= 5 and first.save_checkpoints()
+    first.close()
+
+    second = Timeline(demo_trace, checkpoint_every=EVERY, keep_checkpoints=True)
+    assert second.checkpoints_loaded == taken            # another process would do the same
+    second.seek(6_543_210)                               # one restore and < 1 M instructions
+    assert snapshot(second) == wanted
+    assert second.checkpoints.stats.restores == 1
+    second.seek(second.end)
+    second.replayer._verify_end()                        # registers, RAM and console as recorded
+    assert not second.save_checkpoints()                 # nothing new to keep
+    second.close()
+
+
+def test_a_damaged_checkpoint_file_is_ignored_and_replaced(demo_trace, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLAYVM_CACHE", str(tmp_path / "cache"))
+    first = Timeline(demo_trace, checkpoint_every=EVERY, keep_checkpoints=True)
+    first.seek(3_000_000)
+    first.save_checkpoints()
+    first.close()
+    path = first.checkpoint_file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    path.write_bytes(bytes(data))
+    again = Timeline(demo_trace, checkpoint_every=EVERY, keep_checkpoints=True)
+    assert again.checkpoints_loaded == 0 and "ignored the kept checkpoints" in again.checkpoint_file_note
+    again.seek(again.end)
+    again.replayer._verify_end()
+    assert again.save_checkpoints()
+    again.close()
+
+
+def test_cli_seek_keeps_checkpoints_for_the_next_run(demo_trace, tmp_path):
+    env = dict(os.environ, REPLAYVM_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "replayvm.cli", "replay", str(demo_trace), "--seek", "i7000000",
+               "--quiet", "--checkpoint-every", "1000000"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env)
+    second = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "kept 7 checkpoints for the next run" in first.stderr
+    assert "7 checkpoints kept from an earlier run (up to instruction 7,000,000)" in second.stderr
+    assert first.stdout == second.stdout and "replay at instruction 7000000" in second.stdout

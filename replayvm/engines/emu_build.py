@@ -118,7 +118,7 @@ int replayvm_uc_flush_tb(uc_engine *uc);
 int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s);
 int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_code, int *is_int);
 int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out);
-size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out);
+size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out, int update);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
 extern "Python" void replayvm_py_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *owner);
@@ -417,16 +417,17 @@ int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out)
     return uc_hook_add(uc, out, UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, (void *)on_watch, s, 1, 0);
 }
 
-/* Checkpoints: which 4 KiB pages of RAM differ from the shadow copy (RAM at the previous
-   checkpoint); the shadow is brought up to date on the way. Returns how many were written to out. */
-size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out)
+/* Checkpoints: which 4 KiB pages of RAM differ from the shadow copy (RAM at the newest
+   checkpoint); with `update`, the shadow is brought up to date on the way. Returns how many were
+   written to out. */
+size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out, int update)
 {
     size_t i, n = 0;
     for (i = 0; i < npages; i++) {
         const uint8_t *a = ram + (i << 12);
         uint8_t *b = shadow + (i << 12);
         if (memcmp(a, b, 4096) != 0) {
-            memcpy(b, a, 4096);
+            if (update) memcpy(b, a, 4096);
             out[n++] = (uint32_t)i;
         }
     }

@@ -7,7 +7,8 @@ RAM is kept as 4 KiB pages. A shadow copy holds RAM as it was at the newest chec
 checkpoint compares RAM with it in C (`replayvm_dirty_pages`, ~memcmp speed) and keeps only the
 pages that changed. Every FULL_EVERY-th checkpoint also keeps a complete page table (references to
 page objects shared with earlier checkpoints, not copies), so restoring one is: write the pages of
-the nearest full table, then apply at most FULL_EVERY - 1 deltas.
+the nearest full table, then apply at most FULL_EVERY - 1 deltas. Pages that were zero at every
+checkpoint share one zero page and are not written back unless the guest has touched them since.
 
 Checkpoints are only ever taken past the newest one: going back and forward again retraces the
 recorded execution, so the shadow (RAM at the newest checkpoint) stays right.
@@ -23,6 +24,7 @@ from replayvm.engines.emu import ffi, lib
 
 PAGE = 4096
 FULL_EVERY = 16
+ZERO_PAGE = bytes(PAGE)
 
 
 @dataclass
@@ -55,17 +57,30 @@ class CheckpointStore:
         self.engine = replayer.engine
         self.ram = replayer.ram
         self.npages = len(self.ram) // PAGE
-        self._shadow = bytearray(self.ram)
-        self._shadow_ptr = ffi.from_buffer(self._shadow)
         self._ram_ptr = ffi.from_buffer(self.ram.obj if hasattr(self.ram, "obj") else self.ram)
         self._dirty = ffi.new("uint32_t[]", self.npages)
-        base = bytes(self._shadow)
-        view = memoryview(base)
-        self._initial_pages = [view[i * PAGE:(i + 1) * PAGE] for i in range(self.npages)]
-        self._latest_pages = list(self._initial_pages)   # every page as of the newest checkpoint
+        # The shadow starts as zeroes the OS has not even mapped yet; comparing RAM with it copies
+        # in just the pages that are not zero, and only those need a page object of their own.
+        self._shadow = bytearray(len(self.ram))
+        self._shadow_ptr = ffi.from_buffer(self._shadow)
+        self._latest_pages: list = [ZERO_PAGE] * self.npages   # every page as of the newest checkpoint
+        self._touched: set[int] = set()                          # pages that ever differed from zero
+        self._take_dirty()
         self.checkpoints: list[Checkpoint] = []
         self._positions: list[int] = []
         self.stats = CheckpointStats()
+
+    def _take_dirty(self) -> dict[int, bytes]:
+        """Pages changed since the shadow was last brought up to date (and bring it up to date)."""
+        count = lib.replayvm_dirty_pages(self._ram_ptr, self._shadow_ptr, self.npages, self._dirty, 1)
+        shadow = memoryview(self._shadow)
+        delta = {}
+        for i in range(count):
+            page = self._dirty[i]
+            delta[page] = data = bytes(shadow[page * PAGE:(page + 1) * PAGE])
+            self._latest_pages[page] = data
+        self._touched.update(delta)
+        return delta
 
     @property
     def newest(self) -> Checkpoint | None:
@@ -77,23 +92,31 @@ class CheckpointStore:
         position = self.engine.position
         if self.checkpoints and position <= self.checkpoints[-1].position:
             raise ValueError(f"checkpoint at {position} is not past the newest ({self.checkpoints[-1].position})")
-        count = lib.replayvm_dirty_pages(self._ram_ptr, self._shadow_ptr, self.npages, self._dirty)
-        delta = {}
-        latest = self._latest_pages
-        shadow = memoryview(self._shadow)
-        for i in range(count):
-            page = self._dirty[i]
-            data = bytes(shadow[page * PAGE:(page + 1) * PAGE])
-            delta[page] = data
-            latest[page] = data
-        full = list(latest) if len(self.checkpoints) % FULL_EVERY == 0 else None
+        delta = self._take_dirty()
+        full = list(self._latest_pages) if len(self.checkpoints) % FULL_EVERY == 0 else None
         checkpoint = Checkpoint(position, self.engine.save_cpu(), self.replayer.save_state(), delta, full)
         self.checkpoints.append(checkpoint)
         self._positions.append(position)
         self.stats.taken += 1
-        self.stats.dirty_pages += count
+        self.stats.dirty_pages += len(delta)
         self.stats.take_seconds += time.perf_counter() - started
         return checkpoint
+
+    def adopt(self, position: int, cpu: tuple, replay: tuple, delta: dict[int, bytes]) -> None:
+        """Append a checkpoint taken by an earlier replay of the same trace (a checkpoint file),
+        as if it had been taken here; finish_adopting() then brings the shadow up to date."""
+        latest = self._latest_pages
+        for page, data in delta.items():
+            latest[page] = data
+        self._touched.update(delta)
+        full = list(latest) if len(self.checkpoints) % FULL_EVERY == 0 else None
+        self.checkpoints.append(Checkpoint(position, cpu, replay, delta, full))
+        self._positions.append(position)
+
+    def finish_adopting(self) -> None:
+        shadow, latest = memoryview(self._shadow), self._latest_pages
+        for page in self._touched:
+            shadow[page * PAGE:(page + 1) * PAGE] = latest[page]
 
     def at_or_before(self, position: int) -> int:
         """Index of the newest checkpoint at or before `position` (there is always one at 0)."""
@@ -106,9 +129,12 @@ class CheckpointStore:
         full_index = index - index % FULL_EVERY
         pages = self.checkpoints[full_index].pages
         assert pages is not None
+        # Pages no checkpoint ever saw non-zero are zero in every checkpoint: of those, only the
+        # ones written since the newest checkpoint (they differ from the shadow) need clearing.
         ram = self.ram
-        for page, data in enumerate(pages):
-            ram[page * PAGE:(page + 1) * PAGE] = data
+        count = lib.replayvm_dirty_pages(self._ram_ptr, self._shadow_ptr, self.npages, self._dirty, 0)
+        for page in self._touched.union(self._dirty[i] for i in range(count)):
+            ram[page * PAGE:(page + 1) * PAGE] = pages[page]
         for later in self.checkpoints[full_index + 1:index + 1]:
             for page, data in later.delta.items():
                 ram[page * PAGE:(page + 1) * PAGE] = data

@@ -15,7 +15,7 @@ import mmap
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from replayvm import hw
 from replayvm.bus import Mapping
@@ -133,9 +133,19 @@ class RecordLog:
         self.cursor += 1
         return record
 
-    def rewind(self, cursor: int) -> None:
-        if self._kept is None:
+    def rewind(self, cursor: int, skipped: Callable[[list], None] | None = None) -> None:
+        """Put the cursor at `cursor`. One past what has been read (a checkpoint loaded from a
+        file) reads on to it, handing each record read on the way to `skipped`."""
+        kept = self._kept
+        if kept is None:
             raise ValueError("this record log streams: it cannot go back")
+        while len(kept) < cursor:
+            record = next(self._source, None)
+            if record is None:
+                raise ValueError(f"record {cursor} is past the end of the trace")
+            kept.append(record)
+            if skipped is not None:
+                skipped(record)
         self.cursor = cursor
 
 
@@ -215,6 +225,13 @@ class Replayer:
                 self._index += 1
                 return
         self.next = None
+
+    def _absorb_skipped(self, record: list) -> None:
+        """Content a jump forward passes over: sectors later runs refer to, and the footer."""
+        if record[0] == Kind.SECTOR:
+            self._sectors[bytes(record[1])] = bytes(record[2])
+        elif record[0] == Kind.FOOTER:
+            self.footer = record[1]
 
     def _take(self, *kinds: Kind) -> Event:
         """Consume the next event, which must be of one of `kinds` at the engine's position."""
@@ -437,10 +454,7 @@ class Replayer:
 
         Console text and typed input are prefixes of what the whole replay produces, so only
         their lengths are saved; the longest seen so far is kept to restore a later point."""
-        if len(self.console) > len(self._console_seen):
-            self._console_seen = bytes(self.console)
-        if len(self.inputs) > len(self._inputs_seen):
-            self._inputs_seen = list(self.inputs)
+        self._remember_output()
         return (self._records.cursor, self._position, self._index, self.next, tuple(self._recent),
                 self._lcr, self._run_data, self._run_offset, self._run_event, len(self.console),
                 len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early)
@@ -449,16 +463,19 @@ class Replayer:
         (cursor, self._position, self._index, self.next, recent, self._lcr, self._run_data,
          self._run_offset, self._run_event, console, inputs, mismatches, self._landmark_reached,
          self.stopped_early) = saved
-        self._records.rewind(cursor)
+        self._records.rewind(cursor, self._absorb_skipped)
         self._recent = deque(recent, maxlen=RECENT)
-        if len(self.console) > len(self._console_seen):
-            self._console_seen = bytes(self.console)
-        if len(self.inputs) > len(self._inputs_seen):
-            self._inputs_seen = list(self.inputs)
+        self._remember_output()
         self.console[:] = self._console_seen[:console]
         self.inputs[:] = self._inputs_seen[:inputs]
         del self.mismatches[mismatches:]
         self._digest = None
+
+    def _remember_output(self) -> None:
+        if len(self.console) > len(self._console_seen):
+            self._console_seen = bytes(self.console)
+        if len(self.inputs) > len(self._inputs_seen):
+            self._inputs_seen = list(self.inputs)
 
     @property
     def end_position(self) -> int | None:

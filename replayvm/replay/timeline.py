@@ -45,7 +45,7 @@ class Stop:
 
 class Timeline:
     def __init__(self, trace: Path, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 output: BinaryIO | None = None) -> None:
+                 output: BinaryIO | None = None, keep_checkpoints: bool = False) -> None:
         self.replayer = Replayer(trace, seekable=True)
         if self.replayer.on_kvm:
             self.replayer.close()
@@ -64,6 +64,33 @@ class Timeline:
         self._event_positions, self._end = self._scan_events()
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
+        self.checkpoint_file: Path | None = None
+        self.checkpoints_loaded = 0
+        self.checkpoint_file_note = ""
+        if keep_checkpoints:
+            self._load_checkpoints()
+
+    # ---------------------------------------------------------------- checkpoints kept in a file
+    def _load_checkpoints(self) -> None:
+        """Adopt the checkpoints an earlier run kept for this trace (replay.checkpoint_file)."""
+        from replayvm.replay import checkpoint_file
+
+        self.checkpoint_file = checkpoint_file.cache_path(self.trace)
+        if not self.checkpoint_file.exists():
+            return
+        try:
+            self.checkpoints_loaded = checkpoint_file.load(self, self.checkpoint_file)
+        except checkpoint_file.CheckpointFileError as error:
+            self.checkpoint_file_note = f"ignored the kept checkpoints ({error})"
+
+    def save_checkpoints(self) -> bool:
+        """Keep this timeline's checkpoints for the next run, if it took new ones."""
+        from replayvm.replay import checkpoint_file
+
+        if self.checkpoint_file is None or len(self.checkpoints.checkpoints) - 1 <= self.checkpoints_loaded:
+            return False
+        checkpoint_file.save(self, self.checkpoint_file)
+        return True
 
     # ---------------------------------------------------------------- where we are
     @property

@@ -1,0 +1,157 @@
+"""Checkpoints kept between runs, so that `replay --seek` and a gdb session start fast on a trace
+that has been replayed before.
+
+A file per trace, in the cache (`$REPLAYVM_CACHE/checkpoints/<trace sha256>.ckpt`, default
+`~/.cache/replayvm`): "RVMCKPT" and a format byte, then one zstd stream of msgpack objects: a
+header (the trace's sha256, RAM size, checkpoint interval, Unicorn version, the vCPU context of
+position 0), then one map per checkpoint (position, vCPU, place in the trace, changed RAM pages),
+then the console and input the replay had produced.
+
+Unicorn's vCPU context is a copy of QEMU's CPU state, and a few of its bytes are pointers into the
+process that saved it. They are found by comparing the position-0 context saved in the file with
+the one this process has at position 0 (same guest state, different process): where those differ,
+this process's bytes are used. Anything wrong with a file (another trace, another version, a
+damaged stream) makes it ignored and rebuilt, never trusted: it is a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgpack
+import zstandard
+
+from replayvm.replay.replayer import Event
+from replayvm.trace.format import Kind
+
+if TYPE_CHECKING:
+    from replayvm.replay.timeline import Timeline
+
+MAGIC = b"RVMCKPT\x01"
+MAX_OBJECT = 512 << 20
+
+
+def trace_digest(trace: Path) -> str:
+    digest = hashlib.sha256()
+    with open(trace, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_path(trace: Path) -> Path:
+    from replayvm.guests import cache_root
+
+    return cache_root() / "checkpoints" / f"{trace_digest(trace)[:32]}.ckpt"
+
+
+def _event(event: Event | None) -> list | None:
+    return None if event is None else [event.index, int(event.kind), event.position, event.record]
+
+
+def _unevent(data: list | None) -> Event | None:
+    return None if data is None else Event(data[0], Kind(data[1]), data[2], data[3])
+
+
+def _replay_state(state: tuple) -> list:
+    (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
+     inputs, mismatches, landmark, stopped) = state
+    return [cursor, position, index, _event(next_event), [_event(e) for e in recent], lcr, run_data,
+            run_offset, _event(run_event), console, inputs, mismatches, landmark, stopped]
+
+
+def _unreplay_state(data: list) -> tuple:
+    (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
+     inputs, mismatches, landmark, stopped) = data
+    return (cursor, position, index, _unevent(next_event), tuple(_unevent(e) for e in recent), lcr,
+            run_data, run_offset, _unevent(run_event), console, inputs, mismatches, landmark, stopped)
+
+
+def _header(timeline: "Timeline", digest: str) -> dict:
+    import unicorn
+
+    return {"trace_sha256": digest, "ram_bytes": len(timeline.replayer.ram),
+            "every": timeline.every, "unicorn": unicorn.__version__,
+            "context0": timeline.checkpoints.checkpoints[0].cpu[0]}
+
+
+def save(timeline: "Timeline", path: Path) -> None:
+    """Write every checkpoint of `timeline` to `path` (atomically: a temporary file renamed)."""
+    store = timeline.checkpoints
+    replayer = timeline.replayer
+    replayer._remember_output()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    packer = msgpack.Packer(use_bin_type=True)
+    with open(temporary, "wb") as raw:
+        raw.write(MAGIC)
+        with zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+            out.write(packer.pack(_header(timeline, trace_digest(timeline.trace))))
+            for checkpoint in store.checkpoints[1:]:
+                context, counters, fault, halted, interrupts, exceptions = checkpoint.cpu
+                out.write(packer.pack({
+                    "position": checkpoint.position,
+                    "cpu": [context, counters, list(fault) if fault else None, halted, interrupts,
+                            exceptions],
+                    "replay": _replay_state(checkpoint.replay),
+                    "delta": [[page, data] for page, data in checkpoint.delta.items()],
+                }))
+            out.write(packer.pack({"console": replayer._console_seen,
+                                   "inputs": replayer._inputs_seen}))
+    os.replace(temporary, path)
+
+
+class CheckpointFileError(Exception):
+    pass
+
+
+def load(timeline: "Timeline", path: Path) -> int:
+    """Adopt the checkpoints in `path` into a timeline that is still at position 0; returns how
+    many. Raises CheckpointFileError (and adopts nothing) when the file does not fit."""
+    store = timeline.checkpoints
+    if len(store.checkpoints) != 1 or timeline.position != 0:
+        raise CheckpointFileError("checkpoints are adopted by a new timeline only")
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(len(MAGIC)) != MAGIC:
+                raise CheckpointFileError("not a replayvm checkpoint file of this version")
+            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            unpacker = msgpack.Unpacker(reader, raw=False, strict_map_key=False,
+                                        max_buffer_size=MAX_OBJECT)
+            header = next(unpacker)
+            expected = _header(timeline, trace_digest(timeline.trace))
+            for key in ("trace_sha256", "ram_bytes", "every", "unicorn"):
+                if header.get(key) != expected[key]:
+                    raise CheckpointFileError(f"made for another {key}")
+            here, there = expected["context0"], header["context0"]
+            if len(here) != len(there):
+                raise CheckpointFileError("vCPU context of another size")
+            process_bytes = [i for i in range(len(here)) if here[i] != there[i]]
+            loaded = []
+            output = None
+            for item in unpacker:
+                if "console" in item:
+                    output = item
+                    break
+                context = bytearray(item["cpu"][0])
+                for i in process_bytes:
+                    context[i] = here[i]
+                cpu = item["cpu"]
+                fault = tuple(cpu[2]) if cpu[2] else None
+                loaded.append((item["position"], (bytes(context), cpu[1], fault, cpu[3], cpu[4], cpu[5]),
+                               _unreplay_state(item["replay"]), {p: d for p, d in item["delta"]}))
+            if output is None:
+                raise CheckpointFileError("the file ends early")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration,
+            zstandard.ZstdError, msgpack.exceptions.ExtraData) as error:
+        raise CheckpointFileError(f"unreadable ({error.__class__.__name__})") from None
+    for position, cpu, replay_state, delta in loaded:
+        store.adopt(position, cpu, replay_state, delta)
+    store.finish_adopting()
+    replayer = timeline.replayer
+    replayer._console_seen = bytes(output["console"])
+    replayer._inputs_seen = [bytes(b) for b in output["inputs"]]
+    return len(loaded)
