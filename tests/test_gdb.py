@@ -150,3 +150,64 @@ def test_gdb_on_xv6_breaks_in_sys_write_with_a_backtrace(gdb, xv6_dir, tmp_path)
     assert frames[:3] == ["sys_write", "syscall", "trap"], out
     eips = re.findall(r"eip\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+ <sys_write", out)
     assert len(eips) == 2 and eips[0] == eips[1]
+
+
+class Client:
+    """A bare remote-protocol client: what gdb sends, byte for byte, without gdb's tolerance."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        self.buffer = b""
+
+    def _read_packet(self) -> bytes:
+        while True:
+            start = self.buffer.find(b"$")
+            end = self.buffer.find(b"#", start)
+            if start != -1 and end != -1 and len(self.buffer) >= end + 3:
+                payload = self.buffer[start + 1:end]
+                assert self.buffer[end + 1:end + 3] == b"%02x" % (sum(payload) & 0xFF)
+                self.buffer = self.buffer[end + 3:]
+                self.sock.sendall(b"+")
+                return payload
+            chunk = self.sock.recv(65536)
+            assert chunk, "the stub closed the connection"
+            self.buffer += chunk
+
+    def send(self, payload: bytes) -> None:
+        self.sock.sendall(b"$" + payload + b"#" + b"%02x" % (sum(payload) & 0xFF))
+
+    def ask(self, payload: bytes) -> bytes:
+        self.send(payload)
+        return self._read_packet()
+
+
+def test_remote_protocol_details_gdb_relies_on(demo_trace):
+    stub = Stub(demo_trace)
+    client = Client(stub.address)
+    assert b"ReverseContinue+" in client.ask(b"qSupported:swbreak+;hwbreak+")
+    xml = client.ask(b"qXfer:features:read:target.xml:0,3fff")
+    assert xml.startswith(b"l") and b"org.gnu.gdb.i386.core" in xml and b'name="cr3"' in xml
+    assert client.ask(b"?").startswith(b"T05")
+    registers = client.ask(b"g")
+    assert len(registers) == 2 * (16 * 4 + 8 * 10 + 8 * 4 + 4 * 4)
+    assert registers[8 * 8:9 * 8] == b"007c0000"              # eip 0x7c00: the boot sector
+    assert client.ask(b"m7c00,2") != b"E14"
+    assert client.ask(b"M7c00,1:90") == b"E01"                # the replay is read-only
+    assert client.ask(b"P8=00000000") == b"E01"
+    assert client.ask(b"mffff0000,4") == b"E14"               # no RAM there
+    assert client.ask(b"Z0,zz,1") == b"E02"                   # malformed: an error, not a crash
+    assert client.ask(b"qNoSuchThing") == b""                 # unknown: the empty reply
+    client.send(b"vCont;c")                                    # run: no breakpoint, to the end...
+    client.sock.sendall(b"\x03")                              # ...unless interrupted
+    stop = client._read_packet()
+    assert stop.startswith(b"T02"), stop                      # SIGINT, at the next 2 M-instruction piece
+    when = bytes.fromhex(client.ask(b"qRcmd," + b"when".hex().encode()).decode()).decode()
+    position, end = (int(x) for x in re.match(r"instruction (\d+) of (\d+)", when).groups())
+    assert 0 < position < end
+    assert client.ask(b"bs").startswith(b"T05")               # reverse-stepi from there
+    assert client.ask(b"vKill;1") == b"OK"
+    stub.finish()
+    assert stub.process.returncode == 0

@@ -161,8 +161,10 @@ class Connection:
                     self.interrupted = True
 
     def poll_interrupt(self) -> bool:
-        """True once gdb has sent Ctrl-C (checked between pieces of a long continue)."""
-        if not self.interrupted and self._fill(0):
+        """True once gdb has sent Ctrl-C (checked between pieces of a long continue; the byte may
+        have arrived with the packet that started the run)."""
+        if not self.interrupted:
+            self._fill(0)
             if 0x03 in self.buffer:
                 self.buffer.remove(0x03)
                 self.interrupted = True
@@ -191,11 +193,11 @@ class GdbStub:
         while not self.finished:
             try:
                 packet = conn.receive()
-            except ConnectionError:
-                return
-            reply = self.handle(packet)
-            if reply is not None:
-                conn.send(reply)
+                reply = self.handle(packet)
+                if reply is not None:
+                    conn.send(reply)
+            except (ConnectionError, OSError):
+                return                               # gdb went away, even in the middle of a run
 
     def handle(self, packet: bytes) -> bytes | None:
         """The reply to one packet (None: no reply, e.g. after a kill)."""
@@ -264,7 +266,7 @@ class GdbStub:
             self._say(f"replayvm: {error}")
             self.finished = True
             return b"W01"
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, UsageError):
             return b"E02"
 
     # ---------------------------------------------------------------- packets
