@@ -121,12 +121,12 @@ def dump(db_path: Path) -> list[str]:
 
 
 def test_rows_built_in_a_second_process_are_the_same(tmp_path, monkeypatch):
-    """Large traces have their rows built by a forked process (overlapping SQLite's inserts): the
+    """Past the first batches, a forked process builds the rows (overlapping SQLite's inserts): the
     database must not depend on which way it was made, nor on how rows fall into batches."""
     record(tmp_path / "t.zst", b"echo hello\ndisk\n")
     kernel = guest_file("demo", "kernel.elf")
     load_trace(tmp_path / "t.zst", tmp_path / "inline.db", symbols=[kernel])
-    monkeypatch.setattr(loader, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(loader, "INLINE_BATCHES", 1)
     monkeypatch.setattr(loader, "BATCH", 97)
     monkeypatch.setattr(loader._Inserter, "ROWS_PER_STATEMENT", 7)
     events = []
@@ -141,7 +141,7 @@ def test_rows_built_in_a_second_process_are_the_same(tmp_path, monkeypatch):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_a_malformed_record_is_a_one_line_error_and_leaves_no_db(tmp_path, monkeypatch, parallel):
     if parallel:
-        monkeypatch.setattr(loader, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(loader, "INLINE_BATCHES", 0)
     writer = TraceWriter(tmp_path / "bad.zst", {"engine": "emu", "position_unit": "instructions"})
     writer.append((Kind.PIO_READ, 7, 0x1F7, 1, 0x58, 0x80102345, 0))
     writer.append((Kind.PIO_READ, 7, 0x1F7))                      # fields missing

@@ -10,9 +10,10 @@ docs/analysis.md.
 The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
 are read a frame at a time without per-record checks (`TraceReader.frames`), turned into rows by
 one loop that branches on the kind, and inserted with statements of many rows each (executemany's
-cost is per statement run, not per value). A large trace has its rows built by a forked second
-process while this one inserts them. A new database is written in one transaction without a
-journal (it is deleted if the load fails), the indexes after the rows; it ends in WAL mode.
+cost is per statement run, not per value). Past the first 100,000 records, a forked copy of this
+process builds the rows while this one inserts them. A new database is written in one transaction
+without a journal (it is deleted if the load fails), the indexes after the rows; it ends in WAL
+mode, as before.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from replayvm.trace.format import Kind, TraceFormatError
 from replayvm.trace.reader import UNPACK_ERRORS, TraceReader
 
 BATCH = 50_000                  # records turned into rows and inserted together
-PARALLEL_MIN_BYTES = 1 << 20    # traces from this size have their rows built by a second process
+INLINE_BATCHES = 2              # batches built here before a second process takes over
 PIPE_BYTES = 1 << 20            # the pipe between the two
 IDE = hw.IDE0_CMD_PORT
 COM1 = hw.COM1_PORT
@@ -235,32 +236,41 @@ def _load(reader: TraceReader, db: sqlite_utils.Database, trace: Path, trace_id:
 
 def _row_batches(reader: TraceReader, trace: Path, trace_id: int,
                  names: Symbols) -> Iterator[tuple[dict[str, list], int]]:
-    """(rows per table, events so far) for every BATCH records: built here for a small trace, in
-    a second process for a large one, so that building rows overlaps inserting them."""
-    if Path(trace).stat().st_size >= PARALLEL_MIN_BYTES and "fork" in multiprocessing.get_all_start_methods():
-        yield from _from_worker(trace, trace_id, names)
+    """(rows per table, events so far) for every BATCH records. Past the first INLINE_BATCHES,
+    the rest of the rows are built by a forked copy of this process (which carries on with the
+    same reader and state), so that building rows overlaps inserting them."""
+    state = _LoadState(trace_id, names)
+    batches = _batches(reader, state, trace)
+    for _ in range(INLINE_BATCHES):
+        rows = next(batches, None)
+        if rows is None:
+            return
+        yield rows, state.seq
+    if "fork" in multiprocessing.get_all_start_methods():
+        yield from _from_worker(batches, state, trace)
     else:
-        state = _LoadState(trace_id, names)
-        for rows in _batches(reader, state, trace):
+        for rows in batches:
             yield rows, state.seq
 
 
-def _from_worker(trace: Path, trace_id: int, names: Symbols) -> Iterator[tuple[dict[str, list], int]]:
-    context = multiprocessing.get_context("fork")  # the child inherits the symbol tables
+def _from_worker(batches: Iterator[dict[str, list]], state: "_LoadState",
+                 trace: Path) -> Iterator[tuple[dict[str, list], int]]:
+    context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     try:                                           # room for a batch or so in flight
         fcntl.fcntl(sender.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     except (AttributeError, OSError):
         pass
-    process = context.Process(target=_worker, args=(sender, trace, trace_id, names), name="trace-rows",
+    process = context.Process(target=_worker, args=(sender, batches, state, trace), name="trace-rows",
                               daemon=True)
-    process.start()
+    process.start()                                # from here on only the child reads the trace
     sender.close()
     try:
         while True:
             try:
                 message = pickle.loads(receiver.recv_bytes())
             except EOFError:
+                process.join()
                 raise RuntimeError(f"the process reading {trace} ended unexpectedly "
                                    f"(exit status {process.exitcode})") from None
             if message[0] == "rows":
@@ -268,21 +278,20 @@ def _from_worker(trace: Path, trace_id: int, names: Symbols) -> Iterator[tuple[d
             elif message[0] == "error":
                 raise message[1]
             else:
+                process.join(5)                    # it ends right after "done"
                 return
     finally:
         receiver.close()
-        if process.is_alive():
+        if process.is_alive():                     # we are failing or were abandoned
             process.terminate()
         process.join()
 
 
-def _worker(sender, trace: Path, trace_id: int, names: Symbols) -> None:
-    """The second process: read the trace, send rows batch by batch (pickled), then "done"."""
+def _worker(sender, batches: Iterator[dict[str, list]], state: "_LoadState", trace: Path) -> None:
+    """The forked process: carry on with the batches, send them pickled, then "done"."""
     try:
-        with TraceReader(trace) as reader:
-            state = _LoadState(trace_id, names)
-            for rows in _batches(reader, state, trace):
-                sender.send_bytes(pickle.dumps(("rows", rows, state.seq), pickle.HIGHEST_PROTOCOL))
+        for rows in batches:
+            sender.send_bytes(pickle.dumps(("rows", rows, state.seq), pickle.HIGHEST_PROTOCOL))
         sender.send_bytes(pickle.dumps(("done",)))
     except BaseException as error:                 # re-raised by the loading process
         try:
