@@ -190,3 +190,23 @@ def test_cli_seek_keeps_checkpoints_for_the_next_run(demo_trace, tmp_path):
     assert "kept 7 checkpoints for the next run" in first.stderr
     assert "7 checkpoints kept from an earlier run (up to instruction 7,000,000)" in second.stderr
     assert first.stdout == second.stdout and "replay at instruction 7000000" in second.stdout
+
+
+def test_many_reverse_steps_in_a_row_match_a_straight_replay(demo_trace):
+    """A row of reverse steps (what gdb's reverse-next does) goes through fine checkpoints; every
+    state must still be the recorded one, RAM included (page-table accessed/dirty bits too)."""
+    straight = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    start = 3_000_050                                    # just past a checkpoint: the row crosses it
+    timeline.seek(start)
+    for steps in range(1, 301):
+        assert timeline.reverse_step().reason == "step"
+        if steps % 29 == 0 or steps in (49, 50, 51):
+            straight.seek(start - steps)
+            assert snapshot(timeline) == snapshot(straight), steps
+    assert timeline.position == start - 300
+    assert timeline._trail is not None and len(timeline._trail.fines) > 1
+    timeline.seek(timeline.end)
+    timeline.replayer._verify_end()
+    straight.close()
+    timeline.close()

@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable
 
 from replayvm.engines.emu import lib
 from replayvm.errors import UsageError
-from replayvm.replay.checkpoints import CheckpointStore
+from replayvm.replay.checkpoints import FINE_EVERY, FINE_SPAN, CheckpointStore, FineTrail
 from replayvm.replay.replayer import Replayer
 from replayvm.trace.format import POSITIONED
 from replayvm.trace.reader import TraceReader
@@ -64,6 +64,7 @@ class Timeline:
         self._event_positions, self._end = self._scan_events()
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
+        self._trail: FineTrail | None = None
         self.checkpoint_file: Path | None = None
         self.checkpoints_loaded = 0
         self.checkpoint_file_note = ""
@@ -155,9 +156,28 @@ class Timeline:
 
     # ---------------------------------------------------------------- moving backward
     def reverse_step(self) -> Stop:
+        """Back one instruction: from a fine checkpoint just behind when there is one (the
+        second and later steps of a row of them), else from a checkpoint along a new trail."""
         if self.position == 0:
             return Stop("begin", 0)
-        self.seek(self.position - 1)
+        target = self.position - 1
+        index = self.checkpoints.at_or_before(target)
+        trail = self._trail
+        if trail is None or trail.base_index != index:
+            trail = self._trail = FineTrail(self.checkpoints, index)
+        trail.restore(trail.at_or_before(target))      # the base at worst
+        self._arm(False, skip_current=False)
+        lower = max(target - FINE_SPAN, trail.base_position)
+        lower += -lower % FINE_EVERY
+        while self.position < target:
+            grid = self.position + 1
+            grid = max(grid + -grid % FINE_EVERY, lower)
+            if grid >= target:
+                self._forward(target, interruptible=False)
+                break
+            self._forward(grid, interruptible=False)
+            if not trail.has(grid):
+                trail.take()
         return Stop("step", self.position)
 
     def reverse_continue(self) -> Stop:
