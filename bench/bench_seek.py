@@ -6,7 +6,7 @@ Without --trace, records a long demo-guest session (the CPU-bound `spin` and a r
 REPLAYVM_XV6_DIR, also an xv6 session: boot, ls, echo, cat README). For each trace it prints:
 a plain replay's time; a first pass of the timeline to the end (taking checkpoints every N
 instructions: their count, page-delta size and time); then a seek back to the middle, a seek to
-3/4, a reverse-stepi there, keeping the checkpoints in a (temporary) cache, a seek to the middle on
+3/4, a reverse-stepi there and a row of 300 more, keeping the checkpoints in a (temporary) cache, a seek to the middle on
 a fresh timeline (which has to replay from the start), and one in a new timeline that loads the
 kept checkpoints (what `replay --seek` costs the second time). Asserts nothing.
 """
@@ -51,7 +51,11 @@ def measure(name: str, trace: Path, every: int) -> None:
     forward, _ = timed(lambda: timeline.seek(three_quarters))
     print(f"  seek forward to 3/4                     {forward:8.3f} s")
     reverse, _ = timed(timeline.reverse_step)
-    print(f"  reverse-stepi there                     {reverse:8.3f} s")
+    print(f"  reverse-stepi there                     {reverse:8.3f} s  (the first of a row: starts a "
+          f"trail of fine checkpoints)")
+    row, _ = timed(lambda: [timeline.reverse_step() for _ in range(300)])
+    print(f"  300 more reverse-stepi (gdb's reverse-next makes such rows) {row:8.3f} s  "
+          f"({row / 300 * 1000:.1f} ms each)")
     kept, _ = timed(timeline.save_checkpoints)
     print(f"  keep the checkpoints in the cache       {kept:8.3f} s  "
           f"({timeline.checkpoint_file.stat().st_size / 2**20:.1f} MiB file)")

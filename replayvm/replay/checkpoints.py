@@ -146,7 +146,7 @@ class CheckpointStore:
 
 
 FINE_EVERY = 10_000          # instructions between fine checkpoints
-FINE_SPAN = 200_000          # how far behind a reverse step's target fine checkpoints are taken
+FINE_SPAN = 50_000           # how far behind a reverse step's target fine checkpoints are taken
 
 
 @dataclass
@@ -183,7 +183,10 @@ class FineTrail:
         for later in store.checkpoints[full_index + 1:base_index + 1]:
             for page, data in later.delta.items():
                 pages[page] = data
-        self._base_image = bytearray(b"".join(pages))
+        self._base_image = bytearray(len(store.ram))         # zero pages stay untouched
+        image = memoryview(self._base_image)
+        for page in store._touched:
+            image[page * PAGE:(page + 1) * PAGE] = pages[page]
         self._base_ptr = ffi.from_buffer(self._base_image)
         self._differing = ffi.new("uint32_t[]", store.npages)
         # The base itself is the first fine checkpoint, with no pages of its own.

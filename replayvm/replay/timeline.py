@@ -65,6 +65,7 @@ class Timeline:
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
         self._trail: FineTrail | None = None
+        self._reverse_stepped_to: int | None = None    # where the last reverse step landed
         self.checkpoint_file: Path | None = None
         self.checkpoints_loaded = 0
         self.checkpoint_file_note = ""
@@ -161,6 +162,12 @@ class Timeline:
         if self.position == 0:
             return Stop("begin", 0)
         target = self.position - 1
+        in_a_row = self._reverse_stepped_to == self.position
+        self._reverse_stepped_to = target
+        if not in_a_row and (self._trail is None or self._trail.at_or_before(target) is self._trail.fines[0]):
+            self.seek(target)                      # a lone step: a trail would cost more than it saves
+            self._reverse_stepped_to = target
+            return Stop("step", self.position)
         index = self.checkpoints.at_or_before(target)
         trail = self._trail
         if trail is None or trail.base_index != index:
