@@ -51,11 +51,10 @@ def measure(name: str, trace: Path, every: int) -> None:
     forward, _ = timed(lambda: timeline.seek(three_quarters))
     print(f"  seek forward to 3/4                     {forward:8.3f} s")
     reverse, _ = timed(timeline.reverse_step)
-    print(f"  reverse-stepi there                     {reverse:8.3f} s  (the first of a row: starts a "
-          f"trail of fine checkpoints)")
+    print(f"  reverse-stepi there                     {reverse:8.3f} s  (a lone step: restore, re-execute)")
     row, _ = timed(lambda: [timeline.reverse_step() for _ in range(300)])
-    print(f"  300 more reverse-stepi (gdb's reverse-next makes such rows) {row:8.3f} s  "
-          f"({row / 300 * 1000:.1f} ms each)")
+    print(f"  300 more reverse-stepi in a row         {row:8.3f} s  ({row / 300 * 1000:.1f} ms each, "
+          f"through fine checkpoints; gdb's reverse-next makes such rows)")
     kept, _ = timed(timeline.save_checkpoints)
     print(f"  keep the checkpoints in the cache       {kept:8.3f} s  "
           f"({timeline.checkpoint_file.stat().st_size / 2**20:.1f} MiB file)")
