@@ -211,3 +211,20 @@ def test_remote_protocol_details_gdb_relies_on(demo_trace):
     assert client.ask(b"vKill;1") == b"OK"
     stub.finish()
     assert stub.process.returncode == 0
+
+
+def test_gdb_session_starts_at_seek_and_moves_with_monitor_seek(gdb, demo_trace, tmp_path):
+    elf = guest_file("demo", "kernel.elf")
+    stub = Stub(demo_trace, "--seek", "i2000000", "--no-keep-checkpoints")
+    script = tmp_path / "seek.gdb"
+    script.write_text("define seek\n  monitor seek $arg0\n  maint flush register-cache\nend\n")
+    out = run_gdb(gdb, elf, stub.address, [
+        "monitor when", f"source {script}",
+        "seek i3000000", "echo AT3M\\n", "monitor when", "info registers eip",
+        "stepi", "reverse-stepi", "echo BACK\\n", "info registers eip",
+    ])
+    stub.finish()
+    assert re.search(r"^instruction 2000000 of \d+", out, re.M), out
+    assert re.search(r"AT3M\ninstruction 3000000 of \d+", out), out
+    eips = re.findall(r"eip\s+(0x[0-9a-f]+)", out)
+    assert len(eips) == 2 and eips[0] == eips[1]

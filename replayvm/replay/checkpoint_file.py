@@ -73,9 +73,12 @@ def _unreplay_state(data: list) -> tuple:
 def _header(timeline: "Timeline", digest: str) -> dict:
     import unicorn
 
+    from replayvm import __version__
+
+    first = timeline.checkpoints.checkpoints[0]
     return {"trace_sha256": digest, "ram_bytes": len(timeline.replayer.ram),
-            "every": timeline.every, "unicorn": unicorn.__version__,
-            "context0": timeline.checkpoints.checkpoints[0].cpu[0]}
+            "every": timeline.every, "unicorn": unicorn.__version__, "replayvm": __version__,
+            "counters_size": len(first.cpu[1]), "context0": first.cpu[0]}
 
 
 def save(timeline: "Timeline", path: Path) -> None:
@@ -123,7 +126,7 @@ def load(timeline: "Timeline", path: Path) -> int:
                                         max_buffer_size=MAX_OBJECT)
             header = next(unpacker)
             expected = _header(timeline, trace_digest(timeline.trace))
-            for key in ("trace_sha256", "ram_bytes", "every", "unicorn"):
+            for key in ("trace_sha256", "ram_bytes", "every", "unicorn", "replayvm", "counters_size"):
                 if header.get(key) != expected[key]:
                     raise CheckpointFileError(f"made for another {key}")
             here, there = expected["context0"], header["context0"]
@@ -137,6 +140,8 @@ def load(timeline: "Timeline", path: Path) -> int:
                     output = item
                     break
                 context = bytearray(item["cpu"][0])
+                if len(context) != len(here) or len(item["cpu"][1]) != header["counters_size"]:
+                    raise CheckpointFileError("a checkpoint of another size")
                 for i in process_bytes:
                     context[i] = here[i]
                 cpu = item["cpu"]
