@@ -228,3 +228,15 @@ def test_gdb_session_starts_at_seek_and_moves_with_monitor_seek(gdb, demo_trace,
     assert re.search(r"AT3M\ninstruction 3000000 of \d+", out), out
     eips = re.findall(r"eip\s+(0x[0-9a-f]+)", out)
     assert len(eips) == 2 and eips[0] == eips[1]
+
+
+def test_gdb_listens_on_loopback_unless_told_otherwise():
+    from replayvm.errors import UsageError
+    from replayvm.replay.gdbstub import parse_address
+
+    assert parse_address("1234") == ("127.0.0.1", 1234)
+    assert parse_address(":1234") == ("127.0.0.1", 1234)
+    assert parse_address("0.0.0.0:9") == ("0.0.0.0", 9)
+    for bad in ("gdb", "1:99999"):
+        with pytest.raises(UsageError):
+            parse_address(bad)
