@@ -348,7 +348,7 @@ class _Inserter:
                 self.pending[name] = []
 
 
-def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[dict[str, list[tuple]]]:
+def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[dict[str, list]]:
     """Rows per table (flat: see _Inserter) for every BATCH records; the header's meta rows come
     with the first batch, the footer's with the last."""
     meta = state.rows["meta"]
@@ -382,13 +382,14 @@ def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[
 
 
 class _LoadState:
-    """Turns records into row tuples (in SCHEMA column order), keeping what spans records: the
-    position, the event number, the sector table, the IDE registers, the console line."""
+    """Turns records into rows (flat, in SCHEMA column order less the trace_id), keeping what
+    spans records: the position, the event number, the sector table, the IDE registers, the
+    console line."""
 
     def __init__(self, trace_id: int, names: Symbols) -> None:
         self.trace_id = trace_id
         self.names = names
-        self.rows: dict[str, list[tuple]] = {name: [] for name in SCHEMA}
+        self.rows: dict[str, list] = {name: [] for name in SCHEMA}
         self.position = 0
         self.seq = 0
         self.sectors: dict[bytes, bytes] = {}
@@ -398,7 +399,7 @@ class _LoadState:
         self.line_position: int | None = None
         self.line_no = 0
 
-    def take(self) -> dict[str, list[tuple]]:
+    def take(self) -> dict[str, list]:
         rows, self.rows = self.rows, {name: [] for name in SCHEMA}
         return rows
 
