@@ -38,7 +38,8 @@ class Stub:
     def __init__(self, trace: Path, *extra: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "replayvm.cli", "replay", str(trace), "--gdb", "127.0.0.1:0",
-             "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             "--quiet", "--no-keep-checkpoints", *extra],                # the user's cache stays as it was
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr = b""
         deadline = time.monotonic() + STARTUP_S
         while b"listening on" not in self.stderr:
@@ -215,7 +216,7 @@ def test_remote_protocol_details_gdb_relies_on(demo_trace):
 
 def test_gdb_session_starts_at_seek_and_moves_with_monitor_seek(gdb, demo_trace, tmp_path):
     elf = guest_file("demo", "kernel.elf")
-    stub = Stub(demo_trace, "--seek", "i2000000", "--no-keep-checkpoints")
+    stub = Stub(demo_trace, "--seek", "i2000000")
     script = tmp_path / "seek.gdb"
     script.write_text("define seek\n  monitor seek $arg0\n  maint flush register-cache\nend\n")
     out = run_gdb(gdb, elf, stub.address, [

@@ -127,7 +127,8 @@ def test_seek_uses_checkpoints_instead_of_replaying_from_the_start(demo_trace):
 
 def test_cli_seek_prints_the_cpu_state_there(demo_trace):
     result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(demo_trace),
-                             "--seek", "i2000000", "--quiet"], capture_output=True, text=True)
+                             "--seek", "i2000000", "--quiet", "--no-keep-checkpoints"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "replay at instruction 2000000 of" in result.stdout
     assert "eip=" in result.stdout or "rip=" in result.stdout
@@ -135,7 +136,7 @@ def test_cli_seek_prints_the_cpu_state_there(demo_trace):
 
 def test_cli_seek_to_a_missing_event_is_a_one_line_error(demo_trace):
     result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(demo_trace),
-                             "--seek", "99999999"], capture_output=True, text=True)
+                             "--seek", "99999999", "--no-keep-checkpoints"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no event 99999999" in result.stderr
 
