@@ -85,14 +85,9 @@ class Machine:
         self._wire_devices()
         self.chaos = None
         if config.chaos_seed is not None:
-            from replayvm.record.chaos import (IDE_MEAN_LATENCY_NS, UART_MEAN_LATENCY_NS,
-                                               DeviceLatency, TimerChaos)
+            from replayvm.record.chaos import TimerChaos
 
             self.chaos = TimerChaos(self.lapic, config.chaos_seed)
-            now = self.clock.now_ns
-            self.ide.latency = DeviceLatency(config.chaos_seed, "ide0", IDE_MEAN_LATENCY_NS)
-            self.uart.latency = DeviceLatency(config.chaos_seed, "com1", UART_MEAN_LATENCY_NS)
-            self.ide.now_ns = self.uart.now_ns = now
         self.engine = _create_engine(config.engine, self)
         self.boot_state = self._boot()
         self.engine.set_state(self.boot_state)
@@ -106,11 +101,19 @@ class Machine:
         lines = {pin: IrqLine(pin, [self.ioapic, self.pic]) for pin in range(16)}
         self.irq_lines = lines
 
-        self.uart = Uart16550(lines[hw.IRQ_COM1], self.console.write)
+        ide_latency = uart_latency = now_ns = None
+        seed = self.config.chaos_seed
+        if seed is not None:                      # chaos: seeded completion latencies
+            from replayvm.record.chaos import IDE_MEAN_LATENCY_NS, UART_MEAN_LATENCY_NS, DeviceLatency
+
+            ide_latency = DeviceLatency(seed, "ide0", IDE_MEAN_LATENCY_NS)
+            uart_latency = DeviceLatency(seed, "com1", UART_MEAN_LATENCY_NS)
+            now_ns = self.clock.now_ns
+        self.uart = Uart16550(lines[hw.IRQ_COM1], self.console.write, uart_latency, now_ns)
         self.i8042 = I8042(lines[hw.IRQ_KEYBOARD], self._on_reset)
         master = self.disks[0] if self.disks else None
         slave = self.disks[1] if len(self.disks) > 1 else None
-        self.ide = IdeChannel(lines[hw.IRQ_IDE0], master, slave)
+        self.ide = IdeChannel(lines[hw.IRQ_IDE0], master, slave, ide_latency, now_ns)
         self.cmos = Cmos(self.clock, len(self.ram))
         self.cga = CgaCrt()
         self.imcr = Imcr()

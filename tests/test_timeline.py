@@ -211,3 +211,19 @@ def test_many_reverse_steps_in_a_row_match_a_straight_replay(demo_trace):
     timeline.replayer._verify_end()
     straight.close()
     timeline.close()
+
+
+def test_reading_an_unmapped_address_leaves_the_guest_alone(demo_trace):
+    from replayvm.engines.x86_delivery import DeliveryFault
+
+    timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+    timeline.seek(3_000_000)                             # paging on
+    before = snapshot(timeline), timeline.registers().cr2
+    try:
+        timeline.read_memory(0x40000000, 4)              # not mapped by the demo kernel
+    except DeliveryFault:
+        pass
+    else:
+        raise AssertionError("an unmapped address read as memory")
+    assert (snapshot(timeline), timeline.registers().cr2) == before
+    timeline.close()

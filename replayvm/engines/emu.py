@@ -183,24 +183,6 @@ class EmuEngine:
             return bytes(self.machine.ram[start:start + size])
         return bytes(self.machine.ram[self.translate(addr + i)] for i in range(size))
 
-    def peek_translate(self, linear: int) -> int | None:
-        """translate() for a debugger: None for an unmapped address, and CR2 left alone."""
-        cr2 = self.reg("cr2")
-        try:
-            return self.translate(linear)
-        except x86_delivery.DeliveryFault:
-            self.set_reg("cr2", cr2)
-            return None
-
-    def peek_linear(self, addr: int, size: int) -> bytes:
-        """read_linear for a debugger: an unmapped page raises DeliveryFault but leaves CR2 alone."""
-        cr2 = self.reg("cr2")
-        try:
-            return self.read_linear(addr, size)
-        except x86_delivery.DeliveryFault:
-            self.set_reg("cr2", cr2)
-            raise
-
     def write_linear(self, addr: int, data: bytes) -> None:
         start = self.translate(addr, write=True)
         if self.translate(addr + len(data) - 1, write=True) - start == len(data) - 1:
@@ -235,10 +217,12 @@ class EmuEngine:
                                              f"address {linear:#x} is not RAM")
         return physical
 
-    def _page_fault(self, linear: int, write: bool) -> None:
-        self.set_reg("cr2", linear)
+    @staticmethod
+    def _page_fault(linear: int, write: bool) -> None:
+        """No side effect: CR2 is loaded by x86_delivery if the fault reaches the guest (a
+        debugger reading an unmapped page must not change the guest)."""
         raise x86_delivery.DeliveryFault(x86_delivery.VECTOR_PAGE_FAULT, 2 if write else 0,
-                                         f"page fault at {linear:#x} during delivery")
+                                         f"page fault at {linear:#x} during delivery", address=linear)
 
     def load_segments_from_user_mode(self, cs: int, ss: int) -> None:
         # Unicorn checks a selector write against the current privilege level like a MOV to a

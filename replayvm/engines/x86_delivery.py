@@ -54,12 +54,21 @@ class CpuAccess(Protocol):
 
 
 class DeliveryFault(Exception):
-    """Delivering a vector raised another exception (vector, error code)."""
+    """Delivering a vector raised another exception (vector, error code; for a page fault, the
+    linear address, which goes to CR2 only when the fault is raised in the guest)."""
 
-    def __init__(self, vector: int, error_code: int, why: str) -> None:
+    def __init__(self, vector: int, error_code: int, why: str, address: int | None = None) -> None:
         super().__init__(why)
         self.vector = vector
         self.error_code = error_code
+        self.address = address
+
+
+def _raised(cpu: CpuAccess, fault: DeliveryFault) -> DeliveryFault:
+    """A fault met while delivering is raised in the guest: a page fault loads CR2."""
+    if fault.vector == VECTOR_PAGE_FAULT and fault.address is not None:
+        cpu.set_reg("cr2", fault.address)
+    return fault
 
 
 class TripleFault(Exception):
@@ -104,19 +113,19 @@ def deliver_with_escalation(cpu: CpuAccess, vector: int, *, software: bool,
         deliver(cpu, vector, software=software, error_code=error_code, return_eip=return_eip)
         return
     except DeliveryFault as first:
-        nested = first
+        nested = _raised(cpu, first)
     if vector != VECTOR_DOUBLE_FAULT:
         try:
             deliver(cpu, nested.vector, software=False, error_code=nested.error_code,
                     return_eip=return_eip)
             return
         except DeliveryFault as second:
-            nested = second
+            nested = _raised(cpu, second)
         try:
             deliver(cpu, VECTOR_DOUBLE_FAULT, software=False, error_code=0, return_eip=return_eip)
             return
         except DeliveryFault as third:
-            nested = third
+            nested = _raised(cpu, third)
     raise TripleFault(f"triple fault delivering vector {vector}: {nested}")
 
 

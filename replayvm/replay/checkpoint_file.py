@@ -42,10 +42,11 @@ def trace_digest(trace: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_path(trace: Path) -> Path:
+def cache_path(digest: str) -> Path:
+    """Where the checkpoints of the trace with this sha256 are kept."""
     from replayvm.guests import cache_root
 
-    return cache_root() / "checkpoints" / f"{trace_digest(trace)[:32]}.ckpt"
+    return cache_root() / "checkpoints" / f"{digest[:32]}.ckpt"
 
 
 def _event(event: Event | None) -> list | None:
@@ -70,13 +71,13 @@ def _unreplay_state(data: list) -> tuple:
             run_data, run_offset, _unevent(run_event), console, inputs, mismatches, landmark, stopped)
 
 
-def _header(timeline: "Timeline", digest: str) -> dict:
+def _header(timeline: "Timeline") -> dict:
     import unicorn
 
     from replayvm import __version__
 
     first = timeline.checkpoints.checkpoints[0]
-    return {"trace_sha256": digest, "ram_bytes": len(timeline.replayer.ram),
+    return {"trace_sha256": timeline.trace_sha256, "ram_bytes": len(timeline.replayer.ram),
             "every": timeline.every, "unicorn": unicorn.__version__, "replayvm": __version__,
             "counters_size": len(first.cpu[1]), "context0": first.cpu[0]}
 
@@ -92,7 +93,7 @@ def save(timeline: "Timeline", path: Path) -> None:
     with open(temporary, "wb") as raw:
         raw.write(MAGIC)
         with zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
-            out.write(packer.pack(_header(timeline, trace_digest(timeline.trace))))
+            out.write(packer.pack(_header(timeline)))
             for checkpoint in store.checkpoints[1:]:
                 context, counters, fault, halted, interrupts, exceptions = checkpoint.cpu
                 out.write(packer.pack({
@@ -125,7 +126,7 @@ def load(timeline: "Timeline", path: Path) -> int:
             unpacker = msgpack.Unpacker(reader, raw=False, strict_map_key=False,
                                         max_buffer_size=MAX_OBJECT)
             header = next(unpacker)
-            expected = _header(timeline, trace_digest(timeline.trace))
+            expected = _header(timeline)
             for key in ("trace_sha256", "ram_bytes", "every", "unicorn", "replayvm", "counters_size"):
                 if header.get(key) != expected[key]:
                     raise CheckpointFileError(f"made for another {key}")

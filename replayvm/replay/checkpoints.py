@@ -59,13 +59,12 @@ class CheckpointStore:
         self.npages = len(self.ram) // PAGE
         self._ram_ptr = ffi.from_buffer(self.ram.obj if hasattr(self.ram, "obj") else self.ram)
         self._dirty = ffi.new("uint32_t[]", self.npages)
-        # The shadow starts as zeroes the OS has not even mapped yet; comparing RAM with it copies
-        # in just the pages that are not zero, and only those need a page object of their own.
+        # The shadow starts as zeroes the OS has not even mapped yet; the first checkpoint's
+        # compare copies in just the pages that are not zero, and only those need a page object.
         self._shadow = bytearray(len(self.ram))
         self._shadow_ptr = ffi.from_buffer(self._shadow)
         self._latest_pages: list = [ZERO_PAGE] * self.npages   # every page as of the newest checkpoint
         self._touched: set[int] = set()                          # pages that ever differed from zero
-        self._take_dirty()
         self.checkpoints: list[Checkpoint] = []
         self._positions: list[int] = []
         self.stats = CheckpointStats()

@@ -67,6 +67,7 @@ class Timeline:
         self._trail: FineTrail | None = None
         self._reverse_stepped_to: int | None = None    # where the last reverse step landed
         self.checkpoint_file: Path | None = None
+        self.trace_sha256 = ""                     # known when checkpoints are kept
         self.checkpoints_loaded = 0
         self.checkpoint_file_note = ""
         if keep_checkpoints:
@@ -77,7 +78,8 @@ class Timeline:
         """Adopt the checkpoints an earlier run kept for this trace (replay.checkpoint_file)."""
         from replayvm.replay import checkpoint_file
 
-        self.checkpoint_file = checkpoint_file.cache_path(self.trace)
+        self.trace_sha256 = checkpoint_file.trace_digest(self.trace)
+        self.checkpoint_file = checkpoint_file.cache_path(self.trace_sha256)
         if not self.checkpoint_file.exists():
             return
         try:
@@ -275,7 +277,7 @@ class Timeline:
 
     def read_memory(self, address: int, length: int) -> bytes:
         """Guest-virtual memory through the guest's page tables (raises on an unmapped page)."""
-        return self.engine.peek_linear(address, length)
+        return self.engine.read_linear(address, length)
 
     def close(self) -> None:
         self.replayer.close()
