@@ -209,9 +209,15 @@ def cmd_debug(args: argparse.Namespace) -> int:
             f"(up to instruction {timeline.checkpoints.newest.position:,})")
     elif timeline.checkpoint_file_note:
         say(timeline.checkpoint_file_note)
+    if not timeline.complete:
+        say(f"{args.trace} was cut short (its recorder stopped before the footer): it replays up "
+            f"to its last event, instruction {timeline.end:,}")
     try:
         if args.seek is not None:
-            timeline.seek(gdbstub.parse_position(args.seek, timeline))
+            wanted = gdbstub.parse_position(args.seek, timeline)
+            if wanted > timeline.end:
+                say(f"the recording ends at instruction {timeline.end:,}: going there")
+            timeline.seek(wanted)
         if args.gdb is None:
             sys.stdout.flush()
             print(f"\nreplay at {timeline.when()}")

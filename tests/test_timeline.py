@@ -227,3 +227,14 @@ def test_reading_an_unmapped_address_leaves_the_guest_alone(demo_trace):
         raise AssertionError("an unmapped address read as memory")
     assert (snapshot(timeline), timeline.registers().cr2) == before
     timeline.close()
+
+
+def test_cli_seek_on_a_trace_cut_short_says_where_it_ends(demo_trace, tmp_path):
+    cut = tmp_path / "cut.zst"
+    cut.write_bytes(demo_trace.read_bytes()[:len(demo_trace.read_bytes()) * 2 // 3])
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(cut), "--seek",
+                             "i999999999", "--quiet", "--no-keep-checkpoints"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "was cut short" in result.stderr and "the recording ends at instruction" in result.stderr
+    assert "replay at instruction" in result.stdout

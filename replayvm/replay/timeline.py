@@ -61,7 +61,7 @@ class Timeline:
         self.breakpoints: set[int] = set()
         self.watches: set[tuple[int, int, int]] = set()          # (address, length, access)
         self.interrupt_check: Callable[[], bool] | None = None
-        self._event_positions, self._end = self._scan_events()
+        self._event_positions, self._end, self.complete = self._scan_events()
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
         self._trail: FineTrail | None = None
@@ -117,8 +117,9 @@ class Timeline:
         last = f"after event {done - 1}" if done else "before event 0"
         return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)})"
 
-    def _scan_events(self) -> tuple[list[int], int]:
-        """One pass over the trace: every event's position, and where the recording ended."""
+    def _scan_events(self) -> tuple[list[int], int, bool]:
+        """One pass over the trace: every event's position, where the recording ended, and
+        whether it has its footer (False: the recorder was stopped before it finished)."""
         positions, position = [], 0
         with TraceReader(self.trace) as reader:
             for record in reader:
@@ -127,7 +128,7 @@ class Timeline:
                     positions.append(position)
             footer = reader.footer
         end = int(footer.get("position") or position) if footer else position
-        return positions, end
+        return positions, end, footer is not None
 
     def event_position(self, index: int) -> int:
         """The position of event `index` (numbered from 0, as `replay --until` and analysis do)."""
