@@ -1,0 +1,35 @@
+"""Traces recorded by earlier releases keep replaying: every sample under traces/ verifies."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from replayvm.replay.replayer import replay
+
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+
+# What each sample's replayed console must show (traces/README.md says how each was recorded).
+EXPECTED_CONSOLE = {
+    "demo-shell.zst": b"hello",
+    "demo-race.zst": b"race: ok",
+    "demo-chaos-race.zst": b"race: LOST UPDATES",
+}
+
+
+def sample_traces() -> list[Path]:
+    return sorted(TRACES.glob("*/*.zst"))
+
+
+def test_there_are_samples_of_each_kind() -> None:
+    names = {path.name for path in sample_traces()}
+    assert set(EXPECTED_CONSOLE) <= names
+
+
+@pytest.mark.parametrize("trace", sample_traces(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_sample_trace_replays_verified(trace: Path) -> None:
+    result = replay(trace, output=io.BytesIO())
+    assert result.verified and not result.truncated and not result.mismatches
+    assert EXPECTED_CONSOLE[trace.name] in result.console
