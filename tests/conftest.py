@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+DEMO_TRACE_RAM_MIB = 16          # the demo guest needs a few MiB; checkpoints cost per MiB of RAM
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -44,13 +45,20 @@ def xv6_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_trace(tmp_path_factory) -> Path:
-    """A demo-guest session recorded on emu (`echo hello`, `race`), shared by the replay tests."""
+    """A demo-guest session recorded on emu (`echo hello`, `race`), shared by the replay tests.
+
+    Recorded on the virtual clock: guest time is the instruction count, so the session has the
+    same length, events and checkpoints on every run and machine (on the wall clock its length
+    follows the host's speed, and counts asserted on it failed on slower hosts). At 1 ns per
+    instruction the race's ticks are long (about 130 M instructions in all), so the guest gets
+    little RAM: every checkpoint the timeline tests take is cheaper then."""
     import io
 
     from replayvm.record.session import SessionOptions, run_session
 
     trace = tmp_path_factory.mktemp("demo-trace") / "demo.zst"
     outcome, _ = run_session(SessionOptions(engine="emu", script=b"echo hello\nrace\n", trace=trace,
-                                            timeout_s=120), output=io.BytesIO())
+                                            timeout_s=120, virtual_clock=True, ram_mib=DEMO_TRACE_RAM_MIB),
+                             output=io.BytesIO())
     assert outcome.reason == "script-done"
     return trace

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from replayvm.bus import Bus, PioBus
 from replayvm.clock import GuestClock, VirtualClock
-from replayvm.engines.base import CpuState, Segment, real_mode_state
+from replayvm.engines.base import CpuState, Segment, StopReason, real_mode_state
+
+# Deadlines that only detect a hang: a test fails on them only if something never ends, never
+# because the host was slow (2 cores shared by many processes can stall a run for seconds).
+HANG_S = 120
+HANG_BUDGET_NS = HANG_S * 10**9      # an engine budget on the wall clock (GuestClock)
 
 
 class PortLog:
@@ -150,7 +155,8 @@ def record_kvm_realmode_guest(trace: Path) -> RecordableMachine:
     for number, page in initial_ram_pages(machine.ram):
         writer.append((Kind.RAM_PAGE, number, page))
     recorder = Recorder(machine, writer)
-    machine.engine.run(budget_ns=10_000_000_000)                # ends with the guest's HLT
+    reason = machine.engine.run(budget_ns=HANG_BUDGET_NS)
+    assert reason is StopReason.HALT, reason                     # ends with the guest's HLT
     recorder.halted()
     recorder.finish()
     writer.close({"position": machine.engine.position, "final_state": machine.engine.get_state().to_dict(),
