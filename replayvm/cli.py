@@ -298,17 +298,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     bar = None
     if sys.stderr.isatty():
-        from tqdm import tqdm
+        from replayvm.progress import ProgressBar
 
-        bar = tqdm(unit=" events", desc="loading", leave=False)
-    last = [0]
-
-    def progress(events: int) -> None:
+        bar = ProgressBar(sys.stderr, args.trace.stat().st_size if args.trace.is_file() else 0)
+    try:
+        counts = load_trace(args.trace, db_path, symbols=args.symbols, append=args.append,
+                            progress=bar.update if bar is not None else None)
+    except BaseException:
         if bar is not None:
-            bar.update(events - last[0])
-            last[0] = events
-
-    counts = load_trace(args.trace, db_path, symbols=args.symbols, append=args.append, progress=progress)
+            bar.close(finished=False)
+        raise
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started

@@ -131,9 +131,12 @@ def test_rows_built_in_a_second_process_are_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "BATCH", 97)
     monkeypatch.setattr(loader._Inserter, "ROWS_PER_STATEMENT", 7)
     events = []
-    load_trace(tmp_path / "t.zst", tmp_path / "worker.db", symbols=[kernel], progress=events.append)
+    offsets = []
+    load_trace(tmp_path / "t.zst", tmp_path / "worker.db", symbols=[kernel],
+               progress=lambda loaded, bytes_read: (events.append(loaded), offsets.append(bytes_read)))
     assert dump(tmp_path / "worker.db") == dump(tmp_path / "inline.db")
     assert events and events == sorted(events)
+    assert offsets == sorted(offsets) and 0 < offsets[-1] < (tmp_path / "t.zst").stat().st_size
     db = sqlite_utils.Database(tmp_path / "worker.db")
     assert events[-1] == sum(db[t].count for t in ("exits", "interrupts", "inputs", "clock_reads", "halts"))
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

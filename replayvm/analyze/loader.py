@@ -183,7 +183,10 @@ class Symbols:
 
 def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append: bool = False,
                progress=None) -> dict[str, int]:
-    """Load `trace` into the SQLite database at `db_path`; returns rows per table."""
+    """Load `trace` into the SQLite database at `db_path`; returns rows per table.
+
+    `progress(events, bytes_read)` is called after each batch: events loaded so far, and how far
+    into the trace file (in bytes) the loading has read (for a bar's percentage)."""
     names = Symbols(symbols)
     db_path = Path(db_path)
     with TraceReader(trace) as reader:             # refuse an unreadable trace before touching the db
@@ -224,19 +227,19 @@ def _load(reader: TraceReader, db: sqlite_utils.Database, trace: Path, trace_id:
     """Rows from the records into the tables, in one transaction."""
     inserter = _Inserter(db.conn, trace_id)
     with db.conn:
-        for rows, events in _row_batches(reader, trace, trace_id, names):
+        for rows, events, bytes_read in _row_batches(reader, trace, trace_id, names):
             for name, values in rows.items():
                 if values:
                     inserter.insert(name, values)
             if progress is not None:
-                progress(events)
+                progress(events, bytes_read)
         inserter.finish()
     return {name: inserter.counts[name] for name in SCHEMA if inserter.counts.get(name)}
 
 
 def _row_batches(reader: TraceReader, trace: Path, trace_id: int,
-                 names: Symbols) -> Iterator[tuple[dict[str, list], int]]:
-    """(rows per table, events so far) for every BATCH records. Past the first INLINE_BATCHES,
+                 names: Symbols) -> Iterator[tuple[dict[str, list], int, int]]:
+    """(rows per table, events so far, trace bytes read) for every BATCH records. Past the first INLINE_BATCHES,
     the rest of the rows are built by a forked copy of this process (which carries on with the
     same reader and state), so that building rows overlaps inserting them."""
     state = _LoadState(trace_id, names)
@@ -245,16 +248,16 @@ def _row_batches(reader: TraceReader, trace: Path, trace_id: int,
         rows = next(batches, None)
         if rows is None:
             return
-        yield rows, state.seq
+        yield rows, state.seq, state.bytes_read
     if "fork" in multiprocessing.get_all_start_methods():
         yield from _from_worker(batches, state, trace)
     else:
         for rows in batches:
-            yield rows, state.seq
+            yield rows, state.seq, state.bytes_read
 
 
 def _from_worker(batches: Iterator[dict[str, list]], state: "_LoadState",
-                 trace: Path) -> Iterator[tuple[dict[str, list], int]]:
+                 trace: Path) -> Iterator[tuple[dict[str, list], int, int]]:
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     try:                                           # room for a batch or so in flight
@@ -274,7 +277,7 @@ def _from_worker(batches: Iterator[dict[str, list]], state: "_LoadState",
                 raise RuntimeError(f"the process reading {trace} ended unexpectedly "
                                    f"(exit status {process.exitcode})") from None
             if message[0] == "rows":
-                yield message[1], message[2]
+                yield message[1], message[2], message[3]
             elif message[0] == "error":
                 raise message[1]
             else:
@@ -291,7 +294,8 @@ def _worker(sender, batches: Iterator[dict[str, list]], state: "_LoadState", tra
     """The forked process: carry on with the batches, send them pickled, then "done"."""
     try:
         for rows in batches:
-            sender.send_bytes(pickle.dumps(("rows", rows, state.seq), pickle.HIGHEST_PROTOCOL))
+            sender.send_bytes(pickle.dumps(("rows", rows, state.seq, state.bytes_read),
+                                           pickle.HIGHEST_PROTOCOL))
         sender.send_bytes(pickle.dumps(("done",)))
     except BaseException as error:                 # re-raised by the loading process
         try:
@@ -392,6 +396,7 @@ class _LoadState:
         self.rows: dict[str, list] = {name: [] for name in SCHEMA}
         self.position = 0
         self.seq = 0
+        self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
         self.ide = {"count": 1, "lba": [0, 0, 0], "drive": 0xE0, "command": None, "next": 0}
         self.lcr = 0
@@ -405,6 +410,7 @@ class _LoadState:
 
     def run(self, records: list, reader: TraceReader, frame: int, offset: int) -> None:
         """Rows for `records` (frame `frame` at byte `offset`): the loop every record goes through."""
+        self.bytes_read = offset
         pos = self.position
         seq = self.seq
         rows = self.rows
