@@ -16,6 +16,7 @@ from replayvm.record.session import SessionOptions, run_session
 from replayvm.trace import Kind, TraceFormatError, TraceReader
 from replayvm.trace.format import FILE_HEADER, FORMAT_MAJOR, MAGIC
 from replayvm.trace.summary import summarize
+from tests.harness import HANG_S
 
 
 def record(trace: Path, script: bytes, **kwargs):
@@ -123,7 +124,7 @@ def test_recorder_killed_mid_session_leaves_a_readable_prefix(tmp_path):
                             stdin=subprocess.DEVNULL)
     try:
         seen = b""
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_S                               # only detects a hang
         while b"spin 2000" not in seen and time.monotonic() < deadline:   # the guest is busy now
             seen += os.read(proc.stdout.fileno(), 4096)
         # Frames keep coming every 100 ms while timer interrupts are logged: wait for a few more.
@@ -168,9 +169,23 @@ def test_future_version_is_refused_by_name(tmp_path, good_trace):
     assert_info_fails(tmp_path / "x.zst", f"{FORMAT_MAJOR + 1}.0", "newer", "upgrade replayvm")
 
 
+def frame_bodies(data: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each frame's compressed body: where frames fall depends on the flusher's
+    timing, so a test that damages a body finds one rather than guessing a byte offset."""
+    from replayvm.trace.format import FRAME_HEADER
+
+    bodies, offset = [], FILE_HEADER.size
+    while offset + FRAME_HEADER.size <= len(data):
+        length, _ = FRAME_HEADER.unpack_from(data, offset)
+        bodies.append((offset + FRAME_HEADER.size, length))
+        offset += FRAME_HEADER.size + length
+    return bodies
+
+
 def test_corrupted_frame_is_named_with_its_offset(tmp_path, good_trace):
     data = bytearray(good_trace)
-    data[len(data) // 2] ^= 0xFF
+    start, length = frame_bodies(good_trace)[len(frame_bodies(good_trace)) // 2]
+    data[start + length // 2] ^= 0xFF                       # inside a body: the checksum catches it
     (tmp_path / "x.zst").write_bytes(bytes(data))
     assert_info_fails(tmp_path / "x.zst", "frame", "byte", "corrupt")
 
