@@ -321,3 +321,26 @@ def test_kvm_print_loop_is_a_run_of_exits_replayed_exit_by_exit(require_kvm, tmp
     runs = [r for r in records(trace) if r[0] == Kind.PIO_WRITE_RUN and r[2] == hw.COM1_PORT]
     assert runs and bytes(runs[0][5]) == b"print loop\n"       # eleven exits, one record
     assert replay(trace).verified
+
+
+# ------------------------------------------------------------------ kvm: the end between exits
+COUNT_THEN_SPIN = """
+    movb    $0x78, %al
+    movw    $0x3F8, %dx
+    outb    %al, %dx
+    xorl    %ecx, %ecx
+1:  incl    %ecx
+    cmpl    $1000, %ecx
+    jne     1b
+2:  jmp     2b
+"""
+
+
+def test_kvm_recording_stopped_between_exits_replays_to_its_final_registers(require_kvm, tmp_path):
+    """The session times out while the guest spins after its last exit: the footer's registers
+    (ecx = 1000, at the spin) are where the replay must end, found as a landmark."""
+    trace = tmp_path / "t.zst"
+    assert record(trace, "kvm", boot_disk(tmp_path, COUNT_THEN_SPIN), timeout_s=0.3)[0] == "timeout"
+    assert footer(trace)["final_state"]["regs"]["rcx"] == 1000
+    result = replay(trace)
+    assert result.verified and result.console == b"x"

@@ -82,6 +82,7 @@ class _Kicker:
         self._thread_id = thread_id
         self._clock = clock
         self._deadline_ns: int | None = None
+        self._armed = False                # False: the deadline passes without a kick
         self._cond = threading.Condition()
         self._closed = False
         self.kicks = 0
@@ -90,14 +91,21 @@ class _Kicker:
 
     def arm(self, deadline_ns: int | None) -> None:
         """Kick when the guest clock reaches `deadline_ns`; None disarms. Cheap when unchanged,
-        which is the common case: deadlines are absolute, so they stay put between exits."""
+        which is the common case: deadlines are absolute, so they stay put between exits. Only
+        an earlier deadline wakes the kicker thread: it wakes at the earlier one anyway and looks
+        again, and a disarmed deadline passes without a kick (so arming the same one again, as
+        every run() after a debug stop does, costs no thread switch)."""
+        if deadline_ns is None:
+            self._armed = False
+            return
+        self._armed = True
         current = self._deadline_ns
-        if deadline_ns == current or (deadline_ns is not None and current is not None
-                                      and abs(deadline_ns - current) < KICK_SLACK_NS):
+        if current is not None and abs(deadline_ns - current) < KICK_SLACK_NS:
             return
         with self._cond:
             self._deadline_ns = deadline_ns
-            self._cond.notify()
+            if current is None or deadline_ns < current:
+                self._cond.notify()
 
     def kick_now(self) -> None:
         self._run.immediate_exit = 1
@@ -115,7 +123,8 @@ class _Kicker:
                     self._cond.wait(delay_ns / 1e9)
                     continue
                 self._deadline_ns = None
-                self.kick_now()
+                if self._armed:
+                    self.kick_now()
 
     def close(self) -> None:
         with self._cond:

@@ -32,6 +32,7 @@ COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r
 RECENT = 5
 GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
 LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
+END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
 # kvm positions count exits, so code that runs without exiting cannot be bounded by position: a
 # replayed kvm guest that runs this long without a port, MMIO or HLT exit has diverged (a
 # recording's exit-free stretches end at its timer kicks, each an interrupt with a landmark, or at
@@ -530,7 +531,8 @@ class Replayer:
         self._run_to_landmark(event.record[6], event.describe(), event)
         self._landmark_reached = True
 
-    def _run_to_landmark(self, landmark: dict, what: str, event: Event | None) -> None:
+    def _run_to_landmark(self, landmark: dict, what: str, event: Event | None,
+                         tries: int = LANDMARK_TRIES) -> None:
         """kvm: run to a point between exits given by its registers. Run to the recorded RIP
         with a hardware breakpoint and stop where the registers match too (KVM does not set RF:
         step over a hit that does not match with the breakpoint off, then arm it again). Exits
@@ -540,7 +542,7 @@ class Replayer:
         compared = [name for name in CpuState.GPR_NAMES + ("rflags",) if name in landmark]
         engine.set_guest_debug(hw_breakpoints=[address])
         try:
-            for _ in range(LANDMARK_TRIES):
+            for _ in range(tries):
                 reason = engine.run()
                 if reason is not StopReason.DEBUG:
                     self._diverge(f"the landmark of {what} at rip {landmark['rip']:#x} "
@@ -553,7 +555,8 @@ class Replayer:
                 engine.set_guest_debug(single_step=True)
                 engine.run()
                 engine.set_guest_debug(hw_breakpoints=[address])
-            self._diverge(f"the landmark of {what} never matched in {LANDMARK_TRIES:,} hits", event)
+            self._diverge(f"the landmark of {what} at rip {landmark['rip']:#x} never matched its "
+                          f"registers in {tries:,} hits", event)
         finally:
             engine.set_guest_debug()
 
@@ -571,7 +574,8 @@ class Replayer:
         landmark = {name: regs[name] for name in CpuState.GPR_NAMES + ("rip", "rflags") if name in regs}
         if "cr3" in final:
             landmark["cr3"] = final["cr3"]
-        self._run_to_landmark(landmark, "the recording's end", None)
+        self._run_to_landmark(landmark, "the recording's end (the recorder stopped the guest between "
+                              "exits)", None, tries=END_LANDMARK_TRIES)
 
     def read_tsc(self) -> int:
         return self._take(Kind.CLOCK).record[3]
