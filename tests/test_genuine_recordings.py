@@ -344,3 +344,19 @@ def test_kvm_recording_stopped_between_exits_replays_to_its_final_registers(requ
     assert footer(trace)["final_state"]["regs"]["rcx"] == 1000
     result = replay(trace)
     assert result.verified and result.console == b"x"
+
+
+def test_a_timeline_goes_to_a_recorded_fault_and_back(tmp_path):
+    from replayvm.replay.timeline import Timeline
+
+    trace = tmp_path / "t.zst"
+    assert record(trace, "emu", kernel=multiboot_kernel(tmp_path, FAULTS["rep stos off the end of RAM"]))[0] == "fault"
+    timeline = Timeline(trace, checkpoint_every=5)
+    try:
+        assert timeline.seek(timeline.end).position == timeline.end == footer(trace)["position"]
+        at_end = timeline.registers().regs
+        assert timeline.seek(3).position == 3
+        assert timeline.cont().reason == "end" and timeline.position == timeline.end
+        assert timeline.registers().regs == at_end
+    finally:
+        timeline.close()
