@@ -192,6 +192,17 @@ def test_a_triple_fault_on_kvm_is_the_guests_end_recorded_and_replayed_verified(
     assert result.verified and result.guest_end == "guest shut down: triple fault"
 
 
+def test_an_int3_through_an_empty_idt_on_kvm_ends_as_recorded_and_replays_verified(require_kvm, tmp_path):
+    """A triple fault on real hardware; PVM's KVM cannot emulate INT3 or INT n at all (even
+    through a valid IDT) and reports an internal error: 'unsupported'. Either way the recording
+    is complete and its end is what the replay must reproduce."""
+    trace = tmp_path / "t.zst"
+    reason, _ = record(trace, "kvm", kernel=multiboot_kernel(tmp_path, NO_IDT.format(fault="int3")))
+    assert reason in ("fault", "unsupported")
+    result = replay(trace)
+    assert result.verified and result.guest_end == footer(trace)["detail"]
+
+
 # ------------------------------------------------------------------ 3. narrow LAPIC ID reads
 LAPIC_ID_READS = f"""
     movw    {hw.LAPIC_ADDR + 0x20:#x}, %ax        # 16-bit
