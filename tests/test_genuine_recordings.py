@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from replayvm import hw
+from replayvm.analyze.loader import console_text, load_trace
 from replayvm.replay.replayer import Divergence, replay
 from replayvm.trace import Kind, TraceReader, TraceWriter
 from tests.small_guests import SHUTDOWN, boot_disk, multiboot_kernel, record
@@ -324,6 +326,14 @@ def test_console_output_replays_the_same_on_both_engines(engine, tmp_path, guest
     assert result.verified, result
     assert result.console == shown
     assert result.instructions == footer(trace)["position"]      # the same position unit counted
+
+
+@pytest.mark.parametrize("guest", ["rep outsb", "divisor latch and loopback"])
+def test_the_console_table_of_analyze_decodes_the_same_way(tmp_path, guest):
+    trace = tmp_path / "t.zst"
+    _, shown = record(trace, "emu", boot_disk(tmp_path, CONSOLE_GUESTS[guest][0]))
+    load_trace(trace, tmp_path / "t.db")
+    assert console_text(sqlite_utils.Database(tmp_path / "t.db")) == shown.decode()
 
 
 def test_kvm_print_loop_is_a_run_of_exits_replayed_exit_by_exit(require_kvm, tmp_path):
