@@ -37,6 +37,9 @@ CPUID_ECX_RDRAND = 1 << 30
 CPUID_ECX_X2APIC = 1 << 21
 CPUID_EBX_RDSEED = 1 << 18
 EFLAGS_IF = 1 << 9
+KVM_INTERNAL_ERROR_EMULATION = 1
+EMULATION_FLAG_INSTRUCTION_BYTES = 1
+SOFTWARE_INTERRUPT_OPCODES = (0xCC, 0xCD, 0xCE)      # INT3, INT n, INTO
 
 
 # The hottest fields of kvm_run, read with struct at offsets the compiler gave cffi.
@@ -393,6 +396,12 @@ class KvmEngine:
     def _describe_failure(self, run, reason: int) -> str:
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             detail = f"internal error, suberror {run.internal.suberror}"
+            code = _emulation_failure_bytes(run.internal)
+            if code:
+                detail += f" (it could not emulate the instruction {code[:4].hex(' ')}"
+                if code[0] in SOFTWARE_INTERRUPT_OPCODES:
+                    detail += ": a software interrupt, which PVM cannot emulate; try --engine emu"
+                detail += ")"
         elif reason == lib.KVM_EXIT_FAIL_ENTRY:
             detail = f"entry failed, reason {run.fail_entry.hardware_entry_failure_reason:#x}"
         else:
@@ -432,6 +441,16 @@ class KvmEngine:
                 except OSError:
                     pass
                 setattr(self, fd, None)
+
+
+def _emulation_failure_bytes(internal) -> bytes:
+    """The instruction bytes KVM reports with an emulation failure (KVM_INTERNAL_ERROR_EMULATION
+    with the instruction-bytes flag: data[0] flags, then a length byte and up to 15 bytes)."""
+    if internal.suberror != KVM_INTERNAL_ERROR_EMULATION or internal.ndata < 3 or \
+            not internal.data[0] & EMULATION_FLAG_INSTRUCTION_BYTES:
+        return b""
+    packed = internal.data[1].to_bytes(8, "little") + internal.data[2].to_bytes(8, "little")
+    return packed[1:1 + min(packed[0], 15)]
 
 
 def _segment_to_kvm(seg: Segment, out) -> None:
