@@ -132,6 +132,32 @@ def test_a_guest_that_stops_doing_io_diverges_within_the_exit_free_limit_on_kvm(
     assert "without a port, MMIO or HLT exit" in message
 
 
+ID_READ_LOOP = f"""
+    movl    $100, %ecx
+1:  movl    {hw.LAPIC_ADDR + 0x20:#x}, %eax
+    loop    1b
+    movb    $0x55, %al
+    outb    %al, $0x80
+{SHUTDOWN}
+"""
+LOOP_100, LOOP_200 = b"\xb9\x64\x00\x00\x00", b"\xb9\xc8\x00\x00\x00"     # movl $100 / $200, %ecx
+
+
+def test_pure_reads_past_the_next_event_diverge_naming_it(engine, tmp_path):
+    """Reads of the LAPIC ID register are no events (emu serves them in C, kvm counts their
+    exits): a guest that goes on reading past the next event's position diverges there."""
+    recorded = tmp_path / "t.zst"
+    assert record(recorded, engine, kernel=multiboot_kernel(tmp_path, ID_READ_LOOP))[0] == "shutdown"
+    assert replay(recorded).verified
+    patch_ram(recorded, tmp_path / "longer.zst", LOOP_100, LOOP_200)
+    with at_most(20), pytest.raises(Divergence) as info:
+        replay(tmp_path / "longer.zst")
+    message = str(info.value)
+    assert "diverged at event 0:" in message and "pio_write port 0x80 size 1 value 0x55" in message
+    if engine == "kvm":
+        assert "the guest did a read of the LAPIC ID register at position 101" in message
+
+
 # ------------------------------------------------------------------ 2. recordings that end in a fault
 NO_IDT = """
     lidt    empty_idt
