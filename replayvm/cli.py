@@ -286,6 +286,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 1
     print(f"replay verified: {result.events} events, {result.instructions} instructions, "
           f"state hash {result.state_hash}")
+    if result.guest_end:
+        print(f"the guest's end, replayed as recorded: {result.guest_end}")
     return 0
 
 

@@ -34,6 +34,7 @@ POST_PORT = 0x80                   # POST/delay port: writes ignored quietly
 IDE0_CMD_PORT = 0x1F0              # 0x1F0-0x1F7 command block
 IDE0_CTRL_PORT = 0x3F6             # device control / alternate status
 COM1_PORT = 0x3F8                  # 0x3F8-0x3FF
+COM1_PORTS = 8
 CGA_CRT_PORT = 0x3D4               # 0x3D4 index, 0x3D5 data
 DEBUG_EXIT_PORT = 0x8A00           # Bochs/QEMU debug port (xv6's loader writes it on failure)
 DEBUG_CON_PORT = 0xE9              # Bochs debug console (one byte out)

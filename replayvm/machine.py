@@ -38,6 +38,21 @@ MIN_RAM_MIB = 2
 MAX_RAM_MIB = 3 * 1024                    # stay below the 0xC0000000+ device window
 HALT_POLL_NS = 50_000_000                 # how long a halted guest with no timer may sleep at once
 RUN_SLICE_NS = 20_000_000                 # how often the loop looks at console input and limits
+SHUTDOWN_PREFIX = "guest shut down: "
+
+
+def engine_stop_end(reason: StopReason, engine) -> tuple[str, str]:
+    """How a session ends when the engine cannot go on: the footer's (`end`, `detail`). Replay
+    expects the same pair from the same stop at the same position (replay.replayer)."""
+    why = getattr(engine, "last_error", "")
+    if reason is StopReason.SHUTDOWN:
+        return "fault", SHUTDOWN_PREFIX + (why or "triple fault")
+    return "unsupported", why or "the engine cannot continue with this guest"
+
+
+def is_engine_stop_end(end: object, detail: object) -> bool:
+    """Did a recording end with an engine stop (rather than, say, a halt with nothing to wake)?"""
+    return end == "unsupported" or (end == "fault" and str(detail or "").startswith(SHUTDOWN_PREFIX))
 
 
 @dataclass
@@ -127,7 +142,7 @@ class Machine:
         pio.register(hw.POST_PORT, 1, PostPort(), "post")
         pio.register(hw.IDE0_CMD_PORT, 8, self.ide.command_block, "ide0")
         pio.register(hw.IDE0_CTRL_PORT, 1, self.ide.control_block, "ide0.control")
-        pio.register(hw.COM1_PORT, 8, self.uart, "com1")
+        pio.register(hw.COM1_PORT, hw.COM1_PORTS, self.uart, "com1")
         pio.register(hw.CGA_CRT_PORT, 2, self.cga, "cga.crt")
         pio.register(hw.DEBUG_EXIT_PORT, 2, DebugExitPort(self._on_debug_exit), "debug.exit")
         pio.register(hw.DEBUG_CON_PORT, 1, DebugConsolePort(self.console.write), "debug.console")
@@ -208,11 +223,9 @@ class Machine:
                         observer()
                     self._wait_while_halted(timeout_ns)
                 elif reason is StopReason.SHUTDOWN:
-                    why = getattr(engine, "last_error", "") or "triple fault"
-                    raise GuestFault(self._fault_report(f"shut down: {why}"))
+                    raise GuestFault(self._fault_report(engine_stop_end(reason, engine)[1]))
                 elif reason is StopReason.UNSUPPORTED:
-                    return self._outcome("unsupported", getattr(engine, "last_error", "")
-                                         or "the engine cannot continue with this guest")
+                    return self._outcome(*engine_stop_end(reason, engine))
         finally:
             self.console.flush()
 
@@ -232,7 +245,7 @@ class Machine:
         deadline = None if until is None else now + until
         if isinstance(self.clock, VirtualClock):
             if deadline is None:
-                raise GuestFault(self._fault_report("halted with no timer and no input to wake it"))
+                raise GuestFault(self._fault_report("guest halted with no timer and no input to wake it"))
             self.clock.advance(max(0, deadline - now))
             return
         wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
@@ -245,11 +258,12 @@ class Machine:
         return RunOutcome(reason, self.clock.now_ns(), getattr(self.engine, "icount", None), detail)
 
     def _fault_report(self, what: str) -> str:
+        """`what` (the footer's detail: the first line), then the CPU state."""
         try:
             state = self.engine.get_state().describe()
         except Exception as error:               # the report must not hide the fault
             state = f"(CPU state unavailable: {error})"
-        return f"guest {what}\n{state}"
+        return f"{what}\n{state}"
 
     def close(self) -> None:
         self.engine.close()

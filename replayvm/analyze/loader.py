@@ -35,6 +35,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
 from replayvm.errors import UsageError
 from replayvm.trace.format import Kind, TraceFormatError
 from replayvm.trace.reader import UNPACK_ERRORS, TraceReader
@@ -53,7 +54,7 @@ _SPACE = (None, "pio", "pio", "mmio", "mmio")
 _DIRECTION = (None, "read", "write", "read", "write")
 # Ports whose writes feed the derived tables (console, IDE register state).
 DEBUG_CON = hw.DEBUG_CON_PORT
-_WATCHED_PORTS = frozenset({COM1, COM1 + 3, DEBUG_CON, *range(IDE + 2, IDE + 8)})
+_WATCHED_PORTS = frozenset({COM1, COM1 + UART_LCR, COM1 + UART_MCR, DEBUG_CON, *range(IDE + 2, IDE + 8)})
 # Kinds as plain ints for the hot loop (an enum member is a slower lookup).
 _PIO_READ_RUN, _PIO_WRITE_RUN = int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)
 _INTERRUPT, _INPUT, _CLOCK, _HALT = int(Kind.INTERRUPT), int(Kind.INPUT), int(Kind.CLOCK), int(Kind.HALT)
@@ -399,7 +400,7 @@ class _LoadState:
         self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
         self.ide = {"count": 1, "lba": [0, 0, 0], "drive": 0xE0, "command": None, "next": 0}
-        self.lcr = 0
+        self.serial = SerialOutputDecoder()        # what COM1 sent, as its UART decides
         self.line = bytearray()
         self.line_position: int | None = None
         self.line_no = 0
@@ -429,17 +430,17 @@ class _LoadState:
                            rip, cpl, (user if cpl == 3 else other)[rip]))
                     seq += 1
                     if kind == 2 and address in watched:
-                        if address == COM1 + 3:
-                            self.lcr = value
-                        elif (address == COM1 and not self.lcr & 0x80) or address == DEBUG_CON:
-                            byte = value & 0xFF
-                            if self.line_position is None:
-                                self.line_position = pos
-                            if byte == 0x0A:
-                                self._emit_line(True)
-                            else:
-                                line_append(byte)
-                        elif address != COM1:
+                        if address == DEBUG_CON or COM1 <= address < COM1 + hw.COM1_PORTS:
+                            byte = value & 0xFF if address == DEBUG_CON else \
+                                self.serial.write(address - COM1, value)
+                            if byte is not None:
+                                if self.line_position is None:
+                                    self.line_position = pos
+                                if byte == 0x0A:
+                                    self._emit_line(True)
+                                else:
+                                    line_append(byte)
+                        else:
                             self._ide_register(address - IDE, value)
                 elif kind == _INTERRUPT:
                     pos += record[1]
@@ -457,8 +458,13 @@ class _LoadState:
                         if self.ide["command"] in (IDE_READ_COMMANDS if kind == _PIO_READ_RUN
                                                    else IDE_WRITE_COMMANDS):
                             self._ide_data(kind, payload, pos, seq)
-                    elif port == COM1 and kind == _PIO_WRITE_RUN:
+                    elif port == DEBUG_CON and kind == _PIO_WRITE_RUN:
                         self._console(bytes(payload)[::size], pos)
+                    elif port == COM1 and kind == _PIO_WRITE_RUN:
+                        data = bytes(payload)
+                        write = self.serial.write
+                        sent = (write(0, data[i]) for i in range(0, len(data), size))
+                        self._console(bytes(b for b in sent if b is not None), pos)
                     seq += 1
                 elif kind == _INPUT:
                     pos += record[1]

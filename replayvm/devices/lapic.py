@@ -125,6 +125,13 @@ def _is_read_only(offset: int) -> bool:
     return offset in (ID, VER, APR, PPR, TCCR) or ISR_BASE <= offset < IRR_BASE + 0x80
 
 
+def is_pure_id_read(address: int, size: int) -> bool:
+    """The one read deliberately not logged: 4 bytes at the ID register (a constant, read on every
+    lock operation by xv6; the emu engine answers it in C). Narrower or unaligned reads of it are
+    logged and replayed like any MMIO read."""
+    return size == 4 and address == hw.LAPIC_ADDR + ID
+
+
 class Lapic:
     """The xAPIC of our single CPU, at hw.LAPIC_ADDR; also the engine's InterruptSource."""
 

@@ -35,6 +35,41 @@ LSR_THR_EMPTY = 0x20
 LSR_TX_EMPTY = 0x40
 MCR_LOOPBACK = 0x10
 MSR_IDLE = 0xB0            # CTS, DSR, DCD asserted: a terminal is attached
+RESET_LCR = 0x03           # 8 data bits, DLAB clear
+MCR_MASK = 0x1F
+
+
+def transmits(offset: int, lcr: int, mcr: int) -> bool:
+    """Does a write at register `offset` send a byte down the line? Only the transmit holding
+    register does, with DLAB clear (else it is the divisor latch) and loopback off (else the byte
+    comes back as input). The UART and the replay's console decoder both decide with this."""
+    return offset == RBR_THR and not lcr & LCR_DLAB and not mcr & MCR_LOOPBACK
+
+
+class SerialOutputDecoder:
+    """What a guest printed on COM1, from its register writes alone (replay has no UART): the
+    two registers that decide whether a THR write is output, kept as the UART keeps them."""
+
+    def __init__(self) -> None:
+        self.lcr = RESET_LCR
+        self.mcr = 0
+
+    def write(self, offset: int, value: int) -> int | None:
+        """The byte sent by a write of `value` at `offset`, or None when nothing is sent."""
+        if offset == LCR:
+            self.lcr = value & 0xFF
+        elif offset == MCR:
+            self.mcr = value & MCR_MASK
+        elif transmits(offset, self.lcr, self.mcr):
+            return value & 0xFF
+        return None
+
+    def state(self) -> tuple[int, int]:
+        return self.lcr, self.mcr
+
+    def restore(self, state) -> None:
+        """From state() (or, from checkpoints kept by an older build, the LCR alone)."""
+        self.lcr, self.mcr = (state, 0) if isinstance(state, int) else tuple(state)
 
 
 class Uart16550:
@@ -54,7 +89,7 @@ class Uart16550:
     def reset(self) -> None:
         self.rbr: int | None = None          # the byte the guest can read now, if any
         self.ier = 0
-        self.lcr = 0x03
+        self.lcr = RESET_LCR
         self.mcr = 0
         self.scr = 0
         self.fcr = 0
@@ -135,10 +170,10 @@ class Uart16550:
                 self.divisor = (self.divisor & 0xFF00) | value
                 return
             self.bytes_out += 1
-            if self.mcr & MCR_LOOPBACK:
-                self.feed_input(bytes((value,)))
-            else:
+            if transmits(offset, self.lcr, self.mcr):
                 self.on_output(value)
+            else:                                  # loopback: the byte comes back as input
+                self.feed_input(bytes((value,)))
             if self.latency is not None and self.now_ns is not None:
                 self.tx_busy_until = self.now_ns() + self.latency()
                 self.tx_interrupt_pending = False
@@ -157,7 +192,7 @@ class Uart16550:
         elif offset == LCR:
             self.lcr = value
         elif offset == MCR:
-            self.mcr = value & 0x1F
+            self.mcr = value & MCR_MASK
         elif offset == SCR:
             self.scr = value
 

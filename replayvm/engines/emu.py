@@ -324,6 +324,16 @@ class EmuEngine:
         then performs its access a second time."""
         self.state.stop_at = self.state.icount
 
+    def move_stop(self, position: int) -> None:
+        """Replay, from inside a hook or between runs: the current run is to end at `position`
+        (the next recorded event), earlier or later than asked before -- unless something has
+        already asked it to stop here (a fault, a watchpoint, a stop request, an error)."""
+        state = self.state
+        if self._stop_requested or self._pending_fault is not None or self._python_error is not None \
+                or self._shutdown_in_hook or state.debug_hit:
+            return
+        state.stop_at = position if position > state.icount else state.icount
+
     def run(self, budget_ns: int | None = None, max_instructions: int | None = None) -> StopReason:
         """Run until halt, shutdown, stop request, or the time or instruction budget is used."""
         machine = self.machine

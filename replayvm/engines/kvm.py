@@ -37,6 +37,9 @@ CPUID_ECX_RDRAND = 1 << 30
 CPUID_ECX_X2APIC = 1 << 21
 CPUID_EBX_RDSEED = 1 << 18
 EFLAGS_IF = 1 << 9
+KVM_INTERNAL_ERROR_EMULATION = 1
+EMULATION_FLAG_INSTRUCTION_BYTES = 1
+SOFTWARE_INTERRUPT_OPCODES = (0xCC, 0xCD, 0xCE)      # INT3, INT n, INTO
 
 
 # The hottest fields of kvm_run, read with struct at offsets the compiler gave cffi.
@@ -82,6 +85,7 @@ class _Kicker:
         self._thread_id = thread_id
         self._clock = clock
         self._deadline_ns: int | None = None
+        self._armed = False                # False: the deadline passes without a kick
         self._cond = threading.Condition()
         self._closed = False
         self.kicks = 0
@@ -90,14 +94,21 @@ class _Kicker:
 
     def arm(self, deadline_ns: int | None) -> None:
         """Kick when the guest clock reaches `deadline_ns`; None disarms. Cheap when unchanged,
-        which is the common case: deadlines are absolute, so they stay put between exits."""
+        which is the common case: deadlines are absolute, so they stay put between exits. Only
+        an earlier deadline wakes the kicker thread: it wakes at the earlier one anyway and looks
+        again, and a disarmed deadline passes without a kick (so arming the same one again, as
+        every run() after a debug stop does, costs no thread switch)."""
+        if deadline_ns is None:
+            self._armed = False
+            return
+        self._armed = True
         current = self._deadline_ns
-        if deadline_ns == current or (deadline_ns is not None and current is not None
-                                      and abs(deadline_ns - current) < KICK_SLACK_NS):
+        if current is not None and abs(deadline_ns - current) < KICK_SLACK_NS:
             return
         with self._cond:
             self._deadline_ns = deadline_ns
-            self._cond.notify()
+            if current is None or deadline_ns < current:
+                self._cond.notify()
 
     def kick_now(self) -> None:
         self._run.immediate_exit = 1
@@ -115,7 +126,8 @@ class _Kicker:
                     self._cond.wait(delay_ns / 1e9)
                     continue
                 self._deadline_ns = None
-                self.kick_now()
+                if self._armed:
+                    self.kick_now()
 
     def close(self) -> None:
         with self._cond:
@@ -384,6 +396,12 @@ class KvmEngine:
     def _describe_failure(self, run, reason: int) -> str:
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             detail = f"internal error, suberror {run.internal.suberror}"
+            code = _emulation_failure_bytes(run.internal)
+            if code:
+                detail += f" (it could not emulate the instruction {code[:4].hex(' ')}"
+                if code[0] in SOFTWARE_INTERRUPT_OPCODES:
+                    detail += ": a software interrupt, which PVM cannot emulate; try --engine emu"
+                detail += ")"
         elif reason == lib.KVM_EXIT_FAIL_ENTRY:
             detail = f"entry failed, reason {run.fail_entry.hardware_entry_failure_reason:#x}"
         else:
@@ -423,6 +441,16 @@ class KvmEngine:
                 except OSError:
                     pass
                 setattr(self, fd, None)
+
+
+def _emulation_failure_bytes(internal) -> bytes:
+    """The instruction bytes KVM reports with an emulation failure (KVM_INTERNAL_ERROR_EMULATION
+    with the instruction-bytes flag: data[0] flags, then a length byte and up to 15 bytes)."""
+    if internal.suberror != KVM_INTERNAL_ERROR_EMULATION or internal.ndata < 3 or \
+            not internal.data[0] & EMULATION_FLAG_INSTRUCTION_BYTES:
+        return b""
+    packed = internal.data[1].to_bytes(8, "little") + internal.data[2].to_bytes(8, "little")
+    return packed[1:1 + min(packed[0], 15)]
 
 
 def _segment_to_kvm(seg: Segment, out) -> None:

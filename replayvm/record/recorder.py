@@ -9,8 +9,8 @@ interrupt the engine injects and every byte the console types, and appends compa
 - `rep ins` / `rep outs` element runs as one record; sector-sized read runs (disk data) as
   references to a content table, so a sector read twice is stored once;
 - interrupts with their exact position and source; console input with its position.
-Deliberately not logged: reads of the LAPIC ID register, a pure function of the machine (xv6 does
-~470,000 a second); they are counted in the footer.
+Deliberately not logged: 4-byte reads of the LAPIC ID register, a pure function of the machine
+(xv6 does ~470,000 a second); they are counted in the footer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from replayvm import hw
 from replayvm.devices.cmos import TIME_REGISTERS
+from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import Kind
 from replayvm.trace.writer import TraceWriter
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 SECTOR_SIZE = 512
 PAGE_SIZE = 4096
 ZERO_PAGE = bytes(PAGE_SIZE)
-LAPIC_ID_ADDR = hw.LAPIC_ADDR + 0x20
 LAPIC_TIMER_CURRENT_ADDR = hw.LAPIC_ADDR + 0x390
 CMOS_DATA_PORT = hw.CMOS_PORT + 1
 
@@ -142,7 +142,7 @@ class Recorder:
     # ---------------------------------------------------------------- what the bus reports
     def read(self, mmio: bool, addr: int, size: int, value: int) -> None:
         if mmio:
-            if addr == LAPIC_ID_ADDR:
+            if is_pure_id_read(addr, size):
                 self.lapic_id_reads_logged_away += 1
                 self._id_read_sites[self._context()[0]] += 1
                 return

@@ -19,17 +19,26 @@ from typing import BinaryIO, Callable, Iterator
 
 from replayvm import hw
 from replayvm.bus import Mapping
-from replayvm.clock import VirtualClock
+from replayvm.clock import GuestClock, VirtualClock
+from replayvm.devices.lapic import is_pure_id_read
+from replayvm.devices.uart import SerialOutputDecoder
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError, UsageError
+from replayvm.machine import engine_stop_end, is_engine_stop_end
 from replayvm.trace.format import POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
 
-COM1_DATA = hw.COM1_PORT
-COM1_LCR = hw.COM1_PORT + 3
-LCR_DLAB = 0x80
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
+GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
+LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
+END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
+# kvm positions count exits, so code that runs without exiting cannot be bounded by position: a
+# replayed kvm guest that runs this long without a port, MMIO or HLT exit has diverged (a
+# recording's exit-free stretches end at its timer kicks, each an interrupt with a landmark, or at
+# the end of the session). Generous and guest-independent; checked once a watch tick.
+KVM_EXIT_FREE_LIMIT_S = 60.0
+KVM_WATCH_TICK_NS = 1_000_000_000
 
 
 class Divergence(ReplayVMError):
@@ -74,6 +83,7 @@ class ReplayResult:
     mismatches: list[str] = field(default_factory=list)
     stopped_early: bool = False
     cpu: str = ""
+    guest_end: str = ""        # how the guest ended the recording itself (fault, shutdown), replayed
 
 
 class _NoDevice:
@@ -152,7 +162,7 @@ class RecordLog:
 class Replayer:
     def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
                  until_event: int | None = None, until_position: int | None = None,
-                 seekable: bool = False) -> None:
+                 seekable: bool = False, exit_free_limit_s: float = KVM_EXIT_FREE_LIMIT_S) -> None:
         self.reader = TraceReader(trace)
         header = self.reader.header
         if header.get("engine") not in ("emu", "kvm"):
@@ -166,7 +176,13 @@ class Replayer:
         self.console = bytearray()
         self._map = mmap.mmap(-1, int(header["ram_bytes"]))
         self.ram = memoryview(self._map)
-        self.clock = VirtualClock()
+        # emu counts instructions (the engine attaches its counter); kvm's kicker needs real time
+        # for the exit-free watch
+        self.clock = GuestClock() if header.get("engine") == "kvm" else VirtualClock()
+        self.exit_free_limit_ns = int(exit_free_limit_s * 1e9)
+        self._watch_tick_ns = 0                   # kvm: when the exit-free watch looks next
+        self._watch_position = -1
+        self._watch_since_ns = 0
         self.pio = ReplayBus(self, mmio=False)
         self.mmio = ReplayBus(self, mmio=True)
         self.lapic = _Lapic()
@@ -176,7 +192,7 @@ class Replayer:
         self._position = 0
         self._index = 0
         self._recent: deque[Event] = deque(maxlen=RECENT)
-        self._lcr = 0
+        self._serial = SerialOutputDecoder()
         self._run_data: bytes | None = None      # the current read/write run being consumed
         self._run_offset = 0
         self._run_event: Event | None = None
@@ -188,6 +204,8 @@ class Replayer:
         self.next: Event | None = None
         self._landmark_reached = False
         self.landmark_hits = 0
+        self._run_limit: int | None = None        # the limit of the run_to under way
+        self._engine_stopped = False              # the engine stopped as the recording's did
         self._advance()                           # loads initial RAM pages, finds the first event
         if header["engine"] == "kvm":
             from replayvm.engines.kvm import KvmEngine
@@ -249,7 +267,7 @@ class Replayer:
             self.stopped_early = True
             self._stop_engine()
         else:
-            self._stop_at_next_interrupt()
+            self._bound_run()
         return event
 
     def _stop_engine(self) -> None:
@@ -259,27 +277,69 @@ class Replayer:
         else:
             self.engine.stop_here()
 
-    def _stop_at_next_interrupt(self) -> None:
-        """End the engine's current run where the trace needs control back: at the next
-        interrupt's position, or where the recording ended once no event is left."""
+    def _replay_target(self) -> int:
+        """emu: how far the engine may run now. Never past the next event's position (the
+        guest must do it by then), else the recording's end, and not past run_to's limit."""
         event = self.next
-        if event is None:
-            self._stop_engine()                    # the rest runs to the footer's position
-            return
-        if self.on_kvm:
-            # kvm checks for interrupts at every exit by itself; one placed by a landmark needs
-            # the loop to take over (breakpoints) once its exit count is reached.
-            if event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
-                    event.position == self.engine.position:
-                self._stop_engine()
-            return
-        if event.kind == Kind.INTERRUPT:
+        if event is not None:
             target = event.position
         else:
+            end = self.end_position
+            target = self.engine.position if end is None else end
+        limit = self._run_limit
+        return target if limit is None or limit > target else limit
+
+    def _bound_run(self) -> None:
+        """After an event: let the engine's current run go on exactly as far as it may now."""
+        if not self.on_kvm:
+            self.engine.move_stop(self._replay_target())
             return
-        state = self.engine.state
-        if target < state.stop_at:
-            state.stop_at = max(target, state.icount)
+        # kvm checks for interrupts at every exit by itself; one placed by a landmark needs the
+        # loop to take over (breakpoints) once its exit count is reached, and the recording's end
+        # is where the loop must stop.
+        event = self.next
+        if event is None:
+            if self._run_data is None and self._kvm_end_reached():
+                self._stop_engine()
+        elif event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+                event.position == self.engine.position:
+            self._stop_engine()
+
+    def _kvm_end_reached(self) -> bool:
+        """kvm, every event done: is the guest at the recording's last exit (a trace cut short
+        ends at its last event), with no engine stop (a fault) still to reproduce?"""
+        end = self.end_position
+        return end is None or (self.engine.position >= end and not self._expects_engine_stop)
+
+    @property
+    def _expects_engine_stop(self) -> bool:
+        """The recording ended where the engine could not go on (a triple fault, RAM's end...):
+        replay must end with the same stop."""
+        footer = self.footer
+        return footer is not None and is_engine_stop_end(footer.get("end"), footer.get("detail"))
+
+    def _check_exit_in_bounds(self, what: str) -> None:
+        """kvm: an exit that is no event of its own (a pure read, an element of a run of
+        accesses) must not come after the next event's position, nor after the recording's end."""
+        position = self.engine.position
+        event = self.next
+        if event is None:
+            end = self.end_position
+            if end is not None and position > end:
+                self._diverge(f"the guest went on past the end of the trace at position {position} "
+                              f"(the recording ended at {end}): {what}", None)
+        elif position > event.position or (position == event.position and event.kind != Kind.INTERRUPT):
+            self._diverge(f"expected {event.describe()} at position {event.position}; the guest did "
+                          f"{what} at position {position}", event)
+
+    def _check_due(self) -> None:
+        """emu, the run stopped at its bound: an event due by now that did not happen diverges."""
+        event = self.next
+        position = self.engine.position
+        if event is not None and position >= event.position:
+            self._diverge(f"the recording has {event.describe()} at position {event.position}; the "
+                          f"replayed guest reached position {position} without it "
+                          f"(rip {self.engine.exit_context()[0]:#x})", event)
 
     def _diverge(self, what: str, event: Event | None) -> None:
         recent = "; ".join(f"#{e.index} @{e.position} {e.describe()}" for e in self._recent)
@@ -294,6 +354,11 @@ class Replayer:
         if self._run_data is not None:
             return self._read_from_run(addr, size)
         if mmio:
+            if is_pure_id_read(addr, size):          # kvm (emu serves these in C): not logged
+                self._check_exit_in_bounds("a read of the LAPIC ID register")
+                if self.next is None and self._kvm_end_reached():
+                    self._stop_engine()
+                return self.lapic.id_register_value
             if addr == hw.LAPIC_ADDR + 0x390:
                 return self._take(Kind.CLOCK).record[3]
             event = self._take(Kind.MMIO_READ)
@@ -334,6 +399,8 @@ class Replayer:
         if event.record[2] != port or event.record[3] != size or recorded != data:
             self._mismatch(f"recorded {event.describe()}; replayed a string write of {len(data)} bytes "
                            f"to port {port:#x}", event)
+        for offset in range(0, len(data), size):
+            self._console(port, int.from_bytes(data[offset:offset + size], "little"))
 
     def _read_from_run(self, addr: int, size: int, first: bool = False) -> int:
         event = self._run_event
@@ -346,9 +413,15 @@ class Replayer:
         value = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
         self._run_offset += size
         if self._run_offset >= len(self._run_data):
-            self._run_data = None
-            self._run_event = None
+            self._end_run()
         return value
+
+    def _end_run(self) -> None:
+        """The last element of a run of accesses is done (on kvm, each was an exit of its own)."""
+        self._run_data = None
+        self._run_event = None
+        if self.on_kvm:
+            self._bound_run()
 
     def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
         if self._run_data is not None and self._run_event is not None \
@@ -372,13 +445,16 @@ class Replayer:
         assert event is not None and self._run_data is not None
         expected = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
         element = self._run_offset // size
+        if self.engine.position != event.position + element:
+            self._diverge(f"a run of writes to port {event.record[2]:#x} was at element {element}; the "
+                          f"guest wrote port {addr:#x} at position {self.engine.position}", event)
         if addr != event.record[2] or size != event.record[3] or value != expected:
             self._mismatch(f"write run to port {event.record[2]:#x} element {element}: recorded "
                            f"{expected:#x}, replayed {value:#x} to port {addr:#x}", event)
+        self._console(addr, value)
         self._run_offset += size
         if self._run_offset >= len(self._run_data):
-            self._run_data = None
-            self._run_event = None
+            self._end_run()
 
     def _check_access(self, event: Event, addr: int, size: int, value: int | None = None) -> None:
         record = event.record
@@ -392,20 +468,53 @@ class Replayer:
         self.mismatches.append(f"event {event.index}: {what}")
 
     def _console(self, port: int, value: int) -> None:
-        if port == COM1_LCR:
-            self._lcr = value
-        elif port == COM1_DATA and not self._lcr & LCR_DLAB or port == hw.DEBUG_CON_PORT:
-            byte = bytes((value & 0xFF,))
-            self.console += byte
-            if self.output is not None:
-                self.output.write(byte)
+        """What the guest printed: COM1 as its UART decides (uart.SerialOutputDecoder), and every
+        byte written to the debug console port."""
+        if hw.COM1_PORT <= port < hw.COM1_PORT + hw.COM1_PORTS:
+            sent = self._serial.write(port - hw.COM1_PORT, value)
+            if sent is None:
+                return
+        elif port == hw.DEBUG_CON_PORT:
+            sent = value & 0xFF
+        else:
+            return
+        self.console.append(sent)
+        if self.output is not None:
+            self.output.write(bytes((sent,)))
 
     # ---------------------------------------------------------------- what the engine asks
     def poll(self) -> int | None:
+        """emu: instructions until the next interrupt. kvm: ns until the exit-free watch looks."""
+        if self.on_kvm:
+            return self._watch_exit_free_running()
         event = self.next
-        if event is not None and event.kind == Kind.INTERRUPT and not self.on_kvm:
+        if event is not None and event.kind == Kind.INTERRUPT:
             return max(0, event.position - self.engine.position)
         return None
+
+    def _watch_exit_free_running(self) -> int:
+        """kvm: diverge when the guest has made no exit for the exit-free limit. The engine
+        calls this after every exit and kick; positions are only looked at once a tick, so the
+        kicker's deadline stays put between ticks (arming it again costs nothing then)."""
+        now = self.clock.now_ns()
+        if now < self._watch_tick_ns:
+            return self._watch_tick_ns - now
+        position = self.engine.position
+        if position != self._watch_position:
+            self._watch_position = position
+            self._watch_since_ns = now
+        elif now - self._watch_since_ns >= self.exit_free_limit_ns:
+            limit = self.exit_free_limit_ns / 1e9
+            event = self.next
+            if event is not None:
+                wanted = f"the recording has {event.describe()} at exit {event.position}"
+            else:
+                wanted = f"the recording ended at exit {self.end_position}"
+            self._diverge(f"the guest ran {limit:g} s without a port, MMIO or HLT exit at position "
+                          f"{position} (the kvm replay's limit for exit-free running); {wanted}", event)
+        tick = min(KVM_WATCH_TICK_NS, max(1, self.exit_free_limit_ns // 4))
+        self._watch_tick_ns = now + tick
+        return tick
 
     def has_pending(self) -> bool:
         event = self.next
@@ -418,32 +527,55 @@ class Replayer:
         return self._take(Kind.INTERRUPT).record[2]
 
     def _seek_landmark(self, event: Event) -> None:
-        """kvm: the interrupt was injected between exits. Run to the recorded RIP with a hardware
-        breakpoint and inject where the registers match too (KVM does not set RF: step over a
-        hit that does not match with the breakpoint off, then arm it again)."""
-        landmark = event.record[6]
+        """kvm: the interrupt was injected between exits: find where (see _run_to_landmark)."""
+        self._run_to_landmark(event.record[6], event.describe(), event)
+        self._landmark_reached = True
+
+    def _run_to_landmark(self, landmark: dict, what: str, event: Event | None,
+                         tries: int = LANDMARK_TRIES) -> None:
+        """kvm: run to a point between exits given by its registers. Run to the recorded RIP
+        with a hardware breakpoint and stop where the registers match too (KVM does not set RF:
+        step over a hit that does not match with the breakpoint off, then arm it again). Exits
+        on the way are checked against the trace as usual; the exit-free watch bounds the time."""
         engine = self.engine
         address = engine.get_state().cs.base + landmark["rip"]
         compared = [name for name in CpuState.GPR_NAMES + ("rflags",) if name in landmark]
         engine.set_guest_debug(hw_breakpoints=[address])
         try:
-            for _ in range(1_000_000):
+            for _ in range(tries):
                 reason = engine.run()
                 if reason is not StopReason.DEBUG:
-                    self._diverge(f"the landmark of {event.describe()} at rip {landmark['rip']:#x} "
+                    self._diverge(f"the landmark of {what} at rip {landmark['rip']:#x} "
                                   f"was not reached (the guest stopped: {reason.value})", event)
                 self.landmark_hits += 1
                 state = engine.get_state()
                 if all(state.regs.get(n) == landmark[n] for n in compared) and \
                         state.cr3 == landmark.get("cr3", state.cr3):
-                    self._landmark_reached = True
                     return
                 engine.set_guest_debug(single_step=True)
                 engine.run()
                 engine.set_guest_debug(hw_breakpoints=[address])
-            self._diverge(f"the landmark of {event.describe()} never matched in 1,000,000 hits", event)
+            self._diverge(f"the landmark of {what} at rip {landmark['rip']:#x} never matched its "
+                          f"registers in {tries:,} hits", event)
         finally:
             engine.set_guest_debug()
+
+    def _settle_kvm_end(self) -> None:
+        """kvm, at the recording's last exit: the recorder may have stopped the guest later,
+        between exits (a timeout while it spun). The footer's final registers are then the
+        landmark of where the recording ended."""
+        final = (self.footer or {}).get("final_state") or {}
+        regs = final.get("regs")
+        if not isinstance(regs, dict) or "rip" not in regs:
+            return
+        state = self.engine.get_state()
+        if all(state.regs.get(name) == regs[name] for name in COMPARED_REGISTERS if name in regs):
+            return
+        landmark = {name: regs[name] for name in CpuState.GPR_NAMES + ("rip", "rflags") if name in regs}
+        if "cr3" in final:
+            landmark["cr3"] = final["cr3"]
+        self._run_to_landmark(landmark, "the recording's end (the recorder stopped the guest between "
+                              "exits)", None, tries=END_LANDMARK_TRIES)
 
     def read_tsc(self) -> int:
         return self._take(Kind.CLOCK).record[3]
@@ -456,13 +588,15 @@ class Replayer:
         their lengths are saved; the longest seen so far is kept to restore a later point."""
         self._remember_output()
         return (self._records.cursor, self._position, self._index, self.next, tuple(self._recent),
-                self._lcr, self._run_data, self._run_offset, self._run_event, len(self.console),
+                self._serial.state(), self._run_data, self._run_offset, self._run_event, len(self.console),
                 len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early)
 
     def restore_state(self, saved: tuple) -> None:
-        (cursor, self._position, self._index, self.next, recent, self._lcr, self._run_data,
+        (cursor, self._position, self._index, self.next, recent, serial, self._run_data,
          self._run_offset, self._run_event, console, inputs, mismatches, self._landmark_reached,
          self.stopped_early) = saved
+        self._serial.restore(serial)
+        self._engine_stopped = False
         self._records.rewind(cursor, self._absorb_skipped)
         self._recent = deque(recent, maxlen=RECENT)
         self._remember_output()
@@ -487,41 +621,65 @@ class Replayer:
         """Run forward until position `limit`, a debugger stop, or the end of the recording.
 
         Returns "limit", "debug" (a breakpoint or watchpoint), "end" (everything recorded has
-        been replayed: the guest is at the footer's position) or "stopped" (--until EVENT).
-        On emu every stop is settled: what was due at that instruction count has been delivered."""
+        been replayed: the guest is at the footer's position, or stopped there as the engine did
+        when the recording ended in a fault) or "stopped" (--until EVENT).
+        On emu every stop is settled: what was due at that instruction count has been delivered.
+
+        The guest never runs past the next event's position: on emu each run ends there at the
+        latest (arriving without doing the event is a divergence naming it); on kvm every exit
+        is checked against the next event, and code that makes no exit at all is bounded by the
+        exit-free watch (KVM_EXIT_FREE_LIMIT_S)."""
         engine = self.engine
         while True:
             if self.stopped_early:
                 return "stopped"
+            if self._engine_stopped:
+                return "end"
             if self.on_kvm:
-                if self.next is None:
-                    return "end"
                 event = self.next
-                if event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+                if event is None and self._run_data is None and self._kvm_end_reached():
+                    if self.footer is not None:
+                        self._settle_kvm_end()
+                    return "end"
+                if event is not None and event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
                         event.position == engine.position and not self._landmark_reached:
                     self._seek_landmark(event)
                 reason = engine.run()
             else:
-                target = limit
-                if self.next is None:
-                    end = self.end_position
-                    end = engine.position if end is None else end
-                    target = end if limit is None else min(limit, end)
-                budget = 1 << 40 if target is None else max(0, target - engine.position)
-                reason = engine.run(max_instructions=budget)
+                self._run_limit = limit
+                reason = engine.run(max_instructions=max(0, self._replay_target() - engine.position))
             if self.output is not None:
                 self.output.flush()
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
-            elif reason is StopReason.SHUTDOWN:
-                self._diverge(f"the guest shut down: {engine.last_error}", self.next)
+            elif reason is StopReason.SHUTDOWN or reason is StopReason.UNSUPPORTED:
+                self._engine_stop(reason)
+                return "end"
             elif reason is StopReason.DEBUG:
                 return "debug"
             elif reason is StopReason.BUDGET:
+                self._check_due()
                 if self.next is None and engine.position >= (self.end_position or engine.position):
                     return "end"
                 if limit is not None and engine.position >= limit:
                     return "limit"
+
+    def _engine_stop(self, reason: StopReason) -> None:
+        """The engine cannot go on (a triple fault, an access outside RAM): the replay's end if
+        the recording ended with the same stop, with the same detail, after every event."""
+        end, detail = engine_stop_end(reason, self.engine)
+        footer = self.footer
+        if self.next is None and self._run_data is None and \
+                (footer is None or (footer.get("end"), footer.get("detail")) == (end, detail)):
+            self._engine_stopped = True               # a trace cut short: not verified anyway
+            return
+        event = self.next
+        if event is not None:
+            wanted = f"the recording has {event.describe()} at position {event.position} next"
+        else:
+            wanted = (f"the recording ended with {footer.get('end')!r} ({footer.get('detail')}) at "
+                      f"position {self.end_position}")
+        self._diverge(f"{detail} at position {self.engine.position}; {wanted}", event)
 
     def run(self) -> ReplayResult:
         engine = self.engine
@@ -533,12 +691,16 @@ class Replayer:
                                 verified=False, truncated=False, console=bytes(self.console),
                                 mismatches=self.mismatches, stopped_early=True)
         truncated = self.footer is None
+        guest_end = ""
         if not truncated:
             self._verify_end()
+            if self.footer.get("end") in GUEST_ENDS:
+                guest_end = str(self.footer.get("detail") or self.footer.get("end"))
         digest = self._ram_digest()
         return ReplayResult(events=self._index, instructions=engine.position, state_hash=digest[:16],
                             verified=not truncated and not self.mismatches, truncated=truncated,
-                            console=bytes(self.console), mismatches=self.mismatches)
+                            console=bytes(self.console), mismatches=self.mismatches,
+                            guest_end=guest_end)
 
     def _ram_digest(self) -> str:
         if self._digest is None:
@@ -550,6 +712,9 @@ class Replayer:
         end = int(footer.get("position") or 0)
         if self.engine.position != end:
             self._diverge(f"the recording ended at position {end}, the replay at {self.engine.position}", None)
+        if self._expects_engine_stop and not self._engine_stopped:
+            self._diverge(f"the recording ended with {footer.get('end')!r} ({footer.get('detail')}) at "
+                          f"position {end}; the replayed guest reached it without stopping", None)
         final = footer.get("final_state", {}).get("regs", {})
         state = self.engine.get_state()
         differing = [f"{name} {final[name]:#x}!={state.regs.get(name, 0):#x}" for name in COMPARED_REGISTERS
@@ -567,11 +732,12 @@ class Replayer:
 
 
 def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
-           until_event: int | None = None, until_position: int | None = None) -> ReplayResult:
+           until_event: int | None = None, until_position: int | None = None,
+           exit_free_limit_s: float = KVM_EXIT_FREE_LIMIT_S) -> ReplayResult:
     """Replay a trace; raises Divergence at the first difference (unless keep_going). With
     `until_event` / `until_position` it stops there instead and reports the CPU state."""
     replayer = Replayer(trace, output=output, keep_going=keep_going, until_event=until_event,
-                        until_position=until_position)
+                        until_position=until_position, exit_free_limit_s=exit_free_limit_s)
     try:
         result = replayer.run()
         if result.stopped_early:
