@@ -79,9 +79,13 @@ class Machine:
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
         self.halt_observers: list = []            # f() whenever the guest halts
-        self.disks = [_open_disk(path, index) for index, path in enumerate(config.disks)]
-        if len(self.disks) > 2:
+        if len(config.disks) > 2:
             raise UsageError("at most two disks (the primary IDE channel's master and slave)")
+        for path in config.disks:
+            _check_disk_image(path)
+        if config.kernel is None and config.disks:     # before reading (and hashing) whole images
+            firmware.check_boot_sector(_first_sector(config.disks[0]))
+        self.disks = [Disk(path, name=f"disk{index}") for index, path in enumerate(config.disks)]
         self._wire_devices()
         self.chaos = None
         if config.chaos_seed is not None:
@@ -256,12 +260,20 @@ class Machine:
         self.console.close()
 
 
-def _open_disk(path: Path, index: int) -> Disk:
+def _check_disk_image(path: Path) -> None:
     if not path.is_file():
         raise UsageError(f"disk image not found: {path}")
     if path.stat().st_size < firmware.SECTOR_SIZE:
         raise UsageError(f"disk image {path} is smaller than one 512-byte sector")
-    return Disk(path, name=f"disk{index}")
+
+
+def _first_sector(path: Path) -> bytes:
+    """The boot sector alone: a disk that cannot boot is refused without reading the rest."""
+    try:
+        with path.open("rb") as image:
+            return image.read(firmware.SECTOR_SIZE)
+    except OSError as error:
+        raise UsageError(f"cannot read disk image {path}: {error.strerror or error}") from None
 
 
 def _create_engine(name: str, machine: Machine):

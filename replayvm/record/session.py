@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from replayvm import __version__, hw
 from replayvm.console import Console
-from replayvm.errors import GuestFault
+from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
 from replayvm.trace.format import Kind
@@ -49,6 +49,8 @@ def bundled_demo_disk() -> Path:
 
 def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tuple[RunOutcome, Machine]:
     """Boot the guest, run it until the session ends (recording it if asked), return how it ended."""
+    if options.trace is not None:
+        check_trace_path(options.trace)
     console = Console(output if output is not None else sys.stdout.buffer, script=options.script,
                       prompt=options.prompt, until=options.until, interactive=options.interactive)
     disks = list(options.disks)
@@ -80,6 +82,16 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
     return outcome, machine
 
 
+def check_trace_path(path: Path) -> None:
+    """Refuse, before booting, a trace path that cannot be a new file (one line, not a traceback)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"trace path {path} is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write trace {path}: folder {folder} does not exist")
+
+
 def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWriter, Recorder, float]:
     header = {
         "format": "replayvm-trace", "replayvm": __version__, "engine": machine.engine.name,
@@ -95,7 +107,10 @@ def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWri
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
-    writer = TraceWriter(options.trace, header)
+    try:
+        writer = TraceWriter(options.trace, header)
+    except OSError as error:                 # read-only, no permission, disk full at the header
+        raise UsageError(f"cannot write trace {options.trace}: {error.strerror or error}") from None
     for number, page in initial_ram_pages(machine.ram):
         writer.append((Kind.RAM_PAGE, number, page))
     recorder = Recorder(machine, writer)
@@ -113,7 +128,7 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         final_state = {"error": str(error)}
     lapic_id_reads = recorder.lapic_id_reads_logged_away + getattr(getattr(engine, "state", None),
                                                                    "lapic_id_reads", 0)
-    writer.close(footer={
+    footer = {
         "end": reason, "detail": detail, "counts": dict(recorder.counts),
         "interrupt_sources": dict(recorder.interrupt_sources),
         "instructions": getattr(engine, "icount", None), "position": engine.position,
@@ -121,4 +136,11 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         "lapic_id_reads": lapic_id_reads, "final_state": final_state,
         "ram_sha256": ram_digest(machine.ram),
         "console_sha256": hashlib.sha256(bytes(machine.console.transcript)).hexdigest(),
-    })
+    }
+    try:
+        writer.close(footer=footer)
+    except OSError as error:                 # e.g. the disk filled up while the guest ran
+        raise TraceWriteError(
+            f"trace {writer.path}: writing failed ({error.strerror or error}) after "
+            f"{writer.bytes_written:,} bytes; what was written before replays as a trace cut "
+            f"short") from None
