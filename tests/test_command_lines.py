@@ -243,3 +243,35 @@ def test_a_huge_unbootable_disk_is_one_line_on_the_command_line(tmp_path):
         f.truncate(3 << 30)
     assert_one_line_error(replayvm("record", "--engine", "emu", "--disk", str(huge), timeout=60),
                           "boot signature")
+
+
+# ------------------------------------------------------------------------------- --until-fail
+def test_until_fail_with_no_matching_run_keeps_no_trace_and_tells_each_run(tmp_path):
+    trace = tmp_path / "bug.zst"
+    result = replayvm("record", *ECHO, "--chaos", "--seed", "11", "--repeat", "2",
+                      "--until-fail", "NEVER PRINTED", "-o", str(trace))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    runs = [line for line in result.stderr.splitlines() if line.startswith("replayvm: run ")]
+    assert runs == [f"replayvm: run {k} of 2 (chaos seed {10 + k}): script-done, no match" for k in (1, 2)]
+    assert result.stderr.strip().splitlines()[-1] == \
+        "replayvm: no run of 2 matched 'NEVER PRINTED'; no trace kept"
+    assert os.listdir(tmp_path) == []                 # neither the last run's trace nor a scratch file
+
+
+def test_until_fail_never_replaces_a_trace_with_a_run_that_did_not_match(tmp_path):
+    trace = tmp_path / "earlier.zst"
+    trace.write_bytes(b"an earlier recording")
+    result = replayvm("record", *ECHO, "--repeat", "2", "--until-fail", "NEVER PRINTED", "-o", str(trace))
+    assert result.returncode == 1
+    assert trace.read_bytes() == b"an earlier recording" and os.listdir(tmp_path) == ["earlier.zst"]
+
+
+def test_until_fail_keeps_the_matching_run_and_says_so(tmp_path):
+    from replayvm.replay.replayer import replay
+
+    trace = tmp_path / "hi.zst"
+    result = replayvm("record", *ECHO, "--repeat", "3", "--until-fail", "hi", "-o", str(trace))
+    assert result.returncode == 0, result.stderr
+    assert "replayvm: run 1 of 3: script-done, matched" in result.stderr
+    assert f"run 1 of 3 matched 'hi'; trace kept in {trace}" in result.stderr
+    assert os.listdir(tmp_path) == ["hi.zst"] and replay(trace).verified
