@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="record the session into this trace file (e.g. session.zst)")
     record.add_argument("--chaos", action="store_true",
-                        help="raise extra timer interrupts at random moments (seeded) so timing "
-                             "bugs show up more often; the trace still replays exactly")
+                        help="stall the CPU at random moments (seeded) so that timer ticks land "
+                             "much more often in its work, and give the disk and serial port random "
+                             "latencies, so timing bugs show up; guest time stays honest and the "
+                             "trace still replays exactly")
     record.add_argument("--seed", type=int, help="seed for --chaos (default: random, printed)")
     record.add_argument("--repeat", type=positive_count, metavar="K", default=1,
                         help="with --until-fail: record up to K runs")

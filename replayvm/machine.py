@@ -49,7 +49,7 @@ class MachineConfig:
     ram_mib: int = hw.DEFAULT_RAM_MIB
     engine: str = "emu"
     virtual_clock: bool = False
-    chaos_seed: int | None = None             # extra timer interrupts at seeded random moments
+    chaos_seed: int | None = None             # seeded CPU stalls and device latencies (record/chaos.py)
 
 
 @dataclass
@@ -86,12 +86,18 @@ class Machine:
         if config.kernel is None and config.disks:     # before reading (and hashing) whole images
             firmware.check_boot_sector(_first_sector(config.disks[0]))
         self.disks = [Disk(path, name=f"disk{index}") for index, path in enumerate(config.disks)]
+        self.chaos_times = None
+        if config.chaos_seed is not None:
+            from replayvm.record.chaos import ChaosTimes
+
+            self.chaos_times = ChaosTimes.for_clock(config.virtual_clock)
         self._wire_devices()
         self.chaos = None
-        if config.chaos_seed is not None:
+        if self.chaos_times is not None:
             from replayvm.record.chaos import TimerChaos
 
-            self.chaos = TimerChaos(self.lapic, config.chaos_seed)
+            self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
+                                    self.chaos_times.stall_gap_ns)
         self.engine = _create_engine(config.engine, self)
         self.boot_state = self._boot()
         self.engine.set_state(self.boot_state)
@@ -107,11 +113,11 @@ class Machine:
 
         ide_latency = uart_latency = now_ns = None
         seed = self.config.chaos_seed
-        if seed is not None:                      # chaos: seeded completion latencies
-            from replayvm.record.chaos import IDE_MEAN_LATENCY_NS, UART_MEAN_LATENCY_NS, DeviceLatency
+        if seed is not None and self.chaos_times is not None:   # chaos: seeded completion latencies
+            from replayvm.record.chaos import DeviceLatency
 
-            ide_latency = DeviceLatency(seed, "ide0", IDE_MEAN_LATENCY_NS)
-            uart_latency = DeviceLatency(seed, "com1", UART_MEAN_LATENCY_NS)
+            ide_latency = DeviceLatency(seed, "ide0", self.chaos_times.ide_latency_ns)
+            uart_latency = DeviceLatency(seed, "com1", self.chaos_times.uart_latency_ns)
             now_ns = self.clock.now_ns
         self.uart = Uart16550(lines[hw.IRQ_COM1], self.console.write, uart_latency, now_ns)
         self.i8042 = I8042(lines[hw.IRQ_KEYBOARD], self._on_reset)
@@ -156,14 +162,16 @@ class Machine:
     # ---------------------------------------------------------------- engine services
     def poll(self) -> int | None:
         """Advance timers to now; return guest ns until the next timed event (None: no timer)."""
+        stall_in = None
+        if self.chaos is not None:               # a stall may move the clock to the next tick
+            stall_in = self.chaos.poll(self.clock.now_ns())
         now = self.clock.now_ns()
         self.lapic.poll(now)
         deadline = self.lapic.next_deadline_ns()
         until = None if deadline is None else max(0, deadline - now)
         if self.chaos is not None:
-            extra = self.chaos.poll(now)
-            if extra is not None and (until is None or extra < until):
-                until = extra
+            if stall_in is not None and (until is None or stall_in < until):
+                until = stall_in
             for device in (self.ide, self.uart):     # completion latencies
                 device.poll(now)
                 due = device.next_deadline_ns()
@@ -204,7 +212,7 @@ class Machine:
                     return self._outcome(self._finish_reason())
                 if self.shutdown_reason is not None:
                     return self._outcome("shutdown", self.shutdown_reason)
-                if timeout_ns is not None and self.clock.now_ns() >= timeout_ns:
+                if timeout_ns is not None and self.running_ns() >= timeout_ns:
                     return self._outcome("timeout", f"no end after {timeout_s:g} s of guest time")
                 reason = engine.run(RUN_SLICE_NS)
                 if reason is StopReason.HALT:
@@ -219,6 +227,12 @@ class Machine:
                                          or "the engine cannot continue with this guest")
         finally:
             self.console.flush()
+
+    def running_ns(self) -> int:
+        """Guest time the session has run, less the time chaos stalled it (what --timeout counts:
+        a chaos run is given as long to do its work as a plain one)."""
+        stalled = self.chaos.stalled_ns if self.chaos is not None else 0
+        return self.clock.now_ns() - stalled
 
     def _finish_reason(self) -> str:
         if self.console.quit_requested:
@@ -241,7 +255,7 @@ class Machine:
             return
         wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
         if timeout_ns is not None:
-            wait_ns = min(wait_ns, max(0, timeout_ns - now))
+            wait_ns = min(wait_ns, max(0, timeout_ns - self.running_ns()))
         if wait_ns > 0:
             self.console.input_ready.wait(wait_ns / 1e9)
 
