@@ -162,6 +162,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     script = decode_escapes(args.input, "--input") if args.input is not None else None
     if args.until_fail is not None and script is None:
         raise UsageError("--until-fail needs --input: repeated runs are scripted")
+    if args.repeat > 1 and args.until_fail is None:
+        raise UsageError("--repeat needs --until-fail: runs are repeated until one matches")
     seed = args.seed
     if args.chaos and seed is None:
         import secrets

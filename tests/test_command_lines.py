@@ -120,6 +120,12 @@ def test_sql_on_a_folder_is_one_line(tmp_path):
     assert_one_line_error(replayvm("sql", str(tmp_path), "SELECT 1"), "is a folder")
 
 
+def test_sql_on_a_fifo_is_one_line_not_a_wait(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert_one_line_error(replayvm("sql", str(fifo), "SELECT 1", timeout=30), "not a regular file")
+
+
 @pytest.fixture(scope="module")
 def analysed(small_trace, tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("db") / "t.db"
@@ -264,6 +270,10 @@ def test_until_fail_never_replaces_a_trace_with_a_run_that_did_not_match(tmp_pat
     result = replayvm("record", *ECHO, "--repeat", "2", "--until-fail", "NEVER PRINTED", "-o", str(trace))
     assert result.returncode == 1
     assert trace.read_bytes() == b"an earlier recording" and os.listdir(tmp_path) == ["earlier.zst"]
+
+
+def test_repeat_without_until_fail_is_refused():
+    assert_one_line_error(replayvm("record", *ECHO, "--repeat", "3"), "--repeat needs --until-fail")
 
 
 def test_until_fail_keeps_the_matching_run_and_says_so(tmp_path):

@@ -48,6 +48,8 @@ def query(source: Path, sql: str) -> QueryResult:
         raise UsageError(f"{source} is a folder, not a database or trace")
     if not source.exists():
         raise UsageError(f"no such database or trace: {source}")
+    if not source.is_file():                 # a fifo or a device would block or mean nothing
+        raise UsageError(f"{source} is not a regular file, not a database or trace")
     try:
         with source.open("rb") as f:
             start = f.read(max(len(MAGIC), 20))
