@@ -361,7 +361,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     import csv
     import json
 
-    from replayvm.analyze.query import query
+    from replayvm.analyze import query
 
     result = query(args.source, args.query)
     columns, rows = result.columns, result.rows

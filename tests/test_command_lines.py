@@ -157,7 +157,7 @@ def test_sql_leaves_no_files_next_to_the_database(small_trace, tmp_path):
 
 
 def test_query_api_reads_a_trace_or_a_database(small_trace, analysed):
-    from replayvm.analyze.query import query
+    from replayvm.analyze import query
 
     direct, stored = (query(source, "SELECT count(*) AS n FROM exits") for source in (small_trace, analysed))
     assert direct.columns == ["n"] and direct.rows == stored.rows and direct.rows[0][0] > 0
