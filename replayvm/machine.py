@@ -160,10 +160,11 @@ class Machine:
         self.engine.request_stop()
 
     # ---------------------------------------------------------------- engine services
-    def poll(self) -> int | None:
-        """Advance timers to now; return guest ns until the next timed event (None: no timer)."""
+    def poll(self, stall: bool = True) -> int | None:
+        """Advance timers to now; return guest ns until the next timed event (None: no timer).
+        Under chaos, the CPU may be stalled here unless `stall` is False (it is halted)."""
         stall_in = None
-        if self.chaos is not None:               # a stall may move the clock to the next tick
+        if self.chaos is not None and stall:     # a stall may move the clock to the next tick
             stall_in = self.chaos.poll(self.clock.now_ns())
         now = self.clock.now_ns()
         self.lapic.poll(now)
@@ -242,8 +243,11 @@ class Machine:
         return "script-done"
 
     def _wait_while_halted(self, timeout_ns: int | None) -> None:
-        """The guest executed HLT: nothing happens until a timer fires or input arrives."""
-        until = self.poll()
+        """The guest executed HLT: nothing happens until a timer fires or input arrives.
+
+        Chaos does not stall an idle CPU (it would only make idle time fly), and the time spent
+        halted does not count towards its next stall: stalls come every so much guest *work*."""
+        until = self.poll(stall=False)
         now = self.clock.now_ns()
         if self.interrupts.has_pending():
             return
@@ -252,12 +256,14 @@ class Machine:
             if deadline is None:
                 raise GuestFault(self._fault_report("halted with no timer and no input to wake it"))
             self.clock.advance(max(0, deadline - now))
-            return
-        wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
-        if timeout_ns is not None:
-            wait_ns = min(wait_ns, max(0, timeout_ns - self.running_ns()))
-        if wait_ns > 0:
-            self.console.input_ready.wait(wait_ns / 1e9)
+        else:
+            wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
+            if timeout_ns is not None:
+                wait_ns = min(wait_ns, max(0, timeout_ns - self.running_ns()))
+            if wait_ns > 0:
+                self.console.input_ready.wait(wait_ns / 1e9)
+        if self.chaos is not None:
+            self.chaos.idle(self.clock.now_ns() - now)
 
     def _outcome(self, reason: str, detail: str = "") -> RunOutcome:
         return RunOutcome(reason, self.clock.now_ns(), getattr(self.engine, "icount", None), detail)

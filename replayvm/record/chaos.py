@@ -2,9 +2,10 @@
 
 With a seed, the machine
 - stalls the guest's CPU at random moments (exponentially distributed gaps, mean
-  `mean_gap_ns` of guest time, while the guest has the timer running and unmasked): guest time
-  jumps ahead to the timer's next programmed deadline, so that tick lands right there, at
-  whatever instruction the guest was at -- as on a host that deschedules a virtual CPU. A tick
+  `mean_gap_ns` of guest time the CPU is busy, not halted, with the timer running and unmasked):
+  guest time jumps ahead to the timer's next programmed deadline, so that tick lands right
+  there, at whatever instruction the guest was at -- as on a host that deschedules a virtual
+  CPU. A halted CPU is never stalled (idle time would only fly by). A tick
   then interrupts the guest, on average, every `mean_gap_ns` of its work instead of every timer
   period: a kernel with a race around preemption points meets it far more often;
 - gives the IDE disk and the UART transmitter random completion latencies (`DeviceLatency`):
@@ -102,6 +103,11 @@ class TimerChaos:
                 now_ns = deadline
             self.next_ns = now_ns + self._gap()
         return self.next_ns - now_ns
+
+    def idle(self, ns: int) -> None:
+        """The guest was halted for `ns`: the next stall waits for as much more work."""
+        if self.next_ns is not None:
+            self.next_ns += ns
 
     def _gap(self) -> int:
         return max(1, int(self.random.expovariate(1.0 / self.mean_gap_ns)))
