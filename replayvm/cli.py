@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
     record.add_argument("--until", metavar="TEXT", help="end when the console shows TEXT")
-    record.add_argument("--timeout", type=positive_seconds, metavar="S", help="give up after S seconds of guest time")
+    record.add_argument("--timeout", type=positive_seconds, metavar="S",
+                        help="give up after S seconds of guest time (under --chaos, stalls not counted)")
     record.add_argument("--virtual-clock", action="store_true",
                         help="deterministic guest time from the instruction count (emu engine only)")
     record.add_argument("-o", "--output", type=Path, metavar="FILE",
