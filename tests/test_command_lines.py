@@ -285,3 +285,13 @@ def test_until_fail_keeps_the_matching_run_and_says_so(tmp_path):
     assert "replayvm: run 1 of 3: script-done, matched" in result.stderr
     assert f"run 1 of 3 matched 'hi'; trace kept in {trace}" in result.stderr
     assert os.listdir(tmp_path) == ["hi.zst"] and replay(trace).verified
+
+
+def test_sql_reads_a_database_whose_path_looks_like_a_uri(analysed, tmp_path):
+    # The read-only open is a file: URI; '?', '#' and '%' in the path must not end or bend it.
+    odd = tmp_path / "what?#100%" / "a b.db"
+    odd.parent.mkdir()
+    odd.write_bytes(analysed.read_bytes())
+    result = replayvm("sql", str(odd), "SELECT count(*) AS n FROM exits", "--csv")
+    assert result.returncode == 0 and int(result.stdout.splitlines()[1]) > 0, result.stderr
+    assert os.listdir(odd.parent) == ["a b.db"]
