@@ -112,11 +112,13 @@ def test_cli_repeats_chaos_runs_until_the_bug_shows_and_keeps_that_trace(tmp_pat
 
     trace = tmp_path / "bug.zst"
     result = subprocess.run([sys.executable, "-m", "replayvm.cli", "record", "--engine", "emu", "--chaos",
-                             "--seed", "5", "--repeat", "20", "--until-fail", "LOST UPDATES", "--input",
-                             r"race\n", "-o", str(trace)], capture_output=True, text=True, timeout=300,
-                            stdin=subprocess.DEVNULL)
+                             "--virtual-clock", "--seed", "5", "--repeat", "20", "--until-fail",
+                             "LOST UPDATES", "--input", r"race\n", "-o", str(trace)],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     matched = re.search(r"run (\d+) of 20 matched", result.stderr)
+    assert f"run {matched.group(1)} of 20 (chaos seed {4 + int(matched.group(1))}): script-done, matched" \
+        in result.stderr
     assert matched and "LOST UPDATES" in result.stdout
     with TraceReader(trace) as reader:
         assert reader.header["chaos_seed"] == 5 + int(matched.group(1)) - 1
@@ -146,7 +148,7 @@ def test_chaos_gives_disk_and_serial_completion_latency_that_replays(tmp_path):
     for trace, seed in ((plain, None), (chaotic, 7)):
         out = io.BytesIO()
         outcome, _ = run_session(SessionOptions(engine="emu", script=b"disk\necho hi\n", chaos_seed=seed,
-                                                trace=trace, timeout_s=60), output=out)
+                                                trace=trace, timeout_s=60, virtual_clock=True), output=out)
         assert outcome.reason == "script-done" and b"disk: ok" in out.getvalue()
     assert device_waits(plain) == (0, 0)                 # default devices complete at once
     busy, full = device_waits(chaotic)
