@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,21 +66,49 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         console.close()
         raise
     recording = None
+    watcher = None
     outcome: RunOutcome | None = None
     end_detail = "the recorder stopped"
     try:
         if options.trace is not None:
             recording = start_recording(machine, options)
+            watcher = _WriteFailureWatch(recording[0], console)
         outcome = machine.run(timeout_s=options.timeout_s)
         end_detail = outcome.detail
     except GuestFault as fault:
         end_detail = str(fault).splitlines()[0]
         raise
     finally:
+        if watcher is not None:
+            watcher.stop()
         if recording is not None:
             finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
         machine.close()
     return outcome, machine
+
+
+class _WriteFailureWatch:
+    """Ends the session soon after the trace stops being written (a full disk, an I/O error):
+    a person at the console must not go on believing the session is recorded."""
+
+    POLL_S = 0.1
+
+    def __init__(self, writer: TraceWriter, console: Console) -> None:
+        self.writer = writer
+        self.console = console
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="trace-write-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if self.writer.error is not None:
+                self.console.request_quit()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def check_trace_path(path: Path) -> None:
@@ -142,5 +171,5 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
     except OSError as error:                 # e.g. the disk filled up while the guest ran
         raise TraceWriteError(
             f"trace {writer.path}: writing failed ({error.strerror or error}) after "
-            f"{writer.bytes_written:,} bytes; what was written before replays as a trace cut "
-            f"short") from None
+            f"{writer.bytes_written:,} bytes, and the session was ended; what was written before "
+            f"replays as a trace cut short") from None
