@@ -19,16 +19,16 @@ guest second holds exactly the ticks the guest asked for (`sleep(10)` sleeps ten
 guest time, `uptime` keeps pace with the RTC). What changes is how much the guest gets done per
 guest second: a CPU that is often stalled is a slow CPU, which no correct kernel may rely on.
 The price: guest time runs ahead of the host's (about timer period / mean gap times as fast
-while the guest is busy: some sixty times for a 10 ms timer), so `--timeout`, in guest seconds,
-comes sooner in wall time. (Extra timer interrupts, as earlier versions raised, would keep guest
+while the guest is busy: some sixty times for a 10 ms timer), so the guest's RTC runs ahead of
+the wall; `--timeout` leaves the stalled time out (`Machine.running_ns`). (Extra timer interrupts, as earlier versions raised, would keep guest
 time on the host's pace but make every kernel that counts ticks think time flies: xv6's uptime
 ran about sixty times too fast. Preemption and timekeeping both ride on the tick, so a denser
 stream of preemptions must either be a faster guest clock or a lying one; chaos picks the
 honest clock.)
 
-A stall never jumps over a deadline, nor brings a tick while the last one still waits in the IRR
-(either would merge two ticks into one IRR bit and lose one), and never lasts more than `MAX_STALL_NS` (a one-shot timer set far ahead is left alone). Everything
-still enters through the devices and the interrupt controller, so the recorder logs each clock
+A stall never jumps over a deadline, nor brings a tick while the last one still waits in the
+IRR (either would merge two ticks into one IRR bit and lose one), and never lasts more than
+`MAX_STALL_NS` (a one-shot timer set far ahead is left alone). Everything still enters through the devices and the interrupt controller, so the recorder logs each clock
 read, status read and interrupt at its exact position and replay reproduces the run exactly; the
 seed goes into the trace header.
 """
