@@ -28,9 +28,10 @@ honest clock.)
 
 A stall never jumps over a deadline, nor brings a tick while the last one still waits in the
 IRR (either would merge two ticks into one IRR bit and lose one), and never lasts more than
-`MAX_STALL_NS` (a one-shot timer set far ahead is left alone). Everything still enters through the devices and the interrupt controller, so the recorder logs each clock
-read, status read and interrupt at its exact position and replay reproduces the run exactly; the
-seed goes into the trace header.
+`MAX_STALL_NS` (a one-shot timer set far ahead is left alone). Everything still enters through
+the devices and the interrupt controller, so the recorder logs each clock read, status read and
+interrupt at its exact position and replay reproduces the run exactly; the seed goes into the
+trace header.
 """
 
 from __future__ import annotations
