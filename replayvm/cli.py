@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,28 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"replayvm: {message}\n")
         raise SystemExit(2)
+
+
+def positive_seconds(text: str) -> float:
+    """A duration for --timeout: a finite number of seconds above zero (not nan, inf or -1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """A count for --repeat and --checkpoint-every: a whole number of 1 or more."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of 1 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
     record.add_argument("--until", metavar="TEXT", help="end when the console shows TEXT")
-    record.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds of guest time")
+    record.add_argument("--timeout", type=positive_seconds, metavar="S",
+                        help="give up after S seconds of guest time (under --chaos, stalls not counted)")
     record.add_argument("--virtual-clock", action="store_true",
                         help="deterministic guest time from the instruction count (emu engine only)")
     record.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="record the session into this trace file (e.g. session.zst)")
     record.add_argument("--chaos", action="store_true",
-                        help="raise extra timer interrupts at random moments (seeded) so timing "
-                             "bugs show up more often; the trace still replays exactly")
+                        help="stall the CPU at random moments (seeded) so that timer ticks land "
+                             "much more often in its work, and give the disk and serial port random "
+                             "latencies, so timing bugs show up; guest time stays honest and the "
+                             "trace still replays exactly")
     record.add_argument("--seed", type=int, help="seed for --chaos (default: random, printed)")
-    record.add_argument("--repeat", type=int, metavar="K", default=1,
+    record.add_argument("--repeat", type=positive_count, metavar="K", default=1,
                         help="with --until-fail: record up to K runs")
     record.add_argument("--until-fail", metavar="PATTERN",
                         help="keep recording (up to --repeat runs) until the console matches this "
@@ -70,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--seek", metavar="EVENT|iCOUNT",
                         help="start at this point (with --gdb: the debugger starts there), going "
                              "there through checkpoints; without --gdb, print the CPU state there")
-    replay.add_argument("--checkpoint-every", type=int, metavar="N", default=None,
+    replay.add_argument("--checkpoint-every", type=positive_count, metavar="N", default=None,
                         help="with --gdb/--seek: instructions between checkpoints (default 5,000,000)")
     replay.add_argument("--no-keep-checkpoints", dest="keep_checkpoints", action="store_false",
                         help="with --gdb/--seek: do not use or keep checkpoints in the cache "
@@ -105,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """A status line on stderr, at once (runs can be long)."""
+    sys.stderr.write(f"replayvm: {line}\n")
+    sys.stderr.flush()
+
+
 def _resolve_engine(requested: str) -> str:
     from replayvm.engines.probe import choose_engine
 
@@ -128,54 +160,61 @@ def cmd_record(args: argparse.Namespace) -> int:
     engine = _resolve_engine(args.engine)
     if args.virtual_clock and engine != "emu":
         raise UsageError("--virtual-clock needs the emu engine")
-    script = decode_escapes(args.input) if args.input is not None else None
-    if args.repeat < 1:
-        raise UsageError("--repeat takes a count of 1 or more")
+    script = decode_escapes(args.input, "--input") if args.input is not None else None
     if args.until_fail is not None and script is None:
         raise UsageError("--until-fail needs --input: repeated runs are scripted")
+    if args.repeat > 1 and args.until_fail is None:
+        raise UsageError("--repeat needs --until-fail: runs are repeated until one matches")
     seed = args.seed
     if args.chaos and seed is None:
         import secrets
 
         seed = secrets.randbelow(1 << 32)
-    pattern = None
-    if args.until_fail is not None:
+    options = SessionOptions(
+        disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
+        prompt=decode_escapes(args.prompt, "--prompt"),
+        until=decode_escapes(args.until, "--until") if args.until else None,
+        timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
+        virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
+        chaos_seed=seed if args.chaos else None)
+    if args.until_fail is None:
+        if args.chaos:
+            _say(f"chaos seed {seed}")
+        outcome, machine = run_session(options)
+    else:
         import re
+
+        from replayvm.record.repeat import record_until_match
 
         try:
             pattern = re.compile(args.until_fail.encode())
         except re.error as error:
             raise UsageError(f"--until-fail is not a valid regular expression: {error}") from None
-    runs = args.repeat if pattern is not None else 1
-    for run in range(runs):
-        run_seed = None if not args.chaos else seed + run
-        if args.chaos:
-            sys.stderr.write(f"replayvm: chaos seed {run_seed}\n")
-        options = SessionOptions(
-            disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
-            prompt=decode_escapes(args.prompt), until=decode_escapes(args.until) if args.until else None,
-            timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
-            virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-            chaos_seed=run_seed)
-        if pattern is None:
-            outcome, machine = run_session(options)
-            break
-        import io
+        result = record_until_match(options, pattern, args.repeat,
+                                    first_seed=seed if args.chaos else None, report=_say)
+        if result.matched_run is None:
+            _say(f"no run of {result.runs} matched {args.until_fail!r}"
+                 + ("; no trace kept" if args.output else ""))
+            return 1
+        sys.stdout.buffer.write(result.console)
+        _end_console_line(result.console)
+        _say(f"run {result.matched_run} of {args.repeat} matched {args.until_fail!r}"
+             + (f"; trace kept in {args.output}" if args.output else ""))
+        if result.outcome is None:           # the matching run ended in a guest fault
+            return 1
+        return _session_status(result.outcome)
+    _end_console_line(bytes(machine.console.transcript))
+    return _session_status(outcome)
 
-        captured = io.BytesIO()
-        outcome, machine = run_session(options, output=captured)
-        if pattern.search(captured.getvalue()):
-            sys.stdout.buffer.write(captured.getvalue())
-            sys.stderr.write(f"\nreplayvm: run {run + 1} of {runs} matched {args.until_fail!r}"
-                             + (f"; trace kept in {args.output}" if args.output else "") + "\n")
-            break
-        sys.stderr.write(f"replayvm: run {run + 1} of {runs}: no match\n")
-    else:
-        sys.stderr.write(f"replayvm: no run of {runs} matched {args.until_fail!r}\n")
-        return 1
-    if machine.console.transcript and not machine.console.transcript.endswith(b"\n"):
+
+def _end_console_line(console: bytes) -> None:
+    if console and not console.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")          # leave the shell prompt on its own line
     sys.stdout.flush()
+
+
+def _session_status(outcome) -> int:
+    """Exit status of a recorded session, with a line saying why when it did not end as asked."""
     if outcome.reason == "timeout":
         sys.stderr.write(f"\nreplayvm: timeout: {outcome.detail}\n")
         return 1
@@ -323,46 +362,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import csv
     import json
-    import sqlite3
-    import tempfile
 
-    from replayvm.trace.format import MAGIC
+    from replayvm.analyze import query
 
-    source = args.source
-    if not source.exists():
-        raise UsageError(f"no such database or trace: {source}")
-    with source.open("rb") as f:
-        is_trace = f.read(len(MAGIC)) == MAGIC
-    tmp = None
-    if is_trace:
-        from replayvm.analyze.loader import load_trace
-
-        tmp = tempfile.TemporaryDirectory()
-        db_path = Path(tmp.name) / "trace.db"
-        load_trace(source, db_path)
+    result = query(args.source, args.query)
+    columns, rows = result.columns, result.rows
+    if args.json:
+        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
     else:
-        db_path = source
-    try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        try:
-            cursor = conn.execute(args.query)
-        except sqlite3.Error as error:
-            raise UsageError(f"SQL error: {error}") from None
-        columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchall()
-        if args.json:
-            print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
-        elif args.csv:
-            writer = csv.writer(sys.stdout)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        else:
-            from tabulate import tabulate
+        from tabulate import tabulate
 
-            print(tabulate(rows, headers=columns))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        print(tabulate(rows, headers=columns))
     return 0
 
 
@@ -403,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as error:                 # a file-system error no verb foresaw: still one line
+        where = f"{error.filename}: " if error.filename else ""
+        sys.stderr.write(f"replayvm: {where}{error.strerror or error}\n")
         return 1
 
 

@@ -16,14 +16,20 @@ class GuestClock:
 
     def __init__(self) -> None:
         self._start_ns = time.monotonic_ns()
+        self._offset_ns = 0                 # stalls (chaos): guest time ahead of the host's
         self.epoch_s = time.time()          # wall-clock time at guest time 0 (for the CMOS RTC)
 
     def now_ns(self) -> int:
-        return time.monotonic_ns() - self._start_ns
+        return time.monotonic_ns() - self._start_ns + self._offset_ns
+
+    def advance(self, ns: int) -> None:
+        """Jump guest time ahead by `ns` (a stalled CPU: the guest sees the time pass at once)."""
+        self._offset_ns += ns
 
     def start(self) -> None:
         """Guest time 0 is now: the moment the guest starts running, not when it was built."""
         self._start_ns = time.monotonic_ns()
+        self._offset_ns = 0
         self.epoch_s = time.time()
 
     def wall_time_s(self) -> float:

@@ -18,30 +18,46 @@ import sys
 import threading
 from typing import BinaryIO
 
+from replayvm.errors import UsageError
+
 CTRL_A = 0x01
 HELP_TEXT = (b"\r\nreplayvm console: C-a x  quit    C-a h  this help    C-a C-a  send C-a\r\n")
 
 
-def decode_escapes(text: str) -> bytes:
-    r"""Decode the C escapes `\n \t \r \\ \xNN` (and `\0`) of a --input argument."""
+SIMPLE_ESCAPES = {"n": 10, "t": 9, "r": 13, "\\": 92, "0": 0, "e": 27, "'": 39, '"': 34}
+HEX_DIGITS = "0123456789abcdefABCDEF"
+
+
+def decode_escapes(text: str, option: str = "--input") -> bytes:
+    r"""Decode the C escapes `\n \t \r \e \0 \\ \' \" \xNN` of a --input argument.
+
+    Anything else after a backslash (`\q`, `\x4`, a backslash at the very end) is refused: typed
+    as is, it would reach the guest as something the user did not mean, or (a lone backslash at
+    the end) leave the last line without its newline and the session waiting to its timeout.
+    """
     out = bytearray()
     i = 0
-    simple = {"n": 10, "t": 9, "r": 13, "\\": 92, "0": 0, "e": 27, "'": 39, '"': 34}
     while i < len(text):
         ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            nxt = text[i + 1]
-            digits = text[i + 2:i + 4]
-            if nxt == "x" and len(digits) == 2 and all(c in "0123456789abcdefABCDEF" for c in digits):
-                out.append(int(digits, 16))
-                i += 4
-                continue
-            if nxt in simple:
-                out.append(simple[nxt])
-                i += 2
-                continue
-        out += ch.encode()
-        i += 1
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        nxt = text[i + 1:i + 2]
+        if nxt in SIMPLE_ESCAPES and nxt:
+            out.append(SIMPLE_ESCAPES[nxt])
+            i += 2
+            continue
+        digits = text[i + 2:i + 4]
+        if nxt == "x" and len(digits) == 2 and all(c in HEX_DIGITS for c in digits):
+            out.append(int(digits, 16))
+            i += 4
+            continue
+        if not nxt:
+            raise UsageError(f"{option} ends with a lone backslash (write \\\\ for a backslash)")
+        bad = text[i:i + 4] if nxt == "x" else text[i:i + 2]
+        raise UsageError(f"{option}: unknown escape '{bad}' at character {i + 1} (known: \\n \\t "
+                         f"\\r \\e \\0 \\\\ \\' \\\" \\xNN)")
     return bytes(out)
 
 

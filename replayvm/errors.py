@@ -23,3 +23,9 @@ class GuestFault(ReplayVMError):
     """The guest stopped in a way only it can be blamed for (triple fault, shutdown)."""
 
     exit_status = 1
+
+
+class TraceWriteError(ReplayVMError):
+    """The trace file could not be written (disk full, read-only, I/O error) while recording."""
+
+    exit_status = 1

@@ -64,7 +64,7 @@ class MachineConfig:
     ram_mib: int = hw.DEFAULT_RAM_MIB
     engine: str = "emu"
     virtual_clock: bool = False
-    chaos_seed: int | None = None             # extra timer interrupts at seeded random moments
+    chaos_seed: int | None = None             # seeded CPU stalls and device latencies (record/chaos.py)
 
 
 @dataclass
@@ -94,15 +94,25 @@ class Machine:
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
         self.halt_observers: list = []            # f() whenever the guest halts
-        self.disks = [_open_disk(path, index) for index, path in enumerate(config.disks)]
-        if len(self.disks) > 2:
+        if len(config.disks) > 2:
             raise UsageError("at most two disks (the primary IDE channel's master and slave)")
+        for path in config.disks:
+            _check_disk_image(path)
+        if config.kernel is None and config.disks:     # before reading (and hashing) whole images
+            firmware.check_boot_sector(_first_sector(config.disks[0]))
+        self.disks = [Disk(path, name=f"disk{index}") for index, path in enumerate(config.disks)]
+        self.chaos_times = None
+        if config.chaos_seed is not None:
+            from replayvm.record.chaos import ChaosTimes
+
+            self.chaos_times = ChaosTimes.for_clock(config.virtual_clock)
         self._wire_devices()
         self.chaos = None
-        if config.chaos_seed is not None:
+        if self.chaos_times is not None:
             from replayvm.record.chaos import TimerChaos
 
-            self.chaos = TimerChaos(self.lapic, config.chaos_seed)
+            self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
+                                    self.chaos_times.stall_gap_ns)
         self.engine = _create_engine(config.engine, self)
         self.boot_state = self._boot()
         self.engine.set_state(self.boot_state)
@@ -118,11 +128,11 @@ class Machine:
 
         ide_latency = uart_latency = now_ns = None
         seed = self.config.chaos_seed
-        if seed is not None:                      # chaos: seeded completion latencies
-            from replayvm.record.chaos import IDE_MEAN_LATENCY_NS, UART_MEAN_LATENCY_NS, DeviceLatency
+        if seed is not None and self.chaos_times is not None:   # chaos: seeded completion latencies
+            from replayvm.record.chaos import DeviceLatency
 
-            ide_latency = DeviceLatency(seed, "ide0", IDE_MEAN_LATENCY_NS)
-            uart_latency = DeviceLatency(seed, "com1", UART_MEAN_LATENCY_NS)
+            ide_latency = DeviceLatency(seed, "ide0", self.chaos_times.ide_latency_ns)
+            uart_latency = DeviceLatency(seed, "com1", self.chaos_times.uart_latency_ns)
             now_ns = self.clock.now_ns
         self.uart = Uart16550(lines[hw.IRQ_COM1], self.console.write, uart_latency, now_ns)
         self.i8042 = I8042(lines[hw.IRQ_KEYBOARD], self._on_reset)
@@ -165,16 +175,19 @@ class Machine:
         self.engine.request_stop()
 
     # ---------------------------------------------------------------- engine services
-    def poll(self) -> int | None:
-        """Advance timers to now; return guest ns until the next timed event (None: no timer)."""
+    def poll(self, stall: bool = True) -> int | None:
+        """Advance timers to now; return guest ns until the next timed event (None: no timer).
+        Under chaos, the CPU may be stalled here unless `stall` is False (it is halted)."""
+        stall_in = None
+        if self.chaos is not None and stall:     # a stall may move the clock to the next tick
+            stall_in = self.chaos.poll(self.clock.now_ns())
         now = self.clock.now_ns()
         self.lapic.poll(now)
         deadline = self.lapic.next_deadline_ns()
         until = None if deadline is None else max(0, deadline - now)
         if self.chaos is not None:
-            extra = self.chaos.poll(now)
-            if extra is not None and (until is None or extra < until):
-                until = extra
+            if stall_in is not None and (until is None or stall_in < until):
+                until = stall_in
             for device in (self.ide, self.uart):     # completion latencies
                 device.poll(now)
                 due = device.next_deadline_ns()
@@ -215,7 +228,7 @@ class Machine:
                     return self._outcome(self._finish_reason())
                 if self.shutdown_reason is not None:
                     return self._outcome("shutdown", self.shutdown_reason)
-                if timeout_ns is not None and self.clock.now_ns() >= timeout_ns:
+                if timeout_ns is not None and self.running_ns() >= timeout_ns:
                     return self._outcome("timeout", f"no end after {timeout_s:g} s of guest time")
                 reason = engine.run(RUN_SLICE_NS)
                 if reason is StopReason.HALT:
@@ -229,6 +242,12 @@ class Machine:
         finally:
             self.console.flush()
 
+    def running_ns(self) -> int:
+        """Guest time the session has run, less the time chaos stalled it (what --timeout counts:
+        a chaos run is given as long to do its work as a plain one)."""
+        stalled = self.chaos.stalled_ns if self.chaos is not None else 0
+        return self.clock.now_ns() - stalled
+
     def _finish_reason(self) -> str:
         if self.console.quit_requested:
             return "quit"
@@ -237,8 +256,11 @@ class Machine:
         return "script-done"
 
     def _wait_while_halted(self, timeout_ns: int | None) -> None:
-        """The guest executed HLT: nothing happens until a timer fires or input arrives."""
-        until = self.poll()
+        """The guest executed HLT: nothing happens until a timer fires or input arrives.
+
+        Chaos does not stall an idle CPU (it would only make idle time fly), and the time spent
+        halted does not count towards its next stall: stalls come every so much guest *work*."""
+        until = self.poll(stall=False)
         now = self.clock.now_ns()
         if self.interrupts.has_pending():
             return
@@ -247,12 +269,14 @@ class Machine:
             if deadline is None:
                 raise GuestFault(self._fault_report("guest halted with no timer and no input to wake it"))
             self.clock.advance(max(0, deadline - now))
-            return
-        wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
-        if timeout_ns is not None:
-            wait_ns = min(wait_ns, max(0, timeout_ns - now))
-        if wait_ns > 0:
-            self.console.input_ready.wait(wait_ns / 1e9)
+        else:
+            wait_ns = HALT_POLL_NS if deadline is None else min(HALT_POLL_NS, max(0, deadline - now))
+            if timeout_ns is not None:
+                wait_ns = min(wait_ns, max(0, timeout_ns - self.running_ns()))
+            if wait_ns > 0:
+                self.console.input_ready.wait(wait_ns / 1e9)
+        if self.chaos is not None:
+            self.chaos.idle(self.clock.now_ns() - now)
 
     def _outcome(self, reason: str, detail: str = "") -> RunOutcome:
         return RunOutcome(reason, self.clock.now_ns(), getattr(self.engine, "icount", None), detail)
@@ -270,12 +294,20 @@ class Machine:
         self.console.close()
 
 
-def _open_disk(path: Path, index: int) -> Disk:
+def _check_disk_image(path: Path) -> None:
     if not path.is_file():
         raise UsageError(f"disk image not found: {path}")
     if path.stat().st_size < firmware.SECTOR_SIZE:
         raise UsageError(f"disk image {path} is smaller than one 512-byte sector")
-    return Disk(path, name=f"disk{index}")
+
+
+def _first_sector(path: Path) -> bytes:
+    """The boot sector alone: a disk that cannot boot is refused without reading the rest."""
+    try:
+        with path.open("rb") as image:
+            return image.read(firmware.SECTOR_SIZE)
+    except OSError as error:
+        raise UsageError(f"cannot read disk image {path}: {error.strerror or error}") from None
 
 
 def _create_engine(name: str, machine: Machine):

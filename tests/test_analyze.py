@@ -242,7 +242,7 @@ def test_user_program_symbols_apply_to_cpl3_rows_only(tmp_path):
 
 
 def test_xv6_user_mode_interrupts_named_from_the_user_program(xv6_dir, tmp_path):
-    """`ls` run a few times under chaos (extra timer ticks every ~150 us of guest time), so that
+    """`ls` run a few times under chaos (a tick brought forward every ~150 us of work), so that
     some ticks land while `ls` runs in user mode: with `--symbols kernel --symbols _ls`, those
     CPL 3 interrupts are named after `_ls`'s functions (printf, strlen, ...), and kernel rows
     only ever after the kernel's."""

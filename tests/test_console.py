@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from replayvm.console import Console, decode_escapes
+from replayvm.errors import UsageError
 
 
 def type_out(console: Console, text: bytes) -> None:
@@ -15,7 +18,8 @@ def type_out(console: Console, text: bytes) -> None:
 def test_c_escapes_are_decoded():
     assert decode_escapes(r"ls\n") == b"ls\n"
     assert decode_escapes(r"a\tb\\c\x41\x7f") == b"a\tb\\cA\x7f"
-    assert decode_escapes(r"\xZZ") == b"\\xZZ"           # not an escape: kept literally
+    with pytest.raises(UsageError, match=r"unknown escape '\\xZZ'"):    # typed literally, it
+        decode_escapes(r"\xZZ")                                       # was a silent surprise
 
 
 def test_script_lines_are_typed_one_per_prompt_and_the_session_ends_after_the_last():

@@ -241,3 +241,36 @@ def test_gdb_listens_on_loopback_unless_told_otherwise():
     for bad in ("gdb", "1:99999"):
         with pytest.raises(UsageError):
             parse_address(bad)
+
+
+def test_a_long_monitor_seek_keeps_gdb_waiting_without_packet_errors(gdb, tmp_path):
+    # A virtual-clock session (its length in instructions is the same on every machine): about
+    # 210 million instructions, so a seek to its end from the start, with no checkpoint on the
+    # way, runs for seconds. gdb gives up on a reply ("Ignoring packet error") after three
+    # remote timeouts without a byte: 3 s here, which the seek outlasts (about 11 s at the
+    # emulator's 19 M instructions/s: only a host four times faster would finish in time anyway).
+    trace = tmp_path / "long.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", script=b"spin 20\n", trace=trace, timeout_s=60,
+                                            virtual_clock=True), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    stub = Stub(trace, "--checkpoint-every", str(10**12))
+    client = Client(stub.address)                   # first, byte for byte: O packets, then the reply
+    client.send(b"qRcmd," + b"seek i50000000".hex().encode())
+    keepalives = 0
+    while (reply := client._read_packet()).startswith(b"O"):
+        assert reply == b"O"                          # empty console output: gdb prints nothing
+        keepalives += 1
+    assert b"now at".hex().encode() in reply
+    # One every 0.25 s of seeking: a seek of 50 million instructions outlasts that on any host
+    # slower than 200 M instructions/s (the emulator does about 20).
+    assert keepalives >= 1
+    assert not client.ask(b"qRcmd," + b"seek 0".hex().encode()).startswith(b"O")   # instant: none
+    client.ask(b"vKill;1")
+    stub.finish()
+    stub = Stub(trace, "--checkpoint-every", str(10**12))
+    out = run_gdb(gdb, guest_file("demo", "kernel.elf"), stub.address,
+                  ["set remotetimeout 1", "monitor seek i999999999999", "monitor when"])
+    stub.finish()
+    assert "Ignoring packet error" not in out and "Remote connection closed" not in out, out
+    now_at = re.search(r"now at instruction (\d+) of (\d+)", out)
+    assert now_at and now_at.group(1) == now_at.group(2) and int(now_at.group(1)) > 200_000_000, out

@@ -12,7 +12,7 @@ are read a frame at a time without per-record checks (`TraceReader.frames`), tur
 one loop that branches on the kind, and inserted with statements of many rows each (executemany's
 cost is per statement run, not per value). Past the first 100,000 records, a forked copy of this
 process builds the rows while this one inserts them. A new database is written in one transaction
-without a journal (it is deleted if the load fails), the indexes after the rows; it ends in WAL
+without a journal (deleted if the load fails, when this load created it), the indexes after the rows; it ends in WAL
 mode, as before.
 """
 
@@ -23,8 +23,10 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
+import os
 import pickle
 import sqlite3
+import stat
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -187,12 +189,21 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
     """Load `trace` into the SQLite database at `db_path`; returns rows per table.
 
     `progress(events, bytes_read)` is called after each batch: events loaded so far, and how far
-    into the trace file (in bytes) the loading has read (for a bar's percentage)."""
+    into the trace file (in bytes) the loading has read (for a bar's percentage).
+
+    A database this call creates is deleted if the load fails; a path that existed before (an
+    empty file someone made, or anything else) is never deleted: only a file created here, with
+    O_EXCL, is ours to remove.
+    """
     names = Symbols(symbols)
     db_path = Path(db_path)
     with TraceReader(trace) as reader:             # refuse an unreadable trace before touching the db
-        new = not db_path.exists() or db_path.stat().st_size == 0
-        db = sqlite_utils.Database(db_path)
+        created, new = _claim_database(db_path)
+        try:
+            db = sqlite_utils.Database(db_path)
+        except (sqlite3.Error, OSError) as error:
+            _forget_database(db_path, created, new)
+            raise UsageError(f"cannot open database {db_path}: {error}") from None
         try:
             if not new and "meta" in db.table_names() and db["meta"].count and not append:
                 raise UsageError(f"{db_path} already holds a trace; use --append to add another (rows "
@@ -213,14 +224,46 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
                 db.create_view(name, sql, replace=True)
             db.execute("PRAGMA locking_mode = NORMAL")
             db.execute("PRAGMA journal_mode = WAL")     # what readers get
-        except BaseException:
+        except BaseException as error:
             db.close()
-            if new:
-                for path in (db_path, db_path.with_name(db_path.name + "-journal")):
-                    path.unlink(missing_ok=True)
+            _forget_database(db_path, created, new)
+            if isinstance(error, sqlite3.Error):     # read-only file, disk full, not a database
+                raise UsageError(f"cannot load into {db_path}: {error}") from None
             raise
         db.close()
     return {"trace_id": trace_id, **counts}
+
+
+def _claim_database(db_path: Path) -> tuple[bool, bool]:
+    """(created here, empty): create the database file exclusively when it does not exist, so
+    that a failed load knows which file it may delete. Anything but a regular file is refused."""
+    if db_path.is_dir():
+        raise UsageError(f"database path {db_path} is a folder")
+    if not db_path.parent.is_dir():
+        raise UsageError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
+    try:
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        return True, True
+    except FileExistsError:
+        pass
+    except OSError as error:                      # read-only file system, no permission
+        raise UsageError(f"cannot create database {db_path}: {error.strerror or error}") from None
+    info = db_path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"database path {db_path} is not a regular file")
+    return False, info.st_size == 0
+
+
+def _forget_database(db_path: Path, created: bool, was_empty: bool) -> None:
+    """Undo a failed load into a new database: delete the file if this run created it, or empty
+    again the regular file that was empty before; a database that held data is left to its
+    journal (the load was one transaction)."""
+    if created:
+        for path in (db_path, db_path.with_name(db_path.name + "-journal")):
+            path.unlink(missing_ok=True)
+    elif was_empty and db_path.is_file() and not db_path.is_symlink():
+        with open(db_path, "r+b") as f:
+            f.truncate(0)
 
 
 def _load(reader: TraceReader, db: sqlite_utils.Database, trace: Path, trace_id: int, names: Symbols,

@@ -39,12 +39,17 @@ def fill_bios_data_area(ram: memoryview) -> None:
     write_mp_tables(ram)
 
 
-def boot_from_disk(ram: memoryview, first_sector: bytes) -> CpuState:
-    """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
+def check_boot_sector(first_sector: bytes) -> None:
+    """Refuse a disk 0 the BIOS would not boot: shorter than a sector, or no 0x55AA signature."""
     if len(first_sector) < SECTOR_SIZE:
         raise UsageError("disk 0 is smaller than one sector: nothing to boot")
     if first_sector[510:512] != BOOT_SIGNATURE:
         raise UsageError("disk 0 has no boot signature (0x55AA at byte 510): not bootable")
+
+
+def boot_from_disk(ram: memoryview, first_sector: bytes) -> CpuState:
+    """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
+    check_boot_sector(first_sector)
     fill_bios_data_area(ram)
     ram[hw.BOOT_SECTOR_ADDR:hw.BOOT_SECTOR_ADDR + SECTOR_SIZE] = first_sector[:SECTOR_SIZE]
     return real_mode_state(0, hw.BOOT_SECTOR_ADDR, rdx=0x80, rsp=BOOT_STACK_TOP)

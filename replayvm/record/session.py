@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import BinaryIO
 
 from replayvm import __version__, hw
 from replayvm.console import Console
-from replayvm.errors import GuestFault
+from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
 from replayvm.trace.format import Kind
@@ -49,6 +50,8 @@ def bundled_demo_disk() -> Path:
 
 def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tuple[RunOutcome, Machine]:
     """Boot the guest, run it until the session ends (recording it if asked), return how it ended."""
+    if options.trace is not None:
+        check_trace_path(options.trace)
     console = Console(output if output is not None else sys.stdout.buffer, script=options.script,
                       prompt=options.prompt, until=options.until, interactive=options.interactive)
     disks = list(options.disks)
@@ -63,21 +66,59 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         console.close()
         raise
     recording = None
+    watcher = None
     outcome: RunOutcome | None = None
     end_detail = "the recorder stopped"
     try:
         if options.trace is not None:
             recording = start_recording(machine, options)
+            watcher = _WriteFailureWatch(recording[0], console)
         outcome = machine.run(timeout_s=options.timeout_s)
         end_detail = outcome.detail
     except GuestFault as fault:
         end_detail = str(fault).splitlines()[0]
         raise
     finally:
+        if watcher is not None:
+            watcher.stop()
         if recording is not None:
             finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
         machine.close()
     return outcome, machine
+
+
+class _WriteFailureWatch:
+    """Ends the session soon after the trace stops being written (a full disk, an I/O error):
+    a person at the console must not go on believing the session is recorded."""
+
+    POLL_S = 0.1
+
+    def __init__(self, writer: TraceWriter, console: Console) -> None:
+        self.writer = writer
+        self.console = console
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="trace-write-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if self.writer.error is not None:
+                self.console.request_quit()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def check_trace_path(path: Path) -> None:
+    """Refuse, before booting, a trace path that cannot be a new file (one line, not a traceback)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"trace path {path} is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write trace {path}: folder {folder} does not exist")
 
 
 def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWriter, Recorder, float]:
@@ -95,7 +136,10 @@ def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWri
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
-    writer = TraceWriter(options.trace, header)
+    try:
+        writer = TraceWriter(options.trace, header)
+    except OSError as error:                 # read-only, no permission, disk full at the header
+        raise UsageError(f"cannot write trace {options.trace}: {error.strerror or error}") from None
     for number, page in initial_ram_pages(machine.ram):
         writer.append((Kind.RAM_PAGE, number, page))
     recorder = Recorder(machine, writer)
@@ -113,7 +157,7 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         final_state = {"error": str(error)}
     lapic_id_reads = recorder.lapic_id_reads_logged_away + getattr(getattr(engine, "state", None),
                                                                    "lapic_id_reads", 0)
-    writer.close(footer={
+    footer = {
         "end": reason, "detail": detail, "counts": dict(recorder.counts),
         "interrupt_sources": dict(recorder.interrupt_sources),
         "instructions": getattr(engine, "icount", None), "position": engine.position,
@@ -121,4 +165,11 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         "lapic_id_reads": lapic_id_reads, "final_state": final_state,
         "ram_sha256": ram_digest(machine.ram),
         "console_sha256": hashlib.sha256(bytes(machine.console.transcript)).hexdigest(),
-    })
+    }
+    try:
+        writer.close(footer=footer)
+    except OSError as error:                 # e.g. the disk filled up while the guest ran
+        raise TraceWriteError(
+            f"trace {writer.path}: writing failed ({error.strerror or error}) after "
+            f"{writer.bytes_written:,} bytes, and the session was ended; what was written before "
+            f"replays as a trace cut short") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import select
 import socket
 import sys
+import time
 from typing import Callable, TextIO
 
 from replayvm.engines import x86_delivery
@@ -30,6 +31,10 @@ from replayvm.replay.timeline import WATCH_ACCESS, WATCH_READ, WATCH_WRITE, Stop
 SIGTRAP = 5
 SIGINT = 2
 PACKET_SIZE = 0x4000
+# While a monitor command works (a long seek), gdb waits for the reply only `remotetimeout`
+# seconds (2 by default) before "Ignoring packet error"; an `O` (console output) packet resets
+# its wait, so one, empty (it prints nothing), goes out this often.
+KEEPALIVE_S = 0.25
 THREAD = 1
 
 # The `g` packet order of gdb's i386 core feature: 16 general and segment registers, then x87.
@@ -397,7 +402,7 @@ class GdbStub:
                 position = parse_position(words[1], timeline)
             except UsageError as error:
                 return (str(error) + "\n").encode().hex().encode()
-            timeline.seek(position)
+            self._seek_keeping_gdb_waiting(position)
             self.last_stop = self._stop_reply(Stop("seek", timeline.position))
             text = (f"now at {timeline.when()}\n"
                     f"(gdb keeps its old register cache: run 'maint flush register-cache')\n")
@@ -412,6 +417,23 @@ class GdbStub:
         else:
             text = f"unknown monitor command {command!r} (monitor help)\n"
         return text.encode().hex().encode()
+
+    def _seek_keeping_gdb_waiting(self, position: int) -> None:
+        timeline = self.timeline
+        conn = self.conn
+        last = [time.monotonic()]
+
+        def keepalive() -> None:
+            now = time.monotonic()
+            if conn is not None and now - last[0] >= KEEPALIVE_S:
+                conn.send(b"O")
+                last[0] = now
+
+        timeline.progress = keepalive
+        try:
+            timeline.seek(position)
+        finally:
+            timeline.progress = None
 
     def _say(self, message: str) -> None:
         if self.log is not None:

@@ -25,7 +25,7 @@ from replayvm.trace.format import POSITIONED
 from replayvm.trace.reader import TraceReader
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000       # instructions between checkpoints
-INTERRUPT_CHUNK = 2_000_000                # how far a continue runs between looks for Ctrl-C
+INTERRUPT_CHUNK = 2_000_000                # how far a run goes between looks for Ctrl-C (or progress)
 NO_SKIP = (1 << 64) - 1
 
 WATCH_READ = 1
@@ -61,6 +61,7 @@ class Timeline:
         self.breakpoints: set[int] = set()
         self.watches: set[tuple[int, int, int]] = set()          # (address, length, access)
         self.interrupt_check: Callable[[], bool] | None = None
+        self.progress: Callable[[], None] | None = None    # called between pieces of a long run
         self._event_positions, self._end, self.complete = self._scan_events()
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
@@ -240,13 +241,15 @@ class Timeline:
             piece = limit
             if engine.position >= newest:
                 piece = boundary if piece is None else min(piece, boundary)
-            if interruptible and self.interrupt_check is not None:
+            if interruptible and self.interrupt_check is not None or self.progress is not None:
                 chunk = engine.position + INTERRUPT_CHUNK
                 piece = chunk if piece is None else min(piece, chunk)
             outcome = self.replayer.run_to(piece)
             if outcome == "limit" and engine.position == boundary:
                 self.checkpoints.take()
             self._show_console()
+            if self.progress is not None:
+                self.progress()
             if outcome != "limit":
                 return outcome
             if limit is not None and engine.position >= limit:
