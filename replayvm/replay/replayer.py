@@ -170,9 +170,10 @@ class Replayer:
                  seekable: bool = False) -> None:
         self.reader = TraceReader(trace)
         header = self.reader.header                # validated: engine, ram_bytes, initial_state typed
-        if "initial_state" not in header:
+        missing = [name for name in ("engine", "ram_bytes", "initial_state") if name not in header]
+        if missing:
             self.reader.close()
-            raise TraceFormatError(f"{trace}: the header has no initial_state: nothing to replay from")
+            raise TraceFormatError(f"{trace}: the header lacks {', '.join(missing)}: nothing to replay from")
         self.output = output
         self.keep_going = keep_going
         self.until_event = until_event
@@ -609,10 +610,10 @@ class Replayer:
     def _verify_end(self) -> None:
         footer = self.footer or {}
         missing = [name for name in FOOTER_VERIFIED_BY if name not in footer]
-        if "regs" not in footer.get("final_state", {}):
+        if "final_state" in footer and "regs" not in footer["final_state"]:
             missing.append("final_state registers")
         if missing:
-            raise TraceFormatError(f"{self.reader.path}: the footer lacks {', '.join(dict.fromkeys(missing))}: "
+            raise TraceFormatError(f"{self.reader.path}: the footer lacks {', '.join(missing)}: "
                                    f"nothing to verify the replay against")
         end = int(footer.get("position") or 0)
         if self.engine.position != end:

@@ -16,7 +16,6 @@ raises TraceAlteredError on a mismatch: the trace was changed after it was recor
 from __future__ import annotations
 
 import hashlib
-import io
 import zlib
 from itertools import islice
 from pathlib import Path
@@ -156,10 +155,12 @@ class TraceReader:
         self.truncated_at = offset
 
     def _unpacker(self, body: bytes, use_list: bool) -> msgpack.Unpacker:
-        return msgpack.Unpacker(io.BytesIO(body), raw=False, use_list=use_list, read_size=1 << 20,
-                                max_buffer_size=MAX_FRAME_DECOMPRESSED, max_bin_len=MAX_BIN_LEN,
-                                max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN,
-                                max_map_len=MAX_MAP_LEN, strict_map_key=True)
+        unpacker = msgpack.Unpacker(raw=False, use_list=use_list, max_buffer_size=MAX_FRAME_DECOMPRESSED,
+                                    max_bin_len=MAX_BIN_LEN, max_str_len=MAX_STR_LEN,
+                                    max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+                                    strict_map_key=True)
+        unpacker.feed(body)                    # (fed, not a file: tell() is then what was unpacked)
+        return unpacker
 
     # ---------------------------------------------------------------- records
     def _read_header(self) -> None:
@@ -176,7 +177,7 @@ class TraceReader:
             records = list(islice(unpacker, 2))
         except UNPACK_ERRORS as error:
             raise self.malformed(index, offset, error) from None
-        if len(records) != 1 or unpacker.tell() != len(body):
+        if len(records) != 1 or not _ends_cleanly(unpacker):
             raise TraceFormatError(f"{self.path}: frame 0 (byte {offset}) must hold the header record "
                                    f"alone")
         record = records[0]
@@ -186,7 +187,7 @@ class TraceReader:
         if problem is not None:
             raise TraceFormatError(f"{self.path}: {problem} (frame 0, byte {offset})")
         self.header = record[1]
-        self._ram_pages = self.header["ram_bytes"] // PAGE_SIZE
+        self._ram_pages = self.header.get("ram_bytes", 0) // PAGE_SIZE
 
     def chunks(self, size: int = CHUNK, use_list: bool = True) -> Iterator[tuple[int, int, list]]:
         """The records after the header, validated, `size` at a time: (frame index, byte offset of
@@ -206,9 +207,9 @@ class TraceReader:
                     break
                 yield index, offset, self._validated(chunk)
                 self._chunk_start += len(chunk)
-            if unpacker.tell() != len(body):
+            if not _ends_cleanly(unpacker):
                 raise TraceFormatError(f"{self.path}: frame {index} (byte {offset}) ends with an incomplete "
-                                       f"record ({len(body) - unpacker.tell()} bytes)")
+                                       f"record")
 
     def _validated(self, chunk: list) -> list:
         if self.footer is not None:
@@ -293,6 +294,17 @@ class TraceReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_cleanly(unpacker: msgpack.Unpacker) -> bool:
+    """Whether an exhausted unpacker stopped between records rather than inside one (its tell()
+    counts the bytes of a partly read record too). Fed a nil byte, a clean one returns None at
+    once; one inside a record returns that record's kind of object, or nothing."""
+    unpacker.feed(b"\xc0")
+    try:
+        return unpacker.unpack() is None
+    except (msgpack.exceptions.OutOfData, *UNPACK_ERRORS):
+        return False
 
 
 def check_unaltered(path: Path) -> None:

@@ -234,11 +234,10 @@ def _disk_ok(v: Any) -> bool:
 HEADER_FIELDS = (
     MapField("format", '"replayvm-trace"', lambda v: v == "replayvm-trace"),
     MapField("replayvm", "str: the version that recorded", _is_text(MAX_NAME_LEN)),
-    MapField("engine", '"emu" or "kvm"', _one_of("emu", "kvm"), required=True),
-    MapField("position_unit", '"instructions" (emu) or "exits" (kvm)', _one_of("instructions", "exits"),
-             required=True),
+    MapField("engine", '"emu" or "kvm"', _one_of("emu", "kvm")),
+    MapField("position_unit", '"instructions" (emu) or "exits" (kvm)', _one_of("instructions", "exits")),
     MapField("ram_bytes", "int, a multiple of 4096, 4 KiB..4 GiB",
-             lambda v: type(v) is int and 0 < v <= 1 << 32 and v % PAGE_SIZE == 0, required=True),
+             lambda v: type(v) is int and 0 < v <= 1 << 32 and v % PAGE_SIZE == 0),
     MapField("cpuid", "list of [leaf, subleaf, eax, ebx, ecx, edx], ints 0..2^32-1",
              _list_of(lambda row: type(row) in (list, tuple) and len(row) == 6
                       and all(_is_int(0, (1 << 32) - 1)(x) for x in row), 4096)),
@@ -273,16 +272,18 @@ FOOTER_VERIFIED_BY = ("final_state", "ram_sha256", "console_sha256")   # a repla
 def plain_value(v: Any, depth: int = 0) -> bool:
     """A value JSON can carry (header fields a newer minor version may add): no bytes, ints
     within SQLite's range, at most 4 levels deep, string keys."""
-    if v is None or type(v) in (bool, float, str):
+    if v is None or type(v) in (bool, float):
         return True
+    if type(v) is str:
+        return len(v) <= MAX_STR_LEN
     if type(v) is int:
         return -I63 - 1 <= v <= I63
     if depth >= 4:
         return False
     if type(v) in (list, tuple):
-        return all(plain_value(x, depth + 1) for x in v)
+        return len(v) <= MAX_ARRAY_LEN and all(plain_value(x, depth + 1) for x in v)
     if type(v) is dict:
-        return all(type(k) is str and plain_value(x, depth + 1) for k, x in v.items())
+        return len(v) <= MAX_MAP_LEN and all(type(k) is str and plain_value(x, depth + 1) for k, x in v.items())
     return False
 
 
