@@ -4,6 +4,7 @@ decompressed bodies, bodies as records. Tests use it to make traces the writer n
 
 from __future__ import annotations
 
+import io
 import zlib
 from pathlib import Path
 
@@ -15,7 +16,11 @@ from replayvm.trace.format import FILE_HEADER, FORMAT_MAJOR, FORMAT_MINOR, FRAME
 
 def read_frames(path: Path) -> tuple[bytes, list[bytes]]:
     """(file header, decompressed body of each frame) of a well-formed trace."""
-    data = Path(path).read_bytes()
+    return split_frames(Path(path).read_bytes())
+
+
+def split_frames(data: bytes) -> tuple[bytes, list[bytes]]:
+    """(file header, decompressed body of each frame) of a well-formed trace's bytes."""
     offset, bodies = FILE_HEADER.size, []
     while offset < len(data):
         length, _ = FRAME_HEADER.unpack_from(data, offset)
@@ -46,8 +51,7 @@ def pack(*records) -> bytes:
 
 
 def unpack(body: bytes) -> list:
-    return list(msgpack.Unpacker(__import__("io").BytesIO(body), raw=False, strict_map_key=False,
-                                 max_buffer_size=1 << 30))
+    return list(msgpack.Unpacker(io.BytesIO(body), raw=False, strict_map_key=False, max_buffer_size=1 << 30))
 
 
 HEADER = {"format": "replayvm-trace", "engine": "emu", "position_unit": "instructions", "ram_bytes": 1 << 20}

@@ -7,8 +7,10 @@ its recorded position (the emu engine stops at that instruction count). Console 
 the guest writes to the UART. At the end the CPU state and a hash of RAM must match the footer.
 The first difference stops the replay with a report naming the event. Console input is checked
 too: the bytes of each INPUT record must be what the guest's UART reads deliver, in order, after
-the record's position. A divergence is first checked against the trace's record digest: a trace
-altered after recording is reported as altered (TraceAlteredError), not as a divergence.
+the record's position. `replay()` reads the whole trace once before it runs anything, validating
+every record and the record digest: a trace altered after recording is reported as altered
+(TraceAlteredError, exit status 2) and never run, so a divergence (exit status 1) always means
+the replay went another way than the recording.
 
 Records arrive validated by the TraceReader (replayvm.trace.records has their layouts), so fields
 are used here without further checks.
@@ -638,19 +640,14 @@ def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False
            until_event: int | None = None, until_position: int | None = None) -> ReplayResult:
     """Replay a trace; raises Divergence at the first difference (unless keep_going). With
     `until_event` / `until_position` it stops there instead and reports the CPU state."""
+    check_unaltered(trace)           # the whole trace first: a bad or altered one never runs
+    replayer = Replayer(trace, output=output, keep_going=keep_going, until_event=until_event,
+                        until_position=until_position)
     try:
-        replayer = Replayer(trace, output=output, keep_going=keep_going, until_event=until_event,
-                            until_position=until_position)
-        try:
-            result = replayer.run()
-            if result.stopped_early:
-                result.cpu = replayer.engine.get_state().describe()
-                result.events = min(result.events, (until_event + 1) if until_event is not None else result.events)
-        finally:
-            replayer.close()
-    except Divergence:
-        check_unaltered(trace)       # an altered trace (or one unreadable further on) says so instead
-        raise
-    if result.mismatches:
-        check_unaltered(trace)
-    return result
+        result = replayer.run()
+        if result.stopped_early:
+            result.cpu = replayer.engine.get_state().describe()
+            result.events = min(result.events, (until_event + 1) if until_event is not None else result.events)
+        return result
+    finally:
+        replayer.close()
