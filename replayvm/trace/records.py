@@ -34,10 +34,13 @@ SITE_LIMIT = MAX_ARRAY_LEN           # [rip, count] pairs in one PURE_READS reco
 @dataclass(frozen=True)
 class FieldType:
     """What a field must hold: `doc` for people, `test` a Python expression in `v` (the value)
-    that may name the record's earlier fields and the reader's state (`sectors`, `ram_pages`)."""
+    that may name the record's earlier fields and the reader's state (`sectors`, `ram_pages`).
+    An integer field also gives `int_range`, its test once `v` is known to be an int, so that the
+    generated checks test all of a record's integer types in one chained expression."""
 
     doc: str
     test: str
+    int_range: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,20 @@ class Layout:
 
 
 def _int(lo: int, hi: int, doc: str) -> FieldType:
-    return FieldType(doc, f"type(v) is int and {lo} <= v <= {hi}")
+    # msgpack integers are within -2^63..2^64-1: a bound at either end needs no test
+    bounds = " and ".join(([f"{lo} <= v"] if lo > -(1 << 63) else []) + ([f"v <= {hi}"] if hi < U64 else []))
+    if lo > -(1 << 63) and hi < U64:
+        bounds = f"{lo} <= v <= {hi}"
+    return FieldType(doc, f"type(v) is int and {bounds or 'True'}", bounds or "True")
 
 
 DPOS = _int(0, I63, "int 0..2^63-1")
 PORT = _int(0, 0xFFFF, "int 0..0xFFFF")
 ADDRESS = _int(0, U64, "int 0..2^64-1")
-SIZE = FieldType("1, 2, 4 or 8", "type(v) is int and (v == 1 or v == 2 or v == 4 or v == 8)")
-VALUE = FieldType("int that fits in size bytes", "type(v) is int and 0 <= v < VALUE_LIMIT[size]")
+SIZE = FieldType("1, 2, 4 or 8", "type(v) is int and (v == 1 or v == 2 or v == 4 or v == 8)",
+                 "(v == 1 or v == 2 or v == 4 or v == 8)")
+VALUE = FieldType("int that fits in size bytes", "type(v) is int and 0 <= v < VALUE_LIMIT[size]",
+                  "0 <= v < VALUE_LIMIT[size]")
 RIP = _int(0, U64, "int 0..2^64-1")
 CPL = _int(-1, 3, "int -1..3")
 COUNT = _int(1, MAX_BIN_LEN, "int 1..2^24 (elements)")
@@ -92,7 +101,7 @@ HASH = FieldType("16 bytes", f"type(v) is bytes and len(v) == {HASH_SIZE}")
 SECTOR_DATA = FieldType("512 bytes whose sha256 starts with the hash",
                         f"type(v) is bytes and len(v) == {SECTOR_SIZE} and "
                         f"sha256(v).digest()[:{HASH_SIZE}] == digest")
-PAGE_NUMBER = FieldType("int 0..ram_bytes/4096-1", "type(v) is int and 0 <= v < ram_pages")
+PAGE_NUMBER = FieldType("int 0..ram_bytes/4096-1", "type(v) is int and 0 <= v < ram_pages", "0 <= v < ram_pages")
 PAGE_DATA = FieldType("4096 bytes", f"type(v) is bytes and len(v) == {PAGE_SIZE}")
 SITES = FieldType("list of [rip, count]: int 0..2^64-1, int 0..2^63-1", "sites_ok(v)")
 HEADER_MAP = FieldType("map", "header_ok(v)")
@@ -355,6 +364,18 @@ def _test(field_type: FieldType, name: str) -> str:
     return "(" + re.sub(r"\bv\b", name, field_type.test) + ")"
 
 
+def _tests(fields: tuple[tuple[str, FieldType], ...], names: list[str]) -> list[str]:
+    """The generated tests of a record's fields: the integer fields' types in one chained `is`
+    (`int is type(a) is type(b)`), then every field's range or test, in field order."""
+    ints = [name for (_, t), name in zip(fields, names) if t.int_range]
+    tests = [" is ".join(["int"] + [f"type({name})" for name in ints])] if ints else []
+    for (_, field_type), name in zip(fields, names):
+        text = field_type.int_range or field_type.test
+        if text != "True":
+            tests.append("(" + re.sub(r"\bv\b", name, text) + ")")
+    return tests
+
+
 # ---------------------------------------------------------------- the validator
 # Kinds the generated loop checks, most frequent first; the header and footer (once per trace,
 # with checks on where they stand) go to the reader's `irregular` callback, as do unknown kinds.
@@ -395,14 +416,14 @@ def build_validator() -> Validator:
             lines.append(f"                n = len(r)")
             lines.append(f"                if n == {arity} or n == {arity + len(layout.optional)}:")
             lines += [f"                    {name} = r[{i + 1}]" for i, name in enumerate(names)]
-            tests = [_test(t, name) for name, t in layout.fields]
+            tests = _tests(layout.fields, names)
             optional = " and ".join(f"(n <= {arity + i} or {_test(t, f'r[{arity + i}]')})"
                                     for i, (_, t) in enumerate(layout.optional))
             tests.append(f"({optional})")
         else:
             lines.append(f"                if len(r) == {arity}:")
             lines.append(f"                    _, {', '.join(names)}{',' if len(names) == 1 else ''} = r")
-            tests = [_test(t, name) for name, t in layout.fields]
+            tests = _tests(layout.fields, names)
         lines.append(f"                    if {' and '.join(tests)}:")
         if layout.positioned:
             lines.append("                        position += dpos")
