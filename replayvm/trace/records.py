@@ -53,6 +53,13 @@ class Layout:
     optional: tuple[tuple[str, FieldType], ...] = ()   # trailing fields that may be absent
     action: str = ""                                    # run after a valid record (generated code)
 
+    def __post_init__(self) -> None:
+        """`layout.value` is the index of field `value` in a record (the kind is index 0): plain
+        attributes, set once, because the replayer reads them for every event."""
+        for index, name in enumerate(self.names, start=1):
+            assert name not in type(self).__dict__ and name not in self.__dataclass_fields__, name
+            object.__setattr__(self, name, index)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.fields + self.optional)
@@ -62,11 +69,7 @@ class Layout:
         return bool(self.fields) and self.fields[0][0] == "dpos"
 
     def __getattr__(self, name: str) -> int:
-        """`layout.value` is the index of field `value` in a record (the kind is index 0)."""
-        try:
-            return 1 + self.names.index(name)
-        except ValueError:
-            raise AttributeError(f"{self.kind.name} records have no field {name!r}") from None
+        raise AttributeError(f"{self.kind.name} records have no field {name!r}")
 
 
 def _int(lo: int, hi: int, doc: str) -> FieldType:
