@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from replayvm import hw
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_MAP_LEN, MAX_STR_LEN, POSITIONED, Kind
 
 I63 = (1 << 63) - 1                  # SQLite's largest integer: positions, counts, clock values
@@ -248,8 +249,8 @@ HEADER_FIELDS = (
     MapField("replayvm", "str: the version that recorded", _is_text(MAX_NAME_LEN)),
     MapField("engine", '"emu" or "kvm"', _one_of("emu", "kvm")),
     MapField("position_unit", '"instructions" (emu) or "exits" (kvm)', _one_of("instructions", "exits")),
-    MapField("ram_bytes", "int, a multiple of 4096, 4 KiB..4 GiB",
-             lambda v: type(v) is int and 0 < v <= 1 << 32 and v % PAGE_SIZE == 0),
+    MapField("ram_bytes", f"int, a multiple of 4096 up to {hw.MAX_RAM_MIB // 1024} GiB (below the device window)",
+             lambda v: type(v) is int and 0 < v <= hw.MAX_RAM_MIB << 20 and v % PAGE_SIZE == 0),
     MapField("cpuid", "list of [leaf, subleaf, eax, ebx, ecx, edx], ints 0..2^32-1",
              _list_of(lambda row: type(row) in (list, tuple) and len(row) == 6
                       and all(_is_int(0, (1 << 32) - 1)(x) for x in row), 4096)),
