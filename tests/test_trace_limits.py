@@ -245,6 +245,7 @@ BAD_HEADERS = {
     "bytes in an unknown field": ({"extra": {"a": b"x"}}, "header's extra holds a value of an unsupported type"),
     "too deep": ({"extra": [[[[[1]]]]]}, "unsupported type"),
     "ram_bytes not pages": ({"ram_bytes": 1000}, "header's ram_bytes is 1000"),
+    "RAM over the device window": ({"ram_bytes": 1 << 32}, "header's ram_bytes is 4294967296"),
     "initial state with a list register": ({"initial_state": {"regs": {"rax": [1]}}}, "header's initial_state"),
     "initial state with an unknown segment field": ({"initial_state": {"cs": {"bogus": 1}}}, "initial_state"),
     "engine unknown": ({"engine": "qemu"}, "header's engine is 'qemu'"),
