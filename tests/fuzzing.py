@@ -341,3 +341,30 @@ def record_echo_trace(directory: Path) -> Path:
                              output=io.BytesIO())
     assert outcome.reason == "script-done", outcome
     return trace
+
+
+def without_digest(data: bytes) -> tuple[bytes, list[list]]:
+    """A format 1.1 trace turned into a 1.0 one (no record digest), as (file header, frames of
+    records): edits of it are then replayed rather than refused as altered."""
+    from replayvm.trace.format import FILE_HEADER, FORMAT_MAJOR, MAGIC
+
+    _, frames = _records(data)
+    del frames[-1][0][1]["trace_sha256"]
+    return FILE_HEADER.pack(MAGIC, FORMAT_MAJOR, 0), frames
+
+
+def header_sweep(data: bytes, keys: list[str], values: list) -> list[tuple[str, object, bytes]]:
+    """(key, value, trace) for every header field `key` (dotted: `initial_state.regs.rip`) set to
+    every value, in a trace without digest."""
+    file_header, frames = without_digest(data)
+    out = []
+    for key in keys:
+        for value in values:
+            edited = copy.deepcopy(frames)
+            target = edited[0][0][1]
+            *path, last = key.split(".")
+            for part in path:
+                target = target[part]
+            target[last] = copy.deepcopy(value)
+            out.append((key, value, _encode(file_header, edited)))
+    return out

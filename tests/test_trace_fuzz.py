@@ -85,3 +85,28 @@ def test_mutants_through_the_cli_exit_with_one_line_and_no_traceback(echo_trace,
                 assert len(result.stderr.strip().splitlines()) == 1, (mutant.name, args, result.stderr)
             if mutant.tampered and args[0] in ("info", "replay"):
                 assert result.returncode != 0 and "verified" not in result.stdout, (mutant.name, args, result)
+
+
+SWEPT_KEYS = ["engine", "position_unit", "cpuid", "boot", "disks", "command_line", "clock", "chaos_seed",
+              "initial_state", "initial_state.cr0", "initial_state.cr4", "initial_state.efer",
+              "initial_state.gdt", "initial_state.idt", "initial_state.cs", "initial_state.cs.l",
+              "initial_state.cs.db", "initial_state.cs.type", "initial_state.ss.present",
+              "initial_state.tr.type", "initial_state.regs"]
+SWEPT_VALUES = [0, 1, 7, 0xFFFF, (1 << 32) - 1, (1 << 64) - 1, -1, "x", None, [], {}, [0, 0], {"rax": 1}]
+
+
+def test_header_fields_a_replay_loads_never_traceback(echo_trace, tmp_path):
+    """Without a digest (format 1.0) an edited header is replayed: the engines must refuse an
+    impossible initial state in one line. (RIPs pointing away from the code, and RFLAGS with TF or
+    VM set, are left out: such a guest runs on without I/O, and stopping it at the next recorded
+    event's position is the replay loop's own bound, issue 10 item 1.)"""
+    bound = replay_bound(echo_trace)
+    tally = Tally()
+    from tests.fuzzing import Mutant, header_sweep
+
+    for n, (key, value, data) in enumerate(header_sweep(echo_trace.read_bytes(), SWEPT_KEYS, SWEPT_VALUES)):
+        path = tmp_path / f"h{n}.zst"
+        path.write_bytes(data)
+        tally.add(Mutant(f"{key}={value!r}", data), run_verbs(path, tmp_path / f"h{n}.db", bound))
+    assert not tally.tracebacks and not tally.multiline and not tally.hangs, \
+        (tally.tracebacks + tally.multiline + tally.hangs)[:5]

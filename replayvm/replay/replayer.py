@@ -219,7 +219,12 @@ class Replayer:
 
             self.engine = EmuEngine(self)
         self.on_kvm = self.engine.name == "kvm"
-        self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+        try:
+            self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+        except Exception as error:               # well typed, but not a state this CPU can be in
+            self.close()
+            raise TraceFormatError(f"{trace}: the header's initial_state cannot be loaded "
+                                   f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
     # ---------------------------------------------------------------- the event stream
     def _advance(self) -> None:
