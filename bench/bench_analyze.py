@@ -10,6 +10,7 @@ UART writes, sector reads as runs, LAPIC EOIs, timer interrupts), then loads it 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from replayvm.trace import Kind, TraceWriter
 def synthesize(path: Path, events: int) -> None:
     writer = TraceWriter(path, {"engine": "emu", "position_unit": "instructions", "ram_bytes": 1 << 28})
     sector = bytes(range(256)) * 2
-    digest = b"\x01" * 16
+    digest = hashlib.sha256(sector).digest()[:16]          # a sector record names its content
     writer.append((Kind.SECTOR, digest, sector))
     append = writer.append
     for i in range(events):

@@ -17,6 +17,8 @@ CGA_TEXT_SIZE = 0x8000
 BIOS_ROM_ADDR = 0xF0000            # 64 KiB of "ROM" (zero-filled RAM here; no BIOS code runs)
 MULTIBOOT_INFO_ADDR = 0x9000       # where a multiboot loader puts its info struct
 DEFAULT_RAM_MIB = 256
+MIN_RAM_MIB = 2
+MAX_RAM_MIB = 3 * 1024                    # stay below the 0xC0000000+ device window
 
 IOAPIC_ADDR = 0xFEC00000
 IOAPIC_SIZE = 0x1000

@@ -34,8 +34,7 @@ from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
-MIN_RAM_MIB = 2
-MAX_RAM_MIB = 3 * 1024                    # stay below the 0xC0000000+ device window
+MIN_RAM_MIB, MAX_RAM_MIB = hw.MIN_RAM_MIB, hw.MAX_RAM_MIB
 HALT_POLL_NS = 50_000_000                 # how long a halted guest with no timer may sleep at once
 RUN_SLICE_NS = 20_000_000                 # how often the loop looks at console input and limits
 SHUTDOWN_PREFIX = "guest shut down: "

@@ -150,7 +150,7 @@ def test_a_malformed_record_is_a_one_line_error_and_leaves_no_db(tmp_path, monke
     writer.append((Kind.PIO_READ, 7, 0x1F7, 1, 0x58, 0x80102345, 0))
     writer.append((Kind.PIO_READ, 7, 0x1F7))                      # fields missing
     writer.close({"position": 14})
-    with pytest.raises(TraceFormatError, match="malformed record in frame 1") as error:
+    with pytest.raises(TraceFormatError, match="PIO_READ record with 2 fields .*record 1 of frame 1") as error:
         load_trace(tmp_path / "bad.zst", tmp_path / "bad.db")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "bad.db").exists()

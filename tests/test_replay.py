@@ -122,11 +122,45 @@ def test_a_changed_read_value_is_caught_where_it_changes_the_guest(demo_trace, t
     def edit(records):
         i, _ = event_index(records, lambda r: r[0] == Kind.PIO_READ and r[2] == 0x3F8 and r[4] == ord("e"))
         records[i] = [*records[i][:4], ord("x"), *records[i][5:]]      # the typed 'e' becomes 'x'
+        typed, _ = event_index(records, lambda r: r[0] == Kind.INPUT)
+        records[typed] = [*records[typed][:3], records[typed][3].replace(b"e", b"x", 1)]  # and was typed
         edit.event = event_index(records, lambda r: r is records[i])[1]
         return records
     rewrite(demo_trace, tmp_path / "t.zst", edit)
     where = divergence_event(tmp_path / "t.zst")
     assert edit.event < where <= edit.event + 100      # where the echo of the character differs
+
+
+def test_a_uart_read_that_is_not_what_was_typed_is_caught_at_the_read(demo_trace, tmp_path):
+    """The INPUT record says what was typed; the UART reads must deliver exactly that."""
+    def edit(records):
+        i, n = event_index(records, lambda r: r[0] == Kind.PIO_READ and r[2] == 0x3F8 and r[4] == ord("e"))
+        records[i] = [*records[i][:4], ord("x"), *records[i][5:]]      # only the read changes
+        edit.event = n
+        return records
+    rewrite(demo_trace, tmp_path / "t.zst", edit)
+    with pytest.raises(Divergence, match=r"at event (\d+): the guest read 0x78 from the UART where the "
+                                         r"trace's input records give 0x65") as info:
+        replay(tmp_path / "t.zst")
+    assert f"at event {edit.event}:" in str(info.value)
+
+
+def test_typed_input_moved_after_its_reads_is_caught(demo_trace, tmp_path):
+    """An INPUT record's position is checked by the UART reads around it: moved past the read
+    that took its first byte, that read finds nothing typed yet."""
+    def later(records):
+        typed, _ = event_index(records, lambda r: r[0] == Kind.INPUT)
+        record = records[typed]
+        first_read = next(k for k in range(typed + 1, len(records))
+                          if records[k][0] == Kind.PIO_READ and records[k][2] == 0x3F8)
+        following = records[typed + 1]
+        records[typed + 1] = [following[0], following[1] + record[1], *following[2:]]
+        records.insert(first_read + 1, [record[0], 0, *record[2:]])     # right after that read
+        del records[typed]
+        return records
+    rewrite(demo_trace, tmp_path / "late.zst", later)
+    with pytest.raises(Divergence, match="UART"):
+        replay(tmp_path / "late.zst")
 
 
 def test_a_dropped_interrupt_is_caught_at_its_event(demo_trace, tmp_path):

@@ -8,7 +8,8 @@ register names). Views answer common questions; indexes are built after the load
 docs/analysis.md.
 
 The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
-are read a frame at a time without per-record checks (`TraceReader.frames`), turned into rows by
+are read in validated chunks (`TraceReader.chunks`: the reader checks every record against its
+layout, so none is checked again here), turned into rows by
 one loop that branches on the kind, and inserted with statements of many rows each (executemany's
 cost is per statement run, not per value). Past the first 100,000 records, a forked copy of this
 process builds the rows while this one inserts them. A new database is written in one transaction
@@ -27,7 +28,6 @@ import os
 import pickle
 import sqlite3
 import stat
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -40,7 +40,8 @@ from replayvm.analyze.devices import device_rows
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
 from replayvm.errors import UsageError
 from replayvm.trace.format import Kind, TraceFormatError
-from replayvm.trace.reader import UNPACK_ERRORS, TraceReader
+from replayvm.trace.reader import TraceReader
+from replayvm.trace.records import I63
 
 BATCH = 50_000                  # records turned into rows and inserted together
 INLINE_BATCHES = 2              # batches built here before a second process takes over
@@ -61,6 +62,11 @@ _WATCHED_PORTS = frozenset({COM1, COM1 + UART_LCR, COM1 + UART_MCR, DEBUG_CON, *
 _PIO_READ_RUN, _PIO_WRITE_RUN = int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)
 _INTERRUPT, _INPUT, _CLOCK, _HALT = int(Kind.INTERRUPT), int(Kind.INPUT), int(Kind.CLOCK), int(Kind.HALT)
 _SECTOR, _PURE_READS = int(Kind.SECTOR), int(Kind.PURE_READS)
+
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit integer as SQLite can store it (two's complement above 2^63-1)."""
+    return value - (1 << 64) if value > I63 else value
 
 VIEWS = {
     "exits_per_device": """
@@ -403,22 +409,9 @@ def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[
     for key, value in reader.header.items():
         if key != "initial_state":
             meta += (key, json.dumps(value) if isinstance(value, (dict, list)) else value)
-    for index, offset, records in reader.frames():
-        while True:
-            try:
-                batch = list(islice(records, BATCH))
-            except UNPACK_ERRORS as error:
-                raise reader.malformed(index, offset, error) from None
-            if not batch:
-                break
-            try:
-                state.run(batch, reader, index, offset)
-            except TraceFormatError:
-                raise
-            except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-                raise TraceFormatError(f"{trace}: malformed record in frame {index} (byte {offset}): "
-                                       f"{error}") from error
-            yield state.take()
+    for _, offset, batch in reader.chunks(BATCH, use_list=False):     # validated by the reader
+        state.run(batch, offset)
+        yield state.take()
     state.finish()
     meta = state.rows["meta"]
     if reader.footer is not None:
@@ -452,8 +445,11 @@ class _LoadState:
         rows, self.rows = self.rows, {name: [] for name in SCHEMA}
         return rows
 
-    def run(self, records: list, reader: TraceReader, frame: int, offset: int) -> None:
-        """Rows for `records` (frame `frame` at byte `offset`): the loop every record goes through."""
+    def run(self, records: list, offset: int) -> None:
+        """Rows for `records` (validated by the reader: see replayvm.trace.records for the
+        layouts unpacked here), read from the frame at byte `offset` of the trace: the loop every
+        record goes through. SQLite integers are signed 64-bit: RIPs, addresses and values of
+        2^63 or more (64-bit guests) are stored as their two's complement."""
         self.bytes_read = offset
         pos = self.position
         seq = self.seq
@@ -469,8 +465,11 @@ class _LoadState:
                 if 0 < kind < 5:                   # PIO_READ, PIO_WRITE, MMIO_READ, MMIO_WRITE
                     _, dpos, address, size, value, rip, cpl = record
                     pos += dpos
+                    symbol = (user if cpl == 3 else other)[rip]
+                    if rip > I63 or value > I63 or address > I63:
+                        rip, value, address = _signed(rip), _signed(value), _signed(address)
                     exits((seq, pos, kinds[kind], spaces[kind], address, size, directions[kind], value, 1,
-                           rip, cpl, (user if cpl == 3 else other)[rip]))
+                           rip, cpl, symbol))
                     seq += 1
                     if kind == 2 and address in watched:
                         if address == DEBUG_CON or COM1 <= address < COM1 + hw.COM1_PORTS:
@@ -488,14 +487,15 @@ class _LoadState:
                 elif kind == _INTERRUPT:
                     pos += record[1]
                     rip, cpl = record[4], record[5]
-                    interrupts((seq, pos, record[2], record[3], rip, cpl, (user if cpl == 3 else other)[rip],
+                    interrupts((seq, pos, record[2], record[3], _signed(rip), cpl,
+                                (user if cpl == 3 else other)[rip],
                                 json.dumps(record[6]) if len(record) > 6 else None))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
                     pos += dpos
                     exits((seq, pos, KIND_NAMES[kind], "pio", port, size,
-                           "read" if kind == _PIO_READ_RUN else "write", None, count, rip, cpl,
+                           "read" if kind == _PIO_READ_RUN else "write", None, count, _signed(rip), cpl,
                            (user if cpl == 3 else other)[rip]))
                     if port == IDE:
                         if self.ide["command"] in (IDE_READ_COMMANDS if kind == _PIO_READ_RUN
@@ -516,7 +516,7 @@ class _LoadState:
                 elif kind == _CLOCK:
                     pos += record[1]
                     rip, cpl = record[4], record[5]
-                    rows["clock_reads"] += (seq, pos, record[2], record[3], rip,
+                    rows["clock_reads"] += (seq, pos, record[2], record[3], _signed(rip),
                                             (user if cpl == 3 else other)[rip])
                     seq += 1
                 elif kind == _HALT:
@@ -528,9 +528,8 @@ class _LoadState:
                 elif kind == _PURE_READS:
                     register, pure_reads = record[1], rows["pure_reads"]
                     for rip, count in record[2]:
-                        pure_reads += (register, rip, count, other[rip])
-                else:                              # header, RAM pages, footer, optional kinds; or bad
-                    reader.check_record(record, frame, offset)
+                        pure_reads += (register, _signed(rip), count, other[rip])
+                # else: RAM pages and the footer, which make no rows
         finally:
             self.position, self.seq = pos, seq
 

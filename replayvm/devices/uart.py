@@ -64,6 +64,10 @@ class SerialOutputDecoder:
             return value & 0xFF
         return None
 
+    def loops_back(self, offset: int) -> bool:
+        """Whether a write at `offset` goes to the receiver instead (MCR loopback mode)."""
+        return offset == RBR_THR and not self.lcr & LCR_DLAB and bool(self.mcr & MCR_LOOPBACK)
+
     def state(self) -> tuple[int, int]:
         return self.lcr, self.mcr
 

@@ -609,6 +609,7 @@ class EmuEngine:
         if self.uc is not None:
             lib.uc_close(self.uc)
             self.uc = None
+            ffi.release(self._ram)          # its export of the RAM: the owner may unmap it now
 
 
 def _segment_flags(seg: Segment) -> int:

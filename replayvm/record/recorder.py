@@ -7,7 +7,10 @@ interrupt the engine injects and every byte the console types, and appends compa
   for writes it is what replay checks; reads of time (CMOS clock, LAPIC current count, RDTSC) are
   CLOCK records;
 - `rep ins` / `rep outs` element runs as one record; sector-sized read runs (disk data) as
-  references to a content table, so a sector read twice is stored once;
+  references to a content table, so a sector read twice is stored once. A run is cut every
+  MAX_BIN_LEN (16 MiB) bytes into consecutive runs, because the reader refuses longer bytes
+  fields: on emu each element is one instruction, so a continuation run's position delta is the
+  element count of the run before it (kvm string exits are one record each, at most a page);
 - interrupts with their exact position and source; console input with its position.
 Deliberately not logged: 4-byte reads of the LAPIC ID register, a pure function of the machine
 (xv6 does ~470,000 a second); they are counted in the footer.
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from replayvm import hw
 from replayvm.devices.cmos import TIME_REGISTERS
 from replayvm.devices.lapic import is_pure_id_read
-from replayvm.trace.format import Kind
+from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
 from replayvm.trace.writer import TraceWriter
 
 if TYPE_CHECKING:
@@ -67,6 +70,9 @@ class RecordingBus:
 
 
 class Recorder:
+    max_run_bytes = MAX_BIN_LEN         # a longer run is written as consecutive runs
+    max_sites = MAX_ARRAY_LEN           # [rip, count] pairs per PURE_READS record
+
     def __init__(self, machine: "Machine", writer: TraceWriter) -> None:
         self.machine = machine
         self.engine = machine.engine
@@ -175,7 +181,7 @@ class Recorder:
         position = self.engine.position
         run = self._run
         if run is not None and run[0] == run_kind and run[2] == port and run[3] == size \
-                and position == run[7]:
+                and position == run[7] and len(run[4]) + size <= self.max_run_bytes:
             run[4] += value.to_bytes(size, "little")
             run[7] = position + 1
             return
@@ -185,6 +191,10 @@ class Recorder:
                      rip, cpl, position + 1]
 
     def string(self, kind: Kind, port: int, size: int, data: bytes) -> None:
+        """A whole string exit (kvm): one record at one exit position, at most the 4 KiB page KVM
+        passes the data in, so far below the reader's limit."""
+        if len(data) > self.max_run_bytes:
+            raise ValueError(f"a string access of {len(data)} bytes is more than a trace record holds")
         self._flush_run()
         rip, cpl = self._context()
         self._emit_string(kind, self.engine.position, port, size, data, rip, cpl)
@@ -211,8 +221,10 @@ class Recorder:
 
     def input(self, source: str, data: bytes) -> None:
         self._flush_run()
-        self._emit((Kind.INPUT, self._position_delta(self.engine.position), source, data))
-        self.counts["input"] += 1
+        position = self.engine.position
+        for start in range(0, len(data), MAX_BIN_LEN):       # all at one position
+            self._emit((Kind.INPUT, self._position_delta(position), source, data[start:start + MAX_BIN_LEN]))
+            self.counts["input"] += 1
         self.counts["input_bytes"] += len(data)
 
     def halted(self) -> None:
@@ -225,8 +237,9 @@ class Recorder:
         self._flush_run()
         sites = Counter(self._id_read_sites)
         sites.update(getattr(self.engine, "pure_read_sites", dict)())
-        if sites:
-            self._emit((Kind.PURE_READS, "lapic.id", [[rip, count] for rip, count in sites.most_common()]))
+        listed = [[rip, count] for rip, count in sites.most_common()]
+        for start in range(0, len(listed), self.max_sites):
+            self._emit((Kind.PURE_READS, "lapic.id", listed[start:start + self.max_sites]))
 
 
 CHUNK_SIZE = 1 << 20

@@ -30,7 +30,7 @@ from replayvm.trace.format import Kind
 if TYPE_CHECKING:
     from replayvm.replay.timeline import Timeline
 
-MAGIC = b"RVMCKPT\x01"
+MAGIC = b"RVMCKPT\x02"               # 2: the replay state holds the typed input not yet read
 MAX_OBJECT = 512 << 20
 
 
@@ -59,16 +59,17 @@ def _unevent(data: list | None) -> Event | None:
 
 def _replay_state(state: tuple) -> list:
     (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
-     inputs, mismatches, landmark, stopped) = state
+     inputs, mismatches, landmark, stopped, typed, mcr) = state
     return [cursor, position, index, _event(next_event), [_event(e) for e in recent], lcr, run_data,
-            run_offset, _event(run_event), console, inputs, mismatches, landmark, stopped]
+            run_offset, _event(run_event), console, inputs, mismatches, landmark, stopped, typed, mcr]
 
 
 def _unreplay_state(data: list) -> tuple:
     (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
-     inputs, mismatches, landmark, stopped) = data
+     inputs, mismatches, landmark, stopped, typed, mcr) = data
     return (cursor, position, index, _unevent(next_event), tuple(_unevent(e) for e in recent), lcr,
-            run_data, run_offset, _unevent(run_event), console, inputs, mismatches, landmark, stopped)
+            run_data, run_offset, _unevent(run_event), console, inputs, mismatches, landmark, stopped,
+            bytes(typed), mcr)
 
 
 def _header(timeline: "Timeline") -> dict:

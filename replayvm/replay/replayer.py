@@ -5,7 +5,15 @@ returns the value the trace logged, every write is checked against the logged on
 (CMOS, LAPIC current count, RDTSC) come from the trace, and each interrupt is injected at exactly
 its recorded position (the emu engine stops at that instruction count). Console output is what
 the guest writes to the UART. At the end the CPU state and a hash of RAM must match the footer.
-The first difference stops the replay with a report naming the event.
+The first difference stops the replay with a report naming the event. Console input is checked
+too: the bytes of each INPUT record must be what the guest's UART reads deliver, in order, after
+the record's position. `replay()` reads the whole trace once before it runs anything, validating
+every record and the record digest: a trace altered after recording is reported as altered
+(TraceAlteredError, exit status 2) and never run, so a divergence (exit status 1) always means
+the replay went another way than the recording.
+
+Records arrive validated by the TraceReader (replayvm.trace.records has their layouts), so fields
+are used here without further checks.
 """
 
 from __future__ import annotations
@@ -21,13 +29,19 @@ from replayvm import hw
 from replayvm.bus import Mapping
 from replayvm.clock import GuestClock, VirtualClock
 from replayvm.devices.lapic import is_pure_id_read
-from replayvm.devices.uart import SerialOutputDecoder
+from replayvm.devices.uart import LCR_DLAB, SerialOutputDecoder
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError, UsageError
 from replayvm.machine import engine_stop_end, is_engine_stop_end
-from replayvm.trace.format import POSITIONED, Kind
-from replayvm.trace.reader import TraceReader
+from replayvm.trace.format import POSITIONED, Kind, TraceFormatError
+from replayvm.trace.reader import TraceReader, check_unaltered
+from replayvm.trace.records import (ACCESS, CLOCK, DPOS_INDEX, FOOTER_VERIFIED_BY, INPUT, INTERRUPT,
+                                    RAM_PAGE, RUN, SECTOR)
 
+COM1_DATA = hw.COM1_PORT
+COM1_LSR = hw.COM1_PORT + 5
+LSR_DATA_READY = 0x01
+TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
 GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
@@ -58,17 +72,19 @@ class Event:
         r = self.record
         name = self.kind.name.lower()
         if self.kind in (Kind.PIO_READ, Kind.PIO_WRITE):
-            return f"{name} port {r[2]:#x} size {r[3]} value {r[4]:#x} rip {r[5]:#x}"
+            return (f"{name} port {r[ACCESS.port]:#x} size {r[ACCESS.size]} value {r[ACCESS.value]:#x} "
+                    f"rip {r[ACCESS.rip]:#x}")
         if self.kind in (Kind.MMIO_READ, Kind.MMIO_WRITE):
-            return f"{name} addr {r[2]:#x} size {r[3]} value {r[4]:#x} rip {r[5]:#x}"
+            return (f"{name} addr {r[ACCESS.port]:#x} size {r[ACCESS.size]} value {r[ACCESS.value]:#x} "
+                    f"rip {r[ACCESS.rip]:#x}")
         if self.kind in (Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN):
-            return f"{name} port {r[2]:#x} size {r[3]} count {r[4]} rip {r[6]:#x}"
+            return f"{name} port {r[RUN.port]:#x} size {r[RUN.size]} count {r[RUN.count]} rip {r[RUN.rip]:#x}"
         if self.kind == Kind.INTERRUPT:
-            return f"interrupt vector {r[2]} ({r[3]})"
+            return f"interrupt vector {r[INTERRUPT.vector]} ({r[INTERRUPT.source]})"
         if self.kind == Kind.CLOCK:
-            return f"clock read {r[2]} value {r[3]}"
+            return f"clock read {r[CLOCK.source]} value {r[CLOCK.value]}"
         if self.kind == Kind.INPUT:
-            return f"input {bytes(r[3])!r}"
+            return f"input {bytes(r[INPUT.data])!r}"
         return name
 
 
@@ -164,9 +180,11 @@ class Replayer:
                  until_event: int | None = None, until_position: int | None = None,
                  seekable: bool = False, exit_free_limit_s: float = KVM_EXIT_FREE_LIMIT_S) -> None:
         self.reader = TraceReader(trace)
-        header = self.reader.header
-        if header.get("engine") not in ("emu", "kvm"):
-            raise UsageError(f"{trace}: recorded on an unknown engine {header.get('engine')!r}")
+        header = self.reader.header                # validated: engine, ram_bytes, initial_state typed
+        missing = [name for name in ("engine", "ram_bytes", "initial_state") if name not in header]
+        if missing:
+            self.reader.close()
+            raise TraceFormatError(f"{trace}: the header lacks {', '.join(missing)}: nothing to replay from")
         self.output = output
         self.keep_going = keep_going
         self.until_event = until_event
@@ -193,6 +211,7 @@ class Replayer:
         self._index = 0
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._serial = SerialOutputDecoder()
+        self._typed: deque[int] = deque()          # typed bytes the guest's UART has not read yet
         self._run_data: bytes | None = None      # the current read/write run being consumed
         self._run_offset = 0
         self._run_event: Event | None = None
@@ -216,7 +235,12 @@ class Replayer:
 
             self.engine = EmuEngine(self)
         self.on_kvm = self.engine.name == "kvm"
-        self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+        try:
+            self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+        except Exception as error:               # well typed, but not a state this CPU can be in
+            self.close()
+            raise TraceFormatError(f"{trace}: the header's initial_state cannot be loaded "
+                                   f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
     # ---------------------------------------------------------------- the event stream
     def _advance(self) -> None:
@@ -225,20 +249,25 @@ class Replayer:
         while (record := take()) is not None:
             kind = record[0]
             if kind == Kind.RAM_PAGE:
-                start = record[1] * 4096
-                self.ram[start:start + 4096] = record[2]
+                start = record[RAM_PAGE.page] * 4096
+                self.ram[start:start + 4096] = record[RAM_PAGE.data]
             elif kind == Kind.SECTOR:
-                self._sectors[bytes(record[1])] = bytes(record[2])
+                self._sectors[record[SECTOR.digest]] = record[SECTOR.data]
             elif kind == Kind.FOOTER:
                 self.footer = record[1]
             elif kind == Kind.INPUT:
-                # Typed bytes reach the guest as UART reads, which the trace answers; the input
-                # record itself only moves the position and counts as an event.
-                self._position += record[1]
+                # Typed bytes reach the guest as UART reads, which the trace answers: they are
+                # queued here and each read of the UART is checked against them (_check_uart).
+                self._position += record[DPOS_INDEX]
+                data = bytes(record[INPUT.data])
+                if record[INPUT.source] != TYPED_SOURCE:
+                    self._diverge(f"input typed at {record[INPUT.source]!r}, which no device of this "
+                                  f"machine receives", Event(self._index, Kind.INPUT, self._position, record))
                 self._index += 1
-                self.inputs.append(bytes(record[3]))
+                self.inputs.append(data)
+                self._typed.extend(data)
             elif kind in POSITIONED:
-                self._position += record[1]
+                self._position += record[DPOS_INDEX]
                 self.next = Event(self._index, Kind(kind), self._position, record)
                 self._index += 1
                 return
@@ -247,7 +276,7 @@ class Replayer:
     def _absorb_skipped(self, record: list) -> None:
         """Content a jump forward passes over: sectors later runs refer to, and the footer."""
         if record[0] == Kind.SECTOR:
-            self._sectors[bytes(record[1])] = bytes(record[2])
+            self._sectors[record[SECTOR.digest]] = record[SECTOR.data]
         elif record[0] == Kind.FOOTER:
             self.footer = record[1]
 
@@ -352,51 +381,82 @@ class Replayer:
     # ---------------------------------------------------------------- device accesses
     def read(self, mmio: bool, addr: int, size: int) -> int:
         if self._run_data is not None:
-            return self._read_from_run(addr, size)
-        if mmio:
+            event = self._run_event
+            value = self._read_from_run(addr, size)
+        elif mmio:
             if is_pure_id_read(addr, size):          # kvm (emu serves these in C): not logged
                 self._check_exit_in_bounds("a read of the LAPIC ID register")
                 if self.next is None and self._kvm_end_reached():
                     self._stop_engine()
                 return self.lapic.id_register_value
             if addr == hw.LAPIC_ADDR + 0x390:
-                return self._take(Kind.CLOCK).record[3]
+                return self._take(Kind.CLOCK).record[CLOCK.value]
             event = self._take(Kind.MMIO_READ)
+            self._check_access(event, addr, size)
+            return event.record[ACCESS.value]
         else:
             event = self._take(Kind.PIO_READ, Kind.PIO_READ_RUN, Kind.CLOCK)
             if event.kind == Kind.CLOCK:
-                return event.record[3]
+                return event.record[CLOCK.value]
             if event.kind == Kind.PIO_READ_RUN:
                 self._start_run(event)
-                return self._read_from_run(addr, size, first=True)
-        self._check_access(event, addr, size)
-        return event.record[4]
+                value = self._read_from_run(addr, size, first=True)
+            else:
+                self._check_access(event, addr, size)
+                value = event.record[ACCESS.value]
+        if (addr == COM1_DATA or addr == COM1_LSR) and not mmio and event is not None:
+            self._check_uart(addr, value, event)
+        return value
+
+    def _check_uart(self, port: int, value: int, event: Event) -> None:
+        """A UART read must deliver what was typed: the receive register the next typed byte
+        (or 0 when none waits), the line status' data-ready bit whether one waits. So an input
+        record's bytes, and its position, are checked against the reads that deliver them."""
+        typed = self._typed
+        if port == COM1_LSR:
+            if bool(value & LSR_DATA_READY) != bool(typed):
+                self._mismatch(f"the UART's line status says {'' if value & LSR_DATA_READY else 'no '}"
+                               f"input is waiting; the trace's input records have "
+                               f"{len(typed)} bytes not read yet", event)
+        elif not self._serial.lcr & LCR_DLAB:
+            expected = typed.popleft() if typed else 0
+            if value != expected:
+                self._mismatch(f"the guest read {value:#x} from the UART where the trace's input records "
+                               f"give {expected:#x}", event)
 
     def _start_run(self, event: Event) -> None:
-        payload = event.record[5]
-        if isinstance(payload, list):
-            payload = b"".join(self._sectors[bytes(h)] for h in payload)
-        self._run_data = bytes(payload)
+        self._run_data = self._run_bytes(event.record)
         self._run_offset = 0
         self._run_event = event
+
+    def _run_bytes(self, record: list) -> bytes:
+        """A run's data: its bytes, or the sectors its hashes name (stored before it: the reader
+        checks that)."""
+        payload = record[RUN.data]
+        if isinstance(payload, (list, tuple)):
+            return b"".join(self._sectors[h] for h in payload)
+        return bytes(payload)
 
     def read_string(self, port: int, size: int, count: int) -> bytes:
         """A whole `rep ins` at once (the kvm engine's string exits): one run record."""
         event = self._take(Kind.PIO_READ_RUN, Kind.PIO_READ)
         if event.kind == Kind.PIO_READ:
-            data = event.record[4].to_bytes(size, "little")
+            data = event.record[ACCESS.value].to_bytes(size, "little")
         else:
-            payload = event.record[5]
-            data = b"".join(self._sectors[bytes(h)] for h in payload) if isinstance(payload, list) else bytes(payload)
-        if event.record[2] != port or event.record[3] != size or len(data) != size * count:
+            data = self._run_bytes(event.record)
+        if event.record[RUN.port] != port or event.record[RUN.size] != size or len(data) != size * count:
             self._diverge(f"recorded {event.describe()}; replayed a string read of {count} x {size} bytes "
                           f"from port {port:#x}", event)
+        if port == COM1_DATA or port == COM1_LSR:
+            for i in range(0, len(data), size):
+                self._check_uart(port, int.from_bytes(data[i:i + size], "little"), event)
         return data
 
     def write_string(self, port: int, size: int, data: bytes) -> None:
         event = self._take(Kind.PIO_WRITE_RUN, Kind.PIO_WRITE)
-        recorded = event.record[4].to_bytes(size, "little") if event.kind == Kind.PIO_WRITE else bytes(event.record[5])
-        if event.record[2] != port or event.record[3] != size or recorded != data:
+        recorded = event.record[ACCESS.value].to_bytes(size, "little") if event.kind == Kind.PIO_WRITE \
+            else bytes(event.record[RUN.data])
+        if event.record[RUN.port] != port or event.record[RUN.size] != size or recorded != data:
             self._mismatch(f"recorded {event.describe()}; replayed a string write of {len(data)} bytes "
                            f"to port {port:#x}", event)
         for offset in range(0, len(data), size):
@@ -406,9 +466,9 @@ class Replayer:
         event = self._run_event
         assert event is not None and self._run_data is not None
         element = self._run_offset // size
-        if addr != event.record[2] or size != event.record[3] or \
+        if addr != event.record[RUN.port] or size != event.record[RUN.size] or \
                 self.engine.position != event.position + element:
-            self._diverge(f"a run of reads from port {event.record[2]:#x} was at element {element}; the "
+            self._diverge(f"a run of reads from port {event.record[RUN.port]:#x} was at element {element}; the "
                           f"guest read port {addr:#x} size {size} at position {self.engine.position}", event)
         value = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
         self._run_offset += size
@@ -446,10 +506,10 @@ class Replayer:
         expected = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
         element = self._run_offset // size
         if self.engine.position != event.position + element:
-            self._diverge(f"a run of writes to port {event.record[2]:#x} was at element {element}; the "
+            self._diverge(f"a run of writes to port {event.record[RUN.port]:#x} was at element {element}; the "
                           f"guest wrote port {addr:#x} at position {self.engine.position}", event)
-        if addr != event.record[2] or size != event.record[3] or value != expected:
-            self._mismatch(f"write run to port {event.record[2]:#x} element {element}: recorded "
+        if addr != event.record[RUN.port] or size != event.record[RUN.size] or value != expected:
+            self._mismatch(f"write run to port {event.record[RUN.port]:#x} element {element}: recorded "
                            f"{expected:#x}, replayed {value:#x} to port {addr:#x}", event)
         self._console(addr, value)
         self._run_offset += size
@@ -458,7 +518,8 @@ class Replayer:
 
     def _check_access(self, event: Event, addr: int, size: int, value: int | None = None) -> None:
         record = event.record
-        if record[2] != addr or record[3] != size or (value is not None and record[4] != value):
+        if record[ACCESS.port] != addr or record[ACCESS.size] != size or \
+                (value is not None and record[ACCESS.value] != value):
             got = f"address {addr:#x} size {size}" + (f" value {value:#x}" if value is not None else "")
             self._mismatch(f"recorded {event.describe()}; replayed {got}", event)
 
@@ -469,10 +530,14 @@ class Replayer:
 
     def _console(self, port: int, value: int) -> None:
         """What the guest printed: COM1 as its UART decides (uart.SerialOutputDecoder), and every
-        byte written to the debug console port."""
+        byte written to the debug console port. A byte the UART sends in loopback mode is not
+        printed: it comes back as received input, which the guest's reads must then deliver."""
         if hw.COM1_PORT <= port < hw.COM1_PORT + hw.COM1_PORTS:
-            sent = self._serial.write(port - hw.COM1_PORT, value)
+            offset = port - hw.COM1_PORT
+            sent = self._serial.write(offset, value)
             if sent is None:
+                if self._serial.loops_back(offset):
+                    self._typed.append(value & 0xFF)
                 return
         elif port == hw.DEBUG_CON_PORT:
             sent = value & 0xFF
@@ -524,11 +589,11 @@ class Replayer:
 
     def acknowledge(self) -> int:
         self._landmark_reached = False
-        return self._take(Kind.INTERRUPT).record[2]
+        return self._take(Kind.INTERRUPT).record[INTERRUPT.vector]
 
     def _seek_landmark(self, event: Event) -> None:
         """kvm: the interrupt was injected between exits: find where (see _run_to_landmark)."""
-        self._run_to_landmark(event.record[6], event.describe(), event)
+        self._run_to_landmark(event.record[INTERRUPT.landmark], event.describe(), event)
         self._landmark_reached = True
 
     def _run_to_landmark(self, landmark: dict, what: str, event: Event | None,
@@ -578,7 +643,7 @@ class Replayer:
                               "exits)", None, tries=END_LANDMARK_TRIES)
 
     def read_tsc(self) -> int:
-        return self._take(Kind.CLOCK).record[3]
+        return self._take(Kind.CLOCK).record[CLOCK.value]
 
     # ---------------------------------------------------------------- saving and restoring
     def save_state(self) -> tuple:
@@ -588,15 +653,17 @@ class Replayer:
         their lengths are saved; the longest seen so far is kept to restore a later point."""
         self._remember_output()
         return (self._records.cursor, self._position, self._index, self.next, tuple(self._recent),
-                self._serial.state(), self._run_data, self._run_offset, self._run_event, len(self.console),
-                len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early)
+                self._serial.lcr, self._run_data, self._run_offset, self._run_event, len(self.console),
+                len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early,
+                bytes(self._typed), self._serial.mcr)
 
     def restore_state(self, saved: tuple) -> None:
         (cursor, self._position, self._index, self.next, recent, serial, self._run_data,
          self._run_offset, self._run_event, console, inputs, mismatches, self._landmark_reached,
-         self.stopped_early) = saved
-        self._serial.restore(serial)
+         self.stopped_early, typed, mcr) = saved
+        self._serial.restore((serial, mcr))
         self._engine_stopped = False
+        self._typed = deque(typed)
         self._records.rewind(cursor, self._absorb_skipped)
         self._recent = deque(recent, maxlen=RECENT)
         self._remember_output()
@@ -709,6 +776,12 @@ class Replayer:
 
     def _verify_end(self) -> None:
         footer = self.footer or {}
+        missing = [name for name in FOOTER_VERIFIED_BY if name not in footer]
+        if "final_state" in footer and "regs" not in footer["final_state"]:
+            missing.append("final_state registers")
+        if missing:
+            raise TraceFormatError(f"{self.reader.path}: the footer lacks {', '.join(missing)}: "
+                                   f"nothing to verify the replay against")
         end = int(footer.get("position") or 0)
         if self.engine.position != end:
             self._diverge(f"the recording ended at position {end}, the replay at {self.engine.position}", None)
@@ -729,6 +802,16 @@ class Replayer:
     def close(self) -> None:
         self.engine.close()
         self.reader.close()
+        self._release_ram()
+
+    def _release_ram(self) -> None:
+        """Give the guest's RAM back now, not when a garbage collection finds the replayer's
+        reference cycles (one replay after another would otherwise hold 256 MiB each)."""
+        try:
+            self.ram.release()
+            self._map.close()
+        except (BufferError, ValueError):         # still exported (an engine kept a view): leave it to GC
+            pass
 
 
 def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
@@ -736,6 +819,7 @@ def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False
            exit_free_limit_s: float = KVM_EXIT_FREE_LIMIT_S) -> ReplayResult:
     """Replay a trace; raises Divergence at the first difference (unless keep_going). With
     `until_event` / `until_position` it stops there instead and reports the CPU state."""
+    check_unaltered(trace)           # the whole trace first: a bad or altered one never runs
     replayer = Replayer(trace, output=output, keep_going=keep_going, until_event=until_event,
                         until_position=until_position, exit_free_limit_s=exit_free_limit_s)
     try:

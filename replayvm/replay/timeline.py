@@ -23,6 +23,7 @@ from replayvm.replay.checkpoints import FINE_EVERY, FINE_SPAN, CheckpointStore, 
 from replayvm.replay.replayer import Replayer
 from replayvm.trace.format import POSITIONED
 from replayvm.trace.reader import TraceReader
+from replayvm.trace.records import DPOS_INDEX
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000       # instructions between checkpoints
 INTERRUPT_CHUNK = 2_000_000                # how far a run goes between looks for Ctrl-C (or progress)
@@ -125,7 +126,7 @@ class Timeline:
         with TraceReader(self.trace) as reader:
             for record in reader:
                 if record[0] in POSITIONED:
-                    position += record[1]
+                    position += record[DPOS_INDEX]
                     positions.append(position)
             footer = reader.footer
         end = int(footer.get("position") or position) if footer else position

@@ -9,7 +9,8 @@ from replayvm.errors import ReplayVMError
 
 MAGIC = b"RVMTRACE"
 FORMAT_MAJOR = 1                 # readers refuse another major version
-FORMAT_MINOR = 0                 # newer minors only add record kinds in the optional range
+FORMAT_MINOR = 1                 # 1.1: the footer carries the record digest (trace_sha256)
+DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
 FRAME_HEADER = struct.Struct("<II")           # compressed length, crc32 of the compressed bytes
 
@@ -20,6 +21,9 @@ MAX_BIN_LEN = 16 << 20
 MAX_STR_LEN = 1 << 20
 MAX_ARRAY_LEN = 1 << 20
 MAX_MAP_LEN = 1 << 16
+# What the writer puts in one frame: well under both frame limits whatever the records (a frame is
+# cut once its body passes this; one record is at most a 16 MiB bytes field plus a few fields).
+FRAME_BODY_TARGET = 16 << 20
 OPTIONAL_KIND_MIN = 64           # kinds >= this may be skipped by readers that do not know them
 
 
@@ -55,5 +59,12 @@ EVENT_KINDS = POSITIONED
 
 class TraceFormatError(ReplayVMError):
     """A trace that cannot be read: one line naming the problem and where (byte / frame)."""
+
+    exit_status = 2
+
+
+class TraceAlteredError(TraceFormatError):
+    """The trace's records are not the ones its recorder wrote (the footer's record digest does
+    not match): exit status 2, like any other unreadable trace; distinct from a divergence."""
 
     exit_status = 2

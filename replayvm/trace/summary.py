@@ -9,8 +9,7 @@ from typing import Any
 
 from replayvm.trace.format import EVENT_KINDS, POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
-
-SOURCE_FIELD = {Kind.INTERRUPT: 3, Kind.INPUT: 2, Kind.CLOCK: 2}
+from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, PURE_READS
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -25,25 +24,26 @@ def summarize(path: Path) -> dict[str, Any]:
     pure_sites = 0
     with TraceReader(path) as reader:
         header = reader.header
-        for record in reader:
+        for record in reader:                   # validated by the reader against its layout
             kind = Kind(record[0])
             if kind in POSITIONED:
-                position += record[1]
+                position += record[DPOS_INDEX]
             if kind in EVENT_KINDS:
                 by_kind[kind.name.lower()] += 1
             if kind == Kind.INTERRUPT:
-                interrupts[str(record[3])] += 1
+                interrupts[record[INTERRUPT.source]] += 1
             elif kind == Kind.INPUT:
-                input_bytes += len(record[3])
+                input_bytes += len(record[INPUT.data])
             elif kind == Kind.CLOCK:
-                clocks[str(record[2])] += 1
+                clocks[record[CLOCK.source]] += 1
             elif kind == Kind.RAM_PAGE:
                 ram_pages += 1
             elif kind == Kind.SECTOR:
                 sectors += 1
             elif kind == Kind.PURE_READS:
-                pure_sites = len(record[2])
+                pure_sites += len(record[PURE_READS.sites])
         footer = reader.footer
+        digest = reader.digest
         truncated = reader.truncated or footer is None
         truncated_at = reader.truncated_at
         frames = reader.frames_read
@@ -53,7 +53,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "path": str(path), "format": f"{reader.major}.{reader.minor}",
         "replayvm": header.get("replayvm"), "engine": header.get("engine"),
         "position_unit": header.get("position_unit"), "ram_bytes": header.get("ram_bytes"),
-        "boot": header.get("boot"), "clock": header.get("clock"),
+        "boot": header.get("boot"), "clock": header.get("clock"), "chaos_seed": header.get("chaos_seed"),
         "disks": [{k: d.get(k) for k in ("name", "path", "sha256", "sectors")} for d in header.get("disks", [])],
         "command_line": header.get("command_line"), "start_time": header.get("start_time"),
         "events": events, "events_by_kind": dict(by_kind), "interrupts_by_source": dict(interrupts),
@@ -63,10 +63,13 @@ def summarize(path: Path) -> dict[str, Any]:
         "final_position": position, "last_event_position": position, "file_bytes": size,
         "bytes_per_event": round(size / events, 2) if events else None,
         "truncated": truncated, "readable_bytes": truncated_at if reader.truncated else size,
+        # "verified": the footer's record digest matches every record; "absent": a format 1.0
+        # trace (no digest); None: no footer (cut short). A mismatch is an error, not a summary.
+        "record_digest": digest,
     }
     if footer is not None:
         summary.update(end=footer.get("end"), instructions=footer.get("instructions"),
-                       guest_seconds=footer.get("guest_ns", 0) / 1e9, wall_seconds=footer.get("wall_s"),
+                       guest_seconds=(footer.get("guest_ns") or 0) / 1e9, wall_seconds=footer.get("wall_s"),
                        lapic_id_reads_not_logged=footer.get("lapic_id_reads"),
                        position_at_end=footer.get("position"),
                        ram_sha256=footer.get("ram_sha256"))
@@ -76,7 +79,8 @@ def summarize(path: Path) -> dict[str, Any]:
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"trace        {s['path']} (format {s['format']}, replayvm {s['replayvm']})",
              f"machine      engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
-             f"boot from {s['boot']}, {s['clock']} clock"]
+             f"boot from {s['boot']}, {s['clock']} clock"
+             + (f", chaos on (seed {s['chaos_seed']})" if s.get("chaos_seed") is not None else "")]
     for disk in s["disks"]:
         lines.append(f"disk         {disk['name']}: {disk['path']} ({disk['sectors']} sectors, "
                      f"sha256 {str(disk['sha256'])[:16]}...)")
@@ -85,9 +89,13 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"({s['frames']} complete frames); the recorder did not finish")
     else:
         lines.append(f"state        complete, ended by {s.get('end')}")
+    if s.get("record_digest") == "verified":
+        lines.append("records      intact (the footer's record digest matches)")
+    elif s.get("record_digest") == "absent":
+        lines.append(f"records      no record digest (format {s['format']}: written before format 1.1)")
     if s.get("instructions") is not None:
         lines.append(f"instructions {s['instructions']:,}")
-    if s.get("guest_seconds") is not None:
+    if s.get("guest_seconds") is not None and s.get("wall_seconds") is not None:
         lines.append(f"duration     {s['guest_seconds']:.3f} s guest time, {s['wall_seconds']:.3f} s wall")
     lines.append(f"events       {s['events']:,} ({s['position_unit']} position {s['final_position']:,})")
     for kind, count in sorted(s["events_by_kind"].items(), key=lambda kv: -kv[1]):
