@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from replayvm.record.session import SessionOptions, run_session
@@ -122,6 +123,9 @@ def test_cli_repeats_chaos_runs_until_the_bug_shows_and_keeps_that_trace(tmp_pat
     assert matched and "LOST UPDATES" in result.stdout
     with TraceReader(trace) as reader:
         assert reader.header["chaos_seed"] == 5 + int(matched.group(1)) - 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert trace.stat().st_mode & 0o777 == 0o666 & ~umask     # like any trace, not a private temp file
     result = replay(trace)
     assert result.verified and LOST.search(result.console)
 

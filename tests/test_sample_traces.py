@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from replayvm.replay.replayer import replay
+from replayvm.trace import TraceReader
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 
@@ -23,13 +24,18 @@ def sample_traces() -> list[Path]:
     return sorted(TRACES.glob("*/*.zst"))
 
 
-def test_there_are_samples_of_each_kind() -> None:
-    names = {path.name for path in sample_traces()}
-    assert set(EXPECTED_CONSOLE) <= names
+def test_every_release_folder_has_a_sample_of_each_kind() -> None:
+    releases = {path.parent.name for path in sample_traces()}
+    assert {"0.1.0", "0.2.0"} <= releases
+    for release in releases:
+        names = {path.name for path in (TRACES / release).glob("*.zst")}
+        assert set(EXPECTED_CONSOLE) <= names, release
 
 
 @pytest.mark.parametrize("trace", sample_traces(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_sample_trace_replays_verified(trace: Path) -> None:
+    with TraceReader(trace) as reader:                 # the folder names the release that wrote it
+        assert reader.header["replayvm"] == trace.parent.name
     result = replay(trace, output=io.BytesIO())
     assert result.verified and not result.truncated and not result.mismatches
     assert EXPECTED_CONSOLE[trace.name] in result.console

@@ -97,9 +97,8 @@ SWEPT_VALUES = [0, 1, 7, 0xFFFF, (1 << 32) - 1, (1 << 64) - 1, -1, "x", None, []
 
 def test_header_fields_a_replay_loads_never_traceback(echo_trace, tmp_path):
     """Without a digest (format 1.0) an edited header is replayed: the engines must refuse an
-    impossible initial state in one line. (RIPs pointing away from the code, and RFLAGS with TF or
-    VM set, are left out: such a guest runs on without I/O, and stopping it at the next recorded
-    event's position is the replay loop's own bound, issue 10 item 1.)"""
+    impossible initial state in one line. (RIPs pointing away from the code and RFLAGS with TF or
+    VM set are swept in the next test.)"""
     bound = replay_bound(echo_trace)
     tally = Tally()
     from tests.fuzzing import Mutant, header_sweep
@@ -110,3 +109,26 @@ def test_header_fields_a_replay_loads_never_traceback(echo_trace, tmp_path):
         tally.add(Mutant(f"{key}={value!r}", data), run_verbs(path, tmp_path / f"h{n}.db", bound))
     assert not tally.tracebacks and not tally.multiline and not tally.hangs, \
         (tally.tracebacks + tally.multiline + tally.hangs)[:5]
+
+
+def test_a_replayed_guest_sent_astray_by_its_header_diverges_instead_of_hanging(echo_trace, tmp_path):
+    """A format 1.0 header (no digest) whose initial RIP points away from the code, or whose
+    RFLAGS sets TF or VM, makes a guest that never does what the trace says next: the replay
+    loop stops at the next recorded event's position and reports a divergence (or the engine
+    refuses the state), never running on."""
+    bound = replay_bound(echo_trace)
+    tally = Tally()
+    from tests.fuzzing import Mutant, header_sweep
+
+    sweep = header_sweep(echo_trace.read_bytes(), ["initial_state.regs.rip"], [0, 0xFFFF, 0x7C00 + 1]) + \
+        header_sweep(echo_trace.read_bytes(), ["initial_state.regs.rflags"], [0x102, 0x20002, 0x20302])
+    outcomes = []
+    for n, (key, value, data) in enumerate(sweep):
+        path = tmp_path / f"astray{n}.zst"
+        path.write_bytes(data)
+        result = run_verbs(path, tmp_path / f"astray{n}.db", bound, verbs=("replay",))
+        tally.add(Mutant(f"{key}={value!r}", data), result)
+        outcomes.append((key, value, result["replay"]))
+    assert not tally.tracebacks and not tally.multiline and not tally.hangs, \
+        (tally.tracebacks + tally.multiline + tally.hangs)[:5]
+    assert all(outcome in ("divergence", "refused") for _, _, outcome in outcomes), outcomes

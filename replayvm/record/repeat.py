@@ -80,4 +80,7 @@ def _scratch_trace(trace: Path) -> Path:
     except OSError as error:
         raise UsageError(f"cannot write trace {trace}: {error.strerror or error}") from None
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)          # as a trace written directly would be, not mkstemp's 0600
     return Path(name)
