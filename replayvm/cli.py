@@ -157,10 +157,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     for disk in args.disk:
         if not disk.is_file():
             raise UsageError(f"disk image not found: {disk}")
+    script = decode_escapes(args.input, "--input") if args.input is not None else None
+    prompt = decode_escapes(args.prompt, "--prompt")
+    until = decode_escapes(args.until, "--until") if args.until else None
     engine = _resolve_engine(args.engine)
     if args.virtual_clock and engine != "emu":
         raise UsageError("--virtual-clock needs the emu engine")
-    script = decode_escapes(args.input, "--input") if args.input is not None else None
     if args.until_fail is not None and script is None:
         raise UsageError("--until-fail needs --input: repeated runs are scripted")
     if args.repeat > 1 and args.until_fail is None:
@@ -172,8 +174,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         seed = secrets.randbelow(1 << 32)
     options = SessionOptions(
         disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
-        prompt=decode_escapes(args.prompt, "--prompt"),
-        until=decode_escapes(args.until, "--until") if args.until else None,
+        prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
         chaos_seed=seed if args.chaos else None)

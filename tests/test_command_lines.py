@@ -295,3 +295,11 @@ def test_sql_reads_a_database_whose_path_looks_like_a_uri(analysed, tmp_path):
     result = replayvm("sql", str(odd), "SELECT count(*) AS n FROM exits", "--csv")
     assert result.returncode == 0 and int(result.stdout.splitlines()[1]) > 0, result.stderr
     assert os.listdir(odd.parent) == ["a b.db"]
+
+
+def test_a_bad_escape_is_refused_before_the_engine_is_chosen():
+    """With --engine auto the choice is announced on stderr: a refused command line says only
+    what is wrong, in one line, before anything is probed."""
+    result = replayvm("record", "--input", r"echo \q\n")
+    assert_one_line_error(result, "unknown escape")
+    assert "engine" not in result.stderr
