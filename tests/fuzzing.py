@@ -27,6 +27,7 @@ import zstandard
 
 from replayvm.errors import ReplayVMError
 from replayvm.trace.format import Kind, TraceAlteredError
+from tests.asm import ENTER_FLAT_PM32, FLAT_GDT
 from tests.trace_tools import frame, split_frames, unpack
 
 INTERESTING = [0, 1, -1, 7, 255, 256, 0xFFFF, 0x10000, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 63,
@@ -246,19 +247,7 @@ def run_verbs(path: Path, db: Path, replay_bound: int | None, verbs=("info", "an
     return results
 
 
-ECHO_GUEST = r"""
-    cli
-    lgdt gdtdesc
-    mov %cr0, %eax
-    or $1, %eax
-    mov %eax, %cr0
-    ljmp $8, $pm
-.code32
-pm:                              # flat 32-bit protected mode, no paging (kvm and emu)
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
+ECHO_GUEST = ENTER_FLAT_PM32 + r"""
     mov $0x7000, %esp
     mov $timer, %eax             # IDT at 0x1000: vector 0x30, the LAPIC timer
     mov $0x1000 + 0x30 * 8, %edi
@@ -313,13 +302,9 @@ prompt:
     mov $' ', %al
     out %al, %dx
     ret
-.p2align 3
-gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
-gdtdesc: .word 23
-    .long gdt
 idtdesc: .word 0x30 * 8 + 7
     .long 0x1000
-"""
+""" + FLAT_GDT
 
 
 def record_echo_trace(directory: Path) -> Path:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-from tests.asm import assemble
+from tests.asm import ENTER_FLAT_PM32, FLAT_GDT, assemble
 
 
 def replayvm(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -55,27 +55,12 @@ def test_kvm_engine_without_dev_kvm_is_a_one_line_error(tmp_path):
 
 def test_triple_fault_prints_cpu_state_and_exits_1(tmp_path):
     # A boot sector that enters protected mode with an empty IDT and executes int3.
-    boot = assemble("""
-    cli
-    lgdt gdtdesc
-    mov %cr0, %eax
-    or $1, %eax
-    mov %eax, %cr0
-    ljmp $8, $pm
-.code32
-pm:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %ss
+    boot = assemble(ENTER_FLAT_PM32 + """
     lidt idtdesc
     int3
-.p2align 3
-gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
-gdtdesc: .word 23
-    .long gdt
 idtdesc: .word 0
     .long 0
-""", 0x7C00, bits=16)
+""" + FLAT_GDT, 0x7C00, bits=16)
     image = tmp_path / "fault.img"
     image.write_bytes(boot.ljust(510, b"\0") + b"\x55\xAA" + bytes(512 * 7))
     trace = tmp_path / "fault.zst"
