@@ -73,7 +73,7 @@ class Recorder:
     max_run_bytes = MAX_BIN_LEN         # a longer run is written as consecutive runs
     max_sites = MAX_ARRAY_LEN           # [rip, count] pairs per PURE_READS record
 
-    def __init__(self, machine: "Machine", writer: TraceWriter) -> None:
+    def __init__(self, machine: "Machine", writer: TraceWriter, start_position: int = 0) -> None:
         self.machine = machine
         self.engine = machine.engine
         self.writer = writer
@@ -82,7 +82,7 @@ class Recorder:
         self.interrupt_sources: Counter[str] = Counter()
         self.lapic_id_reads_logged_away = 0
         self._id_read_sites: Counter[int] = Counter()     # kvm: where the bus saw ID reads
-        self._last_position = 0
+        self._last_position = start_position      # a branch trace starts inside its parent
         self._sectors_stored: set[bytes] = set()
         self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next]
         self._appends = 0
@@ -90,6 +90,8 @@ class Recorder:
         machine.mmio = RecordingBus(machine.mmio, self, mmio=True)
         self.engine.on_interrupt = self.interrupt
         machine.input_observers.append(self.input)
+        for index, disk in enumerate(machine.disks):
+            disk.on_read = self._disk_reader(index)
         inner_tsc = machine.read_tsc
 
         def read_tsc() -> int:
@@ -132,16 +134,7 @@ class Recorder:
                      rip: int, cpl: int) -> None:
         payload: Any = data
         if kind == Kind.PIO_READ_RUN and len(data) % SECTOR_SIZE == 0:
-            hashes = []
-            for i in range(0, len(data), SECTOR_SIZE):
-                sector = data[i:i + SECTOR_SIZE]
-                digest = hashlib.sha256(sector).digest()[:16]
-                if digest not in self._sectors_stored:
-                    self._sectors_stored.add(digest)
-                    self._emit((Kind.SECTOR, digest, sector))
-                    self.counts["sector_data"] += 1
-                hashes.append(digest)
-            payload = hashes
+            payload = [self._store_sector(data[i:i + SECTOR_SIZE]) for i in range(0, len(data), SECTOR_SIZE)]
         self._emit((kind, self._position_delta(position), port, size, len(data) // size, payload, rip, cpl))
         self.counts[kind.name.lower()] += 1
 
@@ -204,6 +197,24 @@ class Recorder:
         rip, cpl = self._context()
         self._emit((Kind.CLOCK, self._position_delta(self.engine.position), source, value, rip, cpl))
         self.counts["clock"] += 1
+
+    def _store_sector(self, sector: bytes) -> bytes:
+        """The sector's hash, its content stored once in the trace before the first use."""
+        digest = hashlib.sha256(sector).digest()[:16]
+        if digest not in self._sectors_stored:
+            self._sectors_stored.add(digest)
+            self._emit((Kind.SECTOR, digest, sector))
+            self.counts["sector_data"] += 1
+        return digest
+
+    def _disk_reader(self, index: int):
+        """The observer of disk `index`'s door: every sector it hands out is a DISK_READ record
+        (not positioned: it comes with the controller access that asked for it), so replay can
+        feed the controller the same sectors without the image."""
+        def disk_read(lba: int, data: bytes) -> None:
+            self._emit((Kind.DISK_READ, index, lba, self._store_sector(data)))
+            self.counts["disk_read"] += 1
+        return disk_read
 
     # ---------------------------------------------------------------- engine and console
     def interrupt(self, vector: int, position: int) -> None:

@@ -9,8 +9,10 @@ from replayvm.errors import ReplayVMError
 
 MAGIC = b"RVMTRACE"
 FORMAT_MAJOR = 1                 # readers refuse another major version
-FORMAT_MINOR = 1                 # 1.1: the footer carries the record digest (trace_sha256)
+FORMAT_MINOR = 2                 # 1.1: the footer carries the record digest (trace_sha256);
+                                 # 1.2: DISK_READ records, branch headers (replay --live)
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
+DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
 FRAME_HEADER = struct.Struct("<II")           # compressed length, crc32 of the compressed bytes
 
@@ -49,6 +51,7 @@ class Kind(enum.IntEnum):
     FOOTER = 12           # [12, {footer fields}]
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
+    DISK_READ = 15        # [15, disk index, lba, sha256-16 bytes]   a sector a disk handed out
 
 
 POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE,

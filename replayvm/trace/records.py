@@ -102,6 +102,10 @@ READ_DATA = FieldType("bytes (count × size), or a list of 16-byte hashes of sec
 INPUT_DATA = FieldType("bytes, 1..16 MiB", f"type(v) is bytes and 0 < len(v) <= {MAX_BIN_LEN}")
 LANDMARK = FieldType("map of register name to int 0..2^64-1 (kvm only)", "landmark_ok(v)")
 HASH = FieldType("16 bytes", f"type(v) is bytes and len(v) == {HASH_SIZE}")
+STORED_HASH = FieldType("16 bytes: the hash of a sector stored before",
+                        f"type(v) is bytes and len(v) == {HASH_SIZE} and v in sectors")
+DISK_INDEX = _int(0, 63, "int 0..63 (the disk's place in the header's `disks`)")
+LBA = _int(0, I63, "int 0..2^63-1")
 SECTOR_DATA = FieldType("512 bytes whose sha256 starts with the hash",
                         f"type(v) is bytes and len(v) == {SECTOR_SIZE} and "
                         f"sha256(v).digest()[:{HASH_SIZE}] == digest")
@@ -149,6 +153,9 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
     Layout(Kind.PURE_READS, (("register", NAME), ("sites", SITES)),
            "reads deliberately not logged one by one (`lapic.id`), counted per call site; written at "
            "the end (several records when there are more than 2^20 sites)"),
+    Layout(Kind.DISK_READ, (("disk", DISK_INDEX), ("lba", LBA), ("digest", STORED_HASH)),
+           "a sector a disk handed to its controller (format 1.2), in the order the controller "
+           "asked: replay's disk input (replay needs no image)"),
 )}
 assert set(LAYOUTS) == set(Kind), "every kind has a layout"
 
@@ -162,6 +169,7 @@ CLOCK = LAYOUTS[Kind.CLOCK]
 SECTOR = LAYOUTS[Kind.SECTOR]
 RAM_PAGE = LAYOUTS[Kind.RAM_PAGE]
 PURE_READS = LAYOUTS[Kind.PURE_READS]
+DISK_READ = LAYOUTS[Kind.DISK_READ]
 DPOS_INDEX = 1                           # every positioned record's position delta
 assert all(LAYOUTS[k].positioned == (k in POSITIONED) for k in Kind), "POSITIONED agrees with the layouts"
 assert ACCESS.value == MMIO.value and RUN.data == LAYOUTS[Kind.PIO_WRITE_RUN].data
@@ -246,6 +254,36 @@ def _disk_ok(v: Any) -> bool:
         _is_text(nullable=True)(v.get("sha256")) and _is_int(0, I63)(v.get("sectors", 0))
 
 
+def parent_ok(v: Any) -> bool:
+    return type(v) is dict and set(v) == {"trace", "trace_sha256", "position", "event"} and \
+        _is_text()(v["trace"]) and (v["trace_sha256"] is None or _is_hex(64)(v["trace_sha256"])) and \
+        _is_int(0, I63)(v["position"]) and _is_int(0, I63)(v["event"])
+
+
+def _state_value_ok(v: Any, depth: int = 0) -> bool:
+    """A device state field: ints, bools, None, bytes up to 16 MiB, lists and maps of them (6 deep)."""
+    if v is None or type(v) is bool:
+        return True
+    if type(v) is int:
+        return -(1 << 63) <= v < 1 << 64
+    if type(v) is bytes:
+        return len(v) <= MAX_BIN_LEN
+    if type(v) is str:
+        return len(v) <= MAX_NAME_LEN
+    if depth < 6 and type(v) in (list, tuple):
+        return len(v) <= MAX_ARRAY_LEN and all(_state_value_ok(x, depth + 1) for x in v)
+    if depth < 6 and type(v) is dict:
+        return len(v) <= MAX_MAP_LEN and all(type(k) is str and _state_value_ok(x, depth + 1)
+                                             for k, x in v.items())
+    return False
+
+
+def devices_ok(v: Any) -> bool:
+    return type(v) is dict and len(v) <= 64 and all(
+        _is_text(MAX_NAME_LEN)(name) and type(state) is dict and _state_value_ok(state, 1)
+        for name, state in v.items())
+
+
 HEADER_FIELDS = (
     MapField("format", '"replayvm-trace"', lambda v: v == "replayvm-trace"),
     MapField("replayvm", "str: the version that recorded", _is_text(MAX_NAME_LEN)),
@@ -264,6 +302,12 @@ HEADER_FIELDS = (
     MapField("clock", '"wall" or "virtual"', _one_of("wall", "virtual")),
     MapField("chaos_seed", "int or null", lambda v: v is None or _is_int(-I63 - 1, I63)(v)),
     MapField("initial_state", "CPU state (regs, segments, gdt, idt, cr0-cr4, efer)", cpu_state_ok),
+    MapField("parent", "a branch (replay --live): map of trace (str), trace_sha256 (hex str or null), "
+             "position and event (ints): where in which recording it went live", parent_ok, required=False),
+    MapField("start_position", "int: the position the trace starts at (a branch: its parent's "
+             "position; else 0)", _is_int(0, I63), required=False),
+    MapField("devices", "map of device name to its state (a branch starts from them)", devices_ok,
+             required=False),
 )
 _count_map = _map_of(_is_int(0, I63))
 FOOTER_FIELDS = (
@@ -387,7 +431,7 @@ def _tests(fields: tuple[tuple[str, FieldType], ...], names: list[str]) -> list[
 # with checks on where they stand) go to the reader's `irregular` callback, as do unknown kinds.
 FAST_KINDS = (Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_WRITE, Kind.MMIO_READ, Kind.INTERRUPT, Kind.CLOCK,
               Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN, Kind.HALT, Kind.INPUT, Kind.SECTOR, Kind.RAM_PAGE,
-              Kind.PURE_READS)
+              Kind.PURE_READS, Kind.DISK_READ)
 
 Validator = Callable[[list, set, int, int, Callable[[Any], bool]], tuple[int, list]]
 
