@@ -64,6 +64,7 @@ class MachineConfig:
     engine: str = "emu"
     virtual_clock: bool = False
     chaos_seed: int | None = None             # seeded CPU stalls and device latencies (record/chaos.py)
+    ram_bytes: int | None = None              # replay: the recorded size exactly (else ram_mib MiB)
 
 
 @dataclass
@@ -77,15 +78,24 @@ class RunOutcome:
 
 
 class Machine:
-    """One PC with one vCPU. See the module docstring."""
+    """One PC with one vCPU. See the module docstring.
 
-    def __init__(self, config: MachineConfig, console: Console) -> None:
-        if not MIN_RAM_MIB <= config.ram_mib <= MAX_RAM_MIB:
+    Recording and replay build the same Machine. What differs is where its inputs come from:
+    while recording from the world (the console, the clock, disk images, the LAPIC's own timer),
+    while replaying from the trace (`use_trace_inputs`: replay.replayer gives the engine its
+    interrupts, timer deadlines and TSC, and stands in front of the buses to check every device
+    access against the recording). `disks` and `boot_state` build a machine for a recorded
+    session: disks fed from the trace, and the CPU state the trace starts from (which the
+    caller gives the engine once RAM is loaded)."""
+
+    def __init__(self, config: MachineConfig, console: Console, disks: list[Disk] | None = None,
+                 boot_state: CpuState | None = None) -> None:
+        if config.ram_bytes is None and not MIN_RAM_MIB <= config.ram_mib <= MAX_RAM_MIB:
             raise UsageError(f"--mem must be between {MIN_RAM_MIB} and {MAX_RAM_MIB} MiB")
         self.config = config
         self.console = console
         self.clock: GuestClock = VirtualClock() if config.virtual_clock else GuestClock()
-        self._ram_map = mmap.mmap(-1, config.ram_mib << 20)
+        self._ram_map = mmap.mmap(-1, config.ram_bytes if config.ram_bytes is not None else config.ram_mib << 20)
         self.ram = memoryview(self._ram_map)
         self.pio = PioBus()
         self.mmio = Bus("mmio")
@@ -93,13 +103,15 @@ class Machine:
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
         self.halt_observers: list = []            # f() whenever the guest halts
-        if len(config.disks) > 2:
-            raise UsageError("at most two disks (the primary IDE channel's master and slave)")
-        for path in config.disks:
-            _check_disk_image(path)
-        if config.kernel is None and config.disks:     # before reading (and hashing) whole images
-            firmware.check_boot_sector(_first_sector(config.disks[0]))
-        self.disks = [Disk(path, name=f"disk{index}") for index, path in enumerate(config.disks)]
+        if disks is None:
+            if len(config.disks) > 2:
+                raise UsageError("at most two disks (the primary IDE channel's master and slave)")
+            for path in config.disks:
+                _check_disk_image(path)
+            if config.kernel is None and config.disks:     # before reading (and hashing) whole images
+                firmware.check_boot_sector(_first_sector(config.disks[0]))
+            disks = [Disk(path, name=f"disk{index}") for index, path in enumerate(config.disks)]
+        self.disks = disks
         self.chaos_times = None
         if config.chaos_seed is not None:
             from replayvm.record.chaos import ChaosTimes
@@ -113,8 +125,11 @@ class Machine:
             self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
                                     self.chaos_times.stall_gap_ns)
         self.engine = _create_engine(config.engine, self)
-        self.boot_state = self._boot()
-        self.engine.set_state(self.boot_state)
+        if boot_state is None:
+            self.boot_state = self._boot()
+            self.engine.set_state(self.boot_state)
+        else:                         # the caller loads it once RAM holds what it refers to (the GDT)
+            self.boot_state = boot_state
 
     # ---------------------------------------------------------------- construction
     def _wire_devices(self) -> None:
@@ -154,9 +169,74 @@ class Machine:
         pio.register(hw.COM1_PORT, hw.COM1_PORTS, self.uart, "com1")
         pio.register(hw.CGA_CRT_PORT, 2, self.cga, "cga.crt")
         pio.register(hw.DEBUG_EXIT_PORT, 2, DebugExitPort(self._on_debug_exit), "debug.exit")
-        pio.register(hw.DEBUG_CON_PORT, 1, DebugConsolePort(self.console.write), "debug.console")
+        self.debug_console = DebugConsolePort(self.console.write)
+        pio.register(hw.DEBUG_CON_PORT, 1, self.debug_console, "debug.console")
         self.mmio.register(hw.IOAPIC_ADDR, hw.IOAPIC_SIZE, self.ioapic, "ioapic")
         self.mmio.register(hw.LAPIC_ADDR, hw.LAPIC_SIZE, self.lapic, "lapic")
+        # The devices whose state a checkpoint or a branch trace keeps, by name.
+        self.devices = {"pic": self.pic, "lapic": self.lapic, "ioapic": self.ioapic, "uart": self.uart,
+                        "i8042": self.i8042, "ide": self.ide, "cmos": self.cmos, "cga": self.cga,
+                        "imcr": self.imcr}
+
+    # ---------------------------------------------------------------- device state
+    def save_devices(self) -> dict[str, dict]:
+        """Every device's state(), the interrupt lines' levels and what the guest wrote to the
+        disks: where a replay can go on from (plain values: checkpoint files and branch trace
+        headers carry it)."""
+        states: dict[str, dict] = {name: device.state() for name, device in self.devices.items()}
+        states["irq"] = {"levels": [self.irq_lines[pin].level for pin in range(16)]}
+        states["disks"] = {"written": [sorted([lba, data] for lba, data in disk.overlay().items())
+                                       for disk in self.disks]}
+        return states
+
+    def restore_devices(self, states: dict[str, dict]) -> None:
+        """The inverse of save_devices (states from a file are untrusted: a bad one raises)."""
+        for name, device in self.devices.items():
+            device.restore(states[name])
+        levels = states["irq"]["levels"]
+        if len(levels) != 16:
+            raise ValueError("16 interrupt line levels expected")
+        for pin, level in enumerate(levels):
+            self.irq_lines[pin].level = bool(level)   # the controllers' own state has the edges
+        written = states["disks"]["written"]
+        if len(written) != len(self.disks):
+            raise ValueError(f"written sectors for {len(written)} disks, the machine has {len(self.disks)}")
+        for disk, sectors in zip(self.disks, written):
+            overlay = {int(lba): bytes(data) for lba, data in sectors}
+            if any(not 0 <= lba < disk.sector_count or len(data) != 512 for lba, data in overlay.items()):
+                raise ValueError(f"a written sector of {disk.name} is out of range or not 512 bytes")
+            disk.restore_overlay(overlay)
+
+    # ---------------------------------------------------------------- the input side
+    def use_trace_inputs(self, inputs) -> None:
+        """Replay: interrupts, timer deadlines and the TSC come from `inputs` (the trace), and the
+        LAPIC timer fires when the trace says it did, not by the clock."""
+        self.interrupts = inputs
+        self.poll = inputs.poll                  # type: ignore[method-assign]
+        self.read_tsc = inputs.read_tsc          # type: ignore[method-assign]
+        self.lapic.timer_follows_trace = True
+
+    def use_world_inputs(self) -> None:
+        """Going live: the machine's own interrupt controllers, timers and clock take over."""
+        for name in ("interrupts", "poll", "read_tsc"):
+            self.__dict__.pop(name, None)
+        self.interrupts = self.lapic
+        self.lapic.timer_follows_trace = False
+
+    def set_console(self, console: Console) -> None:
+        """Another console takes over (going live): the guest's output goes there from now on."""
+        self.console = console
+        self.uart.on_output = console.write
+        self.debug_console.on_output = console.write
+
+    def set_clock(self, clock: GuestClock) -> None:
+        """Give the machine another clock (going live from a replay): every device that keeps
+        time and the engine now ask it."""
+        self.clock = clock
+        self.lapic.clock = clock
+        self.cmos.clock = clock
+        self.engine.use_clock(clock)
+        self._started = True                     # the new clock already runs where the old one was
 
     def _boot(self) -> CpuState:
         if self.config.kernel is not None:
@@ -291,6 +371,15 @@ class Machine:
     def close(self) -> None:
         self.engine.close()
         self.console.close()
+
+    def release_ram(self) -> None:
+        """Give the guest's RAM back now, not when a garbage collection finds the machine's
+        reference cycles (one replay after another would otherwise hold 256 MiB each)."""
+        try:
+            self.ram.release()
+            self._ram_map.close()
+        except (BufferError, ValueError):         # still exported (an engine kept a view): leave it to GC
+            pass
 
 
 def _check_disk_image(path: Path) -> None:

@@ -41,3 +41,16 @@ def device_rows() -> list[dict]:
     rows += [{"space": "mmio", "address": hw.IOAPIC_ADDR + off, "device": "ioapic", "register": f"ioapic.{name}"}
              for off, name in sorted(IOAPIC_REGISTERS.items())]
     return rows
+
+
+def register_at(space: str, address: int) -> str | None:
+    """The register's name at `address` in `space` ("pio" or "mmio"), e.g. "com1.lsr"."""
+    if space == "pio":
+        return PIO_REGISTERS.get(address)
+    if hw.LAPIC_ADDR <= address < hw.LAPIC_ADDR + hw.LAPIC_SIZE:
+        name = LAPIC_REGISTERS.get(address - hw.LAPIC_ADDR)
+        return f"lapic.{name}" if name else None
+    if hw.IOAPIC_ADDR <= address < hw.IOAPIC_ADDR + hw.IOAPIC_SIZE:
+        name = IOAPIC_REGISTERS.get(address - hw.IOAPIC_ADDR)
+        return f"ioapic.{name}" if name else None
+    return None

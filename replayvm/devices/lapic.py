@@ -144,6 +144,9 @@ class Lapic:
         self.apic_id = apic_id & 0xFF
         self.id_register_value = self.apic_id << 24
         self._level_eoi_callbacks: list[Callable[[int], None]] = []
+        # Replay: the trace says when the timer fired (its interrupts' positions), not the clock,
+        # which then only orders the timer's own bookkeeping (see take_recorded).
+        self.timer_follows_trace = False
         self.reset()
 
     def reset(self) -> None:
@@ -393,6 +396,24 @@ class Lapic:
                 return vector
         return self.svr & 0xFF
 
+    def take_recorded(self, vector: int) -> bool:
+        """Replay: the CPU takes `vector` because the recording did. In IRR it moves to ISR as
+        acknowledge() would have moved it; the timer's vector may not be there yet, since on
+        replay the trace, not the clock, fires the timer: it fires now. Any other vector that no
+        device raised means the replayed devices went another way: False."""
+        vector &= 0xFF
+        if self._extint and self.pic.has_pending():          # type: ignore[union-attr]
+            return self.pic.acknowledge() == vector          # type: ignore[union-attr]
+        bit = 1 << vector
+        if not self.irr & bit:
+            timer = self.lvt[LVT_TIMER]
+            if vector != timer & 0xFF or timer & LVT_MASKED:
+                return False
+            self.timer_interrupts_raised += 1
+        self.irr &= ~bit
+        self.isr |= bit
+        return True
+
     def _eoi(self) -> None:
         """Retire the highest in-service vector; tell the IOAPIC if it was level-triggered."""
         if not self.isr:
@@ -467,7 +488,7 @@ class Lapic:
         while the LVT is masked changes nothing but the count.
         """
         deadline = self._timer_deadline_ns
-        if deadline is None or now_ns < deadline:
+        if deadline is None or now_ns < deadline or self.timer_follows_trace:
             return
         entry = self.lvt[LVT_TIMER]
         if entry & TIMER_PERIODIC:

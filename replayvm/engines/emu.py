@@ -293,6 +293,18 @@ class EmuEngine:
     def icount(self) -> int:
         return self.state.icount
 
+    def use_clock(self, clock) -> None:
+        """Keep time with `clock` from now on (a replay going live): an instruction clock counts
+        this engine's instructions; any other is the host's, towards which slices are estimated."""
+        self._instruction_clock = isinstance(clock, VirtualClock)
+        if self._instruction_clock:
+            clock.source = lambda: self.state.icount
+
+    def start_at_position(self, position: int) -> None:
+        """Count positions from `position` (a branch trace starts where its parent went live)."""
+        self.state.icount = position
+        self.state.stop_at = position
+
     @property
     def position(self) -> int:
         """Where the guest is, in the unit traces use on this engine: instructions begun."""

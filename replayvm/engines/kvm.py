@@ -142,6 +142,7 @@ class KvmEngine:
         self.machine = machine
         self.kvm_fd = open_kvm()
         self.exit_counts: Counter[str] = Counter()
+        self._position_base = 0
         self.last_error = ""
         self.interrupts_injected = 0
         self.on_interrupt = None
@@ -236,7 +237,15 @@ class KvmEngine:
         (port, MMIO, HLT). Kicks and interrupt-window exits depend on host timing, so they do not
         count; there is no PMU here to count instructions."""
         counts = self.exit_counts
-        return counts["io"] + counts["mmio"] + counts["hlt"]
+        return self._position_base + counts["io"] + counts["mmio"] + counts["hlt"]
+
+    def start_at_position(self, position: int) -> None:
+        """Count positions from `position` (a branch trace starts where its parent went live)."""
+        self._position_base = position - self.position + self._position_base
+
+    def use_clock(self, clock) -> None:
+        """Keep time with `clock` from now on (a replay going live)."""
+        self._kicker._clock = clock
 
     def interrupt_landmark(self) -> dict | None:
         """Where an interrupt lands when it was not at a synchronous exit (after a kick): RIP, the

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 import msgpack
 import zstandard
 
-from replayvm.replay.replayer import Event
+from replayvm.replay.replayer import DueInput, Event, ReplayPlace
 from replayvm.trace.format import Kind
 
 if TYPE_CHECKING:
     from replayvm.replay.timeline import Timeline
 
-MAGIC = b"RVMCKPT\x02"               # 2: the replay state holds the typed input not yet read
+MAGIC = b"RVMCKPT\x03"               # 3: the replay state holds the machine's device state
 MAX_OBJECT = 512 << 20
 
 
@@ -57,19 +57,27 @@ def _unevent(data: list | None) -> Event | None:
     return None if data is None else Event(data[0], Kind(data[1]), data[2], data[3])
 
 
-def _replay_state(state: tuple) -> list:
-    (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
-     inputs, mismatches, landmark, stopped, typed, mcr) = state
-    return [cursor, position, index, _event(next_event), [_event(e) for e in recent], lcr, run_data,
-            run_offset, _event(run_event), console, inputs, mismatches, landmark, stopped, typed, mcr]
+def _replay_state(place: ReplayPlace) -> dict:
+    return {"cursor": place.cursor, "position": place.position, "index": place.index,
+            "next": _event(place.next), "recent": [_event(e) for e in place.recent],
+            "run_data": place.run_data, "run_offset": place.run_offset, "run_event": _event(place.run_event),
+            "console": place.console, "inputs": place.inputs, "mismatches": place.mismatches,
+            "landmark_reached": place.landmark_reached, "stopped_early": place.stopped_early,
+            "due_inputs": [[d.index, d.position, d.data] for d in place.due_inputs],
+            "disk_reads": [list(r) for r in place.disk_reads], "latest_tsc": place.latest_tsc,
+            "devices": place.devices}
 
 
-def _unreplay_state(data: list) -> tuple:
-    (cursor, position, index, next_event, recent, lcr, run_data, run_offset, run_event, console,
-     inputs, mismatches, landmark, stopped, typed, mcr) = data
-    return (cursor, position, index, _unevent(next_event), tuple(_unevent(e) for e in recent), lcr,
-            run_data, run_offset, _unevent(run_event), console, inputs, mismatches, landmark, stopped,
-            bytes(typed), mcr)
+def _unreplay_state(data: dict) -> ReplayPlace:
+    return ReplayPlace(
+        cursor=data["cursor"], position=data["position"], index=data["index"], next=_unevent(data["next"]),
+        recent=tuple(_unevent(e) for e in data["recent"]), run_data=data["run_data"],
+        run_offset=data["run_offset"], run_event=_unevent(data["run_event"]), console=data["console"],
+        inputs=data["inputs"], mismatches=data["mismatches"], landmark_reached=data["landmark_reached"],
+        stopped_early=data["stopped_early"],
+        due_inputs=tuple(DueInput(i, p, bytes(d)) for i, p, d in data["due_inputs"]),
+        disk_reads=tuple((disk, lba, bytes(digest)) for disk, lba, digest in data["disk_reads"]),
+        latest_tsc=data["latest_tsc"], devices=data["devices"])
 
 
 def _header(timeline: "Timeline") -> dict:

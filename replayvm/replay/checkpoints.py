@@ -31,7 +31,7 @@ ZERO_PAGE = bytes(PAGE)
 class Checkpoint:
     position: int
     cpu: tuple                                   # EmuEngine.save_cpu()
-    replay: tuple                                # Replayer.save_state()
+    replay: "ReplayPlace"                        # Replayer.save_state(): trace place, devices
     delta: dict[int, bytes]                      # pages changed since the previous checkpoint
     pages: list | None = None                    # every page (shared objects), every FULL_EVERY-th
 

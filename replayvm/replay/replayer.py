@@ -1,16 +1,23 @@
 """Replay: re-execute a recorded session from its trace alone, and prove it went the same way.
 
-The replay machine has the recorded RAM and CPU state and no devices: every port or MMIO read
-returns the value the trace logged, every write is checked against the logged one, time values
-(CMOS, LAPIC current count, RDTSC) come from the trace, and each interrupt is injected at exactly
-its recorded position (the emu engine stops at that instruction count). Console output is what
-the guest writes to the UART. At the end the CPU state and a hash of RAM must match the footer.
-The first difference stops the replay with a report naming the event. Console input is checked
-too: the bytes of each INPUT record must be what the guest's UART reads deliver, in order, after
-the record's position. `replay()` reads the whole trace once before it runs anything, validating
-every record and the record digest: a trace altered after recording is reported as altered
-(TraceAlteredError, exit status 2) and never run, so a divergence (exit status 1) always means
-the replay went another way than the recording.
+Replay runs the machine that was recorded: `Machine`, with the same devices, buses, interrupt
+controllers and engine. Only its input side differs. The inputs that came from the world while
+recording come from the trace: typed bytes reach the UART at their recorded positions, the disks
+hand out the sectors the trace says they did (DISK_READ records; replay needs no image), time
+values (CMOS clock, LAPIC current count, RDTSC) are the recorded ones, and each interrupt is
+taken at exactly its recorded position (the emu engine stops at that instruction count; on kvm at
+the recorded exit, or at the registers of its landmark) -- the LAPIC timer fires when the trace
+says it did. Everything else is computed by the device models and checked: every port and MMIO
+read the devices answer must equal the recorded value (a mismatch is a divergence naming the
+device and register), every write must be the recorded one, and an interrupt the trace takes must
+be one the replayed devices raised. The console is what the replayed UART prints. At the end the
+CPU state and a hash of RAM must match the footer. `replay()` reads the whole trace once before it
+runs anything, validating every record and the record digest: a trace altered after recording is
+reported as altered (TraceAlteredError, exit status 2) and never run, so a divergence (exit status
+1) always means the replay went another way than the recording.
+
+Because the devices are real, a replay can stop anywhere and go live (replay.live): the machine
+is in the state it had at that point, devices included.
 
 Records arrive validated by the TraceReader (replayvm.trace.records has their layouts), so fields
 are used here without further checks.
@@ -19,28 +26,25 @@ are used here without further checks.
 from __future__ import annotations
 
 import hashlib
-import mmap
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from replayvm import hw
-from replayvm.bus import Mapping
-from replayvm.clock import GuestClock, VirtualClock
+from replayvm.analyze.devices import register_at
+from replayvm.bus import Bus, Mapping
+from replayvm.devices import ide, uart
+from replayvm.devices.disk import SECTOR_SIZE, TraceDisk
 from replayvm.devices.lapic import is_pure_id_read
-from replayvm.devices.uart import LCR_DLAB, SerialOutputDecoder
 from replayvm.engines.base import CpuState, StopReason
-from replayvm.errors import ReplayVMError, UsageError
-from replayvm.machine import engine_stop_end, is_engine_stop_end
-from replayvm.trace.format import POSITIONED, Kind, TraceFormatError
+from replayvm.errors import ReplayVMError
+from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
+from replayvm.trace.format import DISK_READ_MINOR, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
-from replayvm.trace.records import (ACCESS, CLOCK, DPOS_INDEX, FOOTER_VERIFIED_BY, INPUT, INTERRUPT,
-                                    RAM_PAGE, RUN, SECTOR)
+from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER_VERIFIED_BY, INPUT,
+                                    INTERRUPT, RAM_PAGE, RUN, SECTOR)
 
-COM1_DATA = hw.COM1_PORT
-COM1_LSR = hw.COM1_PORT + 5
-LSR_DATA_READY = 0x01
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
@@ -53,6 +57,9 @@ END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit
 # the end of the session). Generous and guest-independent; checked once a watch tick.
 KVM_EXIT_FREE_LIMIT_S = 60.0
 KVM_WATCH_TICK_NS = 1_000_000_000
+# Registers that show a command's completion, by bus mapping: under --chaos they reflect random
+# latencies replay does not draw again, so there the recorded values are inputs.
+LATENCY_REGISTERS = {"ide0": (ide.STATUS_COMMAND,), "ide0.control": (0,), "com1": (uart.LSR, uart.IIR_FCR)}
 
 
 class Divergence(ReplayVMError):
@@ -102,23 +109,41 @@ class ReplayResult:
     guest_end: str = ""        # how the guest ended the recording itself (fault, shutdown), replayed
 
 
-class _NoDevice:
-    """Stands where a device was: the trace answers instead."""
+class TraceConsole:
+    """The replayed guest's console: what its UART and debug port print, kept (and shown)."""
+
+    def __init__(self, output: BinaryIO | None) -> None:
+        self.output = output
+        self.transcript = bytearray()
+
+    def write(self, byte: int) -> None:
+        self.transcript.append(byte)
+        if self.output is not None:
+            self.output.write(bytes((byte,)))
+
+    def flush(self) -> None:
+        if self.output is not None:
+            self.output.flush()
+
+    def close(self) -> None:
+        self.flush()
 
 
-class ReplayBus:
-    """The bus the engine sees during replay: answers from the trace, checks against it."""
+class CheckingBus:
+    """The bus the engine sees during replay: the machine's own bus behind it computes every
+    access with the real devices, and the replayer checks it against the trace."""
 
-    def __init__(self, replayer: "Replayer", mmio: bool) -> None:
+    def __init__(self, bus: Bus, replayer: "Replayer", mmio: bool) -> None:
+        self.bus = bus
         self.replayer = replayer
         self.mmio = mmio
-        self.kind = "mmio" if mmio else "pio"
+        self.kind = bus.kind
 
     def mappings(self) -> list[Mapping]:
-        if not self.mmio:
-            return []
-        return [Mapping(hw.IOAPIC_ADDR, hw.IOAPIC_SIZE, _NoDevice(), "ioapic"),
-                Mapping(hw.LAPIC_ADDR, hw.LAPIC_SIZE, _NoDevice(), "lapic")]
+        return self.bus.mappings()
+
+    def lookup(self, addr: int) -> Mapping | None:
+        return self.bus.lookup(addr)
 
     def read(self, addr: int, size: int) -> int:
         return self.replayer.read(self.mmio, addr, size)
@@ -131,10 +156,6 @@ class ReplayBus:
 
     def write_string(self, addr: int, size: int, data: bytes) -> None:
         self.replayer.write_string(addr, size, data)
-
-
-class _Lapic:
-    id_register_value = hw.BSP_APIC_ID << 24
 
 
 class RecordLog:
@@ -175,7 +196,45 @@ class RecordLog:
         self.cursor = cursor
 
 
+@dataclass
+class DueInput:
+    """Typed bytes the recording handed the UART at `position`: replay hands them over there."""
+
+    index: int
+    position: int
+    data: bytes
+
+
+@dataclass
+class ReplayPlace:
+    """Where a replay stands (a checkpoint keeps it): its place in the trace, the inputs read
+    from it but not handed to the machine yet, and the machine's device state."""
+
+    cursor: int
+    position: int
+    index: int
+    next: Event | None
+    recent: tuple[Event, ...]
+    run_data: bytes | None
+    run_offset: int
+    run_event: Event | None
+    console: int
+    inputs: int
+    mismatches: int
+    landmark_reached: bool
+    stopped_early: bool
+    due_inputs: tuple[DueInput, ...]
+    disk_reads: tuple[tuple[int, int, bytes], ...]
+    latest_tsc: int
+    devices: dict
+
+
 class Replayer:
+    """The trace input side of a `Machine`: the recorded machine, rebuilt from the trace header,
+    runs its real devices; this class gives it what came from the world while recording (typed
+    bytes, time values, disk sectors, interrupt positions) and checks every device access against
+    the trace (see the module docstring)."""
+
     def __init__(self, trace: Path, output: BinaryIO | None = None, keep_going: bool = False,
                  until_event: int | None = None, until_position: int | None = None,
                  seekable: bool = False, exit_free_limit_s: float = KVM_EXIT_FREE_LIMIT_S) -> None:
@@ -185,33 +244,43 @@ class Replayer:
         if missing:
             self.reader.close()
             raise TraceFormatError(f"{trace}: the header lacks {', '.join(missing)}: nothing to replay from")
+        self.header = header
         self.output = output
         self.keep_going = keep_going
         self.until_event = until_event
         self.until_position = until_position
         self.stopped_early = False
         self.mismatches: list[str] = []
-        self.console = bytearray()
-        self._map = mmap.mmap(-1, int(header["ram_bytes"]))
-        self.ram = memoryview(self._map)
-        # emu counts instructions (the engine attaches its counter); kvm's kicker needs real time
-        # for the exit-free watch
-        self.clock = GuestClock() if header.get("engine") == "kvm" else VirtualClock()
+        # Before format 1.2 the trace did not say which sectors the disks handed out: the disk
+        # controller's data reads are then the disk input, taken from the trace as recorded.
+        self.disk_reads_logged = (self.reader.major, self.reader.minor) >= (1, DISK_READ_MINOR)
+        # Under --chaos the disk and UART completed after random latencies, which replay does not
+        # draw again: the registers that show completion are then inputs too.
+        self.latencies_recorded = header.get("chaos_seed") is not None
         self.exit_free_limit_ns = int(exit_free_limit_s * 1e9)
         self._watch_tick_ns = 0                   # kvm: when the exit-free watch looks next
         self._watch_position = -1
         self._watch_since_ns = 0
-        self.pio = ReplayBus(self, mmio=False)
-        self.mmio = ReplayBus(self, mmio=True)
-        self.lapic = _Lapic()
-        self.interrupts = self
+        self._trace_console = TraceConsole(output)
+        self.console = self._trace_console.transcript
+        self.machine = self._build_machine(trace, header)
+        self.engine = self.machine.engine
+        self.ram = self.machine.ram
+        self.clock = self.machine.clock
+        self.lapic = self.machine.lapic
+        self.uart = self.machine.uart
+        self.on_kvm = self.engine.name == "kvm"
+        self._device_buses = (self.machine.pio, self.machine.mmio)
+        self.machine.pio = CheckingBus(self.machine.pio, self, mmio=False)    # type: ignore[assignment]
+        self.machine.mmio = CheckingBus(self.machine.mmio, self, mmio=True)   # type: ignore[assignment]
+        self.machine.use_trace_inputs(self)
         self._records = RecordLog(iter(self.reader), keep=seekable)
         self._sectors: dict[bytes, bytes] = {}
-        self._position = 0
+        self._disk_reads: deque[tuple[int, int, bytes]] = deque()   # (disk, lba, digest) to hand out
+        self._due_inputs: deque[DueInput] = deque()
+        self._position = int(header.get("start_position") or 0)
         self._index = 0
         self._recent: deque[Event] = deque(maxlen=RECENT)
-        self._serial = SerialOutputDecoder()
-        self._typed: deque[int] = deque()          # typed bytes the guest's UART has not read yet
         self._run_data: bytes | None = None      # the current read/write run being consumed
         self._run_offset = 0
         self._run_event: Event | None = None
@@ -223,24 +292,78 @@ class Replayer:
         self.next: Event | None = None
         self._landmark_reached = False
         self.landmark_hits = 0
+        self.latest_tsc = 0                       # the last TSC value the guest read (going live)
         self._run_limit: int | None = None        # the limit of the run_to under way
         self._engine_stopped = False              # the engine stopped as the recording's did
         self._advance()                           # loads initial RAM pages, finds the first event
-        if header["engine"] == "kvm":
-            from replayvm.engines.kvm import KvmEngine
-
-            self.engine = KvmEngine(self)
-        else:
-            from replayvm.engines.emu import EmuEngine
-
-            self.engine = EmuEngine(self)
-        self.on_kvm = self.engine.name == "kvm"
         try:
-            self.engine.set_state(CpuState.from_dict(header["initial_state"]))
+            self.engine.set_state(self.machine.boot_state)
         except Exception as error:               # well typed, but not a state this CPU can be in
             self.close()
             raise TraceFormatError(f"{trace}: the header's initial_state cannot be loaded "
                                    f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if header.get("start_position"):
+            self.engine.start_at_position(int(header["start_position"]))
+
+    def _build_machine(self, trace: Path, header: dict) -> Machine:
+        """The machine the trace was recorded on, with disks fed from the trace."""
+        ram_bytes = int(header["ram_bytes"])            # validated: pages, at most MAX_RAM_MIB
+        disks = []
+        for index, disk in enumerate(header.get("disks") or []):
+            trace_disk = TraceDisk(str(disk.get("name") or f"disk{index}"), int(disk.get("sectors") or 0),
+                                   disk.get("sha256"))
+            trace_disk.supply = self._supplier(index)
+            disks.append(trace_disk)
+        engine = header["engine"]
+        # emu counts instructions (the engine attaches its counter); kvm's kicker needs real time
+        # for the exit-free watch
+        config = MachineConfig(ram_bytes=ram_bytes, engine=engine, virtual_clock=engine == "emu")
+        try:
+            boot_state = CpuState.from_dict(header["initial_state"])
+            machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)  # type: ignore[arg-type]
+        except ReplayVMError:
+            self.reader.close()
+            raise
+        except Exception as error:
+            self.reader.close()
+            raise TraceFormatError(f"{trace}: the header's initial_state cannot be used "
+                                   f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if header.get("start_time") and header.get("clock") == "wall":
+            machine.clock.epoch_s = float(header["start_time"])
+        devices = header.get("devices")
+        if devices is not None:
+            try:
+                machine.restore_devices(devices)
+            except Exception as error:
+                machine.close()
+                self.reader.close()
+                raise TraceFormatError(f"{trace}: the header's device state cannot be restored "
+                                       f"({type(error).__name__}: {error})") from None
+        return machine
+
+    def _supplier(self, disk: int) -> Callable[[int, bytes | None], bytes | None]:
+        def supply(lba: int, written: bytes | None) -> bytes | None:
+            return self._supply_sector(disk, lba, written)
+        return supply
+
+    def _supply_sector(self, disk: int, lba: int, written: bytes | None) -> bytes | None:
+        """Disk `disk`'s controller asks for sector `lba`: the recording's next DISK_READ must
+        be that sector (and, if the guest wrote it, what the guest wrote)."""
+        if not self.disk_reads_logged:
+            return None                                   # the controller's data reads tell
+        name = self.machine.disks[disk].name
+        if not self._disk_reads:
+            self._diverge(f"the guest's disk controller read sector {lba} of {name}, which the recording "
+                          f"did not read here", self.next)
+        recorded_disk, recorded_lba, digest = self._disk_reads.popleft()
+        if (recorded_disk, recorded_lba) != (disk, lba):
+            self._diverge(f"the guest's disk controller read sector {lba} of {name} where the recording "
+                          f"read sector {recorded_lba} of disk {recorded_disk}", self.next)
+        data = self._sectors[digest]
+        if written is not None and written != data:
+            self._diverge(f"sector {lba} of {name} holds what the replayed guest wrote, which is not what "
+                          f"the recording read back", self.next)
+        return data
 
     # ---------------------------------------------------------------- the event stream
     def _advance(self) -> None:
@@ -253,25 +376,56 @@ class Replayer:
                 self.ram[start:start + 4096] = record[RAM_PAGE.data]
             elif kind == Kind.SECTOR:
                 self._sectors[record[SECTOR.digest]] = record[SECTOR.data]
+            elif kind == Kind.DISK_READ:
+                self._disk_reads.append((record[DISK_READ.disk], record[DISK_READ.lba], record[DISK_READ.digest]))
             elif kind == Kind.FOOTER:
                 self.footer = record[1]
             elif kind == Kind.INPUT:
-                # Typed bytes reach the guest as UART reads, which the trace answers: they are
-                # queued here and each read of the UART is checked against them (_check_uart).
+                # Typed bytes reach the UART at their position (_feed_due_input), as while recording.
                 self._position += record[DPOS_INDEX]
                 data = bytes(record[INPUT.data])
                 if record[INPUT.source] != TYPED_SOURCE:
                     self._diverge(f"input typed at {record[INPUT.source]!r}, which no device of this "
                                   f"machine receives", Event(self._index, Kind.INPUT, self._position, record))
+                self._due_inputs.append(DueInput(self._index, self._position, data))
                 self._index += 1
                 self.inputs.append(data)
-                self._typed.extend(data)
             elif kind in POSITIONED:
                 self._position += record[DPOS_INDEX]
                 self.next = Event(self._index, Kind(kind), self._position, record)
                 self._index += 1
                 return
         self.next = None
+
+    @property
+    def events_done(self) -> int:
+        """How many of the trace's events the replay has done."""
+        return self.next.index if self.next is not None else self._index
+
+    @property
+    def at_recorded_end(self) -> bool:
+        return self.next is None and self.engine.position >= (self.end_position or 0)
+
+    def hand_over(self) -> None:
+        """Going live (replay.live): the machine stops taking its inputs from the trace. Input
+        typed by now reaches the UART; what the recording typed later is not typed."""
+        self._feed_due_input(between_instructions=True)
+        self._due_inputs.clear()
+        machine = self.machine
+        machine.pio, machine.mmio = self._device_buses
+        machine.use_world_inputs()
+        for disk in machine.disks:
+            if isinstance(disk, TraceDisk):
+                disk.supply = None
+
+    def _feed_due_input(self, between_instructions: bool) -> None:
+        """Hand the UART the typed bytes due by now. Between instructions that is those typed at
+        this position; inside an access, those typed before it (the access belongs to the next
+        instruction, or exit, after the recording's machine loop fed them)."""
+        due = self._due_inputs
+        position = self.engine.position
+        while due and (due[0].position < position or (between_instructions and due[0].position == position)):
+            self.uart.feed_input(due.popleft().data)
 
     def _absorb_skipped(self, record: list) -> None:
         """Content a jump forward passes over: sectors later runs refer to, and the footer."""
@@ -379,50 +533,64 @@ class Replayer:
         raise Divergence(message)
 
     # ---------------------------------------------------------------- device accesses
+    def _device(self, mmio: bool, addr: int) -> tuple[Mapping | None, Bus]:
+        bus = self._device_buses[1 if mmio else 0]
+        return bus.lookup(addr), bus
+
+    @staticmethod
+    def _register_name(mmio: bool, mapping: Mapping | None, addr: int) -> str:
+        if mapping is None:
+            return f"unclaimed {'address' if mmio else 'port'} {addr:#x}"
+        return f"{register_at('mmio' if mmio else 'pio', addr) or mapping.name} ({addr:#x})"
+
+    def _is_input_register(self, mmio: bool, mapping: Mapping | None, addr: int) -> bool:
+        """A register whose recorded value is an input, not the device's to compute: disk data
+        before format 1.2, and completion status under chaos latencies."""
+        if mapping is None or mmio:
+            return False
+        offset = addr - mapping.base
+        if not self.disk_reads_logged and mapping.device is self.machine.ide.command_block \
+                and offset == ide.DATA:
+            return True
+        return self.latencies_recorded and offset in LATENCY_REGISTERS.get(mapping.name, ())
+
+    def _computed(self, mmio: bool, addr: int, size: int, recorded: int, event: Event) -> int:
+        """The device's answer to a read, checked against the recorded value: the value the
+        guest gets (the recorded one where they differ, so a --continue replay stays on track)."""
+        mapping, bus = self._device(mmio, addr)
+        value = bus.read(addr, size)
+        if value != recorded and not self._is_input_register(mmio, mapping, addr):
+            self._mismatch(f"{self._register_name(mmio, mapping, addr)} read {value:#x} in the replay, "
+                           f"{recorded:#x} in the recording", event)
+        return recorded
+
     def read(self, mmio: bool, addr: int, size: int) -> int:
+        self._feed_due_input(between_instructions=False)
         if self._run_data is not None:
             event = self._run_event
-            value = self._read_from_run(addr, size)
-        elif mmio:
+            assert event is not None
+            return self._computed(mmio, addr, size, self._read_from_run(addr, size), event)
+        if mmio:
             if is_pure_id_read(addr, size):          # kvm (emu serves these in C): not logged
                 self._check_exit_in_bounds("a read of the LAPIC ID register")
                 if self.next is None and self._kvm_end_reached():
                     self._stop_engine()
-                return self.lapic.id_register_value
+                return self._device_buses[1].read(addr, size)
             if addr == hw.LAPIC_ADDR + 0x390:
+                self._device_buses[1].read(addr, size)                 # a time value: the trace's
                 return self._take(Kind.CLOCK).record[CLOCK.value]
             event = self._take(Kind.MMIO_READ)
             self._check_access(event, addr, size)
-            return event.record[ACCESS.value]
-        else:
-            event = self._take(Kind.PIO_READ, Kind.PIO_READ_RUN, Kind.CLOCK)
-            if event.kind == Kind.CLOCK:
-                return event.record[CLOCK.value]
-            if event.kind == Kind.PIO_READ_RUN:
-                self._start_run(event)
-                value = self._read_from_run(addr, size, first=True)
-            else:
-                self._check_access(event, addr, size)
-                value = event.record[ACCESS.value]
-        if (addr == COM1_DATA or addr == COM1_LSR) and not mmio and event is not None:
-            self._check_uart(addr, value, event)
-        return value
-
-    def _check_uart(self, port: int, value: int, event: Event) -> None:
-        """A UART read must deliver what was typed: the receive register the next typed byte
-        (or 0 when none waits), the line status' data-ready bit whether one waits. So an input
-        record's bytes, and its position, are checked against the reads that deliver them."""
-        typed = self._typed
-        if port == COM1_LSR:
-            if bool(value & LSR_DATA_READY) != bool(typed):
-                self._mismatch(f"the UART's line status says {'' if value & LSR_DATA_READY else 'no '}"
-                               f"input is waiting; the trace's input records have "
-                               f"{len(typed)} bytes not read yet", event)
-        elif not self._serial.lcr & LCR_DLAB:
-            expected = typed.popleft() if typed else 0
-            if value != expected:
-                self._mismatch(f"the guest read {value:#x} from the UART where the trace's input records "
-                               f"give {expected:#x}", event)
+            return self._computed(mmio, addr, size, event.record[ACCESS.value], event)
+        event = self._take(Kind.PIO_READ, Kind.PIO_READ_RUN, Kind.CLOCK)
+        if event.kind == Kind.CLOCK:
+            self._device_buses[0].read(addr, size)                     # a time value: the trace's
+            return event.record[CLOCK.value]
+        if event.kind == Kind.PIO_READ_RUN:
+            self._start_run(event)
+            return self._computed(mmio, addr, size, self._read_from_run(addr, size), event)
+        self._check_access(event, addr, size)
+        return self._computed(mmio, addr, size, event.record[ACCESS.value], event)
 
     def _start_run(self, event: Event) -> None:
         self._run_data = self._run_bytes(event.record)
@@ -439,6 +607,7 @@ class Replayer:
 
     def read_string(self, port: int, size: int, count: int) -> bytes:
         """A whole `rep ins` at once (the kvm engine's string exits): one run record."""
+        self._feed_due_input(between_instructions=False)
         event = self._take(Kind.PIO_READ_RUN, Kind.PIO_READ)
         if event.kind == Kind.PIO_READ:
             data = event.record[ACCESS.value].to_bytes(size, "little")
@@ -447,22 +616,25 @@ class Replayer:
         if event.record[RUN.port] != port or event.record[RUN.size] != size or len(data) != size * count:
             self._diverge(f"recorded {event.describe()}; replayed a string read of {count} x {size} bytes "
                           f"from port {port:#x}", event)
-        if port == COM1_DATA or port == COM1_LSR:
-            for i in range(0, len(data), size):
-                self._check_uart(port, int.from_bytes(data[i:i + size], "little"), event)
+        mapping, bus = self._device(False, port)
+        computed = bus.read_string(port, size, count)
+        if computed != data and not self._is_input_register(False, mapping, port):
+            first = next(i for i in range(len(data)) if computed[i] != data[i]) // size
+            self._mismatch(f"{self._register_name(False, mapping, port)} string read element {first} differs "
+                           f"between the replay's device and the recording", event)
         return data
 
     def write_string(self, port: int, size: int, data: bytes) -> None:
+        self._feed_due_input(between_instructions=False)
         event = self._take(Kind.PIO_WRITE_RUN, Kind.PIO_WRITE)
         recorded = event.record[ACCESS.value].to_bytes(size, "little") if event.kind == Kind.PIO_WRITE \
             else bytes(event.record[RUN.data])
         if event.record[RUN.port] != port or event.record[RUN.size] != size or recorded != data:
             self._mismatch(f"recorded {event.describe()}; replayed a string write of {len(data)} bytes "
                            f"to port {port:#x}", event)
-        for offset in range(0, len(data), size):
-            self._console(port, int.from_bytes(data[offset:offset + size], "little"))
+        self._device_buses[0].write_string(port, size, data)
 
-    def _read_from_run(self, addr: int, size: int, first: bool = False) -> int:
+    def _read_from_run(self, addr: int, size: int) -> int:
         event = self._run_event
         assert event is not None and self._run_data is not None
         element = self._run_offset // size
@@ -484,21 +656,22 @@ class Replayer:
             self._bound_run()
 
     def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
+        self._feed_due_input(between_instructions=False)
+        bus = self._device_buses[1 if mmio else 0]
         if self._run_data is not None and self._run_event is not None \
                 and self._run_event.kind == Kind.PIO_WRITE_RUN:
             self._write_into_run(addr, size, value)
-            return
-        if mmio:
+        elif mmio:
             event = self._take(Kind.MMIO_WRITE)
             self._check_access(event, addr, size, value)
-            return
-        event = self._take(Kind.PIO_WRITE, Kind.PIO_WRITE_RUN)
-        if event.kind == Kind.PIO_WRITE_RUN:
-            self._start_run(event)
-            self._write_into_run(addr, size, value)
-            return
-        self._check_access(event, addr, size, value)
-        self._console(addr, value)
+        else:
+            event = self._take(Kind.PIO_WRITE, Kind.PIO_WRITE_RUN)
+            if event.kind == Kind.PIO_WRITE_RUN:
+                self._start_run(event)
+                self._write_into_run(addr, size, value)
+            else:
+                self._check_access(event, addr, size, value)
+        bus.write(addr, size, value)
 
     def _write_into_run(self, addr: int, size: int, value: int) -> None:
         event = self._run_event
@@ -511,7 +684,6 @@ class Replayer:
         if addr != event.record[RUN.port] or size != event.record[RUN.size] or value != expected:
             self._mismatch(f"write run to port {event.record[RUN.port]:#x} element {element}: recorded "
                            f"{expected:#x}, replayed {value:#x} to port {addr:#x}", event)
-        self._console(addr, value)
         self._run_offset += size
         if self._run_offset >= len(self._run_data):
             self._end_run()
@@ -523,29 +695,11 @@ class Replayer:
             got = f"address {addr:#x} size {size}" + (f" value {value:#x}" if value is not None else "")
             self._mismatch(f"recorded {event.describe()}; replayed {got}", event)
 
-    def _mismatch(self, what: str, event: Event) -> None:
+    def _mismatch(self, what: str, event: Event | None) -> None:
         if not self.keep_going:
             self._diverge(what, event)
-        self.mismatches.append(f"event {event.index}: {what}")
-
-    def _console(self, port: int, value: int) -> None:
-        """What the guest printed: COM1 as its UART decides (uart.SerialOutputDecoder), and every
-        byte written to the debug console port. A byte the UART sends in loopback mode is not
-        printed: it comes back as received input, which the guest's reads must then deliver."""
-        if hw.COM1_PORT <= port < hw.COM1_PORT + hw.COM1_PORTS:
-            offset = port - hw.COM1_PORT
-            sent = self._serial.write(offset, value)
-            if sent is None:
-                if self._serial.loops_back(offset):
-                    self._typed.append(value & 0xFF)
-                return
-        elif port == hw.DEBUG_CON_PORT:
-            sent = value & 0xFF
-        else:
-            return
-        self.console.append(sent)
-        if self.output is not None:
-            self.output.write(bytes((sent,)))
+        where = f"event {event.index}" if event is not None else "end of trace"
+        self.mismatches.append(f"{where}: {what}")
 
     # ---------------------------------------------------------------- what the engine asks
     def poll(self) -> int | None:
@@ -582,14 +736,22 @@ class Replayer:
         return tick
 
     def has_pending(self) -> bool:
+        self._feed_due_input(between_instructions=True)
         event = self.next
         if event is None or event.kind != Kind.INTERRUPT or event.position != self.engine.position:
             return False
         return len(event.record) <= 6 or self._landmark_reached
 
     def acknowledge(self) -> int:
+        """The CPU takes the interrupt the recording took here; the machine's interrupt
+        controllers must have it pending (the timer's fires now: the trace drives it)."""
         self._landmark_reached = False
-        return self._take(Kind.INTERRUPT).record[INTERRUPT.vector]
+        event = self._take(Kind.INTERRUPT)
+        vector = event.record[INTERRUPT.vector]
+        if not self.lapic.take_recorded(vector):
+            self._mismatch(f"the recording took interrupt vector {vector} ({event.record[INTERRUPT.source]}) "
+                           f"here; the replayed devices had not raised it", event)
+        return vector
 
     def _seek_landmark(self, event: Event) -> None:
         """kvm: the interrupt was injected between exits: find where (see _run_to_landmark)."""
@@ -643,33 +805,42 @@ class Replayer:
                               "exits)", None, tries=END_LANDMARK_TRIES)
 
     def read_tsc(self) -> int:
-        return self._take(Kind.CLOCK).record[CLOCK.value]
+        value = self._take(Kind.CLOCK).record[CLOCK.value]
+        self.latest_tsc = max(self.latest_tsc, value)
+        return value
 
     # ---------------------------------------------------------------- saving and restoring
-    def save_state(self) -> tuple:
-        """Where the replay stands in the trace (not RAM or CPU: see replay.checkpoints).
+    def save_state(self) -> "ReplayPlace":
+        """Where the replay stands in the trace, and the machine's device state (not RAM or CPU:
+        see replay.checkpoints).
 
         Console text and typed input are prefixes of what the whole replay produces, so only
         their lengths are saved; the longest seen so far is kept to restore a later point."""
         self._remember_output()
-        return (self._records.cursor, self._position, self._index, self.next, tuple(self._recent),
-                self._serial.lcr, self._run_data, self._run_offset, self._run_event, len(self.console),
-                len(self.inputs), len(self.mismatches), self._landmark_reached, self.stopped_early,
-                bytes(self._typed), self._serial.mcr)
+        return ReplayPlace(
+            cursor=self._records.cursor, position=self._position, index=self._index, next=self.next,
+            recent=tuple(self._recent), run_data=self._run_data, run_offset=self._run_offset,
+            run_event=self._run_event, console=len(self.console), inputs=len(self.inputs),
+            mismatches=len(self.mismatches), landmark_reached=self._landmark_reached,
+            stopped_early=self.stopped_early, due_inputs=tuple(self._due_inputs),
+            disk_reads=tuple(self._disk_reads), latest_tsc=self.latest_tsc,
+            devices=self.machine.save_devices())
 
-    def restore_state(self, saved: tuple) -> None:
-        (cursor, self._position, self._index, self.next, recent, serial, self._run_data,
-         self._run_offset, self._run_event, console, inputs, mismatches, self._landmark_reached,
-         self.stopped_early, typed, mcr) = saved
-        self._serial.restore((serial, mcr))
+    def restore_state(self, saved: "ReplayPlace") -> None:
+        self._position, self._index, self.next = saved.position, saved.index, saved.next
+        self._run_data, self._run_offset, self._run_event = saved.run_data, saved.run_offset, saved.run_event
+        self._landmark_reached, self.stopped_early = saved.landmark_reached, saved.stopped_early
+        self.latest_tsc = saved.latest_tsc
         self._engine_stopped = False
-        self._typed = deque(typed)
-        self._records.rewind(cursor, self._absorb_skipped)
-        self._recent = deque(recent, maxlen=RECENT)
+        self._due_inputs = deque(saved.due_inputs)
+        self._disk_reads = deque(saved.disk_reads)
+        self.machine.restore_devices(saved.devices)
+        self._records.rewind(saved.cursor, self._absorb_skipped)
+        self._recent = deque(saved.recent, maxlen=RECENT)
         self._remember_output()
-        self.console[:] = self._console_seen[:console]
-        self.inputs[:] = self._inputs_seen[:inputs]
-        del self.mismatches[mismatches:]
+        self.console[:] = self._console_seen[:saved.console]
+        self.inputs[:] = self._inputs_seen[:saved.inputs]
+        del self.mismatches[saved.mismatches:]
         self._digest = None
 
     def _remember_output(self) -> None:
@@ -800,18 +971,9 @@ class Replayer:
             self._diverge("console output differs from the recording", None)
 
     def close(self) -> None:
-        self.engine.close()
+        self.machine.close()
         self.reader.close()
-        self._release_ram()
-
-    def _release_ram(self) -> None:
-        """Give the guest's RAM back now, not when a garbage collection finds the replayer's
-        reference cycles (one replay after another would otherwise hold 256 MiB each)."""
-        try:
-            self.ram.release()
-            self._map.close()
-        except (BufferError, ValueError):         # still exported (an engine kept a view): leave it to GC
-            pass
+        self.machine.release_ram()
 
 
 def replay(trace: Path, output: BinaryIO | None = None, keep_going: bool = False,

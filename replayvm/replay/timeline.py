@@ -47,13 +47,14 @@ class Stop:
 class Timeline:
     def __init__(self, trace: Path, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  output: BinaryIO | None = None, keep_checkpoints: bool = False) -> None:
-        self.replayer = Replayer(trace, seekable=True)
-        if self.replayer.on_kvm:
-            self.replayer.close()
+        with TraceReader(trace) as reader:
+            recorded_on = reader.header.get("engine")
+        if recorded_on == "kvm":
             raise UsageError(f"{trace}: recorded on kvm; stepping, seeking and reverse execution "
                              f"need a trace recorded on emu (positions on kvm are exit counts)")
         if checkpoint_every < 1:
             raise UsageError("the checkpoint interval must be at least one instruction")
+        self.replayer = Replayer(trace, seekable=True)
         self.trace = Path(trace)
         self.engine = self.replayer.engine
         self.every = checkpoint_every
