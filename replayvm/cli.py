@@ -104,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--engine", choices=("emu", "kvm"),
                         help="must be the engine the trace was recorded on (emu traces replay on emu, "
                              "kvm traces on kvm; replaying on the other engine is not supported yet)")
+    live = replay.add_argument_group("going live", "replay to --seek (default: the recording's end), "
+                                     "then continue the guest live from there with its devices as "
+                                     "they were, recording a branch trace with -o")
+    live.add_argument("--live", action="store_true", help="go live at --seek, or at the end")
+    live.add_argument("-o", "--output", type=Path, metavar="FILE",
+                      help="with --live: record the live continuation into this branch trace")
+    live.add_argument("--input", metavar="TEXT",
+                      help=r"with --live: type these lines (C escapes), each when the prompt shows")
+    live.add_argument("--prompt", default="$ ", help="with --live: prompt that --input waits for")
+    live.add_argument("--live-until", metavar="TEXT", help="with --live: end when the console shows TEXT")
+    live.add_argument("--timeout", type=positive_seconds, metavar="S",
+                      help="with --live: give up after S seconds of guest time")
+    live.add_argument("--virtual-clock", action="store_true",
+                      help="with --live: deterministic guest time from the instruction count (emu)")
+    live.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
+                      help="with --live: the recording's disk images, in IDE order, for sectors the "
+                           "recording never read (checked against the trace's hashes)")
 
     analyze = verbs.add_parser("analyze", help="load a trace into SQLite for SQL questions",
                                description="Load a trace into an SQLite database (tables exits, "
@@ -274,11 +291,46 @@ def cmd_debug(args: argparse.Namespace) -> int:
         timeline.close()
 
 
+def cmd_live(args: argparse.Namespace) -> int:
+    """replay --live: replay to a point (verified on the way), then go on live from there."""
+    from replayvm.console import decode_escapes
+    from replayvm.replay.live import LiveOptions, replay_and_go_live
+
+    if args.gdb is not None or args.until is not None or args.keep_going:
+        raise UsageError("--live does not combine with --gdb, --until or --continue")
+    if args.output is not None and args.output.resolve() == args.trace.resolve():
+        raise UsageError(f"the branch trace cannot overwrite its parent {args.trace}")
+    script = decode_escapes(args.input, "--input") if args.input is not None else None
+    options = LiveOptions(
+        script=script, prompt=decode_escapes(args.prompt, "--prompt"),
+        until=decode_escapes(args.live_until, "--live-until") if args.live_until else None,
+        timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
+        virtual_clock=args.virtual_clock, trace=args.output, disks=list(args.disk),
+        command_line=sys.argv[:])
+    output = None if args.quiet else sys.stdout.buffer
+    outcome, position = replay_and_go_live(args.trace, options, seek=args.seek, output=output,
+                                           checkpoint_every=args.checkpoint_every,
+                                           keep_checkpoints=args.keep_checkpoints)
+    sys.stdout.flush()
+    if args.output is not None:
+        _say(f"live from position {position:,}: branch trace in {args.output}")
+    return _session_status(outcome)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from replayvm.replay.replayer import replay
 
     import time
 
+    live_only = [name for name, given in (("-o", args.output is not None), ("--input", args.input is not None),
+                                          ("--live-until", args.live_until is not None),
+                                          ("--timeout", args.timeout is not None),
+                                          ("--virtual-clock", args.virtual_clock), ("--disk", bool(args.disk)))
+                 if given]
+    if args.live:
+        return cmd_live(args)
+    if live_only:
+        raise UsageError(f"{', '.join(live_only)} only with --live")
     if args.gdb is not None or args.seek is not None:
         return cmd_debug(args)
 

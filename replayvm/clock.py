@@ -32,6 +32,11 @@ class GuestClock:
         self._offset_ns = 0
         self.epoch_s = time.time()
 
+    def resume_at(self, ns: int) -> None:
+        """Guest time is `ns` now and runs on with the host's (a replay going live)."""
+        self._start_ns = time.monotonic_ns()
+        self._offset_ns = ns
+
     def wall_time_s(self) -> float:
         """Seconds since the Unix epoch at the current guest time (what the CMOS RTC shows)."""
         return self.epoch_s + self.now_ns() / 1e9
@@ -57,6 +62,11 @@ class VirtualClock(GuestClock):
 
     def advance(self, ns: int) -> None:
         self._offset_ns += ns
+
+    def resume_at(self, ns: int) -> None:
+        """Guest time is `ns` now (a replay going live); the engine's count drives it on."""
+        source = self.source
+        self._offset_ns = ns - (source() if source is not None else 0)
 
     def start(self) -> None:
         """Virtual time does not depend on when the guest starts."""

@@ -65,7 +65,8 @@ class Console:
     """Collects guest output, supplies guest input, and says when a scripted session is over."""
 
     def __init__(self, output: BinaryIO | None = None, *, script: bytes | None = None,
-                 prompt: bytes = b"$ ", until: bytes | None = None, interactive: bool = False) -> None:
+                 prompt: bytes = b"$ ", until: bytes | None = None, interactive: bool = False,
+                 shown_before: bytes = b"") -> None:
         self.output = output
         self.transcript = bytearray()
         self.prompt = prompt
@@ -75,6 +76,9 @@ class Console:
         self.until_matched = False
         self._script_lines = _split_lines(script) if script is not None else None
         self._search_from = 0             # where to look for the next prompt in the transcript
+        # A console taking over a replayed session (replay --live): a prompt the replay showed
+        # last (or began to show) counts as shown here.
+        self._before = shown_before[-len(prompt):] if prompt else b""
         self._until_from = 0
         self._pending = bytearray()       # keystrokes not yet handed to the guest
         self._lock = threading.Lock()
@@ -121,10 +125,16 @@ class Console:
 
     def _next_script_line(self) -> bytes:
         assert self._script_lines is not None
-        found = self.transcript.find(self.prompt, self._search_from)
-        if found < 0:
-            return b""
-        self._search_from = found + len(self.prompt)
+        before = self._before
+        found = (before + self.transcript[:len(self.prompt)]).find(self.prompt) if before else -1
+        if found >= 0:
+            self._before = b""
+            self._search_from = max(0, found + len(self.prompt) - len(before))
+        else:
+            found = self.transcript.find(self.prompt, self._search_from)
+            if found < 0:
+                return b""
+            self._search_from = found + len(self.prompt)
         if not self._script_lines:
             self.script_done = True
             return b""

@@ -121,7 +121,11 @@ def check_trace_path(path: Path) -> None:
         raise UsageError(f"cannot write trace {path}: folder {folder} does not exist")
 
 
-def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWriter, Recorder, float]:
+def start_recording(machine: Machine, options: SessionOptions, branch: dict | None = None,
+                    ) -> tuple[TraceWriter, Recorder, float]:
+    """Write the header and the initial RAM, and attach a recorder. A `branch` (replay --live)
+    adds the header fields of a trace that starts inside another: parent, start_position,
+    devices; its initial state is the CPU's now."""
     header = {
         "format": "replayvm-trace", "replayvm": __version__, "engine": machine.engine.name,
         "position_unit": "instructions" if machine.engine.name == "emu" else "exits",
@@ -136,13 +140,18 @@ def start_recording(machine: Machine, options: SessionOptions) -> tuple[TraceWri
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
+    start_position = 0
+    if branch is not None:
+        header.update(branch)
+        header["initial_state"] = machine.engine.get_state().to_dict()
+        start_position = int(branch["start_position"])
     try:
         writer = TraceWriter(options.trace, header)
     except OSError as error:                 # read-only, no permission, disk full at the header
         raise UsageError(f"cannot write trace {options.trace}: {error.strerror or error}") from None
     for number, page in initial_ram_pages(machine.ram):
         writer.append((Kind.RAM_PAGE, number, page))
-    recorder = Recorder(machine, writer)
+    recorder = Recorder(machine, writer, start_position=start_position)
     machine.halt_observers.append(recorder.halted)
     return writer, recorder, time.monotonic()
 

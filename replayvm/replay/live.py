@@ -1,0 +1,154 @@
+"""Going live: a replay stopped at some point hands its machine to the world and records on.
+
+Replay runs the recorded machine with its real devices (replay.replayer), so wherever it stops,
+the machine -- CPU, RAM, every device, what the guest wrote to its disks -- is in the state it had
+at that point of the recording. Going live swaps the machine's input side back: the console (a
+terminal or `--input`) types into the UART, the clock runs on from the replay's guest time, the
+LAPIC's own timer fires again, and the disks hand out the sectors the trace showed them hand out,
+or, for sectors the recording never read, the image given with `--disk` (checked against the
+trace's hash). A new trace is recorded from there: a *branch*, whose header names its parent
+trace and the position it went live at, and carries the devices' state, so the branch replays on
+its own (`replayvm replay branch.zst`).
+
+What the branch's first state does not carry: the x87/SSE registers and MSRs (CpuState has the
+general, segment and control registers), and the one-instruction interrupt shadow after `sti` or
+`mov ss` -- seek to an event, not into such a shadow, to go live.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from replayvm.clock import GuestClock, VirtualClock
+from replayvm.console import Console
+from replayvm.devices.disk import MissingSector, TraceDisk
+from replayvm.errors import GuestFault, UsageError
+from replayvm.machine import Machine, RunOutcome
+from replayvm.record.session import SessionOptions, check_trace_path, finish_recording, start_recording
+from replayvm.replay.replayer import Replayer
+
+
+class LiveDiskMissing(UsageError):
+    """The live guest read a sector the recording never read, and no image was given."""
+
+
+@dataclass
+class LiveOptions:
+    """How the live continuation runs: its console, its clock, where its trace goes."""
+
+    script: bytes | None = None           # --input, escapes decoded
+    prompt: bytes = b"$ "
+    until: bytes | None = None
+    timeout_s: float | None = None
+    interactive: bool = False
+    virtual_clock: bool = False
+    trace: Path | None = None             # the branch trace (-o); None: run without recording
+    disks: list[Path] = field(default_factory=list)   # images for sectors the recording never read
+    command_line: list[str] = field(default_factory=list)
+
+
+def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = None,
+            parent_sha256: str | None = None) -> RunOutcome:
+    """Continue the replayed guest live from where `replayer` stands (see the module docstring).
+    Records a branch trace when `options.trace` is given; returns how the live session ended."""
+    if options.trace is not None:
+        check_trace_path(options.trace)
+    machine = replayer.machine
+    if options.virtual_clock and machine.engine.name != "emu":
+        raise UsageError("--virtual-clock needs the emu engine")
+    disks = [disk for disk in machine.disks if isinstance(disk, TraceDisk)]
+    if len(options.disks) > len(disks):
+        raise UsageError(f"the recording had {len(disks)} disk(s); {len(options.disks)} --disk images given")
+    for disk, image in zip(disks, options.disks):
+        if not image.is_file():
+            raise UsageError(f"disk image not found: {image}")
+        try:
+            disk.attach_image(image)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    position = replayer.engine.position
+    event = replayer.events_done
+    replayer.hand_over()
+    console = Console(output if output is not None else sys.stdout.buffer, script=options.script,
+                      prompt=options.prompt, until=options.until, interactive=options.interactive,
+                      shown_before=bytes(replayer.console))
+    machine.set_console(console)
+    now = max(replayer.clock.now_ns(), replayer.latest_tsc)
+    clock: GuestClock = VirtualClock(replayer.clock.epoch_s) if options.virtual_clock else GuestClock()
+    clock.epoch_s = replayer.clock.epoch_s
+    machine.set_clock(clock)
+    clock.resume_at(now)
+    recording = None
+    outcome: RunOutcome | None = None
+    end_detail = "the recorder stopped"
+    try:
+        if options.trace is not None:
+            session = SessionOptions(engine=machine.engine.name, virtual_clock=options.virtual_clock,
+                                     trace=options.trace, command_line=options.command_line)
+            branch = {"parent": {"trace": str(replayer.reader.path), "trace_sha256": parent_sha256,
+                                 "position": position, "event": event},
+                      "start_position": position, "devices": machine.save_devices(),
+                      "boot": replayer.header.get("boot", "disk"), "kernel": replayer.header.get("kernel")}
+            recording = start_recording(machine, session, branch=branch)
+        try:
+            outcome = machine.run(timeout_s=options.timeout_s)
+        except MissingSector as missing:
+            end_detail = str(missing)
+            outcome = RunOutcome("missing-sector", machine.clock.now_ns(), machine.engine.position, str(missing))
+            raise LiveDiskMissing(str(missing)) from None
+        end_detail = outcome.detail
+    except GuestFault as fault:
+        end_detail = str(fault).splitlines()[0]
+        raise
+    finally:
+        if recording is not None:
+            finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
+    return outcome
+
+
+def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = None,
+                       output: BinaryIO | None = None, checkpoint_every: int | None = None,
+                       keep_checkpoints: bool = True) -> tuple[RunOutcome, int]:
+    """Replay `trace` to `seek` (an event number or i<position>; None: the recording's end),
+    verifying it on the way, then go live there. Returns the live outcome and the position."""
+    from replayvm.replay.checkpoint_file import trace_digest
+    from replayvm.replay.gdbstub import parse_position
+    from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
+    from replayvm.trace.reader import check_unaltered
+
+    check_unaltered(trace)
+    with_timeline = seek is not None
+    if with_timeline:
+        timeline = Timeline(trace, checkpoint_every=checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
+                            output=output, keep_checkpoints=keep_checkpoints)
+        replayer = timeline.replayer
+        try:
+            wanted = parse_position(seek, timeline)
+            timeline.seek(min(wanted, timeline.end))
+            timeline.save_checkpoints()
+        except BaseException:
+            timeline.close()
+            raise
+        closer = timeline.close
+    else:
+        replayer = Replayer(trace, output=output)
+        closer = replayer.close
+        try:
+            if replayer.run_to(None) != "end":
+                raise UsageError(f"{trace}: the replay stopped before the recording's end")
+        except BaseException:
+            replayer.close()
+            raise
+    try:
+        footer = replayer.footer or {}
+        if replayer.at_recorded_end and footer.get("end") in ("fault", "unsupported", "shutdown"):
+            raise UsageError(f"{trace}: the recording ended with the guest's {footer.get('end')} "
+                             f"({footer.get('detail')}): nothing to go live from there")
+        position = replayer.engine.position
+        outcome = go_live(replayer, options, output=output, parent_sha256=trace_digest(trace))
+        return outcome, position
+    finally:
+        closer()
