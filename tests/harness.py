@@ -127,6 +127,7 @@ class RecordableMachine(TestMachine):
     def __init__(self) -> None:
         super().__init__()
         self.input_observers: list = []
+        self.disks: list = []
         self.cmos = type("NoCmos", (), {"index": 0})()
 
     def interrupt_source(self, vector: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 SECTOR_SIZE = 512
+MISSING_SECTOR_END = "missing-sector"    # how a live session ends that read a sector no one had
 
 
 class MissingSector(Exception):

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from replayvm.clock import GuestClock, VirtualClock
 from replayvm.console import Console
-from replayvm.devices.disk import MissingSector, TraceDisk
+from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector, TraceDisk
 from replayvm.errors import GuestFault, UsageError
 from replayvm.machine import Machine, RunOutcome
 from replayvm.record.session import SessionOptions, check_trace_path, finish_recording, start_recording
@@ -51,7 +51,7 @@ class LiveOptions:
 
 
 def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = None,
-            parent_sha256: str | None = None) -> RunOutcome:
+            parent_sha256: str | None = None, last_event: int | None = None) -> RunOutcome:
     """Continue the replayed guest live from where `replayer` stands (see the module docstring).
     Records a branch trace when `options.trace` is given; returns how the live session ended."""
     if options.trace is not None:
@@ -70,8 +70,8 @@ def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = 
         except ValueError as error:
             raise UsageError(str(error)) from None
     position = replayer.engine.position
-    event = replayer.events_done
-    replayer.hand_over()
+    event = last_event + 1 if last_event is not None else replayer.events_done
+    replayer.hand_over(last_event)
     console = Console(output if output is not None else sys.stdout.buffer, script=options.script,
                       prompt=options.prompt, until=options.until, interactive=options.interactive,
                       shown_before=bytes(replayer.console))
@@ -97,7 +97,7 @@ def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = 
             outcome = machine.run(timeout_s=options.timeout_s)
         except MissingSector as missing:
             end_detail = str(missing)
-            outcome = RunOutcome("missing-sector", machine.clock.now_ns(), machine.engine.position, str(missing))
+            outcome = RunOutcome(MISSING_SECTOR_END, machine.clock.now_ns(), machine.engine.position, str(missing))
             raise LiveDiskMissing(str(missing)) from None
         end_detail = outcome.detail
     except GuestFault as fault:
@@ -120,8 +120,8 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
     from replayvm.trace.reader import check_unaltered
 
     check_unaltered(trace)
-    with_timeline = seek is not None
-    if with_timeline:
+    spec = None if seek is None else seek.strip().lower().replace("_", "")
+    if spec is not None and spec.startswith("i"):       # a position: through checkpoints
         timeline = Timeline(trace, checkpoint_every=checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
                             output=output, keep_checkpoints=keep_checkpoints)
         replayer = timeline.replayer
@@ -133,12 +133,20 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
             timeline.close()
             raise
         closer = timeline.close
+        last_event = None
     else:
-        replayer = Replayer(trace, output=output)
+        # An event: replay stops right after it, before whatever the recording did next at the
+        # same position (typed input handed over at a halt shares the halt's position).
+        try:
+            last_event = None if spec is None else int(spec)
+        except ValueError:
+            raise UsageError(f"--seek takes an event number or i<instruction count>, not {seek!r}") from None
+        replayer = Replayer(trace, output=output, until_event=last_event)
         closer = replayer.close
         try:
-            if replayer.run_to(None) != "end":
-                raise UsageError(f"{trace}: the replay stopped before the recording's end")
+            reached = replayer.run_to(None)
+            if reached not in ("end", "stopped"):
+                raise UsageError(f"{trace}: the replay stopped before reaching the point to go live at")
         except BaseException:
             replayer.close()
             raise
@@ -148,7 +156,8 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
             raise UsageError(f"{trace}: the recording ended with the guest's {footer.get('end')} "
                              f"({footer.get('detail')}): nothing to go live from there")
         position = replayer.engine.position
-        outcome = go_live(replayer, options, output=output, parent_sha256=trace_digest(trace))
+        outcome = go_live(replayer, options, output=output, parent_sha256=trace_digest(trace),
+                          last_event=last_event)
         return outcome, position
     finally:
         closer()

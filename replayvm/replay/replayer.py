@@ -35,7 +35,7 @@ from replayvm import hw
 from replayvm.analyze.devices import register_at
 from replayvm.bus import Bus, Mapping
 from replayvm.devices import ide, uart
-from replayvm.devices.disk import SECTOR_SIZE, TraceDisk
+from replayvm.devices.disk import MISSING_SECTOR_END, TraceDisk
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
@@ -60,6 +60,11 @@ KVM_WATCH_TICK_NS = 1_000_000_000
 # Registers that show a command's completion, by bus mapping: under --chaos they reflect random
 # latencies replay does not draw again, so there the recorded values are inputs.
 LATENCY_REGISTERS = {"ide0": (ide.STATUS_COMMAND,), "ide0.control": (0,), "com1": (uart.LSR, uart.IIR_FCR)}
+
+
+class RecordedEnd(Exception):
+    """The replay reached the point where the recording could not go on (a live continuation
+    that read a sector no one had): the end, as recorded."""
 
 
 class Divergence(ReplayVMError):
@@ -352,6 +357,8 @@ class Replayer:
         if not self.disk_reads_logged:
             return None                                   # the controller's data reads tell
         name = self.machine.disks[disk].name
+        if not self._disk_reads and self.next is None and (self.footer or {}).get("end") == MISSING_SECTOR_END:
+            raise RecordedEnd()                  # the live recording ended at this very read
         if not self._disk_reads:
             self._diverge(f"the guest's disk controller read sector {lba} of {name}, which the recording "
                           f"did not read here", self.next)
@@ -406,11 +413,15 @@ class Replayer:
     def at_recorded_end(self) -> bool:
         return self.next is None and self.engine.position >= (self.end_position or 0)
 
-    def hand_over(self) -> None:
+    def hand_over(self, last_event: int | None = None) -> None:
         """Going live (replay.live): the machine stops taking its inputs from the trace. Input
-        typed by now reaches the UART; what the recording typed later is not typed."""
-        self._feed_due_input(between_instructions=True)
-        self._due_inputs.clear()
+        typed by now (and, given `last_event`, by that event) reaches the UART; what the
+        recording typed later is not typed."""
+        due = self._due_inputs
+        while due and due[0].position <= self.engine.position and \
+                (last_event is None or due[0].index <= last_event):
+            self.uart.feed_input(due.popleft().data)
+        due.clear()
         machine = self.machine
         machine.pio, machine.mmio = self._device_buses
         machine.use_world_inputs()
@@ -882,10 +893,18 @@ class Replayer:
                 if event is not None and event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
                         event.position == engine.position and not self._landmark_reached:
                     self._seek_landmark(event)
-                reason = engine.run()
+                try:
+                    reason = engine.run()
+                except RecordedEnd:
+                    self._engine_stopped = True
+                    return "end"
             else:
                 self._run_limit = limit
-                reason = engine.run(max_instructions=max(0, self._replay_target() - engine.position))
+                try:
+                    reason = engine.run(max_instructions=max(0, self._replay_target() - engine.position))
+                except RecordedEnd:
+                    self._engine_stopped = True
+                    return "end"
             if self.output is not None:
                 self.output.flush()
             if reason is StopReason.HALT:
