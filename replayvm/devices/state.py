@@ -184,7 +184,7 @@ def _check_range(meta: tuple, value: int, where: str) -> None:
 def _check_choice(meta: tuple, value: Any, where: str) -> None:
     for m in meta:
         if isinstance(m, OneOf) and value not in m.values:
-            raise ValueError(f"{where}: {str(value)[:40]!r} is not one of {', '.join(map(repr, m.values))}")
+            raise ValueError(f"{where}: {_short(value)} is not one of {', '.join(map(repr, m.values))}")
 
 
 def _check_length(meta: tuple, length: int, where: str) -> None:
@@ -192,6 +192,11 @@ def _check_length(meta: tuple, length: int, where: str) -> None:
         if isinstance(m, MaxLen) and not m.low <= length <= m.high:
             expected = f"{m.high}" if m.low == m.high else f"{m.low}..{m.high}"
             raise ValueError(f"{where}: length {length}, expected {expected}")
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (it came from an untrusted file)."""
+    return repr(value[:40]) if isinstance(value, str) else repr(value)
 
 
 def _describe(value: Any) -> str:
