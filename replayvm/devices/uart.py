@@ -72,6 +72,17 @@ def transmits(offset: int, lcr: int, mcr: int) -> bool:
     return offset == RBR_THR and not lcr & LCR_DLAB and not mcr & MCR_LOOPBACK
 
 
+def loops_back(offset: int, lcr: int, mcr: int) -> bool:
+    """Does a write at `offset` go to the receiver instead (the THR in MCR loopback mode)?"""
+    return offset == RBR_THR and not lcr & LCR_DLAB and bool(mcr & MCR_LOOPBACK)
+
+
+def receives(offset: int, lcr: int) -> bool:
+    """Does a read at `offset` take the receive buffer (a typed byte)? Offset 0 with DLAB
+    clear; with DLAB set it reads the divisor latch instead."""
+    return offset == RBR_THR and not lcr & LCR_DLAB
+
+
 class SerialOutputDecoder:
     """What a guest printed on COM1, from its register writes alone (replay has no UART): the
     two registers that decide whether a THR write is output, kept as the UART keeps them."""
@@ -92,7 +103,11 @@ class SerialOutputDecoder:
 
     def loops_back(self, offset: int) -> bool:
         """Whether a write at `offset` goes to the receiver instead (MCR loopback mode)."""
-        return offset == RBR_THR and not self.lcr & LCR_DLAB and bool(self.mcr & MCR_LOOPBACK)
+        return loops_back(offset, self.lcr, self.mcr)
+
+    def receives(self, offset: int) -> bool:
+        """Whether a read at `offset` takes a typed byte from the receive buffer (see receives)."""
+        return receives(offset, self.lcr)
 
     def state(self) -> tuple[int, int]:
         return self.lcr, self.mcr
@@ -165,9 +180,7 @@ class Uart16550:
         if offset == LSR:
             lsr = LSR_THR_EMPTY | LSR_TX_EMPTY if self.tx_busy_until is None else 0
             return lsr | (LSR_DATA_READY if self.rbr is not None else 0)
-        if offset == RBR_THR:
-            if self.lcr & LCR_DLAB:
-                return self.divisor & 0xFF
+        if receives(offset, self.lcr):
             value = self.rbr if self.rbr is not None else 0
             if self.rbr is not None:
                 self.rbr = None
@@ -176,6 +189,8 @@ class Uart16550:
                     self.irq.set_level(False)
                 self._refill()
             return value
+        if offset == RBR_THR:                    # DLAB set: the divisor latch
+            return self.divisor & 0xFF
         if offset == IER:
             return (self.divisor >> 8) & 0xFF if self.lcr & LCR_DLAB else self.ier
         if offset == IIR_FCR:
