@@ -143,6 +143,9 @@ def _is_read_only(offset: int) -> bool:
     return offset in (ID, VER, APR, PPR, TCCR) or ISR_BASE <= offset < IRR_BASE + 0x80
 
 
+PURE_READ_REGISTER = "lapic.id"    # how a trace's PURE_READS record names those ID reads
+
+
 def is_pure_id_read(address: int, size: int) -> bool:
     """The one read deliberately not logged: 4 bytes at the ID register (a constant, read on every
     lock operation by xv6; the emu engine answers it in C). Narrower or unaligned reads of it are

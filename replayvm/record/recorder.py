@@ -238,7 +238,7 @@ class Recorder:
         sites.update(getattr(self.engine, "pure_read_sites", dict)())
         listed = [[rip, count] for rip, count in sites.most_common()]
         for start in range(0, len(listed), self.max_sites):
-            self._emit((Kind.PURE_READS, "lapic.id", listed[start:start + self.max_sites]))
+            self._emit((Kind.PURE_READS, lapic.PURE_READ_REGISTER, listed[start:start + self.max_sites]))
 
 
 CHUNK_SIZE = 1 << 20
