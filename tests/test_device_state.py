@@ -394,3 +394,15 @@ def test_from_plain_refuses_missing_unknown_and_nested_bad_fields() -> None:
         from_plain(PicState, [0] * 14)
     with pytest.raises(ValueError, match=r"UartState: unknown field"):
         from_plain(UartState, {1: 2})
+
+
+def test_save_plain_and_restore_plain_move_a_device() -> None:
+    from replayvm.devices.state import restore_plain, save_plain
+    source = Imcr()
+    source.write(0, 1, 0x70)
+    source.write(1, 1, 0x01)
+    copy = Imcr()
+    restore_plain(copy, msgpack.unpackb(msgpack.packb(save_plain(source))))
+    assert copy.apic_mode and copy.state() == source.state()
+    with pytest.raises(ValueError, match=r"ImcrState\.selected: expected an int"):
+        restore_plain(copy, {"selected": b"\x70", "value": 1})

@@ -77,6 +77,18 @@ def Choice(*values: Any) -> Any:  # noqa: N802
     return Annotated[type(values[0]), OneOf(values)]
 
 
+# ------------------------------------------------------------------------------ a device's state
+def save_plain(device: Any) -> dict:
+    """`device.state()` as plain data (for a checkpoint file or a trace header)."""
+    return to_plain(device.state())
+
+
+def restore_plain(device: Any, data: Any) -> None:
+    """Restore `device` from what save_plain gave (read back from an untrusted file: checked
+    against the device's `state_type` first; ValueError naming the field if it is bad)."""
+    device.restore(from_plain(type(device).state_type, data))
+
+
 # ------------------------------------------------------------------------------ to plain
 def to_plain(state: Any) -> dict:
     """A state dataclass as a dict of plain values (tuples as lists, nested states as dicts)."""
