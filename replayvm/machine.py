@@ -29,6 +29,7 @@ from replayvm.devices.ioapic import Ioapic
 from replayvm.devices.irq import IrqLine
 from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, Lapic
 from replayvm.devices.pic import Pic8259Pair
+from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import GuestFault, UsageError
@@ -180,11 +181,10 @@ class Machine:
 
     # ---------------------------------------------------------------- device state
     def save_devices(self) -> dict[str, dict]:
-        """Every device's state(), the interrupt lines' levels and what the guest wrote to the
-        disks: where a replay can go on from (plain values: checkpoint files and branch trace
-        headers carry it)."""
-        states: dict[str, dict] = {name: device.state() for name, device in self.devices.items()}
-        states["irq"] = {"levels": [self.irq_lines[pin].level for pin in range(16)]}
+        """Every device's state() (each holds its interrupt line's level) and what the guest
+        wrote to the disks: where a replay can go on from (plain values: checkpoint files and
+        branch trace headers carry it)."""
+        states: dict[str, dict] = {name: save_plain(device) for name, device in self.devices.items()}
         states["disks"] = {"written": [sorted([lba, data] for lba, data in disk.overlay().items())
                                        for disk in self.disks]}
         return states
@@ -192,12 +192,7 @@ class Machine:
     def restore_devices(self, states: dict[str, dict]) -> None:
         """The inverse of save_devices (states from a file are untrusted: a bad one raises)."""
         for name, device in self.devices.items():
-            device.restore(states[name])
-        levels = states["irq"]["levels"]
-        if len(levels) != 16:
-            raise ValueError("16 interrupt line levels expected")
-        for pin, level in enumerate(levels):
-            self.irq_lines[pin].level = bool(level)   # the controllers' own state has the edges
+            restore_plain(device, states[name])
         written = states["disks"]["written"]
         if len(written) != len(self.disks):
             raise ValueError(f"written sectors for {len(written)} disks, the machine has {len(self.disks)}")

@@ -55,8 +55,8 @@ def timer_ticks_and_expected(trace, machine) -> tuple[int, float]:
             pass
         footer = reader.footer
     timer = machine.lapic.state()
-    period_ns = timer["ticr"] * divisor_of(timer["tdcr"]) * 1e9 / hw.LAPIC_BUS_HZ
-    return footer["interrupt_sources"]["timer"], (footer["guest_ns"] - timer["timer_start_ns"]) / period_ns
+    period_ns = timer.ticr * divisor_of(timer.tdcr) * 1e9 / hw.LAPIC_BUS_HZ
+    return footer["interrupt_sources"]["timer"], (footer["guest_ns"] - timer.timer_start_ns) / period_ns
 
 
 def test_chaos_keeps_guest_time_honest_ticks_per_guest_second_are_the_programmed_rate(tmp_path):

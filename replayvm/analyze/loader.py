@@ -37,6 +37,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.devices.ide import LBA_LOW, STATUS_COMMAND, IdeCommandDecoder
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
 from replayvm.errors import UsageError
 from replayvm.trace.format import Kind, TraceFormatError
@@ -48,8 +49,6 @@ INLINE_BATCHES = 2              # batches built here before a second process tak
 PIPE_BYTES = 1 << 20            # the pipe between the two
 IDE = hw.IDE0_CMD_PORT
 COM1 = hw.COM1_PORT
-IDE_READ_COMMANDS = {0x20, 0x21, 0xC4}
-IDE_WRITE_COMMANDS = {0x30, 0x31, 0xC5}
 KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 # Per kind (indexed by the kind number, 0-4): the exits columns kind, space and direction.
 _KIND = tuple(KIND_NAMES[k] for k in range(5))
@@ -57,7 +56,8 @@ _SPACE = (None, "pio", "pio", "mmio", "mmio")
 _DIRECTION = (None, "read", "write", "read", "write")
 # Ports whose writes feed the derived tables (console, IDE register state).
 DEBUG_CON = hw.DEBUG_CON_PORT
-_WATCHED_PORTS = frozenset({COM1, COM1 + UART_LCR, COM1 + UART_MCR, DEBUG_CON, *range(IDE + 2, IDE + 8)})
+_WATCHED_PORTS = frozenset({COM1, COM1 + UART_LCR, COM1 + UART_MCR, DEBUG_CON,
+                            *range(IDE + LBA_LOW, IDE + STATUS_COMMAND + 1)})
 # Kinds as plain ints for the hot loop (an enum member is a slower lookup).
 _PIO_READ_RUN, _PIO_WRITE_RUN = int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)
 _INTERRUPT, _INPUT, _CLOCK, _HALT = int(Kind.INTERRUPT), int(Kind.INPUT), int(Kind.CLOCK), int(Kind.HALT)
@@ -435,7 +435,7 @@ class _LoadState:
         self.seq = 0
         self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
-        self.ide = {"count": 1, "lba": [0, 0, 0], "drive": 0xE0, "command": None, "next": 0}
+        self.ide = IdeCommandDecoder()             # which sectors move, as the IDE channel decides
         self.serial = SerialOutputDecoder()        # what COM1 sent, as its UART decides
         self.line = bytearray()
         self.line_position: int | None = None
@@ -483,7 +483,7 @@ class _LoadState:
                                 else:
                                     line_append(byte)
                         else:
-                            self._ide_register(address - IDE, value)
+                            self.ide.write(address - IDE, value)
                 elif kind == _INTERRUPT:
                     pos += record[1]
                     rip, cpl = record[4], record[5]
@@ -498,8 +498,7 @@ class _LoadState:
                            "read" if kind == _PIO_READ_RUN else "write", None, count, _signed(rip), cpl,
                            (user if cpl == 3 else other)[rip]))
                     if port == IDE:
-                        if self.ide["command"] in (IDE_READ_COMMANDS if kind == _PIO_READ_RUN
-                                                   else IDE_WRITE_COMMANDS):
+                        if self.ide.transfers(reading=kind == _PIO_READ_RUN):
                             self._ide_data(kind, payload, pos, seq)
                     elif port == DEBUG_CON and kind == _PIO_WRITE_RUN:
                         self._console(bytes(payload)[::size], pos)
@@ -534,19 +533,6 @@ class _LoadState:
             self.position, self.seq = pos, seq
 
     # ------------------------------------------------------------ derived tables
-    def _ide_register(self, offset: int, value: int) -> None:
-        ide = self.ide
-        if offset == 2:
-            ide["count"] = value or 256
-        elif 3 <= offset <= 5:
-            ide["lba"][offset - 3] = value
-        elif offset == 6:
-            ide["drive"] = value
-        elif offset == 7:
-            ide["command"] = value
-            lba = ide["lba"]
-            ide["next"] = lba[0] | lba[1] << 8 | lba[2] << 16 | (ide["drive"] & 0x0F) << 24
-
     def _ide_data(self, kind: int, payload, position: int, seq: int) -> None:
         """disk_io rows for a string run on the IDE data port while a read or write command is on."""
         if kind == _PIO_READ_RUN:
@@ -559,9 +545,8 @@ class _LoadState:
         disk_io = self.rows["disk_io"]
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
-            disk_io += (seq, position, (ide["drive"] >> 4) & 1, ide["next"], direction, 1,
+            disk_io += (seq, position, ide.drive, ide.take_sector(), direction, 1,
                         hashlib.sha256(sector).hexdigest()[:32])
-            ide["next"] += 1
 
     def _console(self, data: bytes, position: int) -> None:
         for byte in data:

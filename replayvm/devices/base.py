@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class InterruptSource(Protocol):
@@ -15,6 +15,22 @@ class InterruptSource(Protocol):
     def acknowledge(self) -> int:
         """Take the highest-priority pending interrupt (IRR -> ISR) and return its vector."""
         ...
+
+
+class StatefulDevice(Protocol):
+    """A device whose state can be saved and restored (checkpoints, going live after a seek).
+
+    `state()` returns a frozen dataclass of plain values (its `state_type`), complete enough for
+    a fresh device restored from it to go on exactly as this one would; it is immutable, so a
+    checkpoint kept in memory may hold it as it is. `restore()` puts the device back, setting
+    its interrupt line's level without telling the controllers (they have state of their own).
+    See replayvm.devices.state for the plain (msgpack) form."""
+
+    state_type: ClassVar[type]
+
+    def state(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
 
 
 def size_mask(size: int) -> int:

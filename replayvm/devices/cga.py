@@ -5,7 +5,10 @@ The text buffer itself at 0xB8000 is plain guest RAM; `render_text_screen` reads
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from replayvm import hw
+from replayvm.devices.state import U8, Blob
 
 INDEX = 0
 DATA = 1
@@ -13,9 +16,20 @@ REG_CURSOR_HIGH = 0x0E
 REG_CURSOR_LOW = 0x0F
 REGISTER_COUNT = 0x20
 
+# Port names by offset from hw.CGA_CRT_PORT, as the `devices` table of analyze shows them.
+REGISTERS = {INDEX: "index", DATA: "data"}
+
+
+@dataclass(frozen=True)
+class CgaState:
+    """The selected CRT register and the CRT controller's registers."""
+    index: U8
+    registers: Blob(REGISTER_COUNT, REGISTER_COUNT)
+
 
 class CgaCrt:
     name = "cga.crt"
+    state_type = CgaState
 
     def __init__(self) -> None:
         self.index = 0
@@ -36,12 +50,12 @@ class CgaCrt:
         elif self.index < REGISTER_COUNT:
             self.registers[self.index] = value & 0xFF
 
-    def state(self) -> dict:
-        return {"index": self.index, "registers": bytes(self.registers)}
+    def state(self) -> CgaState:
+        return CgaState(index=self.index, registers=bytes(self.registers))
 
-    def restore(self, state: dict) -> None:
-        self.index = state["index"]
-        self.registers = bytearray(state["registers"])
+    def restore(self, state: CgaState) -> None:
+        self.index = state.index
+        self.registers = bytearray(state.registers)
 
 
 def render_text_screen(ram: memoryview | bytes, base: int = hw.CGA_TEXT_ADDR, rows: int = 25,

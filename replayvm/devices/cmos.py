@@ -8,7 +8,10 @@ ever in progress (register A's UIP bit reads 0), so a guest's "wait for UIP clea
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
+
+from replayvm.devices.state import U64, Blob, uint
 
 INDEX = 0
 DATA = 1
@@ -34,6 +37,12 @@ REG_CENTURY = 0x32
 TIME_REGISTERS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR,
                   REG_CENTURY)
 
+CLOCK_SOURCE = "cmos"                # the source name of CMOS clock reads in a trace
+RAM_SIZE = 128
+
+# Register names by port offset, as the `devices` table of analyze shows them (`cmos.data`).
+REGISTERS = {INDEX: "index", DATA: "data"}
+
 B_24_HOUR = 0x02
 B_BINARY = 0x04
 D_VALID_RAM_AND_TIME = 0x80
@@ -48,13 +57,29 @@ def _bcd(value: int) -> int:
     return (value // 10) << 4 | value % 10
 
 
+def is_time_read(offset: int, index: int) -> bool:
+    """Whether a read at port `offset` reads the time, with `index` selected: the data port on a
+    clock register (the recorder logs it as a clock read, replay takes it from the trace)."""
+    return offset == DATA and index in TIME_REGISTERS
+
+
+@dataclass(frozen=True)
+class CmosState:
+    """The selected index and the 128 bytes of CMOS RAM (the clock registers read the guest
+    clock, so their bytes here are never read)."""
+    index: uint(7)
+    ram: Blob(RAM_SIZE, RAM_SIZE)
+    time_reads: U64
+
+
 class Cmos:
     name = "cmos"
+    state_type = CmosState
 
     def __init__(self, clock: WallClock, ram_bytes: int) -> None:
         self.clock = clock
         self.index = 0
-        self.ram = bytearray(128)
+        self.ram = bytearray(RAM_SIZE)
         self.ram[REG_A] = A_DEFAULT
         self.ram[REG_B] = B_24_HOUR
         self.ram[REG_D] = D_VALID_RAM_AND_TIME
@@ -104,9 +129,15 @@ class Cmos:
             value &= 0x7F                     # UIP is read-only
         self.ram[register] = value
 
-    def state(self) -> dict:
-        return {"index": self.index, "ram": bytes(self.ram)}
+    @property
+    def time_register_selected(self) -> bool:
+        """Whether a read of the data port now reads the time (see is_time_read)."""
+        return self.index in TIME_REGISTERS
 
-    def restore(self, state: dict) -> None:
-        self.index = state["index"]
-        self.ram = bytearray(state["ram"])
+    def state(self) -> CmosState:
+        return CmosState(index=self.index, ram=bytes(self.ram), time_reads=self.time_reads)
+
+    def restore(self, state: CmosState) -> None:
+        self.index = state.index
+        self.ram = bytearray(state.ram)
+        self.time_reads = state.time_reads

@@ -7,12 +7,18 @@ port. Commands complete at once, so the input buffer is never full (status bit 1
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from replayvm.devices.irq import IrqLine
+from replayvm.devices.state import U8, Blob
 
 DATA = 0
 STATUS_COMMAND = 4
+
+# Register names by offset from hw.I8042_DATA_PORT, as the `devices` table of analyze shows them.
+REGISTERS = {DATA: "data", STATUS_COMMAND: "status"}
+QUEUE_LIMIT = 1 << 24          # scancodes (or controller replies) a saved state may hold unread
 
 STATUS_OUTPUT_FULL = 0x01
 STATUS_SYSTEM = 0x04
@@ -60,8 +66,24 @@ def ascii_to_scancodes(text: str) -> bytes:
     return bytes(out)
 
 
+@dataclass(frozen=True)
+class I8042State:
+    """Scancodes not yet read, controller replies waiting, the configuration byte and output port
+    (A20), a command waiting for its data byte, the keyboard's enable, which port was written
+    last (status bit 3), and the interrupt line's level."""
+    scancodes: Blob(QUEUE_LIMIT)
+    config: U8
+    output_port: U8
+    reply: Blob(QUEUE_LIMIT)
+    pending_command: U8 | None
+    keyboard_enabled: bool
+    last_was_command: bool
+    irq_level: bool
+
+
 class I8042:
     name = "i8042"
+    state_type = I8042State
 
     def __init__(self, irq: IrqLine, on_reset: Callable[[], None]) -> None:
         self.irq = irq
@@ -144,14 +166,19 @@ class I8042:
             self.on_reset()
         self._update_irq()
 
-    def state(self) -> dict:
-        return {"scancodes": bytes(self.scancodes), "config": self.config,
-                "output_port": self.output_port, "reply": bytes(self.reply),
-                "pending_command": self.pending_command, "keyboard_enabled": self.keyboard_enabled}
+    def state(self) -> I8042State:
+        return I8042State(scancodes=bytes(self.scancodes), config=self.config,
+                          output_port=self.output_port, reply=bytes(self.reply),
+                          pending_command=self.pending_command,
+                          keyboard_enabled=self.keyboard_enabled,
+                          last_was_command=self.last_was_command, irq_level=self.irq.level)
 
-    def restore(self, state: dict) -> None:
-        self.scancodes = deque(state["scancodes"])
-        self.reply = deque(state["reply"])
-        for key in ("config", "output_port", "pending_command", "keyboard_enabled"):
-            setattr(self, key, state[key])
-        self._update_irq()
+    def restore(self, state: I8042State) -> None:
+        """Back to `state`; the interrupt line is set quietly (the controllers keep their own)."""
+        self.scancodes = deque(state.scancodes)
+        self.reply = deque(state.reply)
+        self.config, self.output_port = state.config, state.output_port
+        self.pending_command = state.pending_command
+        self.keyboard_enabled = state.keyboard_enabled
+        self.last_was_command = state.last_was_command
+        self.irq.restore_level(state.irq_level)

@@ -12,10 +12,12 @@ end in an error status, never an exception.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Callable
 
 from replayvm.devices.disk import SECTOR_SIZE, Disk
 from replayvm.devices.irq import IrqLine
+from replayvm.devices.state import NS, U8, U16, U32, U64, Blob, Choice, Ints
 
 # Command block register offsets.
 DATA = 0
@@ -52,6 +54,100 @@ CMD_RECALIBRATE = 0x10
 
 READY = STATUS_DRDY | STATUS_DSC
 LBA28_LIMIT = 1 << 28
+MAX_SECTORS_PER_COMMAND = 256          # a sector count of 0 means 256
+
+# Register names by offset, as the `devices` table of analyze shows them (`ide0.status`).
+REGISTERS = {DATA: "data", ERROR_FEATURES: "error", SECTOR_COUNT: "count", LBA_LOW: "lba_low",
+             LBA_MID: "lba_mid", LBA_HIGH: "lba_high", DRIVE_HEAD: "drive", STATUS_COMMAND: "status"}
+CONTROL_REGISTERS = {0: "control"}     # the control block: one register at hw.IDE0_CTRL_PORT
+
+# The commands that move sectors, by direction: what a trace's data-port runs carry.
+READ_COMMANDS = frozenset({*CMD_READ_SECTORS, CMD_READ_MULTIPLE})
+WRITE_COMMANDS = frozenset({*CMD_WRITE_SECTORS, CMD_WRITE_MULTIPLE})
+COMMAND_NAMES = {
+    **{code: "read_sectors" for code in CMD_READ_SECTORS},
+    **{code: "write_sectors" for code in CMD_WRITE_SECTORS},
+    CMD_READ_MULTIPLE: "read_multiple", CMD_WRITE_MULTIPLE: "write_multiple",
+    CMD_SET_MULTIPLE: "set_multiple", CMD_IDENTIFY: "identify",
+    **{code: "flush_cache" for code in CMD_FLUSH_CACHE},
+    CMD_INITIALIZE_PARAMS: "initialize_params", CMD_RECALIBRATE: "recalibrate",
+}
+
+TRANSFERS = ("read", "write", "identify")          # what the data port is doing while DRQ is set
+COMPLETIONS = ("sector_ready", "write_done")       # what a delayed (chaos) command does when due
+
+
+def request_lba(lba: "list[int] | tuple[int, ...]", drive_head: int) -> int:
+    """The LBA28 a command addresses: the three LBA registers and the low nibble of Drive/Head."""
+    return lba[0] | lba[1] << 8 | lba[2] << 16 | (drive_head & 0x0F) << 24
+
+
+class IdeCommandDecoder:
+    """Which sectors a guest's data-port transfers move, from its register writes alone (for the
+    loader, which has no disk): the registers a command takes its LBA and drive from, kept as the
+    channel keeps them, and the next sector's LBA as each sector goes by."""
+
+    def __init__(self) -> None:
+        self.lba = [0, 0, 0]
+        self.drive_head = DRIVE_LBA | 0xA0
+        self.command: int | None = None
+        self.next_lba = 0
+
+    def write(self, offset: int, value: int) -> None:
+        """A write of `value` at command-block register `offset`."""
+        value &= 0xFF
+        if LBA_LOW <= offset <= LBA_HIGH:
+            self.lba[offset - LBA_LOW] = value
+        elif offset == DRIVE_HEAD:
+            self.drive_head = value | 0xA0
+        elif offset == STATUS_COMMAND:
+            self.command = value
+            self.next_lba = request_lba(self.lba, self.drive_head)
+
+    @property
+    def drive(self) -> int:
+        """0 for the master, 1 for the slave."""
+        return 1 if self.drive_head & DRIVE_SLAVE else 0
+
+    def transfers(self, reading: bool) -> bool:
+        """Whether the last command moves sectors in that direction (a data run carries them)."""
+        return self.command in (READ_COMMANDS if reading else WRITE_COMMANDS)
+
+    def take_sector(self) -> int:
+        """The LBA of the sector going by now; the next one follows it."""
+        lba, self.next_lba = self.next_lba, self.next_lba + 1
+        return lba
+
+
+@dataclass(frozen=True)
+class IdeState:
+    """Everything the channel needs to go on as it would have: its registers, the sector in the
+    buffer and how far the guest has read it, the command in progress (the next LBA and how many
+    sectors remain), a command completing later (chaos latency) and the interrupt line's level.
+    The disks' contents are not in it: they belong to the disks."""
+    features: U8
+    sector_count: U8
+    lba: Ints(3, U8)
+    drive_head: U8
+    control: U8
+    error: U8
+    status: U8
+    buffer: Blob(SECTOR_SIZE)
+    position: U64
+    transfer: Choice(*TRANSFERS) | None
+    current_lba: U32
+    remaining: U16
+    multiple: U16
+    completion_ns: NS | None
+    completion: Choice(*COMPLETIONS) | None
+    irq_level: bool
+    commands: U64
+    sectors_read: U64
+    sectors_written: U64
+
+    def __post_init__(self) -> None:
+        if (self.completion_ns is None) != (self.completion is None):
+            raise ValueError("IdeState.completion: a completion needs both its time and its kind")
 
 
 class _Registers:
@@ -89,13 +185,15 @@ class _Registers:
 class IdeChannel:
     """The primary channel's state machine (see module docstring)."""
 
+    state_type = IdeState
+
     def __init__(self, irq: IrqLine, master: Disk | None, slave: Disk | None,
                  latency: Callable[[], int] | None = None, now_ns: Callable[[], int] | None = None) -> None:
         self.irq = irq
         self.drives = [master, slave]
         self.latency = latency               # chaos: ns a command stays busy (None: completes at once)
         self.now_ns = now_ns
-        self._completion: tuple[int, Callable[[], None]] | None = None
+        self._completion: tuple[int, str] | None = None    # (due at guest ns, one of COMPLETIONS)
         self.command_block = _Registers(self, control=False)
         self.control_block = _Registers(self, control=True)
         self.commands = 0
@@ -129,8 +227,7 @@ class IdeChannel:
         return self.drives[self.selected]
 
     def _request_lba(self) -> int:
-        return (self.lba[0] | self.lba[1] << 8 | self.lba[2] << 16
-                | (self.drive_head & 0x0F) << 24)
+        return request_lba(self.lba, self.drive_head)
 
     def _raise_irq(self) -> None:
         if self.control & CONTROL_NIEN:
@@ -255,30 +352,39 @@ class IdeChannel:
         self.buffer = bytearray(drive.read_sector(self.current_lba))
         self.position = 0
         self.sectors_read += 1
+        self._after_latency("sector_ready")
 
-        def ready() -> None:
-            self.transfer = "read"
-            self.status = READY | STATUS_DRQ
-            self._raise_irq()
+    def _sector_ready(self) -> None:
+        self.transfer = "read"
+        self.status = READY | STATUS_DRQ
+        self._raise_irq()
 
-        self._after_latency(ready)
+    def _write_done(self) -> None:
+        self.status = READY
+        self._raise_irq()
 
     # ---------------------------------------------------------------- completion latency (chaos)
-    def _after_latency(self, complete: Callable[[], None]) -> None:
-        """Run `complete` now, or with a latency source, after it: busy until then."""
+    def _after_latency(self, completion: str) -> None:
+        """Complete now (`completion` names how), or with a latency source, later: busy until then."""
         if self.latency is None or self.now_ns is None:
-            complete()
+            self._complete(completion)
             return
         self.status = STATUS_BSY
         self.transfer = None
-        self._completion = (self.now_ns() + self.latency(), complete)
+        self._completion = (self.now_ns() + self.latency(), completion)
+
+    def _complete(self, completion: str) -> None:
+        if completion == "sector_ready":
+            self._sector_ready()
+        else:
+            self._write_done()
 
     def poll(self, now_ns: int) -> None:
         """Complete a delayed command whose time has come."""
         if self._completion is not None and now_ns >= self._completion[0]:
-            _, complete = self._completion
+            _, completion = self._completion
             self._completion = None
-            complete()
+            self._complete(completion)
 
     def next_deadline_ns(self) -> int | None:
         return None if self._completion is None else self._completion[0]
@@ -334,23 +440,32 @@ class IdeChannel:
             if self.remaining <= 0:
                 self.transfer = None
                 self.buffer = bytearray()
-
-                def written() -> None:
-                    self.status = READY
-                    self._raise_irq()
-
-                self._after_latency(written)
+                self._after_latency("write_done")
             else:
                 self._raise_irq()
 
     # ---------------------------------------------------------------- snapshots
-    def state(self) -> dict:
-        return {"features": self.features, "sector_count": self.sector_count, "lba": list(self.lba),
-                "drive_head": self.drive_head, "control": self.control, "error": self.error,
-                "status": self.status, "buffer": bytes(self.buffer), "position": self.position,
-                "transfer": self.transfer, "current_lba": self.current_lba,
-                "remaining": self.remaining, "multiple": self.multiple}
+    def state(self) -> IdeState:
+        completion_ns, completion = self._completion if self._completion is not None else (None, None)
+        return IdeState(features=self.features, sector_count=self.sector_count, lba=tuple(self.lba),
+                        drive_head=self.drive_head, control=self.control, error=self.error,
+                        status=self.status, buffer=bytes(self.buffer), position=self.position,
+                        transfer=self.transfer, current_lba=self.current_lba,
+                        remaining=self.remaining, multiple=self.multiple,
+                        completion_ns=completion_ns, completion=completion,
+                        irq_level=self.irq.level, commands=self.commands,
+                        sectors_read=self.sectors_read, sectors_written=self.sectors_written)
 
-    def restore(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, bytearray(value) if key == "buffer" else value)
+    def restore(self, state: IdeState) -> None:
+        """Back to `state` (the disks keep their own contents); the interrupt line is set quietly."""
+        self.features, self.sector_count = state.features, state.sector_count
+        self.lba = list(state.lba)
+        self.drive_head, self.control = state.drive_head, state.control
+        self.error, self.status = state.error, state.status
+        self.buffer = bytearray(state.buffer)
+        self.position, self.transfer = state.position, state.transfer
+        self.current_lba, self.remaining, self.multiple = state.current_lba, state.remaining, state.multiple
+        self._completion = None if state.completion is None else (state.completion_ns, state.completion)
+        self.commands, self.sectors_read = state.commands, state.sectors_read
+        self.sectors_written = state.sectors_written
+        self.irq.restore_level(state.irq_level)

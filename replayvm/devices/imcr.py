@@ -14,16 +14,31 @@ uses it reads back what it wrote, and `apic_mode` lets the machine report or act
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from replayvm.devices.state import U8, uint
+
 SELECT = 0             # port 0x22: which chipset register port 0x23 reaches
 DATA = 1               # port 0x23
 IMCR_INDEX = 0x70      # the one register behind the pair that we implement
 APIC_MODE = 0x01       # IMCR bit 0: 0 = PIC mode, 1 = symmetric I/O (through the APIC)
+
+# Register names by offset from hw.IMCR_PORT, as the `devices` table of analyze shows them.
+REGISTERS = {SELECT: "select", DATA: "data"}
+
+
+@dataclass(frozen=True)
+class ImcrState:
+    """The selected chipset register and the IMCR's one bit."""
+    selected: U8
+    value: uint(1)
 
 
 class Imcr:
     """A Device at two ports (offset 0 = select, 1 = data); one byte of state that matters."""
 
     name = "imcr"
+    state_type = ImcrState
 
     def __init__(self) -> None:
         self.selected = 0
@@ -51,9 +66,9 @@ class Imcr:
         elif offset == DATA and self.selected == IMCR_INDEX:
             self.value = value & APIC_MODE       # the other bits are reserved
 
-    def state(self) -> dict:
-        return {"selected": self.selected, "value": self.value}
+    def state(self) -> ImcrState:
+        return ImcrState(selected=self.selected, value=self.value)
 
-    def restore(self, state: dict) -> None:
-        self.selected = state["selected"]
-        self.value = state["value"]
+    def restore(self, state: ImcrState) -> None:
+        self.selected = state.selected
+        self.value = state.value

@@ -24,9 +24,11 @@ send nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from replayvm import hw
+from replayvm.devices.state import U8, U32, Ints, uint
 
 if TYPE_CHECKING:
     from replayvm.devices.lapic import Lapic
@@ -58,6 +60,20 @@ HIGH_WRITABLE = 0xFF000000
 DM_FIXED = 0
 DM_LOWEST_PRIORITY = 1
 
+# Register names by MMIO offset, as the `devices` table of analyze shows them (`ioapic.window`).
+REGISTERS = {IOREGSEL: "regsel", IOWIN: "window"}
+
+
+@dataclass(frozen=True)
+class IoapicState:
+    """Everything the IOAPIC needs to go on as it would have: its ID, the selected register,
+    the redirection table (low and high dwords per pin, remote IRR included) and the pin levels."""
+    id: uint(4)
+    regsel: U8
+    low: Ints(hw.IOAPIC_PINS, U32)
+    high: Ints(hw.IOAPIC_PINS, U32)
+    levels: uint(hw.IOAPIC_PINS)
+
 
 class Ioapic:
     """An IOAPIC at hw.IOAPIC_ADDR delivering to one local APIC; an IrqSink for pins 0-23.
@@ -66,6 +82,7 @@ class Ioapic:
     """
 
     name = "ioapic"
+    state_type = IoapicState
 
     def __init__(self, lapic: Lapic, ioapic_id: int = hw.IOAPIC_ID) -> None:
         self.lapic = lapic
@@ -174,13 +191,13 @@ class Ioapic:
                 self._deliver_level(pin)
 
     # --- snapshots -------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"id": self.id, "regsel": self.regsel, "low": list(self.low),
-                "high": list(self.high), "levels": self.levels}
+    def state(self) -> IoapicState:
+        return IoapicState(id=self.id, regsel=self.regsel, low=tuple(self.low), high=tuple(self.high),
+                           levels=self.levels)
 
-    def restore(self, state: dict) -> None:
-        self.id = state["id"]
-        self.regsel = state["regsel"]
-        self.low = list(state["low"])
-        self.high = list(state["high"])
-        self.levels = state["levels"]
+    def restore(self, state: IoapicState) -> None:
+        self.id = state.id
+        self.regsel = state.regsel
+        self.low = list(state.low)
+        self.high = list(state.high)
+        self.levels = state.levels

@@ -31,6 +31,11 @@ class IrqLine:
         for sink in self._sinks:
             sink.set_irq(self.pin, level)
 
+    def restore_level(self, level: bool) -> None:
+        """Put the line back at `level` without telling the controllers: restoring a snapshot,
+        whose controllers' own state already holds the levels they saw."""
+        self.level = level
+
     def raise_(self) -> None:
         self.set_level(True)
 

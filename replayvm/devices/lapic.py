@@ -26,9 +26,11 @@ Deliberate simplifications, each harmless for a one-CPU machine:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from replayvm import hw
+from replayvm.devices.state import NS, U8, U16, U32, U64, Blob, Ints
 
 if TYPE_CHECKING:
     from replayvm.devices.pic import Pic8259Pair
@@ -63,6 +65,22 @@ LVT_ERROR = 0x370
 TICR = 0x380           # timer initial count
 TCCR = 0x390           # timer current count (computed)
 TDCR = 0x3E0           # timer divide configuration
+
+# Register names by offset, as the `devices` table of analyze shows them (`lapic.eoi`).
+REGISTERS = {ID: "id", VER: "version", TPR: "tpr", APR: "apr", PPR: "ppr", EOI: "eoi", LDR: "ldr",
+             DFR: "dfr", SVR: "svr",
+             **{ISR_BASE + 0x10 * i: f"isr{i}" for i in range(8)},
+             **{TMR_BASE + 0x10 * i: f"tmr{i}" for i in range(8)},
+             **{IRR_BASE + 0x10 * i: f"irr{i}" for i in range(8)},
+             ESR: "esr", ICR_LOW: "icr_low", ICR_HIGH: "icr_high", LVT_TIMER: "lvt_timer",
+             LVT_THERMAL: "lvt_thermal", LVT_PCINT: "lvt_pcint", LVT_LINT0: "lvt_lint0",
+             LVT_LINT1: "lvt_lint1", LVT_ERROR: "lvt_error", TICR: "timer_initial",
+             TCCR: "timer_current", TDCR: "timer_divide"}
+
+# The one time-valued register: a read of the current count is a clock read (logged as CLOCK,
+# under this source name, and fed back from the trace on replay); see is_time_read.
+TIME_REGISTERS = (TCCR,)
+CLOCK_SOURCE = "lapic.tccr"
 
 MAX_LVT = 5            # index of the last LVT entry (timer, thermal, PCINT, LINT0, LINT1, ERROR)
 VERSION_VALUE = hw.LAPIC_VERSION | (MAX_LVT << 16)
@@ -125,6 +143,9 @@ def _is_read_only(offset: int) -> bool:
     return offset in (ID, VER, APR, PPR, TCCR) or ISR_BASE <= offset < IRR_BASE + 0x80
 
 
+PURE_READ_REGISTER = "lapic.id"    # how a trace's PURE_READS record names those ID reads
+
+
 def is_pure_id_read(address: int, size: int) -> bool:
     """The one read deliberately not logged: 4 bytes at the ID register (a constant, read on every
     lock operation by xv6; the emu engine answers it in C). Narrower or unaligned reads of it are
@@ -132,10 +153,53 @@ def is_pure_id_read(address: int, size: int) -> bool:
     return size == 4 and address == hw.LAPIC_ADDR + ID
 
 
+def is_time_read(address: int) -> bool:
+    """Whether an MMIO read at guest-physical `address` reads the time (the timer's current
+    count), whatever its size: the recorder logs it as a clock read, replay takes it from the
+    trace. Only the register's own address counts, as every trace so far was recorded."""
+    return address == hw.LAPIC_ADDR + TCCR
+
+
+BITS_BYTES = 32        # a 256-bit IRR/ISR/TMR in a state: 32 bytes, little-endian (bit n = vector n)
+
+
+@dataclass(frozen=True)
+class LapicState:
+    """Everything the LAPIC needs to go on as it would have: priorities and the IRR/ISR/TMR,
+    error latches, the ICR, the LVTs (in LVT_ORDER), and the timer: initial count, divide
+    configuration, when its current run started, the count at which it next expires and that
+    expiry's guest time (None: stopped)."""
+    apic_id: U8
+    tpr: U8
+    ldr: U32
+    dfr: U32
+    svr: U16
+    irr: Blob(BITS_BYTES, BITS_BYTES)
+    isr: Blob(BITS_BYTES, BITS_BYTES)
+    tmr: Blob(BITS_BYTES, BITS_BYTES)
+    esr: U32
+    esr_pending: U32
+    icr_low: U32
+    icr_high: U32
+    lvt: Ints(len(LVT_ORDER), U32)
+    ticr: U32
+    tdcr: U8
+    timer_start_ns: NS
+    timer_expiry_count: NS
+    timer_deadline_ns: NS | None
+    timer_interrupts_raised: U64
+    last_timer_expiry_ns: NS | None
+
+    def __post_init__(self) -> None:
+        if self.timer_deadline_ns is not None and self.ticr == 0:
+            raise ValueError("LapicState.timer_deadline_ns: a running timer needs an initial count")
+
+
 class Lapic:
     """The xAPIC of our single CPU, at hw.LAPIC_ADDR; also the engine's InterruptSource."""
 
     name = "lapic"
+    state_type = LapicState
 
     def __init__(self, clock: Clock, pic: Pic8259Pair | None = None,
                  apic_id: int = hw.BSP_APIC_ID) -> None:
@@ -514,45 +578,34 @@ class Lapic:
         return self._timer_deadline_ns
 
     # --- snapshots -------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "apic_id": self.apic_id,
-            "tpr": self.tpr, "ldr": self.ldr, "dfr": self.dfr, "svr": self.svr,
-            "irr": self.irr.to_bytes(32, "little"),
-            "isr": self.isr.to_bytes(32, "little"),
-            "tmr": self.tmr.to_bytes(32, "little"),
-            "esr": self.esr, "esr_pending": self.esr_pending,
-            "icr_low": self.icr_low, "icr_high": self.icr_high,
-            "lvt": [self.lvt[offset] for offset in LVT_ORDER],
-            "ticr": self.ticr, "tdcr": self.tdcr,
-            "timer_start_ns": self._timer_start_ns,
-            "timer_expiry_count": self._timer_expiry_count,
-            "timer_deadline_ns": self._timer_deadline_ns,
-            "timer_interrupts_raised": self.timer_interrupts_raised,
-            "last_timer_expiry_ns": self.last_timer_expiry_ns,
-        }
+    def state(self) -> LapicState:
+        return LapicState(
+            apic_id=self.apic_id, tpr=self.tpr, ldr=self.ldr, dfr=self.dfr, svr=self.svr,
+            irr=self.irr.to_bytes(BITS_BYTES, "little"), isr=self.isr.to_bytes(BITS_BYTES, "little"),
+            tmr=self.tmr.to_bytes(BITS_BYTES, "little"), esr=self.esr, esr_pending=self.esr_pending,
+            icr_low=self.icr_low, icr_high=self.icr_high,
+            lvt=tuple(self.lvt[offset] for offset in LVT_ORDER), ticr=self.ticr, tdcr=self.tdcr,
+            timer_start_ns=self._timer_start_ns, timer_expiry_count=self._timer_expiry_count,
+            timer_deadline_ns=self._timer_deadline_ns,
+            timer_interrupts_raised=self.timer_interrupts_raised,
+            last_timer_expiry_ns=self.last_timer_expiry_ns)
 
-    def restore(self, state: dict) -> None:
-        self.apic_id = state["apic_id"]
+    def restore(self, state: LapicState) -> None:
+        self.apic_id = state.apic_id
         self.id_register_value = self.apic_id << 24
-        self.tpr = state["tpr"]
-        self.ldr = state["ldr"]
-        self.dfr = state["dfr"]
-        self.svr = state["svr"]
-        self.irr = int.from_bytes(state["irr"], "little")
-        self.isr = int.from_bytes(state["isr"], "little")
-        self.tmr = int.from_bytes(state["tmr"], "little")
-        self.esr = state["esr"]
-        self.esr_pending = state["esr_pending"]
-        self.icr_low = state["icr_low"]
-        self.icr_high = state["icr_high"]
-        self.lvt = dict(zip(LVT_ORDER, state["lvt"]))
-        self.ticr = state["ticr"]
-        self.tdcr = state["tdcr"]
+        self.tpr, self.ldr, self.dfr, self.svr = state.tpr, state.ldr, state.dfr, state.svr
+        self.irr = int.from_bytes(state.irr, "little")
+        self.isr = int.from_bytes(state.isr, "little")
+        self.tmr = int.from_bytes(state.tmr, "little")
+        self.esr, self.esr_pending = state.esr, state.esr_pending
+        self.icr_low, self.icr_high = state.icr_low, state.icr_high
+        self.lvt = dict(zip(LVT_ORDER, state.lvt))
+        self.ticr = state.ticr
+        self.tdcr = state.tdcr
         self._divisor = divisor_of(self.tdcr)
-        self._timer_start_ns = state["timer_start_ns"]
-        self._timer_expiry_count = state["timer_expiry_count"]
-        self._timer_deadline_ns = state["timer_deadline_ns"]
-        self.timer_interrupts_raised = state["timer_interrupts_raised"]
-        self.last_timer_expiry_ns = state["last_timer_expiry_ns"]
+        self._timer_start_ns = state.timer_start_ns
+        self._timer_expiry_count = state.timer_expiry_count
+        self._timer_deadline_ns = state.timer_deadline_ns
+        self.timer_interrupts_raised = state.timer_interrupts_raised
+        self.last_timer_expiry_ns = state.last_timer_expiry_ns
         self._update_modes()

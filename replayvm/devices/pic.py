@@ -28,8 +28,10 @@ The pair is one object so the CPU side has a single INTR/INTA interface (`has_pe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from replayvm import hw
+from replayvm.devices.state import U8, Choice
 
 # Register offsets inside one chip.
 COMMAND = 0            # ICW1, OCW2, OCW3 on write; IRR/ISR (or a poll result) on read
@@ -56,6 +58,38 @@ MASTER_VECTOR_BASE = 0x08   # what a PC BIOS leaves programmed (real-mode IRQ0-7
 SLAVE_VECTOR_BASE = 0x70    # IRQ8-15 -> INT 70h-77h
 SPURIOUS_IRQ = 7            # an INTA with nothing left to deliver returns the IRQ7 vector
 
+# Register names by offset inside one chip, as the `devices` table of analyze shows them
+# (`pic.master.command`).
+REGISTERS = {COMMAND: "command", DATA: "data"}
+
+
+@dataclass(frozen=True)
+class PicState:
+    """One chip: IRR, ISR, IMR and the input levels, what initialisation programmed (vector
+    base, ICW3, trigger mode, single, AEOI), the OCW3 modes, and how far an initialisation
+    sequence has got (which ICW the data port expects next; 0: none)."""
+    irr: U8
+    isr: U8
+    imr: U8
+    lines: U8
+    vector_base: U8
+    icw3: U8
+    level_mode: bool
+    single: bool
+    auto_eoi: bool
+    special_mask: bool
+    read_isr: bool
+    poll_pending: bool
+    init_step: Choice(0, 2, 3, 4)
+    expect_icw4: bool
+
+
+@dataclass(frozen=True)
+class PicPairState:
+    """The master and the slave (the cascade line follows from the slave's state)."""
+    master: PicState
+    slave: PicState
+
 
 def _lowest_bit(bits: int) -> int:
     """Index of the lowest set bit: with fixed priority, the most urgent IRQ in `bits`."""
@@ -64,6 +98,8 @@ def _lowest_bit(bits: int) -> int:
 
 class Pic8259:
     """One 8259A chip, a Device at two ports (offset 0 = command, 1 = data)."""
+
+    state_type = PicState
 
     def __init__(self, name: str, vector_base: int,
                  on_output_change: Callable[[], None] | None = None) -> None:
@@ -220,30 +256,21 @@ class Pic8259:
             self._on_output_change()
 
     # --- snapshots -------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "irr": self.irr, "isr": self.isr, "imr": self.imr, "lines": self.lines,
-            "vector_base": self.vector_base, "icw3": self.icw3, "level_mode": self.level_mode,
-            "single": self.single, "auto_eoi": self.auto_eoi, "special_mask": self.special_mask,
-            "read_isr": self.read_isr, "poll_pending": self.poll_pending,
-            "init_step": self._init_step, "expect_icw4": self._expect_icw4,
-        }
+    def state(self) -> PicState:
+        return PicState(irr=self.irr, isr=self.isr, imr=self.imr, lines=self.lines,
+                        vector_base=self.vector_base, icw3=self.icw3, level_mode=self.level_mode,
+                        single=self.single, auto_eoi=self.auto_eoi, special_mask=self.special_mask,
+                        read_isr=self.read_isr, poll_pending=self.poll_pending,
+                        init_step=self._init_step, expect_icw4=self._expect_icw4)
 
-    def restore(self, state: dict) -> None:
-        self.irr = state["irr"]
-        self.isr = state["isr"]
-        self.imr = state["imr"]
-        self.lines = state["lines"]
-        self.vector_base = state["vector_base"]
-        self.icw3 = state["icw3"]
-        self.level_mode = bool(state["level_mode"])
-        self.single = bool(state["single"])
-        self.auto_eoi = bool(state["auto_eoi"])
-        self.special_mask = bool(state["special_mask"])
-        self.read_isr = bool(state["read_isr"])
-        self.poll_pending = bool(state["poll_pending"])
-        self._init_step = state["init_step"]
-        self._expect_icw4 = bool(state["expect_icw4"])
+    def restore(self, state: PicState) -> None:
+        self.irr, self.isr, self.imr, self.lines = state.irr, state.isr, state.imr, state.lines
+        self.vector_base, self.icw3 = state.vector_base, state.icw3
+        self.level_mode, self.single, self.auto_eoi = state.level_mode, state.single, state.auto_eoi
+        self.special_mask, self.read_isr = state.special_mask, state.read_isr
+        self.poll_pending = state.poll_pending
+        self._init_step = state.init_step
+        self._expect_icw4 = state.expect_icw4
 
 
 class Pic8259Pair:
@@ -254,6 +281,7 @@ class Pic8259Pair:
     """
 
     name = "pic"
+    state_type = PicPairState
 
     def __init__(self) -> None:
         self.master = Pic8259("pic-master", MASTER_VECTOR_BASE)
@@ -289,10 +317,10 @@ class Pic8259Pair:
             return self.slave.vector_base + slave_irq
         return self.master.vector_base + irq
 
-    def state(self) -> dict:
-        return {"master": self.master.state(), "slave": self.slave.state()}
+    def state(self) -> PicPairState:
+        return PicPairState(master=self.master.state(), slave=self.slave.state())
 
-    def restore(self, state: dict) -> None:
-        self.master.restore(state["master"])
-        self.slave.restore(state["slave"])
+    def restore(self, state: PicPairState) -> None:
+        self.master.restore(state.master)
+        self.slave.restore(state.slave)
         self._update_cascade()

@@ -9,9 +9,11 @@ one, so no input is ever lost. Output is instant: the transmitter is always empt
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from replayvm.devices.irq import IrqLine
+from replayvm.devices.state import NS, U8, U16, U64, Blob
 
 # Register offsets (DLAB = LCR bit 7 switches offsets 0 and 1 to the divisor latch).
 RBR_THR = 0
@@ -38,12 +40,47 @@ MSR_IDLE = 0xB0            # CTS, DSR, DCD asserted: a terminal is attached
 RESET_LCR = 0x03           # 8 data bits, DLAB clear
 MCR_MASK = 0x1F
 
+# Register names by offset, as the `devices` table of analyze shows them (`com1.lsr`).
+REGISTERS = {RBR_THR: "data", IER: "ier", IIR_FCR: "iir", LCR: "lcr", MCR: "mcr", LSR: "lsr",
+             MSR: "msr", SCR: "scratch"}
+PENDING_INPUT_LIMIT = 1 << 24      # typed bytes a saved state may hold unread (16 MiB)
+
+
+@dataclass(frozen=True)
+class UartState:
+    """Everything the UART needs to go on as it would have: typed bytes not yet read, the
+    registers, the transmitter (chaos: busy until), the interrupt line's level."""
+    rbr: U8 | None
+    pending: Blob(PENDING_INPUT_LIMIT)
+    ier: U8
+    lcr: U8
+    mcr: U8
+    scr: U8
+    fcr: U8
+    divisor: U16
+    tx_interrupt_pending: bool
+    tx_busy_until: NS | None
+    irq_level: bool
+    bytes_out: U64
+    bytes_in: U64
+
 
 def transmits(offset: int, lcr: int, mcr: int) -> bool:
     """Does a write at register `offset` send a byte down the line? Only the transmit holding
     register does, with DLAB clear (else it is the divisor latch) and loopback off (else the byte
     comes back as input). The UART and the replay's console decoder both decide with this."""
     return offset == RBR_THR and not lcr & LCR_DLAB and not mcr & MCR_LOOPBACK
+
+
+def loops_back(offset: int, lcr: int, mcr: int) -> bool:
+    """Does a write at `offset` go to the receiver instead (the THR in MCR loopback mode)?"""
+    return offset == RBR_THR and not lcr & LCR_DLAB and bool(mcr & MCR_LOOPBACK)
+
+
+def receives(offset: int, lcr: int) -> bool:
+    """Does a read at `offset` take the receive buffer (a typed byte)? Offset 0 with DLAB
+    clear; with DLAB set it reads the divisor latch instead."""
+    return offset == RBR_THR and not lcr & LCR_DLAB
 
 
 class SerialOutputDecoder:
@@ -66,7 +103,11 @@ class SerialOutputDecoder:
 
     def loops_back(self, offset: int) -> bool:
         """Whether a write at `offset` goes to the receiver instead (MCR loopback mode)."""
-        return offset == RBR_THR and not self.lcr & LCR_DLAB and bool(self.mcr & MCR_LOOPBACK)
+        return loops_back(offset, self.lcr, self.mcr)
+
+    def receives(self, offset: int) -> bool:
+        """Whether a read at `offset` takes a typed byte from the receive buffer (see receives)."""
+        return receives(offset, self.lcr)
 
     def state(self) -> tuple[int, int]:
         return self.lcr, self.mcr
@@ -80,6 +121,7 @@ class Uart16550:
     """A 16550A whose transmit side is instantaneous and receive side never overruns."""
 
     name = "com1"
+    state_type = UartState
 
     def __init__(self, irq: IrqLine, on_output: Callable[[int], None],
                  latency: Callable[[], int] | None = None, now_ns: Callable[[], int] | None = None) -> None:
@@ -138,9 +180,7 @@ class Uart16550:
         if offset == LSR:
             lsr = LSR_THR_EMPTY | LSR_TX_EMPTY if self.tx_busy_until is None else 0
             return lsr | (LSR_DATA_READY if self.rbr is not None else 0)
-        if offset == RBR_THR:
-            if self.lcr & LCR_DLAB:
-                return self.divisor & 0xFF
+        if receives(offset, self.lcr):
             value = self.rbr if self.rbr is not None else 0
             if self.rbr is not None:
                 self.rbr = None
@@ -149,6 +189,8 @@ class Uart16550:
                     self.irq.set_level(False)
                 self._refill()
             return value
+        if offset == RBR_THR:                    # DLAB set: the divisor latch
+            return self.divisor & 0xFF
         if offset == IER:
             return (self.divisor >> 8) & 0xFF if self.lcr & LCR_DLAB else self.ier
         if offset == IIR_FCR:
@@ -211,14 +253,20 @@ class Uart16550:
     def next_deadline_ns(self) -> int | None:
         return self.tx_busy_until
 
-    def state(self) -> dict:
-        return {"rbr": self.rbr, "pending": bytes(self.pending), "ier": self.ier, "lcr": self.lcr,
-                "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr, "divisor": self.divisor,
-                "tx_interrupt_pending": self.tx_interrupt_pending}
+    def state(self) -> UartState:
+        return UartState(rbr=self.rbr, pending=bytes(self.pending), ier=self.ier, lcr=self.lcr,
+                         mcr=self.mcr, scr=self.scr, fcr=self.fcr, divisor=self.divisor,
+                         tx_interrupt_pending=self.tx_interrupt_pending,
+                         tx_busy_until=self.tx_busy_until, irq_level=self.irq.level,
+                         bytes_out=self.bytes_out, bytes_in=self.bytes_in)
 
-    def restore(self, state: dict) -> None:
-        self.rbr = state["rbr"]
-        self.pending = deque(state["pending"])
-        for key in ("ier", "lcr", "mcr", "scr", "fcr", "divisor", "tx_interrupt_pending"):
-            setattr(self, key, state[key])
-        self._update_irq()
+    def restore(self, state: UartState) -> None:
+        """Back to `state`; the interrupt line is set quietly (the controllers keep their own)."""
+        self.rbr = state.rbr
+        self.pending = deque(state.pending)
+        self.ier, self.lcr, self.mcr, self.scr = state.ier, state.lcr, state.mcr, state.scr
+        self.fcr, self.divisor = state.fcr, state.divisor
+        self.tx_interrupt_pending = state.tx_interrupt_pending
+        self.tx_busy_until = state.tx_busy_until
+        self.bytes_out, self.bytes_in = state.bytes_out, state.bytes_in
+        self.irq.restore_level(state.irq_level)

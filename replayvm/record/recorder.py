@@ -23,7 +23,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from replayvm import hw
-from replayvm.devices.cmos import TIME_REGISTERS
+from replayvm.devices import cmos, lapic
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
 from replayvm.trace.writer import TraceWriter
@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 SECTOR_SIZE = 512
 PAGE_SIZE = 4096
 ZERO_PAGE = bytes(PAGE_SIZE)
-LAPIC_TIMER_CURRENT_ADDR = hw.LAPIC_ADDR + 0x390
-CMOS_DATA_PORT = hw.CMOS_PORT + 1
+CMOS_DATA_PORT = hw.CMOS_PORT + cmos.DATA
 
 
 class RecordingBus:
@@ -146,16 +145,16 @@ class Recorder:
                 self._id_read_sites[self._context()[0]] += 1
                 return
             self._flush_run()
-            if addr == LAPIC_TIMER_CURRENT_ADDR:
-                self._clock("lapic.tccr", value)
+            if lapic.is_time_read(addr):
+                self._clock(lapic.CLOCK_SOURCE, value)
                 return
             rip, cpl = self._context()
             self._emit((Kind.MMIO_READ, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
             self.counts["mmio_read"] += 1
             return
-        if addr == CMOS_DATA_PORT and self.machine.cmos.index in TIME_REGISTERS:
+        if addr == CMOS_DATA_PORT and self.machine.cmos.time_register_selected:
             self._flush_run()
-            self._clock("cmos", value)
+            self._clock(cmos.CLOCK_SOURCE, value)
             return
         self._port_access(Kind.PIO_READ_RUN, addr, size, value)
 
@@ -250,7 +249,7 @@ class Recorder:
         sites.update(getattr(self.engine, "pure_read_sites", dict)())
         listed = [[rip, count] for rip, count in sites.most_common()]
         for start in range(0, len(listed), self.max_sites):
-            self._emit((Kind.PURE_READS, "lapic.id", listed[start:start + self.max_sites]))
+            self._emit((Kind.PURE_READS, lapic.PURE_READ_REGISTER, listed[start:start + self.max_sites]))
 
 
 CHUNK_SIZE = 1 << 20
