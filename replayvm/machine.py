@@ -310,15 +310,9 @@ def _first_sector(path: Path) -> bytes:
 
 
 def _create_engine(name: str, machine: Machine) -> Engine:
-    if name == "emu":
-        from replayvm.engines.emu import EmuEngine
+    from replayvm.engines import engine_class
 
-        return EmuEngine(machine)
-    if name == "kvm":
-        from replayvm.engines.kvm import KvmEngine
-
-        return KvmEngine(machine)
-    raise UsageError(f"unknown engine {name!r} (choose auto, kvm or emu)")
+    return engine_class(name)(machine)
 
 
 def wall_seconds(start: float) -> float:

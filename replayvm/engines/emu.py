@@ -348,8 +348,9 @@ class EmuEngine:
         if self._stop_requested or self._pending_fault is not None or self._python_error is not None \
                 or self._shutdown_in_hook or state.debug_hit:
             return
-        state.stop_at = position if position > state.icount else state.icount
-        self._run_end = state.stop_at
+        target = position if position > state.icount else state.icount
+        state.stop_at = target
+        self._run_end = target
 
     def run(self, budget_ns: int | None = None, until_position: int | None = None,
             max_instructions: int | None = None) -> StopReason:
