@@ -517,11 +517,7 @@ class EmuEngine:
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
-        if self._context is None:
-            holder = ffi.new("uc_context **")
-            _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
-            self._context = holder[0]
-            self._context_size = lib.uc_context_size(self.uc)
+        self._allocate_context()
         _check(lib.uc_context_save(self.uc, self._context), "save context")
         return EngineSnapshot(engine=self.name,
                               context=bytes(ffi.buffer(self._context, self._context_size)),
@@ -534,8 +530,7 @@ class EmuEngine:
         dropped, since RAM (code included) may have been put back too."""
         if snapshot.engine != self.name or len(snapshot.counters) != ffi.sizeof("struct emu_state"):
             raise ValueError(f"not a snapshot of this {self.name} engine")
-        if self._context is None:
-            self.save_cpu()                        # allocates the context (and learns its size)
+        self._allocate_context()
         if len(snapshot.context) != self._context_size:
             raise ValueError("a vCPU context of another size")
         counters = snapshot.counters
@@ -551,6 +546,14 @@ class EmuEngine:
             ffi.buffer(ffi.addressof(self.state, name))[:] = value
         self._stop_requested = False
         self._forget_translations()
+
+    def _allocate_context(self) -> None:
+        """The uc_context snapshots go through, made on first use (and its size learnt)."""
+        if self._context is None:
+            holder = ffi.new("uc_context **")
+            _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
+            self._context = holder[0]
+            self._context_size = lib.uc_context_size(self.uc)
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""

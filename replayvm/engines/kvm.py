@@ -257,6 +257,7 @@ class KvmEngine:
         return 0
 
     def pure_read_sites(self) -> dict[int, int]:
+        """None here: the recorder counts the ID reads it saw on the bus by site itself."""
         return {}
 
     def interrupt_landmark(self) -> dict | None:
