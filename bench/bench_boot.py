@@ -33,7 +33,7 @@ def boot_to_prompt(disks: list[Path], engine: str = "emu", prompt: bytes = b"$ "
     machine.close()
     if outcome.reason != "until":
         raise RuntimeError(f"no prompt: {outcome}")
-    return elapsed, machine.engine.icount if hasattr(machine.engine, "icount") else 0
+    return elapsed, machine.engine.icount or 0
 
 
 def qemu_boot_to_prompt(xv6: Path) -> float | None:

@@ -165,6 +165,7 @@ def _resolve_engine(requested: str) -> str:
 
 def cmd_record(args: argparse.Namespace) -> int:
     from replayvm.console import decode_escapes
+    from replayvm.engines import engine_class
     from replayvm.record.session import SessionOptions, run_session
 
     if args.output is not None and args.output.is_dir():
@@ -178,8 +179,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     prompt = decode_escapes(args.prompt, "--prompt")
     until = decode_escapes(args.until, "--until") if args.until else None
     engine = _resolve_engine(args.engine)
-    if args.virtual_clock and engine != "emu":
-        raise UsageError("--virtual-clock needs the emu engine")
+    if args.virtual_clock and not engine_class(engine).exact_positions:
+        raise UsageError("--virtual-clock needs the emu engine (guest time from its instruction count)")
     if args.until_fail is not None and script is None:
         raise UsageError("--until-fail needs --input: repeated runs are scripted")
     if args.repeat > 1 and args.until_fail is None:

@@ -31,7 +31,7 @@ from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, Lapic
 from replayvm.devices.pic import Pic8259Pair
 from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
-from replayvm.engines.base import CpuState, StopReason
+from replayvm.engines.base import CpuState, Engine, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
@@ -41,10 +41,10 @@ RUN_SLICE_NS = 20_000_000                 # how often the loop looks at console 
 SHUTDOWN_PREFIX = "guest shut down: "
 
 
-def engine_stop_end(reason: StopReason, engine) -> tuple[str, str]:
+def engine_stop_end(reason: StopReason, engine: Engine) -> tuple[str, str]:
     """How a session ends when the engine cannot go on: the footer's (`end`, `detail`). Replay
     expects the same pair from the same stop at the same position (replay.replayer)."""
-    why = getattr(engine, "last_error", "")
+    why = engine.last_error
     if reason is StopReason.SHUTDOWN:
         return "fault", SHUTDOWN_PREFIX + (why or "triple fault")
     return "unsupported", why or "the engine cannot continue with this guest"
@@ -353,7 +353,7 @@ class Machine:
             self.chaos.idle(self.clock.now_ns() - now)
 
     def _outcome(self, reason: str, detail: str = "") -> RunOutcome:
-        return RunOutcome(reason, self.clock.now_ns(), getattr(self.engine, "icount", None), detail)
+        return RunOutcome(reason, self.clock.now_ns(), self.engine.icount, detail)
 
     def _fault_report(self, what: str) -> str:
         """`what` (the footer's detail: the first line), then the CPU state."""
@@ -393,16 +393,10 @@ def _first_sector(path: Path) -> bytes:
         raise UsageError(f"cannot read disk image {path}: {error.strerror or error}") from None
 
 
-def _create_engine(name: str, machine: Machine):
-    if name == "emu":
-        from replayvm.engines.emu import EmuEngine
+def _create_engine(name: str, machine: Machine) -> Engine:
+    from replayvm.engines import engine_class
 
-        return EmuEngine(machine)
-    if name == "kvm":
-        from replayvm.engines.kvm import KvmEngine
-
-        return KvmEngine(machine)
-    raise UsageError(f"unknown engine {name!r} (choose auto, kvm or emu)")
+    return engine_class(name)(machine)
 
 
 def wall_seconds(start: float) -> float:

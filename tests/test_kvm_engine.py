@@ -51,7 +51,7 @@ def engine_name(request) -> str:
 def test_realmode_io_interrupts_and_kick(engine_name):
     machine, engine, mmio = realmode_machine(engine_name)
     reason = engine.run(budget_ns=HANG_BUDGET_NS)          # HALT: the timer came, no budget ran out
-    assert reason is StopReason.HALT, getattr(engine, "last_error", "")
+    assert reason is StopReason.HALT, engine.last_error
     writes = machine.ports.writes
     marks = [v for off, size, v in writes if off == 0]
     assert marks == REALMODE_MARKS
@@ -87,7 +87,7 @@ def test_pm32_port_string_and_mmio(engine_name):
     machine.ram[0x1000:0x1000 + len(image)] = image
     engine = make_engine(engine_name, machine)
     engine.set_state(flat_protected_state(0x1000, 0x500, machine.ram))
-    assert engine.run(budget_ns=HANG_BUDGET_NS) is StopReason.HALT, getattr(engine, "last_error", "")
+    assert engine.run(budget_ns=HANG_BUDGET_NS) is StopReason.HALT, engine.last_error
     writes = machine.ports.writes
     assert [v for off, size, v in writes if off == 0] == [0x11, 0x22]
     assert (2, 4, 0x5A) in writes

@@ -214,14 +214,14 @@ def test_many_reverse_steps_in_a_row_match_a_straight_replay(demo_trace):
 
 
 def test_reading_an_unmapped_address_leaves_the_guest_alone(demo_trace):
-    from replayvm.engines.x86_delivery import DeliveryFault
+    from replayvm.engines.base import GuestAddressFault
 
     timeline = Timeline(demo_trace, checkpoint_every=EVERY)
     timeline.seek(3_000_000)                             # paging on
     before = snapshot(timeline), timeline.registers().cr2
     try:
         timeline.read_memory(0x40000000, 4)              # not mapped by the demo kernel
-    except DeliveryFault:
+    except GuestAddressFault:
         pass
     else:
         raise AssertionError("an unmapped address read as memory")

@@ -56,11 +56,19 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------- item 5: limits, both sides
 class FakeEngine:
+    """The part of the Engine protocol the recorder uses, over no guest."""
+
     name = "emu"
     position = 0
 
     def exit_context(self) -> tuple[int, int]:
         return 0x7C00, 0
+
+    def interrupt_landmark(self) -> None:
+        return None
+
+    def pure_read_sites(self) -> dict[int, int]:
+        return {}
 
 
 def fake_recorder(writer: TraceWriter) -> tuple[Recorder, FakeEngine]:

@@ -3,13 +3,27 @@
 An engine runs the guest's one vCPU over the machine's RAM. Port and MMIO accesses go to the
 machine's buses from inside `run()`; `run()` returns only when the machine has to decide something
 (the guest halted, shut down, the time budget ran out, or a stop was requested).
+
+Every engine is an `Engine`. What only some engines can do is a separate protocol, checked with
+`isinstance` (they are `runtime_checkable`), never with `getattr` or the engine's name:
+
+- `SnapshotEngine`: the whole vCPU saved and restored (`EngineSnapshot`), for checkpoints: emu.
+- `DebugEngine`: breakpoints and watchpoints that stop at an exact position, for the timeline
+  and gdb: emu.
+- `HardwareDebugEngine`: single-step and hardware execution breakpoints, which replay uses to find
+  an interrupt that landed between two exits (an interrupt landmark): kvm.
+
+One more fact callers need is a class attribute of every engine, `exact_positions`: True when a
+position is an instruction count and a run can stop at any one (emu); False when a position counts
+exits, so a run can stop only at an exit and an interrupt between exits is found by its landmark
+(kvm). Trace headers name it as `position_unit` ("instructions" or "exits").
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, asdict
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field, asdict, fields
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from replayvm.bus import Bus, PioBus
@@ -132,19 +146,242 @@ class MachineView(Protocol):
         ...
 
 
+class GuestAddressFault(Exception):
+    """A guest-virtual address that does not translate to RAM (not mapped, or past RAM's end):
+    what `DebugEngine.read_linear` raises, so a debugger can show what is mapped and stop there."""
+
+
+class DebugStop(enum.IntEnum):
+    """Why a `DebugEngine` stopped (`DebugHit.kind`); the values are the C hook's DEBUG_*."""
+
+    NONE = 0
+    BREAK = 1                      # before executing an instruction at a breakpoint
+    WATCH = 2                      # after an instruction accessed a watched range
+
+
+@dataclass(frozen=True)
+class DebugHit:
+    kind: DebugStop
+    address: int = 0               # WATCH: the data address accessed (BREAK: see linear_pc())
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The whole vCPU of a `SnapshotEngine` at one position (not RAM: checkpoints keep that).
+
+    The emu engine's fields: `context` is Unicorn's copy of QEMU's CPU state (registers, the
+    segment caches, FPU/SSE, pending-exception state; a few of its bytes are pointers into the
+    process that made it, which replay.checkpoint_file fixes up); `counters` is the engine's own
+    C-side state (`struct emu_state`: the instruction count, the current stop target, the
+    interrupt-window and STI-shadow tracking, the LAPIC ID read tally), restored whole except
+    the debugger's breakpoints and watchpoints, which belong to the debugger, not the guest.
+    """
+
+    engine: str                                  # the engine that made it (and alone restores it)
+    context: bytes
+    counters: bytes
+    pending_fault: tuple[int, int | None, int] | None   # (vector, error code, EIP) to deliver next
+    halted: bool                                 # the guest was in HLT
+    interrupts_delivered: int
+    exceptions_delivered: int
+
+    def to_dict(self) -> dict:
+        """Named fields of plain types (msgpack-able): what a checkpoint file stores."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["pending_fault"] = list(self.pending_fault) if self.pending_fault is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineSnapshot":
+        """The inverse of to_dict, for data read from a file: every field must be there and of
+        its type (ValueError otherwise)."""
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"snapshot lacks {', '.join(missing)}")
+        fault = data["pending_fault"]
+        if fault is not None:
+            if not isinstance(fault, (list, tuple)) or len(fault) != 3 or \
+                    not all(v is None or type(v) is int for v in fault):
+                raise ValueError("snapshot's pending_fault is not (vector, error, eip)")
+            fault = (fault[0], fault[1], fault[2])
+        snapshot = cls(engine=data["engine"], context=data["context"], counters=data["counters"],
+                       pending_fault=fault, halted=data["halted"],
+                       interrupts_delivered=data["interrupts_delivered"],
+                       exceptions_delivered=data["exceptions_delivered"])
+        for name, kind in (("engine", str), ("context", bytes), ("counters", bytes), ("halted", bool),
+                           ("interrupts_delivered", int), ("exceptions_delivered", int)):
+            if type(getattr(snapshot, name)) is not kind:
+                raise ValueError(f"snapshot's {name} is not {kind.__name__}")
+        return snapshot
+
+
 class Engine(Protocol):
-    name: str
+    """What every engine offers, and all that callers outside `replayvm.engines` may use (plus
+    the optional protocols below, checked with isinstance). tests/test_engine_interface.py checks
+    that both engines have every member and that callers do not probe engines with getattr."""
 
-    def set_state(self, state: CpuState) -> None: ...
+    name: ClassVar[str]
+    """"emu" or "kvm": what trace headers name, and what `replay --engine` compares."""
 
-    def get_state(self) -> CpuState: ...
+    exact_positions: ClassVar[bool]
+    """True (emu): a position is an instruction count; `run(until_position=N)` stops exactly at N,
+    and an asynchronous event is logged and replayed at its exact count. False (kvm): a position
+    counts synchronous exits (port, MMIO, HLT); a run can stop only at an exit, and an interrupt
+    that lands between exits carries a landmark (`interrupt_landmark`) that replay finds with a
+    `HardwareDebugEngine`."""
 
-    def run(self, budget_ns: int | None = None) -> StopReason:
-        """Run the guest until it halts, dies, the budget (guest ns) passes, or a stop is requested."""
+    position_unit: ClassVar[str]
+    """What a position counts, as trace headers say it: "instructions" (emu) or "exits" (kvm)."""
+
+    cpuid_table: list[tuple[int, int, int, int, int, int]]
+    """(leaf, subleaf, eax, ebx, ecx, edx) the guest sees, for the trace header."""
+
+    last_error: str
+    """Why the last run ended with SHUTDOWN or UNSUPPORTED, in one line ("" when it did not)."""
+
+    on_interrupt: Callable[[int, int], None] | None
+    """Called with (vector, position) as an external interrupt is taken (the recorder logs it).
+    emu: the count of the instruction about to be interrupted; kvm: the exits so far, as the
+    interrupt is injected."""
+
+    @property
+    def position(self) -> int:
+        """Where the guest is, in the unit of this engine's traces: on emu instructions begun
+        (a `rep` iteration and each attempt of a faulting instruction count); on kvm synchronous
+        exits so far (kicks and interrupt-window exits do not count: they depend on host timing).
+        During a device access from inside run(), the access's own instruction/exit is counted."""
+        ...
+
+    @property
+    def icount(self) -> int | None:
+        """Instructions executed so far (emu: the same as position); None when the engine cannot
+        count instructions (kvm: no PMU under PVM)."""
+        ...
+
+    @property
+    def pure_reads(self) -> int:
+        """Reads the engine answered itself without the bus, so never logged (emu serves LAPIC ID
+        reads in C); 0 when every read goes to the bus (kvm)."""
+        ...
+
+    def pure_read_sites(self) -> dict[int, int]:
+        """Those pure reads counted by the EIP that made them (for the trace's PURE_READS record);
+        {} on kvm."""
+        ...
+
+    def set_state(self, state: CpuState) -> None:
+        """Load the vCPU from `state` (boot, a trace header's initial state), between runs."""
+        ...
+
+    def get_state(self) -> CpuState:
+        """The vCPU now, in the engine-neutral form (for dumps, hashes, footers, gdb)."""
+        ...
+
+    def run(self, budget_ns: int | None = None, until_position: int | None = None) -> StopReason:
+        """Run the guest until it halts, dies, the budget (guest ns) passes, a stop is requested,
+        or it reaches `until_position` (BUDGET). emu stops exactly there, after delivering what is
+        due at that count (interrupts, faults); kvm stops at the first exit boundary at or past it,
+        before entering the guest again (an interrupt due there is injected by the next run)."""
         ...
 
     def request_stop(self) -> None:
         """Ask a running engine to return soon with STOP_REQUESTED (safe from another thread)."""
         ...
 
-    def close(self) -> None: ...
+    def stop_here(self) -> None:
+        """From inside a device access: run() returns STOP_REQUESTED before the guest goes on
+        (emu: before the next instruction; kvm: before the next KVM_RUN)."""
+        ...
+
+    def move_stop(self, position: int) -> None:
+        """From inside a device access: the run under way is to end (BUDGET) at `position`, earlier
+        or later than it was asked to -- unless something already stopped it here (a fault, a
+        debugger hit, a stop request). A position already passed means: stop now (on kvm, at
+        this exit). Replay uses it to bound each run by the next recorded event."""
+        ...
+
+    def exit_context(self) -> tuple[int, int]:
+        """(RIP, CPL) of the instruction making the current device access, for trace records.
+        kvm gives CPL -1 (not fetched: it would cost a KVM_GET_SREGS per exit)."""
+        ...
+
+    def interrupt_landmark(self) -> dict | None:
+        """Where the interrupt being injected lands, when its position alone does not say (kvm,
+        after a kick between exits): the general registers, RIP, RFLAGS and CR3. None when the
+        position is exact (always on emu; on kvm when the interrupt is taken at an exit)."""
+        ...
+
+    def use_clock(self, clock: "GuestClock") -> None:
+        """Keep time with `clock` from now on (a replay going live). emu: an instruction clock
+        (VirtualClock) counts this engine's instructions; kvm: the kicker's deadlines use it."""
+        ...
+
+    def start_at_position(self, position: int) -> None:
+        """Count positions from `position` (a branch trace starts where its parent went live)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (its view of RAM first: the machine may unmap RAM afterwards)."""
+        ...
+
+
+@runtime_checkable
+class SnapshotEngine(Engine, Protocol):
+    """An engine whose whole vCPU can be saved and put back (emu): replay checkpoints."""
+
+    def save_cpu(self) -> EngineSnapshot:
+        """The vCPU now (registers, caches, counters, a fault in flight); RAM is the caller's."""
+        ...
+
+    def restore_cpu(self, snapshot: EngineSnapshot) -> None:
+        """Back to a save_cpu() point of this engine; breakpoints and watchpoints stay as set."""
+        ...
+
+
+@runtime_checkable
+class DebugEngine(Engine, Protocol):
+    """Breakpoints and watchpoints that stop a run at an exact position (emu): the timeline and gdb.
+
+    A hit ends run() with StopReason.DEBUG; `take_debug_hit()` then says which."""
+
+    def set_breakpoints(self, addresses: list[int]) -> None:
+        """Stop before executing an instruction at any of these linear addresses (the set replaces
+        the previous one; [] clears)."""
+        ...
+
+    def set_watchpoints(self, watches: list[tuple[int, int, int]]) -> None:
+        """Stop after an instruction reads (access & 1) or writes (access & 2) one of these
+        (linear address, length, access) ranges ([] clears)."""
+        ...
+
+    def take_debug_hit(self) -> DebugHit:
+        """Why the last run stopped for the debugger (DebugStop.NONE: it did not), and forget it."""
+        ...
+
+    def linear_pc(self) -> int:
+        """CS base + EIP: the address breakpoints compare with."""
+        ...
+
+    def resume_here(self) -> None:
+        """The next run must not stop at a breakpoint on the instruction it starts with."""
+        ...
+
+    def resume_anywhere(self) -> None:
+        """Undo resume_here(): a breakpoint on the first instruction stops the next run too."""
+        ...
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        """Guest-virtual memory through the guest's page tables, with no side effect on the guest;
+        raises GuestAddressFault where an address does not translate to RAM."""
+        ...
+
+
+@runtime_checkable
+class HardwareDebugEngine(Engine, Protocol):
+    """Single-step and hardware execution breakpoints (kvm): how replay finds an interrupt
+    landmark between two exits."""
+
+    def set_guest_debug(self, single_step: bool = False, hw_breakpoints: list[int] = ()) -> None:
+        """Single-step and/or up to four execution breakpoints (linear addresses); a hit ends
+        run() with StopReason.DEBUG. No arguments: both off."""
+        ...

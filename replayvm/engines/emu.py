@@ -20,7 +20,8 @@ from typing import Callable
 
 from replayvm import hw
 from replayvm.clock import VirtualClock
-from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
+from replayvm.engines.base import (CpuState, DebugHit, DebugStop, EngineSnapshot, GuestAddressFault,
+                                   MachineView, Segment, StopReason)
 from replayvm.engines import x86_delivery
 from replayvm.errors import EngineUnavailable
 
@@ -68,6 +69,7 @@ SLICE_INSTRUCTIONS = 200_000        # how long a run goes before the machine pol
 MIN_WALL_SLICE = 2_000              # shortest slice towards a wall-clock timer deadline
 EFLAGS_IF = 1 << 9
 OPCODE_STI = 0xFB
+NO_SKIP = (1 << 64) - 1             # skip_icount when no instruction is exempt from breakpoints
 
 
 class UnicornError(Exception):
@@ -80,9 +82,13 @@ def _check(err: int, what: str) -> None:
 
 
 class EmuEngine:
-    """One x86 vCPU emulated by Unicorn over the machine's RAM (see module docstring)."""
+    """One x86 vCPU emulated by Unicorn over the machine's RAM (see module docstring).
+
+    An `Engine`, a `SnapshotEngine` and a `DebugEngine` (replayvm.engines.base)."""
 
     name = "emu"
+    exact_positions = True
+    position_unit = "instructions"
 
     def __init__(self, machine: MachineView) -> None:
         self.machine = machine
@@ -112,6 +118,7 @@ class EmuEngine:
         self._err = ffi.new("int *")
         self._is_int = ffi.new("int *")
         self._stop_requested = False
+        self._run_end: int | None = None          # the position the run under way ends at
         self._cpuid_table: list | None = None
         self._python_error: BaseException | None = None
         self._pending_fault: tuple[int, int | None, int] | None = None   # (vector, error, eip)
@@ -310,10 +317,19 @@ class EmuEngine:
         """Where the guest is, in the unit traces use on this engine: instructions begun."""
         return self.state.icount
 
+    @property
+    def pure_reads(self) -> int:
+        """LAPIC ID reads served in C (not logged)."""
+        return self.state.lapic_id_reads
+
     def pure_read_sites(self) -> dict[int, int]:
         """LAPIC ID reads (served in C, not logged) counted by the EIP that made them."""
         st = self.state
         return {st.id_read_rip[i]: st.id_read_count[i] for i in range(1024) if st.id_read_count[i]}
+
+    def interrupt_landmark(self) -> None:
+        """Never needed: an interrupt's instruction count places it exactly."""
+        return None
 
     def exit_context(self) -> tuple[int, int]:
         """(EIP, CPL) of the instruction being executed, for trace records."""
@@ -344,15 +360,23 @@ class EmuEngine:
         if self._stop_requested or self._pending_fault is not None or self._python_error is not None \
                 or self._shutdown_in_hook or state.debug_hit:
             return
-        state.stop_at = position if position > state.icount else state.icount
+        target = position if position > state.icount else state.icount
+        state.stop_at = target
+        self._run_end = target
 
-    def run(self, budget_ns: int | None = None, max_instructions: int | None = None) -> StopReason:
-        """Run until halt, shutdown, stop request, or the time or instruction budget is used."""
+    def run(self, budget_ns: int | None = None, until_position: int | None = None,
+            max_instructions: int | None = None) -> StopReason:
+        """Run until halt, shutdown, stop request, the time budget is used, or the guest is at
+        instruction `until_position` (or `max_instructions` from here; the nearer one)."""
         machine = self.machine
         state = self.state
         interrupts = machine.interrupts
         clock = machine.clock
-        end = None if max_instructions is None else state.icount + max_instructions
+        end = until_position
+        if max_instructions is not None:
+            relative = state.icount + max_instructions
+            end = relative if end is None else min(end, relative)
+        self._run_end = end
         time_end = None if budget_ns is None else clock.now_ns() + budget_ns
         self.halted = False
         # Everything due at the current count (a fault, an interrupt) is delivered before the
@@ -392,6 +416,7 @@ class EmuEngine:
                 state.want_window = 0
             if state.debug_hit:
                 return StopReason.DEBUG
+            end = self._run_end
             if end is not None and state.icount >= end:
                 return StopReason.BUDGET
             slice_end = state.icount + SLICE_INSTRUCTIONS
@@ -464,9 +489,10 @@ class EmuEngine:
         _check(lib.replayvm_uc_flush_tb(self.uc), "flush translated code")
         _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
 
-    def take_debug_hit(self) -> tuple[int, int]:
-        """(DEBUG_* kind, watched address) of the last debugger stop, and clear it."""
-        hit = (self.state.debug_hit, self.state.watch_addr)
+    def take_debug_hit(self) -> DebugHit:
+        """Why the last debugger stop happened (the C hook's DEBUG_* kind, the watched address
+        accessed), and clear it."""
+        hit = DebugHit(DebugStop(self.state.debug_hit), self.state.watch_addr)
         self.state.debug_hit = lib.DEBUG_NONE
         return hit
 
@@ -487,26 +513,44 @@ class EmuEngine:
         self.state.skip_icount = self.state.icount
         self.state.skip_addr = self.linear_pc()
 
+    def resume_anywhere(self) -> None:
+        """Undo resume_here(): no instruction is exempt from the breakpoints."""
+        self.state.skip_icount = NO_SKIP
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        """For a debugger: read_linear, with an untranslatable address as GuestAddressFault."""
+        try:
+            return self.read_linear(address, length)
+        except x86_delivery.DeliveryFault as fault:
+            raise GuestAddressFault(str(fault)) from None
+
     _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr",
                         "nwatch", "watch_va", "watch_len", "watch_access", "ram", "ram_size")
 
-    def save_cpu(self) -> tuple:
+    def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
-        if self._context is None:
-            holder = ffi.new("uc_context **")
-            _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
-            self._context = holder[0]
-            self._context_size = lib.uc_context_size(self.uc)
+        self._allocate_context()
         _check(lib.uc_context_save(self.uc, self._context), "save context")
-        return (bytes(ffi.buffer(self._context, self._context_size)), bytes(ffi.buffer(self.state)),
-                self._pending_fault, self.halted, self.interrupts_delivered, self.exceptions_delivered)
+        return EngineSnapshot(engine=self.name,
+                              context=bytes(ffi.buffer(self._context, self._context_size)),
+                              counters=bytes(ffi.buffer(self.state)), pending_fault=self._pending_fault,
+                              halted=self.halted, interrupts_delivered=self.interrupts_delivered,
+                              exceptions_delivered=self.exceptions_delivered)
 
-    def restore_cpu(self, saved: tuple) -> None:
+    def restore_cpu(self, snapshot: EngineSnapshot) -> None:
         """Undo to a save_cpu() point; RAM is the caller's. Translated code and the TLB are
         dropped, since RAM (code included) may have been put back too."""
-        context, counters, self._pending_fault, self.halted, self.interrupts_delivered, \
-            self.exceptions_delivered = saved
-        ffi.memmove(self._context, context, self._context_size)
+        if snapshot.engine != self.name or len(snapshot.counters) != ffi.sizeof("struct emu_state"):
+            raise ValueError(f"not a snapshot of this {self.name} engine")
+        self._allocate_context()
+        if len(snapshot.context) != self._context_size:
+            raise ValueError("a vCPU context of another size")
+        counters = snapshot.counters
+        self._pending_fault = snapshot.pending_fault
+        self.halted = snapshot.halted
+        self.interrupts_delivered = snapshot.interrupts_delivered
+        self.exceptions_delivered = snapshot.exceptions_delivered
+        ffi.memmove(self._context, snapshot.context, self._context_size)
         _check(lib.uc_context_restore(self.uc, self._context), "restore context")
         kept = {name: ffi.buffer(ffi.addressof(self.state, name))[:] for name in self._KEPT_ON_RESTORE}
         ffi.buffer(self.state)[:] = counters
@@ -514,6 +558,14 @@ class EmuEngine:
             ffi.buffer(ffi.addressof(self.state, name))[:] = value
         self._stop_requested = False
         self._forget_translations()
+
+    def _allocate_context(self) -> None:
+        """The uc_context snapshots go through, made on first use (and its size learnt)."""
+        if self._context is None:
+            holder = ffi.new("uc_context **")
+            _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
+            self._context = holder[0]
+            self._context_size = lib.uc_context_size(self.uc)
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""

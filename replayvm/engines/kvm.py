@@ -136,7 +136,14 @@ class _Kicker:
 
 
 class KvmEngine:
+    """One vCPU under KVM: an `Engine` and a `HardwareDebugEngine` (replayvm.engines.base).
+
+    Positions are exit counts (see `position`), so this engine has no checkpoints and no exact
+    breakpoints: the timeline and gdb need a trace recorded on emu."""
+
     name = "kvm"
+    exact_positions = False
+    position_unit = "exits"
 
     def __init__(self, machine: MachineView) -> None:
         self.machine = machine
@@ -147,6 +154,7 @@ class KvmEngine:
         self.interrupts_injected = 0
         self.on_interrupt = None
         self._stop_requested = False
+        self._run_end: int | None = None  # the position the run under way ends at (an exit count)
         self._kicked = False              # the last return from KVM_RUN was a kick, not a guest exit
         try:
             self.vm_fd = _ioctl(self.kvm_fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
@@ -247,6 +255,20 @@ class KvmEngine:
         """Keep time with `clock` from now on (a replay going live)."""
         self._kicker._clock = clock
 
+    @property
+    def icount(self) -> None:
+        """Not known: there is no PMU under PVM to count instructions."""
+        return None
+
+    @property
+    def pure_reads(self) -> int:
+        """Every read goes to the bus (the recorder tallies the unlogged LAPIC ID reads itself)."""
+        return 0
+
+    def pure_read_sites(self) -> dict[int, int]:
+        """None here: the recorder counts the ID reads it saw on the bus by site itself."""
+        return {}
+
     def interrupt_landmark(self) -> dict | None:
         """Where an interrupt lands when it was not at a synchronous exit (after a kick): RIP, the
         general registers and CR3, which replay finds with a breakpoint and register matching."""
@@ -268,8 +290,21 @@ class KvmEngine:
         self._stop_requested = True
         self._kicker.kick_now()
 
-    def run(self, budget_ns: int | None = None) -> StopReason:
-        """Run until HLT, shutdown, stop request or the budget (guest ns) is used."""
+    def stop_here(self) -> None:
+        """From inside an exit's device access: return STOP_REQUESTED before the next KVM_RUN
+        (this is the vCPU thread, outside KVM_RUN: no kick needed)."""
+        self._stop_requested = True
+
+    def move_stop(self, position: int) -> None:
+        """From inside an exit's device access: the run ends (BUDGET) at the first exit boundary
+        at or past `position`, unless a stop was already requested."""
+        if not self._stop_requested:
+            self._run_end = position
+
+    def run(self, budget_ns: int | None = None, until_position: int | None = None) -> StopReason:
+        """Run until HLT, shutdown, stop request, the budget (guest ns) is used, or the exit
+        count reaches `until_position` (checked between exits, before entering the guest)."""
+        self._run_end = until_position
         machine = self.machine
         run = self.run_struct
         interrupts = machine.interrupts
@@ -283,6 +318,9 @@ class KvmEngine:
                 self._stop_requested = False
                 self._kicker.arm(None)
                 return StopReason.STOP_REQUESTED
+            if self._run_end is not None and self.position >= self._run_end:
+                self._kicker.arm(None)
+                return StopReason.BUDGET
             until_timer = machine.poll()
             now = clock.now_ns()
             if end_ns is not None and now >= end_ns:

@@ -220,7 +220,7 @@ class Recorder:
         self._flush_run()
         source = self.machine.interrupt_source(vector)
         rip, cpl = self._context()
-        landmark = getattr(self.engine, "interrupt_landmark", lambda: None)()
+        landmark = self.engine.interrupt_landmark()
         if landmark is None:
             self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl))
         else:
@@ -246,7 +246,7 @@ class Recorder:
         """Flush what is held back, and say where the unlogged pure reads came from."""
         self._flush_run()
         sites = Counter(self._id_read_sites)
-        sites.update(getattr(self.engine, "pure_read_sites", dict)())
+        sites.update(self.engine.pure_read_sites())
         listed = [[rip, count] for rip, count in sites.most_common()]
         for start in range(0, len(listed), self.max_sites):
             self._emit((Kind.PURE_READS, lapic.PURE_READ_REGISTER, listed[start:start + self.max_sites]))

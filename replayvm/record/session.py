@@ -128,7 +128,7 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
     devices; its initial state is the CPU's now."""
     header = {
         "format": "replayvm-trace", "replayvm": __version__, "engine": machine.engine.name,
-        "position_unit": "instructions" if machine.engine.name == "emu" else "exits",
+        "position_unit": machine.engine.position_unit,
         "ram_bytes": len(machine.ram),
         "cpuid": [list(entry) for entry in machine.engine.cpuid_table],
         "boot": "multiboot" if options.kernel is not None else "disk",
@@ -164,12 +164,11 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         final_state = engine.get_state().to_dict()
     except Exception as error:               # the footer must still be written
         final_state = {"error": str(error)}
-    lapic_id_reads = recorder.lapic_id_reads_logged_away + getattr(getattr(engine, "state", None),
-                                                                   "lapic_id_reads", 0)
+    lapic_id_reads = recorder.lapic_id_reads_logged_away + engine.pure_reads
     footer = {
         "end": reason, "detail": detail, "counts": dict(recorder.counts),
         "interrupt_sources": dict(recorder.interrupt_sources),
-        "instructions": getattr(engine, "icount", None), "position": engine.position,
+        "instructions": engine.icount, "position": engine.position,
         "guest_ns": machine.clock.now_ns(), "wall_s": time.monotonic() - started,
         "lapic_id_reads": lapic_id_reads, "final_state": final_state,
         "ram_sha256": ram_digest(machine.ram),

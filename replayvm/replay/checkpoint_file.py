@@ -4,8 +4,8 @@ that has been replayed before.
 A file per trace, in the cache (`$REPLAYVM_CACHE/checkpoints/<trace sha256>.ckpt`, default
 `~/.cache/replayvm`): "RVMCKPT" and a format byte, then one zstd stream of msgpack objects: a
 header (the trace's sha256, RAM size, checkpoint interval, Unicorn version, the vCPU context of
-position 0), then one map per checkpoint (position, vCPU, place in the trace, changed RAM pages),
-then the console and input the replay had produced.
+position 0), then one map per checkpoint (position, the vCPU as a map of EngineSnapshot's
+fields, place in the trace, changed RAM pages), then the console and input the replay had produced.
 
 Unicorn's vCPU context is a copy of QEMU's CPU state, and a few of its bytes are pointers into the
 process that saved it. They are found by comparing the position-0 context saved in the file with
@@ -16,6 +16,7 @@ damaged stream) makes it ignored and rebuilt, never trusted: it is a cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING
 import msgpack
 import zstandard
 
+from replayvm.engines.base import EngineSnapshot
 from replayvm.replay.replayer import DueInput, Event, ReplayPlace
 from replayvm.trace.format import Kind
 
 if TYPE_CHECKING:
     from replayvm.replay.timeline import Timeline
 
-MAGIC = b"RVMCKPT\x03"               # 3: the replay state holds the machine's device state
+MAGIC = b"RVMCKPT\x04"               # 4: named vCPU fields (EngineSnapshot) and the device state
 MAX_OBJECT = 512 << 20
 
 
@@ -88,7 +90,7 @@ def _header(timeline: "Timeline") -> dict:
     first = timeline.checkpoints.checkpoints[0]
     return {"trace_sha256": timeline.trace_sha256, "ram_bytes": len(timeline.replayer.ram),
             "every": timeline.every, "unicorn": unicorn.__version__, "replayvm": __version__,
-            "counters_size": len(first.cpu[1]), "context0": first.cpu[0]}
+            "counters_size": len(first.cpu.counters), "context0": first.cpu.context}
 
 
 def save(timeline: "Timeline", path: Path) -> None:
@@ -104,11 +106,9 @@ def save(timeline: "Timeline", path: Path) -> None:
         with zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
             out.write(packer.pack(_header(timeline)))
             for checkpoint in store.checkpoints[1:]:
-                context, counters, fault, halted, interrupts, exceptions = checkpoint.cpu
                 out.write(packer.pack({
                     "position": checkpoint.position,
-                    "cpu": [context, counters, list(fault) if fault else None, halted, interrupts,
-                            exceptions],
+                    "cpu": checkpoint.cpu.to_dict(),
                     "replay": _replay_state(checkpoint.replay),
                     "delta": [[page, data] for page, data in checkpoint.delta.items()],
                 }))
@@ -149,14 +149,13 @@ def load(timeline: "Timeline", path: Path) -> int:
                 if "console" in item:
                     output = item
                     break
-                context = bytearray(item["cpu"][0])
-                if len(context) != len(here) or len(item["cpu"][1]) != header["counters_size"]:
+                cpu = EngineSnapshot.from_dict(item["cpu"])
+                if len(cpu.context) != len(here) or len(cpu.counters) != header["counters_size"]:
                     raise CheckpointFileError("a checkpoint of another size")
+                context = bytearray(cpu.context)
                 for i in process_bytes:
                     context[i] = here[i]
-                cpu = item["cpu"]
-                fault = tuple(cpu[2]) if cpu[2] else None
-                loaded.append((item["position"], (bytes(context), cpu[1], fault, cpu[3], cpu[4], cpu[5]),
+                loaded.append((item["position"], dataclasses.replace(cpu, context=bytes(context)),
                                _unreplay_state(item["replay"]), {p: d for p, d in item["delta"]}))
             if output is None:
                 raise CheckpointFileError("the file ends early")

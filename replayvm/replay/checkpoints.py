@@ -20,7 +20,13 @@ import bisect
 import time
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
+from replayvm.engines.base import EngineSnapshot
 from replayvm.engines.emu import ffi, lib
+
+if TYPE_CHECKING:
+    from replayvm.replay.replayer import ReplayPlace
 
 PAGE = 4096
 FULL_EVERY = 16
@@ -30,7 +36,7 @@ ZERO_PAGE = bytes(PAGE)
 @dataclass
 class Checkpoint:
     position: int
-    cpu: tuple                                   # EmuEngine.save_cpu()
+    cpu: EngineSnapshot                          # SnapshotEngine.save_cpu()
     replay: "ReplayPlace"                        # Replayer.save_state(): trace place, devices
     delta: dict[int, bytes]                      # pages changed since the previous checkpoint
     pages: list | None = None                    # every page (shared objects), every FULL_EVERY-th
@@ -101,7 +107,7 @@ class CheckpointStore:
         self.stats.take_seconds += time.perf_counter() - started
         return checkpoint
 
-    def adopt(self, position: int, cpu: tuple, replay: tuple, delta: dict[int, bytes]) -> None:
+    def adopt(self, position: int, cpu: EngineSnapshot, replay: "ReplayPlace", delta: dict[int, bytes]) -> None:
         """Append a checkpoint taken by an earlier replay of the same trace (a checkpoint file),
         as if it had been taken here; finish_adopting() then brings the shadow up to date."""
         latest = self._latest_pages
@@ -151,7 +157,7 @@ FINE_SPAN = 50_000           # how far behind a reverse step's target fine check
 @dataclass
 class FineCheckpoint:
     position: int
-    cpu: tuple
+    cpu: EngineSnapshot
     replay: tuple
     pages: dict[int, bytes]      # every page that may differ from the trail's base checkpoint
 

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from replayvm.engines import x86_delivery
+from replayvm.engines.base import GuestAddressFault
 from replayvm.errors import UsageError
 from replayvm.replay.replayer import Divergence
 from replayvm.replay.timeline import WATCH_ACCESS, WATCH_READ, WATCH_WRITE, Stop, Timeline
@@ -315,7 +315,7 @@ class GdbStub:
             piece = min(length, 0x1000 - (address & 0xFFF))
             try:
                 data += self.timeline.read_memory(address, piece)
-            except x86_delivery.DeliveryFault:
+            except GuestAddressFault:
                 break
             address += piece
             length -= piece

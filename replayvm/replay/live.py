@@ -57,7 +57,7 @@ def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = 
     if options.trace is not None:
         check_trace_path(options.trace)
     machine = replayer.machine
-    if options.virtual_clock and machine.engine.name != "emu":
+    if options.virtual_clock and not machine.engine.exact_positions:
         raise UsageError("--virtual-clock needs the emu engine")
     disks = [disk for disk in machine.disks if isinstance(disk, TraceDisk)]
     if len(options.disks) > len(disks):

@@ -37,6 +37,7 @@ from replayvm.bus import Bus, Mapping
 from replayvm.devices import ide, uart
 from replayvm.devices.disk import MISSING_SECTOR_END, TraceDisk
 from replayvm.devices.lapic import is_pure_id_read
+from replayvm.engines import engine_class
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
@@ -274,7 +275,8 @@ class Replayer:
         self.clock = self.machine.clock
         self.lapic = self.machine.lapic
         self.uart = self.machine.uart
-        self.on_kvm = self.engine.name == "kvm"
+        # emu: positions are instruction counts, a run stops at any of them; kvm: exit counts
+        self.exact_positions = self.engine.exact_positions
         self._device_buses = (self.machine.pio, self.machine.mmio)
         self.machine.pio = CheckingBus(self.machine.pio, self, mmio=False)    # type: ignore[assignment]
         self.machine.mmio = CheckingBus(self.machine.mmio, self, mmio=True)   # type: ignore[assignment]
@@ -319,10 +321,11 @@ class Replayer:
                                    disk.get("sha256"))
             trace_disk.supply = self._supplier(index)
             disks.append(trace_disk)
-        engine = header["engine"]
-        # emu counts instructions (the engine attaches its counter); kvm's kicker needs real time
-        # for the exit-free watch
-        config = MachineConfig(ram_bytes=ram_bytes, engine=engine, virtual_clock=engine == "emu")
+        engine = str(header["engine"])
+        # exact positions: the engine counts instructions and attaches its counter to the clock;
+        # kvm's kicker needs real time for the exit-free watch
+        config = MachineConfig(ram_bytes=ram_bytes, engine=engine,
+                               virtual_clock=engine_class(engine).exact_positions)
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
             machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)  # type: ignore[arg-type]
@@ -466,10 +469,7 @@ class Replayer:
 
     def _stop_engine(self) -> None:
         """Make the running engine return before it goes further."""
-        if self.on_kvm:
-            self.engine.request_stop()           # checked before the next KVM_RUN
-        else:
-            self.engine.stop_here()
+        self.engine.stop_here()
 
     def _replay_target(self) -> int:
         """emu: how far the engine may run now. Never past the next event's position (the
@@ -485,7 +485,7 @@ class Replayer:
 
     def _bound_run(self) -> None:
         """After an event: let the engine's current run go on exactly as far as it may now."""
-        if not self.on_kvm:
+        if self.exact_positions:
             self.engine.move_stop(self._replay_target())
             return
         # kvm checks for interrupts at every exit by itself; one placed by a landmark needs the
@@ -663,7 +663,7 @@ class Replayer:
         """The last element of a run of accesses is done (on kvm, each was an exit of its own)."""
         self._run_data = None
         self._run_event = None
-        if self.on_kvm:
+        if not self.exact_positions:
             self._bound_run()
 
     def write(self, mmio: bool, addr: int, size: int, value: int) -> None:
@@ -715,7 +715,7 @@ class Replayer:
     # ---------------------------------------------------------------- what the engine asks
     def poll(self) -> int | None:
         """emu: instructions until the next interrupt. kvm: ns until the exit-free watch looks."""
-        if self.on_kvm:
+        if not self.exact_positions:
             return self._watch_exit_free_running()
         event = self.next
         if event is not None and event.kind == Kind.INTERRUPT:
@@ -884,7 +884,7 @@ class Replayer:
                 return "stopped"
             if self._engine_stopped:
                 return "end"
-            if self.on_kvm:
+            if not self.exact_positions:
                 event = self.next
                 if event is None and self._run_data is None and self._kvm_end_reached():
                     if self.footer is not None:
@@ -901,7 +901,7 @@ class Replayer:
             else:
                 self._run_limit = limit
                 try:
-                    reason = engine.run(max_instructions=max(0, self._replay_target() - engine.position))
+                    reason = engine.run(until_position=self._replay_target())
                 except RecordedEnd:
                     self._engine_stopped = True
                     return "end"

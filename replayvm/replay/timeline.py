@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from replayvm.engines.emu import lib
+from replayvm.engines import engine_class
+from replayvm.engines.base import DebugEngine, DebugStop, SnapshotEngine
 from replayvm.errors import UsageError
 from replayvm.replay.checkpoints import FINE_EVERY, FINE_SPAN, CheckpointStore, FineTrail
 from replayvm.replay.replayer import Replayer
@@ -27,7 +28,6 @@ from replayvm.trace.records import DPOS_INDEX
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000       # instructions between checkpoints
 INTERRUPT_CHUNK = 2_000_000                # how far a run goes between looks for Ctrl-C (or progress)
-NO_SKIP = (1 << 64) - 1
 
 WATCH_READ = 1
 WATCH_WRITE = 2
@@ -48,15 +48,20 @@ class Timeline:
     def __init__(self, trace: Path, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  output: BinaryIO | None = None, keep_checkpoints: bool = False) -> None:
         with TraceReader(trace) as reader:
-            recorded_on = reader.header.get("engine")
-        if recorded_on == "kvm":
-            raise UsageError(f"{trace}: recorded on kvm; stepping, seeking and reverse execution "
-                             f"need a trace recorded on emu (positions on kvm are exit counts)")
+            recorded_on = str(reader.header.get("engine"))
+        engine_type = engine_class(recorded_on)
+        if not engine_type.exact_positions:
+            raise UsageError(f"{trace}: recorded on {recorded_on}; stepping, seeking and reverse "
+                             f"execution need a trace recorded on emu (positions on {recorded_on} "
+                             f"are {engine_type.position_unit}, and it has no checkpoints or exact "
+                             f"breakpoints)")
         if checkpoint_every < 1:
             raise UsageError("the checkpoint interval must be at least one instruction")
         self.replayer = Replayer(trace, seekable=True)
+        engine = self.replayer.engine
+        assert isinstance(engine, DebugEngine) and isinstance(engine, SnapshotEngine)
         self.trace = Path(trace)
-        self.engine = self.replayer.engine
+        self.engine: DebugEngine = engine
         self.every = checkpoint_every
         self.output = output
         self._shown = 0
@@ -214,12 +219,12 @@ class Timeline:
         self._arm(True, skip_current=False)
         hits = []
         while self._forward(before, interruptible=False) == "debug":
-            kind, address = self.engine.take_debug_hit()
+            hit = self.engine.take_debug_hit()
             position = self.position
-            if kind == lib.DEBUG_BREAK and position < before:
+            if hit.kind is DebugStop.BREAK and position < before:
                 hits.append((position, "break", self.engine.linear_pc()))
-            elif kind == lib.DEBUG_WATCH and position <= before:
-                hits.append((position - 1, "watch", address))   # in reverse: before the access
+            elif hit.kind is DebugStop.WATCH and position <= before:
+                hits.append((position - 1, "watch", hit.address))   # in reverse: before the access
             self.engine.resume_here()
         return hits
 
@@ -232,7 +237,7 @@ class Timeline:
         if skip_current:
             engine.resume_here()
         else:
-            engine.state.skip_icount = NO_SKIP
+            engine.resume_anywhere()
 
     def _forward(self, limit: int | None, interruptible: bool) -> str:
         """run_to in pieces, taking a checkpoint at each interval boundary passed for the first time."""
@@ -261,9 +266,9 @@ class Timeline:
 
     def _stop(self, outcome: str) -> Stop:
         if outcome == "debug":
-            kind, address = self.engine.take_debug_hit()
-            if kind == lib.DEBUG_WATCH:
-                return Stop("watch", self.position, address)
+            hit = self.engine.take_debug_hit()
+            if hit.kind is DebugStop.WATCH:
+                return Stop("watch", self.position, hit.address)
             return Stop("break", self.position, self.engine.linear_pc())
         if outcome == "limit":
             return Stop("step", self.position)
@@ -282,8 +287,9 @@ class Timeline:
         return self.engine.get_state()
 
     def read_memory(self, address: int, length: int) -> bytes:
-        """Guest-virtual memory through the guest's page tables (raises on an unmapped page)."""
-        return self.engine.read_linear(address, length)
+        """Guest-virtual memory through the guest's page tables (GuestAddressFault where an
+        address does not translate to RAM)."""
+        return self.engine.read_memory(address, length)
 
     def close(self) -> None:
         self.replayer.close()
