@@ -32,6 +32,10 @@ IRR (either would merge two ticks into one IRR bit and lose one), and never last
 the devices and the interrupt controller, so the recorder logs each clock read, status read and
 interrupt at its exact position and replay reproduces the run exactly; the seed goes into the
 trace header.
+
+This module sits beside `machine.py`, not under `record/`: the machine wires it into its clock,
+LAPIC and devices, and a module of the machine layer never imports from the layers above it
+(`tests/test_layers.py`).
 """
 
 from __future__ import annotations
