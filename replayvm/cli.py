@@ -369,17 +369,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from replayvm.analyze import query
 
     result = query(args.source, args.query)
-    columns, rows = result.columns, result.rows
     if args.json:
-        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        print(json.dumps(result.dicts(), indent=2))
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
     else:
         from tabulate import tabulate
 
-        print(tabulate(rows, headers=columns))
+        print(tabulate(result.rows, headers=result.columns))
     return 0
 
 
