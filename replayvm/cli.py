@@ -172,9 +172,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise UsageError("--repeat needs --until-fail: runs are repeated until one matches")
     seed = args.seed
     if args.chaos and seed is None:
-        import secrets
+        from replayvm.chaos import new_seed
 
-        seed = secrets.randbelow(1 << 32)
+        seed = new_seed()
     options = SessionOptions(
         disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
         prompt=prompt, until=until,
