@@ -32,9 +32,12 @@ def positive_seconds(text: str) -> float:
 
 
 def positive_count(text: str) -> int:
-    """A count for --repeat and --checkpoint-every: a whole number of 1 or more."""
+    """A count for --repeat and --checkpoint-every: a whole number of 1 or more, its digits
+    grouped as positions' may be (`5_000_000`, `5,000,000`)."""
+    from replayvm.replay.positions import parse_count
+
     try:
-        value = int(text.replace("_", ""))
+        value = parse_count(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
@@ -87,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--continue", dest="keep_going", action="store_true",
                         help="do not stop at the first mismatching write: count them")
     replay.add_argument("--until", metavar="EVENT|iCOUNT",
-                        help="stop after event number EVENT, or at instruction COUNT (i5000000), "
-                             "and print the CPU state")
+                        help="stop after event number EVENT, or at instruction COUNT (i5000000, "
+                             "i5_000_000 or i5,000,000), and print the CPU state")
     replay.add_argument("--stats", action="store_true", help="print replay speed on stderr")
     replay.add_argument("--gdb", metavar="[HOST:]PORT",
                         help="serve the GDB remote protocol on the replay (loopback unless HOST is "
@@ -187,9 +190,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise UsageError("--repeat needs --until-fail: runs are repeated until one matches")
     seed = args.seed
     if args.chaos and seed is None:
-        import secrets
+        from replayvm.chaos import new_seed
 
-        seed = secrets.randbelow(1 << 32)
+        seed = new_seed()
     options = SessionOptions(
         disks=args.disk, kernel=args.kernel, ram_mib=args.mem, engine=engine, script=script,
         prompt=prompt, until=until,
@@ -249,6 +252,7 @@ def _session_status(outcome) -> int:
 def cmd_debug(args: argparse.Namespace) -> int:
     """replay --gdb / --seek: a Timeline with checkpoints, served to gdb or stopped at a point."""
     from replayvm.replay import gdbstub
+    from replayvm.replay.positions import parse_position
     from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
 
     if args.until is not None or args.keep_going:
@@ -272,7 +276,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
             f"to its last event, instruction {timeline.end:,}")
     try:
         if args.seek is not None:
-            wanted = gdbstub.parse_position(args.seek, timeline)
+            wanted = parse_position(args.seek, "--seek").instruction(timeline.event_position)
             if wanted > timeline.end:
                 say(f"the recording ends at instruction {timeline.end:,}: going there")
             timeline.seek(wanted)
@@ -295,7 +299,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """replay --live: replay to a point (verified on the way), then go on live from there."""
     from replayvm.console import decode_escapes
-    from replayvm.replay.live import LiveOptions, replay_and_go_live
+    from replayvm.record.live import LiveOptions, replay_and_go_live
 
     if args.gdb is not None or args.until is not None or args.keep_going:
         raise UsageError("--live does not combine with --gdb, --until or --continue")
@@ -319,9 +323,10 @@ def cmd_live(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from replayvm.replay.replayer import replay
-
     import time
+
+    from replayvm.replay.positions import parse_position
+    from replayvm.replay.replayer import replay
 
     live_only = [name for name, given in (("-o", args.output is not None), ("--input", args.input is not None),
                                           ("--live-until", args.live_until is not None),
@@ -337,14 +342,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     until_event = until_position = None
     if args.until is not None:
-        text = args.until.strip().lower()
-        try:
-            if text.startswith("i"):
-                until_position = int(text[1:].replace("_", ""))
-            else:
-                until_event = int(text.replace("_", ""))
-        except ValueError:
-            raise UsageError(f"--until takes an event number or i<instruction count>, not {args.until!r}") from None
+        until = parse_position(args.until, "--until")
+        if until.is_event:
+            until_event = until.count
+        else:
+            until_position = until.count
     if args.engine is not None:
         from replayvm.trace.reader import TraceReader
 
@@ -420,17 +422,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from replayvm.analyze import query
 
     result = query(args.source, args.query)
-    columns, rows = result.columns, result.rows
     if args.json:
-        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        print(json.dumps(result.dicts(), indent=2))
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
     else:
         from tabulate import tabulate
 
-        print(tabulate(rows, headers=columns))
+        print(tabulate(result.rows, headers=result.columns))
     return 0
 
 

@@ -64,7 +64,7 @@ class MachineConfig:
     ram_mib: int = hw.DEFAULT_RAM_MIB
     engine: str = "emu"
     virtual_clock: bool = False
-    chaos_seed: int | None = None             # seeded CPU stalls and device latencies (record/chaos.py)
+    chaos_seed: int | None = None             # seeded CPU stalls and device latencies (chaos.py)
     ram_bytes: int | None = None              # replay: the recorded size exactly (else ram_mib MiB)
 
 
@@ -115,13 +115,13 @@ class Machine:
         self.disks = disks
         self.chaos_times = None
         if config.chaos_seed is not None:
-            from replayvm.record.chaos import ChaosTimes
+            from replayvm.chaos import ChaosTimes
 
             self.chaos_times = ChaosTimes.for_clock(config.virtual_clock)
         self._wire_devices()
         self.chaos = None
         if self.chaos_times is not None:
-            from replayvm.record.chaos import TimerChaos
+            from replayvm.chaos import TimerChaos
 
             self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
                                     self.chaos_times.stall_gap_ns)
@@ -144,7 +144,7 @@ class Machine:
         ide_latency = uart_latency = now_ns = None
         seed = self.config.chaos_seed
         if seed is not None and self.chaos_times is not None:   # chaos: seeded completion latencies
-            from replayvm.record.chaos import DeviceLatency
+            from replayvm.chaos import DeviceLatency
 
             ide_latency = DeviceLatency(seed, "ide0", self.chaos_times.ide_latency_ns)
             uart_latency = DeviceLatency(seed, "com1", self.chaos_times.uart_latency_ns)

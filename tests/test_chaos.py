@@ -158,3 +158,11 @@ def test_chaos_gives_disk_and_serial_completion_latency_that_replays(tmp_path):
     busy, full = device_waits(chaotic)
     assert busy > 0 and full > 0, (busy, full)           # the guest waited for both devices
     assert replay(chaotic).verified
+
+
+def test_a_chaos_run_given_no_seed_draws_one_short_enough_to_type_back():
+    from replayvm.chaos import SEED_BITS, new_seed
+
+    seeds = {new_seed() for _ in range(64)}
+    assert all(0 <= seed < 1 << SEED_BITS for seed in seeds)
+    assert len(seeds) > 1          # 64 draws of 32 bits all equal: probability 2**-2016

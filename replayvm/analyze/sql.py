@@ -17,6 +17,7 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
 from urllib.parse import quote
 
 from replayvm.errors import UsageError
@@ -32,15 +33,27 @@ SQLITE_HEADER = b"SQLite format 3\0"
 WAL_FORMAT = 2                      # header bytes 18 and 19 of a database in WAL mode
 
 
+Parameters = Union[Sequence[Any], Mapping[str, Any]]
+
+
 @dataclass
 class QueryResult:
+    """A query's answer: the column names, in order, and the rows as tuples in that order."""
+
     columns: list[str]
     rows: list[tuple]
 
+    def dicts(self) -> list[dict[str, Any]]:
+        """The rows as {column: value} (what `replayvm sql --json` prints)."""
+        return [dict(zip(self.columns, row)) for row in self.rows]
 
-def query(source: Path, sql: str) -> QueryResult:
+
+def query(source: Path | str, sql: str, params: Parameters = (), *,
+          symbols: Iterable[Path] = ()) -> QueryResult:
     """Run one read-only statement on a database made by `analyze`, or on a trace (loaded into a
-    temporary database first). Bad SQL, or SQL that would write, is a UsageError."""
+    temporary database first, with `symbols` as `analyze --symbols` takes them). `params` fill
+    the statement's `?` (a sequence) or `:name` (a mapping) placeholders, as sqlite3 does.
+    Bad SQL, SQL that would write, or parameters that do not fit are a UsageError."""
     from replayvm.trace.format import MAGIC
 
     source = Path(source)
@@ -60,9 +73,9 @@ def query(source: Path, sql: str) -> QueryResult:
 
         with tempfile.TemporaryDirectory(prefix="replayvm-sql-") as folder:
             db_path = Path(folder) / "trace.db"
-            load_trace(source, db_path)
-            return _run(db_path, sql, _wal_mode(db_path))
-    return _run(source, sql, _wal_mode(source))
+            load_trace(source, db_path, symbols=symbols)
+            return _run(db_path, sql, params, _wal_mode(db_path))
+    return _run(source, sql, params, _wal_mode(source))
 
 
 def _wal_mode(db_path: Path) -> bool:
@@ -71,7 +84,7 @@ def _wal_mode(db_path: Path) -> bool:
     return header.startswith(SQLITE_HEADER) and header[18] == header[19] == WAL_FORMAT
 
 
-def _run(db_path: Path, sql: str, wal: bool) -> QueryResult:
+def _run(db_path: Path, sql: str, params: Parameters, wal: bool) -> QueryResult:
     immutable = wal and not db_path.with_name(db_path.name + "-wal").exists()
     uri = f"file:{quote(str(db_path.resolve()))}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
@@ -82,7 +95,7 @@ def _run(db_path: Path, sql: str, wal: bool) -> QueryResult:
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.set_authorizer(_read_only)
         try:
-            cursor = conn.execute(sql)
+            cursor = conn.execute(sql, params)
             columns = [d[0] for d in cursor.description or []]
             rows = cursor.fetchall()
         except sqlite3.DatabaseError as error:

@@ -20,20 +20,32 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgpack
 import zstandard
 
 from replayvm.engines.base import EngineSnapshot
-from replayvm.replay.replayer import DueInput, Event, ReplayPlace
+from replayvm.replay.checkpoints import CheckpointStore
+from replayvm.replay.replayer import DueInput, Event, ReplayPlace, Replayer
 from replayvm.trace.format import Kind
-
-if TYPE_CHECKING:
-    from replayvm.replay.timeline import Timeline
 
 MAGIC = b"RVMCKPT\x04"               # 4: named vCPU fields (EngineSnapshot) and the device state
 MAX_OBJECT = 512 << 20
+
+
+class KeptTimeline(Protocol):
+    """What saving and loading read of a timeline (`replay.timeline.Timeline` is one). Declared
+    here rather than imported: the timeline imports this module, and an import back would be a
+    circle (tests/test_layers.py)."""
+
+    checkpoints: CheckpointStore
+    replayer: Replayer
+    every: int                       # instructions between checkpoints
+    trace_sha256: str
+
+    @property
+    def position(self) -> int: ...
 
 
 def trace_digest(trace: Path) -> str:
@@ -82,7 +94,7 @@ def _unreplay_state(data: dict) -> ReplayPlace:
         latest_tsc=data["latest_tsc"], devices=data["devices"])
 
 
-def _header(timeline: "Timeline") -> dict:
+def _header(timeline: KeptTimeline) -> dict:
     import unicorn
 
     from replayvm import __version__
@@ -93,7 +105,7 @@ def _header(timeline: "Timeline") -> dict:
             "counters_size": len(first.cpu.counters), "context0": first.cpu.context}
 
 
-def save(timeline: "Timeline", path: Path) -> None:
+def save(timeline: KeptTimeline, path: Path) -> None:
     """Write every checkpoint of `timeline` to `path` (atomically: a temporary file renamed)."""
     store = timeline.checkpoints
     replayer = timeline.replayer
@@ -121,7 +133,7 @@ class CheckpointFileError(Exception):
     pass
 
 
-def load(timeline: "Timeline", path: Path) -> int:
+def load(timeline: KeptTimeline, path: Path) -> int:
     """Adopt the checkpoints in `path` into a timeline that is still at position 0; returns how
     many. Raises CheckpointFileError (and adopts nothing) when the file does not fit."""
     store = timeline.checkpoints

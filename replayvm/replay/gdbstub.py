@@ -25,6 +25,7 @@ from typing import Callable, TextIO
 
 from replayvm.engines.base import GuestAddressFault
 from replayvm.errors import UsageError
+from replayvm.replay.positions import parse_position
 from replayvm.replay.replayer import Divergence
 from replayvm.replay.timeline import WATCH_ACCESS, WATCH_READ, WATCH_WRITE, Stop, Timeline
 
@@ -399,7 +400,7 @@ class GdbStub:
             text = timeline.when() + "\n"
         elif words[0] == "seek" and len(words) == 2:
             try:
-                position = parse_position(words[1], timeline)
+                position = parse_position(words[1]).instruction(timeline.event_position)
             except UsageError as error:
                 return (str(error) + "\n").encode().hex().encode()
             self._seek_keeping_gdb_waiting(position)
@@ -439,17 +440,6 @@ class GdbStub:
         if self.log is not None:
             self.log.write(message + "\n")
             self.log.flush()
-
-
-def parse_position(text: str, timeline: Timeline) -> int:
-    """`N` is event N (numbered as `replay --until` and analysis number them), `iN` instruction N."""
-    spec = text.strip().lower().replace("_", "")
-    try:
-        if spec.startswith("i"):
-            return int(spec[1:])
-        return timeline.event_position(int(spec))
-    except ValueError:
-        raise UsageError(f"a position is an event number or i<instruction count>, not {text!r}") from None
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable
 from replayvm.engines import engine_class
 from replayvm.engines.base import DebugEngine, DebugStop, SnapshotEngine
 from replayvm.errors import UsageError
+from replayvm.replay import checkpoint_file
 from replayvm.replay.checkpoints import FINE_EVERY, FINE_SPAN, CheckpointStore, FineTrail
 from replayvm.replay.replayer import Replayer
 from replayvm.trace.format import POSITIONED
@@ -84,8 +85,6 @@ class Timeline:
     # ---------------------------------------------------------------- checkpoints kept in a file
     def _load_checkpoints(self) -> None:
         """Adopt the checkpoints an earlier run kept for this trace (replay.checkpoint_file)."""
-        from replayvm.replay import checkpoint_file
-
         self.trace_sha256 = checkpoint_file.trace_digest(self.trace)
         self.checkpoint_file = checkpoint_file.cache_path(self.trace_sha256)
         if not self.checkpoint_file.exists():
@@ -97,8 +96,6 @@ class Timeline:
 
     def save_checkpoints(self) -> bool:
         """Keep this timeline's checkpoints for the next run, if it took new ones."""
-        from replayvm.replay import checkpoint_file
-
         if self.checkpoint_file is None or len(self.checkpoints.checkpoints) - 1 <= self.checkpoints_loaded:
             return False
         checkpoint_file.save(self, self.checkpoint_file)

@@ -1,4 +1,5 @@
-"""Going live: a replay stopped at some point hands its machine to the world and records on.
+"""Going live (`replay --live`): a replay stopped at some point hands its machine to the world
+and records on -- a recording that starts from a replay, so it lives with the recorder.
 
 Replay runs the recorded machine with its real devices (replay.replayer), so wherever it stops,
 the machine -- CPU, RAM, every device, what the guest wrote to its disks -- is in the state it had
@@ -115,19 +116,18 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
     """Replay `trace` to `seek` (an event number or i<position>; None: the recording's end),
     verifying it on the way, then go live there. Returns the live outcome and the position."""
     from replayvm.replay.checkpoint_file import trace_digest
-    from replayvm.replay.gdbstub import parse_position
+    from replayvm.replay.positions import parse_position
     from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
     from replayvm.trace.reader import check_unaltered
 
     check_unaltered(trace)
-    spec = None if seek is None else seek.strip().lower().replace("_", "")
-    if spec is not None and spec.startswith("i"):       # a position: through checkpoints
+    point = None if seek is None else parse_position(seek, "--seek")
+    if point is not None and not point.is_event:       # a position: through checkpoints
         timeline = Timeline(trace, checkpoint_every=checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
                             output=output, keep_checkpoints=keep_checkpoints)
         replayer = timeline.replayer
         try:
-            wanted = parse_position(seek, timeline)
-            timeline.seek(min(wanted, timeline.end))
+            timeline.seek(min(point.count, timeline.end))
             timeline.save_checkpoints()
         except BaseException:
             timeline.close()
@@ -137,10 +137,7 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
     else:
         # An event: replay stops right after it, before whatever the recording did next at the
         # same position (typed input handed over at a halt shares the halt's position).
-        try:
-            last_event = None if spec is None else int(spec)
-        except ValueError:
-            raise UsageError(f"--seek takes an event number or i<instruction count>, not {seek!r}") from None
+        last_event = None if point is None else point.count
         replayer = Replayer(trace, output=output, until_event=last_event)
         closer = replayer.close
         try:

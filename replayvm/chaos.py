@@ -32,11 +32,16 @@ IRR (either would merge two ticks into one IRR bit and lose one), and never last
 the devices and the interrupt controller, so the recorder logs each clock read, status read and
 interrupt at its exact position and replay reproduces the run exactly; the seed goes into the
 trace header.
+
+This module sits beside `machine.py`, not under `record/`: the machine wires it into its clock,
+LAPIC and devices, and a module of the machine layer never imports from the layers above it
+(`tests/test_layers.py`).
 """
 
 from __future__ import annotations
 
 import random
+import secrets
 from dataclasses import dataclass
 
 from replayvm.clock import GuestClock
@@ -52,6 +57,12 @@ UART_MEAN_LATENCY_NS = 20_000            # how long the transmit register stays 
 # virtual-clock chaos run perturbs the guest about as densely, per instruction, as a wall-clock
 # one (and a disk poll loop spins as many times, not fifty times more).
 VIRTUAL_CLOCK_SCALE = 50
+SEED_BITS = 32                           # a seed printed for a person to type back: short
+
+
+def new_seed() -> int:
+    """A seed for a chaos run that was given none (printed, so the run can be made again)."""
+    return secrets.randbelow(1 << SEED_BITS)
 
 
 @dataclass(frozen=True)
