@@ -166,13 +166,16 @@ def test_go_live_refuses_bad_combinations_in_one_line(demo_trace, tmp_path):
 
 # A boot sector that prints a prompt on the debug console, waits for a byte on COM1, then reads
 # disk sector 1 (never read while recording) and prints its first byte: going live with input
-# needs the image for that sector.
+# needs the image for that sector. A recording that times out still runs one run slice of the
+# machine loop (20 M instructions on the virtual clock): the poll loop waits between polls.
 READ_A_SECTOR_ON_INPUT = f"""
     movb    $'$', %al
     outb    %al, $0xE9
     movb    $' ', %al
     outb    %al, $0xE9
 wait_key:
+    movw    $2000, %cx              # between polls: the trace holds a read per 2,000 instructions
+1:  loop    1b
     movw    $0x3FD, %dx
     inb     %dx, %al
     testb   $1, %al
@@ -211,7 +214,7 @@ def test_a_live_read_of_a_sector_never_recorded_asks_for_the_image_in_one_line(t
     with disk.open("ab") as image:
         image.write(b"Q" * 512)                              # sector 1
     parent = tmp_path / "parent.zst"
-    reason, shown = record_small(parent, "emu", disk, timeout_s=0.05)
+    reason, shown = record_small(parent, "emu", disk, timeout_s=0.001)   # one run slice
     assert reason == "timeout" and shown == b"$ "            # waited for a key the whole time
     branch = tmp_path / "branch.zst"
     without = cli("replay", str(parent), "--live", "--virtual-clock", "--input", "x", "--prompt", "$ ",
@@ -249,3 +252,17 @@ def test_xv6_goes_live_after_boot_and_reads_files_the_recording_never_read(xv6_d
     assert b"xv6 is a re-implementation" in live.stdout
     again = cli("replay", str(branch))
     assert again.returncode == 0 and b"xv6 is a re-implementation" in again.stdout, again.stderr
+
+
+def test_a_kvm_trace_goes_live_at_its_end(require_kvm, tmp_path):
+    disk = boot_disk(tmp_path, READ_A_SECTOR_ON_INPUT)
+    with disk.open("ab") as image:
+        image.write(b"K" * 512)
+    parent = tmp_path / "parent.zst"
+    reason, shown = record_small(parent, "kvm", disk, timeout_s=0.005)
+    assert reason == "timeout" and shown == b"$ "
+    branch = tmp_path / "branch.zst"
+    live = cli("replay", str(parent), "--live", "--input", "x", "--disk", str(disk), "-o", str(branch))
+    assert live.returncode == 1 and live.stdout.endswith(b"K"), (live.stdout, live.stderr)
+    again = cli("replay", str(branch))
+    assert again.returncode == 0 and again.stdout.startswith(b"K"), again.stdout

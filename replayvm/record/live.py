@@ -110,6 +110,29 @@ def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = 
     return outcome
 
 
+def check_images(trace: Path, images: list[Path]) -> None:
+    """Refuse, before replaying anything, disk images that are not the recording's."""
+    import hashlib
+
+    from replayvm.devices.disk import SECTOR_SIZE
+    from replayvm.trace.reader import TraceReader
+
+    with TraceReader(trace) as reader:
+        disks = reader.header.get("disks") or []
+    if len(images) > len(disks):
+        raise UsageError(f"the recording had {len(disks)} disk(s); {len(images)} --disk images given")
+    for image, disk in zip(images, disks):
+        if not image.is_file():
+            raise UsageError(f"disk image not found: {image}")
+        data = image.read_bytes()
+        data += bytes(-len(data) % SECTOR_SIZE)
+        digest = hashlib.sha256(data).hexdigest()
+        recorded = disk.get("sha256")
+        if recorded and digest != recorded:
+            raise UsageError(f"{image} is not the image {disk.get('name')} was recorded from (sha256 "
+                             f"{digest[:16]}..., the trace has {recorded[:16]}...)")
+
+
 def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = None,
                        output: BinaryIO | None = None, checkpoint_every: int | None = None,
                        keep_checkpoints: bool = True) -> tuple[RunOutcome, int]:
@@ -121,6 +144,7 @@ def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = Non
     from replayvm.trace.reader import check_unaltered
 
     check_unaltered(trace)
+    check_images(trace, options.disks)
     point = None if seek is None else parse_position(seek, "--seek")
     if point is not None and not point.is_event:       # a position: through checkpoints
         timeline = Timeline(trace, checkpoint_every=checkpoint_every or DEFAULT_CHECKPOINT_EVERY,

@@ -122,7 +122,7 @@ _MMIO_FIELDS = (("dpos", DPOS), ("address", ADDRESS), ("size", SIZE), ("value", 
 
 LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
     Layout(Kind.HEADER, (("header", HEADER_MAP),), "see below"),
-    Layout(Kind.PIO_READ, _ACCESS_FIELDS, "value = what the device returned: replay's input"),
+    Layout(Kind.PIO_READ, _ACCESS_FIELDS, "value = what the device returned: the replayed device must return it too"),
     Layout(Kind.PIO_WRITE, _ACCESS_FIELDS, "checked on replay"),
     Layout(Kind.MMIO_READ, _MMIO_FIELDS),
     Layout(Kind.MMIO_WRITE, _MMIO_FIELDS),
@@ -136,7 +136,7 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
            "injected at exactly this position; source: `timer`, `com1`, `ide0`, `keyboard`, ...",
            optional=(("landmark", LANDMARK),)),
     Layout(Kind.INPUT, (("dpos", DPOS), ("source", NAME), ("data", INPUT_DATA)),
-           "bytes typed at the console (`com1`); replay checks them against the guest's reads"),
+           "bytes typed at the console (`com1`); replay hands them to the UART at this position"),
     Layout(Kind.CLOCK, (("dpos", DPOS), ("source", NAME), ("value", CLOCK_VALUE), ("rip", RIP),
                         ("cpl", CPL)),
            "a time value the guest read: `cmos` (RTC register), `lapic.tccr`, `rdtsc`"),
