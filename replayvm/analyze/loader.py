@@ -67,6 +67,8 @@ _SECTOR, _PURE_READS = int(Kind.SECTOR), int(Kind.PURE_READS)
 check_unpacking((Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE),
                 "dpos", "port|address", "size", "value", "rip", "cpl")
 check_unpacking((Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN), "dpos", "port", "size", "count", "data", "rip", "cpl")
+check_unpacking((Kind.INTERRUPT,), "dpos", "vector", "source", "rip", "cpl", optional=("landmark",))
+_INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without its (kvm) landmark
 check_unpacking((Kind.INPUT,), "dpos", "source", "data")
 check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
@@ -494,13 +496,16 @@ class _LoadState:
                                     line_append(byte)
                         else:
                             self._ide_register(address - IDE, value)
-                elif kind == _INTERRUPT:              # named: its landmark is optional
-                    pos += record[INTERRUPT.dpos]
-                    rip, cpl = record[INTERRUPT.rip], record[INTERRUPT.cpl]
-                    landmark = INTERRUPT.get(record, "landmark")
-                    interrupts((seq, pos, record[INTERRUPT.vector], record[INTERRUPT.source], _signed(rip), cpl,
-                                (user if cpl == 3 else other)[rip],
-                                None if landmark is None else json.dumps(landmark)))
+                elif kind == _INTERRUPT:
+                    if len(record) == _INTERRUPT_ARITY:
+                        _, dpos, vector, source, rip, cpl = record
+                        landmark = None
+                    else:
+                        _, dpos, vector, source, rip, cpl, landmark = record
+                        landmark = json.dumps(landmark)
+                    pos += dpos
+                    interrupts((seq, pos, vector, source, _signed(rip), cpl, (user if cpl == 3 else other)[rip],
+                                landmark))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
