@@ -4,7 +4,8 @@
   builds a record the reader's validator accepts, with each field at its named position.
 - An optional trailing field (INTERRUPT's kvm landmark) is known to the codec: built when given,
   read back with `Layout.get`, None when absent, and loaded into SQL from there.
-- No code outside the codec indexes a record with a literal position (an AST scan of replayvm/).
+- No code outside the codec indexes a record with a literal position or builds one as a literal
+  tuple (AST scans of replayvm/).
 - The record table of docs/trace-format.md names every kind and every field, optional ones too,
   in layout order, with the codec's types.
 """
@@ -36,6 +37,7 @@ SAMPLE: dict[str, Any] = {
     "cpl": 3, "count": 256, "vector": 32, "source": "timer", "landmark": {"rip": 0x8010_0000, "cr3": 0x1000},
     "digest": SECTOR_DIGEST, "page": 3, "register": "lapic.id", "sites": [[0x8010_0000, 7]],
     "header": {"format": "replayvm-trace", "engine": "emu"}, "footer": {"end": "script-done"},
+    "disk": 0, "lba": 1234,                  # DISK_READ (format 1.2, being added)
 }
 SAMPLE_DATA = {Kind.PIO_READ_RUN: [SECTOR_DIGEST], Kind.PIO_WRITE_RUN: SECTOR_BYTES, Kind.INPUT: b"ls\n",
                Kind.SECTOR: SECTOR_BYTES, Kind.RAM_PAGE: bytes(codec.PAGE_SIZE)}
@@ -175,6 +177,37 @@ def test_no_code_outside_the_codec_indexes_records_by_literal_position():
         offenders += [f"{relative} {hit}" for hit in
                       literal_record_indexing(path.read_text(), ALLOWED.get(relative, set()))]
     assert not offenders, "use the layouts' named positions (replayvm.trace.records): " + "; ".join(offenders)
+
+
+def hand_built_records(source: str) -> list[str]:
+    """Record displays passed to a call, `append((Kind.CLOCK, dpos, ...))`: a field order written
+    by hand instead of by the layout's constructor (a tuple of kinds only is a set of kinds)."""
+    def is_kind(node: ast.expr) -> bool:
+        return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Kind"
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            for arg in node.args:
+                if isinstance(arg, (ast.Tuple, ast.List)) and len(arg.elts) >= 2 and is_kind(arg.elts[0]) \
+                        and not all(is_kind(element) for element in arg.elts):
+                    found.append(f"line {node.lineno}: {ast.unparse(arg)[:60]}")
+    return found
+
+
+def test_the_scan_finds_hand_built_records():
+    source = "w.append((Kind.HALT, 5))\nx = k in (Kind.PIO_READ, Kind.PIO_WRITE)\nself._take(Kind.HALT)\n" \
+             "w.append(HALT.build(5))\ncheck((Kind.PIO_READ, Kind.PIO_WRITE), 'dpos')\n"
+    assert hand_built_records(source) == ["line 1: (Kind.HALT, 5)"]
+
+
+def test_records_are_built_by_the_codec_only():
+    offenders = []
+    for path in sorted((ROOT / "replayvm").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative != CODEC:
+            offenders += [f"{relative} {hit}" for hit in hand_built_records(path.read_text())]
+    assert not offenders, "build records with LAYOUTS[kind].build (replayvm.trace.records): " + "; ".join(offenders)
 
 
 # ---------------------------------------------------------------- the docs' table is the codec
