@@ -17,26 +17,29 @@ from pathlib import Path
 
 from replayvm.analyze.loader import load_trace
 from replayvm.trace import Kind, TraceWriter
+from replayvm.trace.records import INTERRUPT, LAYOUTS, RUN, SECTOR
+
+PIO_READ, PIO_WRITE, MMIO_WRITE = (LAYOUTS[kind].build for kind in (Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_WRITE))
 
 
 def synthesize(path: Path, events: int) -> None:
     writer = TraceWriter(path, {"engine": "emu", "position_unit": "instructions", "ram_bytes": 1 << 28})
     sector = bytes(range(256)) * 2
     digest = hashlib.sha256(sector).digest()[:16]          # a sector record names its content
-    writer.append((Kind.SECTOR, digest, sector))
+    writer.append(SECTOR.build(digest, sector))
     append = writer.append
     for i in range(events):
         r = i % 10
         if r < 4:
-            append((Kind.PIO_READ, 7, 0x1F7, 1, 0x58, 0x80102345, 0))
+            append(PIO_READ(7, 0x1F7, 1, 0x58, 0x80102345, 0))
         elif r < 7:
-            append((Kind.PIO_WRITE, 20, 0x3F8, 1, 0x41 + i % 26, 0x80106000, 0))
+            append(PIO_WRITE(20, 0x3F8, 1, 0x41 + i % 26, 0x80106000, 0))
         elif r == 7:
-            append((Kind.PIO_READ_RUN, 3, 0x1F0, 4, 128, [digest], 0x80102400, 0))
+            append(RUN.build(3, 0x1F0, 4, 128, [digest], 0x80102400, 0))
         elif r == 8:
-            append((Kind.MMIO_WRITE, 50, 0xFEE000B0, 4, 0, 0x80102989, 0))
+            append(MMIO_WRITE(50, 0xFEE000B0, 4, 0, 0x80102989, 0))
         else:
-            append((Kind.INTERRUPT, 1000, 32, "timer", 0x80104000, 3))
+            append(INTERRUPT.build(1000, 32, "timer", 0x80104000, 3))
         if i & 0xFFFF == 0:
             writer.maybe_wake()
     writer.close({"position": events * 100})

@@ -15,6 +15,7 @@ import pytest
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.trace import Kind, TraceFormatError, TraceReader
 from replayvm.trace.format import FILE_HEADER, FORMAT_MAJOR, MAGIC
+from replayvm.trace.records import INTERRUPT
 from replayvm.trace.summary import summarize
 from tests.harness import HANG_S
 
@@ -234,11 +235,11 @@ def test_kvm_recording_positions_by_exit_and_landmarks_for_kicked_interrupts(req
     with TraceReader(tmp_path / "kvm.zst") as reader:
         interrupts = [rec for rec in reader if rec[0] == Kind.INTERRUPT]
     assert len(interrupts) == 3
-    assert all(len(rec) == 6 for rec in interrupts[:2])       # at synchronous exits: no landmark
+    assert [INTERRUPT.get(rec, "landmark") for rec in interrupts[:2]] == [None, None]   # synchronous exits
     engine = machine.engine
     assert engine.position == engine.exit_counts["io"] + engine.exit_counts["mmio"] + engine.exit_counts["hlt"]
     assert engine.exit_counts["intr"] >= 1                    # the kick did not move the position
-    landmark = interrupts[2][6]
+    landmark = INTERRUPT.get(interrupts[2], "landmark")
     assert landmark["rip"] == busy and "cr3" in landmark and "rax" in landmark
     machine.engine.close()
 

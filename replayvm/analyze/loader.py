@@ -42,7 +42,7 @@ from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutput
 from replayvm.errors import UsageError
 from replayvm.trace.format import Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import I63
+from replayvm.trace.records import I63, INTERRUPT, check_unpacking
 
 BATCH = 50_000                  # records turned into rows and inserted together
 INLINE_BATCHES = 2              # batches built here before a second process takes over
@@ -62,6 +62,18 @@ _WATCHED_PORTS = frozenset({COM1, COM1 + UART_LCR, COM1 + UART_MCR, DEBUG_CON,
 _PIO_READ_RUN, _PIO_WRITE_RUN = int(Kind.PIO_READ_RUN), int(Kind.PIO_WRITE_RUN)
 _INTERRUPT, _INPUT, _CLOCK, _HALT = int(Kind.INTERRUPT), int(Kind.INPUT), int(Kind.CLOCK), int(Kind.HALT)
 _SECTOR, _PURE_READS = int(Kind.SECTOR), int(Kind.PURE_READS)
+# The hot loop unpacks records whole, in their layouts' field order (replayvm.trace.records):
+# checked here, at import, so a layout and this loop cannot drift apart.
+check_unpacking((Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE),
+                "dpos", "port|address", "size", "value", "rip", "cpl")
+check_unpacking((Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN), "dpos", "port", "size", "count", "data", "rip", "cpl")
+check_unpacking((Kind.INTERRUPT,), "dpos", "vector", "source", "rip", "cpl", optional=("landmark",))
+_INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without its (kvm) landmark
+check_unpacking((Kind.INPUT,), "dpos", "source", "data")
+check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
+check_unpacking((Kind.HALT,), "dpos")
+check_unpacking((Kind.SECTOR,), "digest", "data")
+check_unpacking((Kind.PURE_READS,), "register", "sites")
 
 
 def _signed(value: int) -> int:
@@ -485,11 +497,15 @@ class _LoadState:
                         else:
                             self.ide.write(address - IDE, value)
                 elif kind == _INTERRUPT:
-                    pos += record[1]
-                    rip, cpl = record[4], record[5]
-                    interrupts((seq, pos, record[2], record[3], _signed(rip), cpl,
-                                (user if cpl == 3 else other)[rip],
-                                json.dumps(record[6]) if len(record) > 6 else None))
+                    if len(record) == _INTERRUPT_ARITY:
+                        _, dpos, vector, source, rip, cpl = record
+                        landmark = None
+                    else:
+                        _, dpos, vector, source, rip, cpl, landmark = record
+                        landmark = json.dumps(landmark)
+                    pos += dpos
+                    interrupts((seq, pos, vector, source, _signed(rip), cpl, (user if cpl == 3 else other)[rip],
+                                landmark))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
@@ -509,24 +525,28 @@ class _LoadState:
                         self._console(bytes(b for b in sent if b is not None), pos)
                     seq += 1
                 elif kind == _INPUT:
-                    pos += record[1]
-                    rows["inputs"] += (seq, pos, record[2], bytes(record[3]).decode("utf-8", "replace"))
+                    _, dpos, source, data = record
+                    pos += dpos
+                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"))
                     seq += 1
                 elif kind == _CLOCK:
-                    pos += record[1]
-                    rip, cpl = record[4], record[5]
-                    rows["clock_reads"] += (seq, pos, record[2], record[3], _signed(rip),
+                    _, dpos, source, value, rip, cpl = record
+                    pos += dpos
+                    rows["clock_reads"] += (seq, pos, source, value, _signed(rip),
                                             (user if cpl == 3 else other)[rip])
                     seq += 1
                 elif kind == _HALT:
-                    pos += record[1]
+                    _, dpos = record
+                    pos += dpos
                     rows["halts"] += (seq, pos)
                     seq += 1
                 elif kind == _SECTOR:
-                    self.sectors[bytes(record[1])] = bytes(record[2])
+                    _, digest, data = record
+                    self.sectors[bytes(digest)] = bytes(data)
                 elif kind == _PURE_READS:
-                    register, pure_reads = record[1], rows["pure_reads"]
-                    for rip, count in record[2]:
+                    _, register, sites = record
+                    pure_reads = rows["pure_reads"]
+                    for rip, count in sites:
                         pure_reads += (register, _signed(rip), count, other[rip])
                 # else: RAM pages and the footer, which make no rows
         finally:

@@ -26,6 +26,7 @@ from replayvm import hw
 from replayvm.devices import cmos, lapic
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
+from replayvm.trace.records import CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS, SECTOR
 from replayvm.trace.writer import TraceWriter
 
 if TYPE_CHECKING:
@@ -35,6 +36,15 @@ SECTOR_SIZE = 512
 PAGE_SIZE = 4096
 ZERO_PAGE = bytes(PAGE_SIZE)
 CMOS_DATA_PORT = hw.CMOS_PORT + cmos.DATA
+# Every record is built by its layout's constructor (replayvm.trace.records), bound here once.
+_build_mmio_read = LAYOUTS[Kind.MMIO_READ].build
+_build_mmio_write = LAYOUTS[Kind.MMIO_WRITE].build
+_build_clock = CLOCK.build
+_BUILD_RUN = {Kind.PIO_READ_RUN: LAYOUTS[Kind.PIO_READ_RUN].build,
+              Kind.PIO_WRITE_RUN: LAYOUTS[Kind.PIO_WRITE_RUN].build}
+# A run of one element is written as the plain access: its kind and constructor.
+_SINGLE_ACCESS = {Kind.PIO_READ_RUN: (Kind.PIO_READ, LAYOUTS[Kind.PIO_READ].build),
+                  Kind.PIO_WRITE_RUN: (Kind.PIO_WRITE, LAYOUTS[Kind.PIO_WRITE].build)}
 
 
 class RecordingBus:
@@ -122,9 +132,8 @@ class Recorder:
         self._run = None
         kind, start, port, size, data, rip, cpl, _ = run
         if len(data) == size:                       # a run of one is a plain access
-            simple = Kind.PIO_READ if kind == Kind.PIO_READ_RUN else Kind.PIO_WRITE
-            self._emit((simple, self._position_delta(start), port, size,
-                        int.from_bytes(data, "little"), rip, cpl))
+            simple, build = _SINGLE_ACCESS[kind]
+            self._emit(build(self._position_delta(start), port, size, int.from_bytes(data, "little"), rip, cpl))
             self.counts[simple.name.lower()] += 1
             return
         self._emit_string(kind, start, port, size, bytes(data), rip, cpl)
@@ -134,7 +143,8 @@ class Recorder:
         payload: Any = data
         if kind == Kind.PIO_READ_RUN and len(data) % SECTOR_SIZE == 0:
             payload = [self._store_sector(data[i:i + SECTOR_SIZE]) for i in range(0, len(data), SECTOR_SIZE)]
-        self._emit((kind, self._position_delta(position), port, size, len(data) // size, payload, rip, cpl))
+        self._emit(_BUILD_RUN[kind](self._position_delta(position), port, size, len(data) // size, payload,
+                                    rip, cpl))
         self.counts[kind.name.lower()] += 1
 
     # ---------------------------------------------------------------- what the bus reports
@@ -149,7 +159,7 @@ class Recorder:
                 self._clock(lapic.CLOCK_SOURCE, value)
                 return
             rip, cpl = self._context()
-            self._emit((Kind.MMIO_READ, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self._emit(_build_mmio_read(self._position_delta(self.engine.position), addr, size, value, rip, cpl))
             self.counts["mmio_read"] += 1
             return
         if addr == CMOS_DATA_PORT and self.machine.cmos.time_register_selected:
@@ -162,7 +172,7 @@ class Recorder:
         if mmio:
             self._flush_run()
             rip, cpl = self._context()
-            self._emit((Kind.MMIO_WRITE, self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self._emit(_build_mmio_write(self._position_delta(self.engine.position), addr, size, value, rip, cpl))
             self.counts["mmio_write"] += 1
             return
         self._port_access(Kind.PIO_WRITE_RUN, addr, size, value)
@@ -194,7 +204,7 @@ class Recorder:
     def _clock(self, source: str, value: int) -> None:
         self._flush_run()
         rip, cpl = self._context()
-        self._emit((Kind.CLOCK, self._position_delta(self.engine.position), source, value, rip, cpl))
+        self._emit(_build_clock(self._position_delta(self.engine.position), source, value, rip, cpl))
         self.counts["clock"] += 1
 
     def _store_sector(self, sector: bytes) -> bytes:
@@ -202,7 +212,7 @@ class Recorder:
         digest = hashlib.sha256(sector).digest()[:16]
         if digest not in self._sectors_stored:
             self._sectors_stored.add(digest)
-            self._emit((Kind.SECTOR, digest, sector))
+            self._emit(SECTOR.build(digest, sector))
             self.counts["sector_data"] += 1
         return digest
 
@@ -211,7 +221,7 @@ class Recorder:
         (not positioned: it comes with the controller access that asked for it), so replay can
         feed the controller the same sectors without the image."""
         def disk_read(lba: int, data: bytes) -> None:
-            self._emit((Kind.DISK_READ, index, lba, self._store_sector(data)))
+            self._emit(DISK_READ.build(index, lba, self._store_sector(data)))
             self.counts["disk_read"] += 1
         return disk_read
 
@@ -221,10 +231,8 @@ class Recorder:
         source = self.machine.interrupt_source(vector)
         rip, cpl = self._context()
         landmark = self.engine.interrupt_landmark()
-        if landmark is None:
-            self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl))
-        else:
-            self._emit((Kind.INTERRUPT, self._position_delta(position), vector, source, rip, cpl, landmark))
+        self._emit(INTERRUPT.build(self._position_delta(position), vector, source, rip, cpl, landmark))
+        if landmark is not None:
             self.counts["interrupt_landmarks"] += 1
         self.counts["interrupt"] += 1
         self.interrupt_sources[source] += 1
@@ -233,13 +241,13 @@ class Recorder:
         self._flush_run()
         position = self.engine.position
         for start in range(0, len(data), MAX_BIN_LEN):       # all at one position
-            self._emit((Kind.INPUT, self._position_delta(position), source, data[start:start + MAX_BIN_LEN]))
+            self._emit(INPUT.build(self._position_delta(position), source, data[start:start + MAX_BIN_LEN]))
             self.counts["input"] += 1
         self.counts["input_bytes"] += len(data)
 
     def halted(self) -> None:
         self._flush_run()
-        self._emit((Kind.HALT, self._position_delta(self.engine.position)))
+        self._emit(HALT.build(self._position_delta(self.engine.position)))
         self.counts["halt"] += 1
 
     def finish(self) -> None:
@@ -249,7 +257,7 @@ class Recorder:
         sites.update(self.engine.pure_read_sites())
         listed = [[rip, count] for rip, count in sites.most_common()]
         for start in range(0, len(listed), self.max_sites):
-            self._emit((Kind.PURE_READS, lapic.PURE_READ_REGISTER, listed[start:start + self.max_sites]))
+            self._emit(PURE_READS.build(lapic.PURE_READ_REGISTER, listed[start:start + self.max_sites]))
 
 
 CHUNK_SIZE = 1 << 20

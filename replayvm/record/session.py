@@ -20,7 +20,7 @@ from replayvm.console import Console
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
-from replayvm.trace.format import Kind
+from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
 
@@ -150,7 +150,7 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
     except OSError as error:                 # read-only, no permission, disk full at the header
         raise UsageError(f"cannot write trace {options.trace}: {error.strerror or error}") from None
     for number, page in initial_ram_pages(machine.ram):
-        writer.append((Kind.RAM_PAGE, number, page))
+        writer.append(RAM_PAGE.build(number, page))
     recorder = Recorder(machine, writer, start_position=start_position)
     machine.halt_observers.append(recorder.halted)
     return writer, recorder, time.monotonic()

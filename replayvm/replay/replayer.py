@@ -43,7 +43,7 @@ from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
 from replayvm.trace.format import DISK_READ_MINOR, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
-from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER_VERIFIED_BY, INPUT,
+from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY, INPUT,
                                     INTERRUPT, RAM_PAGE, RUN, SECTOR)
 
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
@@ -99,6 +99,11 @@ class Event:
         if self.kind == Kind.INPUT:
             return f"input {bytes(r[INPUT.data])!r}"
         return name
+
+
+def has_landmark(event: Event) -> bool:
+    """A kvm interrupt injected between exits: placed by its registers (INTERRUPT's `landmark`)."""
+    return INTERRUPT.get(event.record, "landmark") is not None
 
 
 @dataclass
@@ -389,7 +394,7 @@ class Replayer:
             elif kind == Kind.DISK_READ:
                 self._disk_reads.append((record[DISK_READ.disk], record[DISK_READ.lba], record[DISK_READ.digest]))
             elif kind == Kind.FOOTER:
-                self.footer = record[1]
+                self.footer = record[FOOTER.footer]
             elif kind == Kind.INPUT:
                 # Typed bytes reach the UART at their position (_feed_due_input), as while recording.
                 self._position += record[DPOS_INDEX]
@@ -446,7 +451,7 @@ class Replayer:
         if record[0] == Kind.SECTOR:
             self._sectors[record[SECTOR.digest]] = record[SECTOR.data]
         elif record[0] == Kind.FOOTER:
-            self.footer = record[1]
+            self.footer = record[FOOTER.footer]
 
     def _take(self, *kinds: Kind) -> Event:
         """Consume the next event, which must be of one of `kinds` at the engine's position."""
@@ -495,7 +500,7 @@ class Replayer:
         if event is None:
             if self._run_data is None and self._kvm_end_reached():
                 self._stop_engine()
-        elif event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+        elif event.kind == Kind.INTERRUPT and has_landmark(event) and \
                 event.position == self.engine.position:
             self._stop_engine()
 
@@ -751,7 +756,7 @@ class Replayer:
         event = self.next
         if event is None or event.kind != Kind.INTERRUPT or event.position != self.engine.position:
             return False
-        return len(event.record) <= 6 or self._landmark_reached
+        return not has_landmark(event) or self._landmark_reached
 
     def acknowledge(self) -> int:
         """The CPU takes the interrupt the recording took here; the machine's interrupt
@@ -890,7 +895,7 @@ class Replayer:
                     if self.footer is not None:
                         self._settle_kvm_end()
                     return "end"
-                if event is not None and event.kind == Kind.INTERRUPT and len(event.record) > 6 and \
+                if event is not None and event.kind == Kind.INTERRUPT and has_landmark(event) and \
                         event.position == engine.position and not self._landmark_reached:
                     self._seek_landmark(event)
                 try:

@@ -28,8 +28,8 @@ from replayvm.trace.format import (DIGEST_MINOR, FILE_HEADER, FORMAT_MAJOR, FRAM
                                    MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_FRAME_COMPRESSED,
                                    MAX_FRAME_DECOMPRESSED, MAX_MAP_LEN, MAX_STR_LEN, OPTIONAL_KIND_MIN,
                                    Kind, TraceAlteredError, TraceFormatError)
-from replayvm.trace.records import FOOTER_FIELDS, HEADER_FIELDS, I63, PAGE_SIZE, build_validator, \
-    map_problem, record_problem
+from replayvm.trace.records import FOOTER, FOOTER_FIELDS, HEADER, HEADER_FIELDS, I63, KIND_INDEX, PAGE_SIZE, \
+    build_validator, map_problem, record_problem
 
 UNPACK_ERRORS = (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
                  msgpack.exceptions.StackError, ValueError, TypeError)
@@ -181,12 +181,13 @@ class TraceReader:
             raise TraceFormatError(f"{self.path}: frame 0 (byte {offset}) must hold the header record "
                                    f"alone")
         record = records[0]
-        if type(record) is not list or len(record) != 2 or record[0] != Kind.HEADER or type(record[0]) is not int:
+        if type(record) is not list or len(record) != HEADER.arity or record[KIND_INDEX] != Kind.HEADER \
+                or type(record[KIND_INDEX]) is not int:
             raise TraceFormatError(f"{self.path}: first record is not a header (frame 0, byte {offset})")
-        problem = map_problem(record[1], HEADER_FIELDS, "header")
+        problem = map_problem(record[HEADER.header], HEADER_FIELDS, "header")
         if problem is not None:
             raise TraceFormatError(f"{self.path}: {problem} (frame 0, byte {offset})")
-        self.header = record[1]
+        self.header = record[HEADER.header]
         self._ram_pages = self.header.get("ram_bytes", 0) // PAGE_SIZE
 
     def chunks(self, size: int = CHUNK, use_list: bool = True) -> Iterator[tuple[int, int, list]]:
@@ -230,9 +231,9 @@ class TraceReader:
         """A record the generated checks did not accept: the footer (checked here, with the record
         digest), an optional kind to skip (False), or an error naming the record."""
         at = next((i for i, r in enumerate(self._chunk) if r is record), 0)
-        if type(record) in (list, tuple) and record and type(record[0]) is int:
-            kind = record[0]
-            if kind == Kind.FOOTER and len(record) == 2:
+        if type(record) in (list, tuple) and record and type(record[KIND_INDEX]) is int:
+            kind = record[KIND_INDEX]
+            if kind == Kind.FOOTER and len(record) == FOOTER.arity:
                 self._take_footer(record, at)
                 return True
             if kind == Kind.HEADER:
@@ -246,7 +247,7 @@ class TraceReader:
         raise self._error(record_problem(record, self.sectors, self._ram_pages), at)
 
     def _take_footer(self, record: Any, at: int) -> None:
-        footer = record[1]
+        footer = record[FOOTER.footer]
         if self._footer_record is not None:
             raise self._error("a second footer", at)
         problem = map_problem(footer, FOOTER_FIELDS, "footer")

@@ -5,6 +5,14 @@ types (ranges, lengths, what they must refer to); docs/trace-format.md's record 
 from it (`record_table()`; a test checks that the two agree). Field positions have names:
 `ACCESS.value` is the index of an access record's value, `RUN.data` of a run's payload.
 
+Records are built from the layouts too: `LAYOUTS[kind].build(field, ...)` (arguments in field
+order, the optional trailing ones last and defaulting to None) returns the tuple the writer packs,
+so the recorder, the writer and the session write no field order of their own. An optional field
+is read with `layout.get(record, name)`, None when the record does not carry it
+(`INTERRUPT.get(record, "landmark")`). A hot loop that unpacks records whole states the field names
+it unpacks with `check_unpacking`, which refuses at import a layout with other fields or another
+order.
+
 TraceReader validates every record once against these layouts, so no consumer (info, replay,
 analysis, checkpoints) meets an ill-typed record. The per-record checks are generated from the
 layouts as one Python loop over a chunk of records with inline type tests (a function call per
@@ -56,21 +64,82 @@ class Layout:
 
     def __post_init__(self) -> None:
         """`layout.value` is the index of field `value` in a record (the kind is index 0): plain
-        attributes, set once, because the replayer reads them for every event."""
+        attributes, set once, because the replayer reads them for every event. `layout.build` is
+        the record's constructor, generated once (see `_constructor`)."""
         for index, name in enumerate(self.names, start=1):
-            assert name not in type(self).__dict__ and name not in self.__dataclass_fields__, name
+            assert name not in type(self).__dict__ and name not in self.__dataclass_fields__ \
+                and name not in _INSTANCE_ATTRIBUTES, name
             object.__setattr__(self, name, index)
+        object.__setattr__(self, "build", _constructor(self))
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.fields + self.optional)
 
     @property
+    def arity(self) -> int:
+        """The length of a record without its optional fields (the kind counts)."""
+        return 1 + len(self.fields)
+
+    @property
     def positioned(self) -> bool:
         return bool(self.fields) and self.fields[0][0] == "dpos"
 
-    def __getattr__(self, name: str) -> int:
-        raise AttributeError(f"{self.kind.name} records have no field {name!r}")
+    def get(self, record: tuple | list, name: str) -> Any:
+        """Field `name` of `record`, None when it is an optional field the record does not carry
+        (a validated record has all of its optional fields or none)."""
+        index = self.__dict__.get(name)
+        if type(index) is not int:
+            raise AttributeError(f"{self.kind.name} records have no field {name!r}")
+        return record[index] if index < len(record) else None
+
+    # No __getattr__ for a friendlier message on a misspelt field: a class with one makes every
+    # attribute read ~4x slower in CPython 3.11 (120 ns instead of 30), and the replayer and the
+    # loader read field positions per record. A misspelt field is an AttributeError all the same.
+
+
+_INSTANCE_ATTRIBUTES = ("build",)
+
+
+def _constructor(layout: Layout) -> Callable[..., tuple]:
+    """The generated `build(field, ...)` of one kind: a plain tuple display, so that building a
+    record through the codec costs the recorder one call and nothing else. The kind is a plain int
+    (msgpack packs an IntEnum member the same). Optional fields come last and default to None;
+    a record carries all of them or none."""
+    required = [name for name, _ in layout.fields]
+    optional = [name for name, _ in layout.optional]
+    params = ", ".join(required + [f"{name}=None" for name in optional])
+
+    def display(names: list[str]) -> str:
+        return "(" + ", ".join([str(int(layout.kind))] + names) + ("," if not names else "") + ")"
+
+    name = f"build_{layout.kind.name.lower()}"
+    lines = [f"def {name}({params}):"]
+    if optional:
+        absent = " and ".join(f"{n} is None" for n in optional)
+        lines.append(f"    if {absent}:")
+        lines.append(f"        return {display(required)}")
+    lines.append(f"    return {display(required + optional)}")
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(lines), f"<replayvm.trace.records {name}>", "exec"), namespace)
+    build = namespace[name]
+    build.__doc__ = f"The {layout.kind.name} record ({int(layout.kind)}, {', '.join(layout.names)})."
+    return build
+
+
+def check_unpacking(kinds: Any, *names: str, optional: tuple[str, ...] = ()) -> None:
+    """For a hot loop that unpacks records whole (`_, dpos, port, ... = record`, cheaper than
+    indexing by name): raise at import unless each of `kinds` has exactly these fields in this
+    order, and these optional ones after them (the loop tells a record that carries them by its
+    length: `len(record) == layout.arity` when it does not). A name `a|b` accepts either
+    (`port|address` for port and MMIO accesses)."""
+    for kind in kinds:
+        layout = LAYOUTS[Kind(kind)]
+        if tuple(name for name, _ in layout.optional) != optional or len(layout.fields) != len(names) or \
+                any(field not in name.split("|") for (field, _), name in zip(layout.fields, names)):
+            shown = ", ".join(names + tuple(f"[{name}]" for name in optional))
+            raise RuntimeError(f"code unpacks {layout.kind.name} records as {shown}; "
+                               f"their layout is {', '.join(layout.names)}")
 
 
 def _int(lo: int, hi: int, doc: str) -> FieldType:
@@ -159,7 +228,9 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
 )}
 assert set(LAYOUTS) == set(Kind), "every kind has a layout"
 
-# Named field positions for the code that reads records.
+# Named field positions for the code that reads records (and their constructors, `.build`).
+HEADER = LAYOUTS[Kind.HEADER]
+FOOTER = LAYOUTS[Kind.FOOTER]
 ACCESS = LAYOUTS[Kind.PIO_READ]          # PIO_READ / PIO_WRITE (MMIO: `address` at the same index)
 MMIO = LAYOUTS[Kind.MMIO_READ]
 RUN = LAYOUTS[Kind.PIO_READ_RUN]         # PIO_READ_RUN / PIO_WRITE_RUN
@@ -170,6 +241,8 @@ SECTOR = LAYOUTS[Kind.SECTOR]
 RAM_PAGE = LAYOUTS[Kind.RAM_PAGE]
 PURE_READS = LAYOUTS[Kind.PURE_READS]
 DISK_READ = LAYOUTS[Kind.DISK_READ]
+HALT = LAYOUTS[Kind.HALT]
+KIND_INDEX = 0                           # every record's kind
 DPOS_INDEX = 1                           # every positioned record's position delta
 assert all(LAYOUTS[k].positioned == (k in POSITIONED) for k in Kind), "POSITIONED agrees with the layouts"
 assert ACCESS.value == MMIO.value and RUN.data == LAYOUTS[Kind.PIO_WRITE_RUN].data

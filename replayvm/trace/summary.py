@@ -9,7 +9,7 @@ from typing import Any
 
 from replayvm.trace.format import EVENT_KINDS, POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, PURE_READS
+from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def summarize(path: Path) -> dict[str, Any]:
     with TraceReader(path) as reader:
         header = reader.header
         for record in reader:                   # validated by the reader against its layout
-            kind = Kind(record[0])
+            kind = Kind(record[KIND_INDEX])
             if kind in POSITIONED:
                 position += record[DPOS_INDEX]
             if kind in EVENT_KINDS:

@@ -27,8 +27,8 @@ import msgpack
 import zstandard
 
 from replayvm.trace.format import (FILE_HEADER, FORMAT_MAJOR, FORMAT_MINOR, FRAME_BODY_TARGET,
-                                   FRAME_HEADER, MAGIC, MAX_FRAME_COMPRESSED, Kind)
-from replayvm.trace.records import FOOTER_FIELDS, HEADER_FIELDS, fit_map
+                                   FRAME_HEADER, MAGIC, MAX_FRAME_COMPRESSED)
+from replayvm.trace.records import FOOTER, FOOTER_FIELDS, HEADER, HEADER_FIELDS, fit_map
 
 ZSTD_LEVEL = 3
 MAX_RECORDS_PER_FRAME = 200_000
@@ -44,7 +44,7 @@ class TraceWriter:
         self._file.write(file_header)
         self._digest = hashlib.sha256(file_header)
         self._queue: deque = deque()
-        self.append = self._queue.append            # the hot path: writer.append((kind, ...))
+        self.append = self._queue.append            # the hot path: writer.append(LAYOUT.build(...))
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._flush_interval_s = flush_interval_s
@@ -56,7 +56,7 @@ class TraceWriter:
         self.records = 0
         self.bytes_written = FILE_HEADER.size
         self.error: BaseException | None = None
-        self.append((Kind.HEADER, header))
+        self.append(HEADER.build(header))
         self._write_frame()                        # the header is on disk before anything runs
         self._thread = threading.Thread(target=self._flush_loop, name="trace-flusher", daemon=True)
         self._thread.start()
@@ -122,7 +122,7 @@ class TraceWriter:
                                  "footer")
                 footer["trace_sha256"] = self._digest.hexdigest()     # of everything before it
                 with self._lock:
-                    self._write_body(self._packer.pack((Kind.FOOTER, footer)), 1)
+                    self._write_body(self._packer.pack(FOOTER.build(footer)), 1)
         finally:
             self._file.close()
         if self.error is not None:
