@@ -168,7 +168,7 @@ def _resolve_engine(requested: str) -> str:
 
 def cmd_record(args: argparse.Namespace) -> int:
     from replayvm.console import decode_escapes
-    from replayvm.engines import engine_class
+    from replayvm.engines.registry import engine_class
     from replayvm.record.session import SessionOptions, run_session
 
     if args.output is not None and args.output.is_dir():

@@ -394,7 +394,7 @@ def _first_sector(path: Path) -> bytes:
 
 
 def _create_engine(name: str, machine: Machine) -> Engine:
-    from replayvm.engines import engine_class
+    from replayvm.engines.registry import engine_class
 
     return engine_class(name)(machine)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from replayvm.trace.format import FORMAT_MAJOR, FORMAT_MINOR
 import zstandard
 
 from replayvm.analyze.loader import load_trace
@@ -75,7 +77,7 @@ def fake_recorder(writer: TraceWriter) -> tuple[Recorder, FakeEngine]:
     """A Recorder over a stand-in machine: what it writes is what is tested, not a guest."""
     engine = FakeEngine()
     bus = SimpleNamespace(kind="pio")
-    machine = SimpleNamespace(engine=engine, pio=bus, mmio=SimpleNamespace(kind="mmio"), input_observers=[],
+    machine = SimpleNamespace(engine=engine, pio=bus, mmio=SimpleNamespace(kind="mmio"), input_observers=[], disks=[],
                               read_tsc=lambda: 0, interrupt_source=lambda vector: "timer",
                               cmos=SimpleNamespace(index=0))
     return Recorder(machine, writer), engine
@@ -313,7 +315,7 @@ def test_records_or_bytes_after_the_footer_are_refused(tmp_path, demo_trace_11):
 
 @pytest.fixture(scope="module")
 def demo_trace_11(tmp_path_factory) -> Path:
-    """A short demo session of this version (format 1.1: with its record digest), virtual clock."""
+    """A short demo session of this version (format 1.1 and later: with its record digest), virtual clock."""
     from replayvm.record.session import SessionOptions, run_session
 
     trace = tmp_path_factory.mktemp("digest") / "demo.zst"
@@ -392,7 +394,7 @@ def test_a_footer_digest_dropped_from_a_format_1_1_trace_is_altered(tmp_path, de
 
 def test_info_says_whether_the_records_are_intact(demo_trace_11):
     summary = summarize(demo_trace_11)
-    assert summary["record_digest"] == "verified" and summary["format"] == "1.1"
+    assert summary["record_digest"] == "verified" and summary["format"] == f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
     assert "records      intact" in format_summary(summary)
     old = summarize(SAMPLES / "demo-shell.zst")
     assert old["record_digest"] == "absent" and old["format"] == "1.0"

@@ -37,7 +37,7 @@ from replayvm.bus import Bus, Mapping
 from replayvm.devices import ide, uart
 from replayvm.devices.disk import MISSING_SECTOR_END, TraceDisk
 from replayvm.devices.lapic import is_pure_id_read
-from replayvm.engines import engine_class
+from replayvm.engines.registry import engine_class
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end

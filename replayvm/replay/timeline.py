@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from replayvm.engines import engine_class
+from replayvm.engines.registry import engine_class
 from replayvm.engines.base import DebugEngine, DebugStop, SnapshotEngine
 from replayvm.errors import UsageError
 from replayvm.replay import checkpoint_file
