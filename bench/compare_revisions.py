@@ -173,10 +173,13 @@ def prepare_extensions(base: Tree, current: Tree, commit: str) -> None:
             base.run("script", str(base.root / build_script), [], cwd=base.root, quiet=True)
 
 
-def record_traces(base: Tree, plan: Plan, folder: Path, xv6_dir: Path | None) -> dict[Session, Path]:
-    """Record each session once with the base tree, on the virtual clock."""
+def record_traces(base: Tree, plan: Plan, benches: list[str], folder: Path,
+                  xv6_dir: Path | None) -> dict[Session, Path]:
+    """Record each session the chosen benches use once, with the base tree, on the virtual clock."""
     traces = {}
     for number, session in enumerate(plan.sessions):
+        if not set(session.benches) & set(benches):
+            continue
         if session.xv6 and xv6_dir is None:
             print(f"{session.name}: REPLAYVM_XV6_DIR not set, skipped", file=sys.stderr)
             continue
@@ -216,6 +219,9 @@ def run_rounds(trees: tuple[Tree, Tree], benches: list[str], plan: Plan, traces:
                 tree.run("script", str(BENCH_DIR / f"bench_{bench}.py"), arguments, cwd=folder, quiet=True)
                 document = json.loads(output.read_text())
                 tree.keep(document)
+                for metric, units in document["metrics"].items():     # as it goes: a cut run still tells
+                    print(f"  {tree.label}: {metric}: wall {units['wall_s']:.3f} s, cpu {units['cpu_s']:.3f} s",
+                          file=sys.stderr)
 
 
 def comparison(base: Tree, current: Tree) -> list[dict]:
@@ -290,7 +296,7 @@ def compare(args: argparse.Namespace) -> int:
             raise RunFailed(f"git worktree add {base.root}: {added.stderr.strip()}")
         base.root = base.root.resolve()
         prepare_extensions(base, current, commit)
-        traces = record_traces(base, plan, folder, xv6_dir)
+        traces = record_traces(base, plan, args.benches, folder, xv6_dir)
         run_rounds((base, current), args.benches, plan, traces, args.rounds, folder)
     finally:
         if base.root.exists():
