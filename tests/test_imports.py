@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OWN = {"replayvm"}                          # the package itself (guests/ installs as replayvm.guests)
 SOURCE_DIRS = ("replayvm", "guests")        # what `pip install .` ships
 DEVELOPER_DIRS = ("tests", "bench")         # run from a checkout with the test extra installed
+DEVELOPER_LOCAL = {"tests", "bench_figures"}   # bench scripts import their sibling bench_figures.py
 
 
 def requirement_name(requirement: str) -> str:
@@ -122,7 +123,7 @@ def test_every_import_in_the_package_is_declared():
 
 
 def test_every_import_in_tests_and_bench_is_declared_with_the_test_extra():
-    allowed = allowed_names(extras=("test",), local={"tests"})
+    allowed = allowed_names(extras=("test",), local=DEVELOPER_LOCAL)
     problems = []
     for path in python_files(*DEVELOPER_DIRS):
         problems += undeclared_imports(path.read_text(), allowed, str(path.relative_to(ROOT)))
