@@ -56,6 +56,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "boot": header.get("boot"), "clock": header.get("clock"), "chaos_seed": header.get("chaos_seed"),
         "disks": [{k: d.get(k) for k in ("name", "path", "sha256", "sectors")} for d in header.get("disks", [])],
         "command_line": header.get("command_line"), "start_time": header.get("start_time"),
+        "parent": header.get("parent"), "start_position": header.get("start_position") or 0,
         "events": events, "events_by_kind": dict(by_kind), "interrupts_by_source": dict(interrupts),
         "clock_reads_by_source": dict(clocks), "input_bytes": input_bytes,
         "initial_ram_pages": ram_pages, "distinct_sectors": sectors, "frames": frames,
@@ -81,8 +82,12 @@ def format_summary(s: dict[str, Any]) -> str:
              f"machine      engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
              f"boot from {s['boot']}, {s['clock']} clock"
              + (f", chaos on (seed {s['chaos_seed']})" if s.get("chaos_seed") is not None else "")]
+    parent = s.get("parent")
+    if parent:
+        lines.append(f"branch       went live from {parent['trace']} at position {parent['position']:,} "
+                     f"(after {parent['event']:,} of its events)")
     for disk in s["disks"]:
-        lines.append(f"disk         {disk['name']}: {disk['path']} ({disk['sectors']} sectors, "
+        lines.append(f"disk         {disk['name']}: {disk['path'] or '(no image path)'} ({disk['sectors']} sectors, "
                      f"sha256 {str(disk['sha256'])[:16]}...)")
     if s["truncated"]:
         lines.append(f"state        TRUNCATED: readable up to byte {s['readable_bytes']} "
