@@ -153,6 +153,30 @@ def test_record_on_a_terminal_the_guest_gets_typed_keys_and_ctrl_a_commands(term
     assert replayed.wait() == 0
 
 
+def test_replay_live_on_a_terminal_hands_the_console_over_after_the_replay(terminal, demo_trace, tmp_path):
+    branch = tmp_path / "branch.zst"
+    term = terminal("replay", str(demo_trace), "--live", "-o", str(branch))
+    term.expect(b"$ race\r\n")                               # the recording's console, replayed...
+    term.expect(BOOTED)
+    deadline = time.monotonic() + HANG_S                      # ...then the console goes live (raw)
+    while term.attributes()[3] & (termios.ECHO | termios.ICANON | termios.ISIG):
+        assert time.monotonic() < deadline, term.screen.decode(errors="replace")
+        time.sleep(0.05)
+    term.type(b"echo live\r")
+    term.expect(b"echo live\r\nlive\r\n$ ")
+    term.type(CTRL_A + b"x")
+    assert term.wait() == 0
+    assert_no_staircase(term.screen)
+    assert term.attributes() == term.cooked
+    assert b"branch trace in" in term.screen
+    summary = summarize(branch)
+    assert not summary["truncated"] and summary["end"] == "quit" and summary["parent"]["trace"] == str(demo_trace)
+    replayed = terminal("replay", str(branch))
+    replayed.expect(b"echo live\r\nlive\r\n$ ")
+    replayed.expect(re.compile(rb"replay verified: \d+ events"))
+    assert replayed.wait() == 0
+
+
 def test_record_with_input_on_a_terminal_leaves_the_terminal_alone(terminal):
     term = terminal("record", "--engine", "emu", "--input", r"echo scripted\n")
     term.expect(b"$ echo scripted\r\nscripted\r\n$ ")
