@@ -8,9 +8,14 @@ import struct
 from replayvm.errors import ReplayVMError
 
 MAGIC = b"RVMTRACE"
-FORMAT_MAJOR = 1                 # readers refuse another major version
+FORMAT_MAJOR = 1                 # readers refuse a major version they do not know
 FORMAT_MINOR = 2                 # 1.1: the footer carries the record digest (trace_sha256);
-                                 # 1.2: DISK_READ records, branch headers (replay --live)
+                                 # 1.2: DISK_READ records (kind 64: 1.0/1.1 readers skip them)
+BRANCH_MAJOR = 2                 # 2.0: a branch trace (replay --live), which starts inside another
+                                 # trace: a 1.x reader would replay it from the wrong start, so it
+                                 # must refuse it, naming both versions
+BRANCH_MINOR = 0
+READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR)
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
@@ -51,7 +56,7 @@ class Kind(enum.IntEnum):
     FOOTER = 12           # [12, {footer fields}]
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
-    DISK_READ = 15        # [15, disk index, lba, sha256-16 bytes]   a sector a disk handed out
+    DISK_READ = 64        # [64, disk index, lba, sha256-16 bytes]   a sector a disk handed out (1.2)
 
 
 POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE,

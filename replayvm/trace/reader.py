@@ -24,7 +24,8 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 import zstandard
 
-from replayvm.trace.format import (DIGEST_MINOR, FILE_HEADER, FORMAT_MAJOR, FRAME_HEADER, MAGIC,
+from replayvm.trace.format import (BRANCH_MAJOR, DIGEST_MINOR, FILE_HEADER, FORMAT_MAJOR, FRAME_HEADER, MAGIC,
+                                   READABLE_MAJORS,
                                    MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_FRAME_COMPRESSED,
                                    MAX_FRAME_DECOMPRESSED, MAX_MAP_LEN, MAX_STR_LEN, OPTIONAL_KIND_MIN,
                                    Kind, TraceAlteredError, TraceFormatError)
@@ -60,11 +61,12 @@ class TraceReader:
         if len(raw) < FILE_HEADER.size or raw[:len(MAGIC)] != MAGIC:
             raise TraceFormatError(f"{self.path}: not a replayvm trace (bad magic at byte 0)")
         _, self.major, self.minor = FILE_HEADER.unpack(raw)
-        if self.major != FORMAT_MAJOR:
-            newer = self.major > FORMAT_MAJOR
+        if self.major not in READABLE_MAJORS:
+            newer = self.major > max(READABLE_MAJORS)
+            readable = " and ".join(f"{major}.x" for major in READABLE_MAJORS)
             raise TraceFormatError(f"{self.path}: trace format {self.major}.{self.minor} is "
                                    f"{'newer' if newer else 'older'} than this replayvm reads "
-                                   f"({FORMAT_MAJOR}.x); {'upgrade replayvm' if newer else 'use an older replayvm'}")
+                                   f"({readable}); {'upgrade replayvm' if newer else 'use an older replayvm'}")
         self.truncated = False
         self.truncated_at: int | None = None
         self.frames_read = 0
@@ -185,6 +187,10 @@ class TraceReader:
                 or type(record[KIND_INDEX]) is not int:
             raise TraceFormatError(f"{self.path}: first record is not a header (frame 0, byte {offset})")
         problem = map_problem(record[HEADER.header], HEADER_FIELDS, "header")
+        if problem is None and ("parent" in record[HEADER.header]) != (self.major == BRANCH_MAJOR):
+            problem = (f"a format {self.major}.{self.minor} header "
+                       f"{'without' if self.major == BRANCH_MAJOR else 'with'} a parent (format "
+                       f"{BRANCH_MAJOR}.x is the format of branch traces, and only of them)")
         if problem is not None:
             raise TraceFormatError(f"{self.path}: {problem} (frame 0, byte {offset})")
         self.header = record[HEADER.header]
@@ -238,7 +244,7 @@ class TraceReader:
                 return True
             if kind == Kind.HEADER:
                 raise self._error("a second header", at)
-            if kind >= OPTIONAL_KIND_MIN:
+            if kind >= OPTIONAL_KIND_MIN and kind not in KNOWN_KINDS:
                 return False
             if kind not in KNOWN_KINDS:
                 index, offset = self._where
@@ -260,7 +266,7 @@ class TraceReader:
             if recorded != self._digest_before_frame:
                 raise self._altered("the record digest in the footer does not match the records")
             self.digest = "verified"
-        elif self.minor >= DIGEST_MINOR:
+        elif (self.major, self.minor) >= (FORMAT_MAJOR, DIGEST_MINOR):
             raise self._altered(f"a format {self.major}.{self.minor} footer without its record digest")
         else:
             self.digest = "absent"

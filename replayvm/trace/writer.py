@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import zstandard
 
-from replayvm.trace.format import (FILE_HEADER, FORMAT_MAJOR, FORMAT_MINOR, FRAME_BODY_TARGET,
+from replayvm.trace.format import (BRANCH_MAJOR, BRANCH_MINOR, FILE_HEADER, FORMAT_MAJOR, FORMAT_MINOR, FRAME_BODY_TARGET,
                                    FRAME_HEADER, MAGIC, MAX_FRAME_COMPRESSED)
 from replayvm.trace.records import FOOTER, FOOTER_FIELDS, HEADER, HEADER_FIELDS, fit_map
 
@@ -39,7 +39,9 @@ class TraceWriter:
                  flush_every: int = 50_000) -> None:
         self.path = Path(path)
         header = fit_map(header, HEADER_FIELDS, "header")     # ValueError before anything is written
-        file_header = FILE_HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+        branch = "parent" in header                      # starts inside another trace: 2.0
+        file_header = FILE_HEADER.pack(MAGIC, BRANCH_MAJOR if branch else FORMAT_MAJOR,
+                                       BRANCH_MINOR if branch else FORMAT_MINOR)
         self._file = open(self.path, "wb")
         self._file.write(file_header)
         self._digest = hashlib.sha256(file_header)
