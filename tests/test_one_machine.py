@@ -266,3 +266,23 @@ def test_a_kvm_trace_goes_live_at_its_end(require_kvm, tmp_path):
     assert live.returncode == 1 and live.stdout.endswith(b"K"), (live.stdout, live.stderr)
     again = cli("replay", str(branch))
     assert again.returncode == 0 and again.stdout.startswith(b"K"), again.stdout
+
+
+def test_only_branch_traces_are_format_2_and_the_reader_holds_them_to_it(tmp_path):
+    from replayvm.trace import TraceWriter
+    from replayvm.trace.format import BRANCH_MAJOR, FILE_HEADER, FORMAT_MAJOR, MAGIC, TraceFormatError
+
+    header = {"engine": "emu", "position_unit": "instructions", "ram_bytes": 1 << 20, "initial_state": {}}
+    parent = {"trace": "p.zst", "trace_sha256": None, "position": 5, "event": 2}
+    for name, fields in (("plain.zst", header), ("branch.zst", {**header, "parent": parent, "start_position": 5})):
+        writer = TraceWriter(tmp_path / name, fields)
+        writer.close({})
+    with TraceReader(tmp_path / "plain.zst") as plain, TraceReader(tmp_path / "branch.zst") as branch:
+        assert (plain.major, branch.major) == (FORMAT_MAJOR, BRANCH_MAJOR)
+    for name, major, says in (("plain.zst", BRANCH_MAJOR, "without a parent"),
+                              ("branch.zst", FORMAT_MAJOR, "with a parent")):
+        data = bytearray((tmp_path / name).read_bytes())
+        data[:FILE_HEADER.size] = FILE_HEADER.pack(MAGIC, major, 0)
+        (tmp_path / f"re-{name}").write_bytes(bytes(data))
+        with pytest.raises(TraceFormatError, match=says):
+            TraceReader(tmp_path / f"re-{name}").close()
