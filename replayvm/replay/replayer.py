@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from replayvm import hw
 from replayvm.analyze.devices import register_at
 from replayvm.bus import Bus, Mapping
 from replayvm.devices import ide, uart
 from replayvm.devices.disk import MISSING_SECTOR_END, TraceDisk
-from replayvm.devices.lapic import is_pure_id_read
+from replayvm.devices.lapic import is_pure_id_read, is_time_read as is_lapic_time_read
 from replayvm.engines.registry import engine_class
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
@@ -592,7 +591,7 @@ class Replayer:
                 if self.next is None and self._kvm_end_reached():
                     self._stop_engine()
                 return self._device_buses[1].read(addr, size)
-            if addr == hw.LAPIC_ADDR + 0x390:
+            if is_lapic_time_read(addr):
                 self._device_buses[1].read(addr, size)                 # a time value: the trace's
                 return self._take(Kind.CLOCK).record[CLOCK.value]
             event = self._take(Kind.MMIO_READ)
