@@ -254,7 +254,8 @@ def test_xv6_goes_live_after_boot_and_reads_files_the_recording_never_read(xv6_d
     assert again.returncode == 0 and b"xv6 is a re-implementation" in again.stdout, again.stderr
 
 
-def test_a_kvm_trace_goes_live_at_its_end(require_kvm, tmp_path):
+@pytest.mark.parametrize("seek", [(), ("--seek", "3")], ids=["at-the-end", "after-event-3"])
+def test_a_kvm_trace_goes_live(require_kvm, tmp_path, seek):
     disk = boot_disk(tmp_path, READ_A_SECTOR_ON_INPUT)
     with disk.open("ab") as image:
         image.write(b"K" * 512)
@@ -262,7 +263,7 @@ def test_a_kvm_trace_goes_live_at_its_end(require_kvm, tmp_path):
     reason, shown = record_small(parent, "kvm", disk, timeout_s=0.005)
     assert reason == "timeout" and shown == b"$ "
     branch = tmp_path / "branch.zst"
-    live = cli("replay", str(parent), "--live", "--input", "x", "--disk", str(disk), "-o", str(branch))
+    live = cli("replay", str(parent), *seek, "--live", "--input", "x", "--disk", str(disk), "-o", str(branch))
     assert live.returncode == 1 and live.stdout.endswith(b"K"), (live.stdout, live.stderr)
     again = cli("replay", str(branch))
     assert again.returncode == 0 and again.stdout.startswith(b"K"), again.stdout
