@@ -299,14 +299,15 @@ def cmd_debug(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """replay --live: replay to a point (verified on the way), then go on live from there."""
     from replayvm.console import decode_escapes
-    from replayvm.record.live import LiveOptions, replay_and_go_live
+    from replayvm.record.live import replay_and_go_live
+    from replayvm.record.session import SessionOptions
 
     if args.gdb is not None or args.until is not None or args.keep_going:
         raise UsageError("--live does not combine with --gdb, --until or --continue")
     if args.output is not None and args.output.resolve() == args.trace.resolve():
         raise UsageError(f"the branch trace cannot overwrite its parent {args.trace}")
     script = decode_escapes(args.input, "--input") if args.input is not None else None
-    options = LiveOptions(
+    options = SessionOptions(
         script=script, prompt=decode_escapes(args.prompt, "--prompt"),
         until=decode_escapes(args.live_until, "--live-until") if args.live_until else None,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),

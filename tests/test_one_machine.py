@@ -141,12 +141,11 @@ def test_go_live_in_the_middle_of_a_demo_session_runs_new_commands_and_the_branc
 
 
 def test_go_live_at_the_end_of_a_trace_carries_on_from_there(demo_trace, tmp_path):
-    from replayvm.record.live import LiveOptions, replay_and_go_live
+    from replayvm.record.live import replay_and_go_live
 
     out = io.BytesIO()
-    outcome, position = replay_and_go_live(demo_trace, LiveOptions(script=b"echo after the end\n",
-                                                                   virtual_clock=True, timeout_s=60),
-                                           output=out)
+    options = SessionOptions(script=b"echo after the end\n", virtual_clock=True, timeout_s=60)
+    outcome, position = replay_and_go_live(demo_trace, options, output=out)
     assert outcome.reason == "script-done"
     with TraceReader(demo_trace) as reader:
         for record in reader:

@@ -19,7 +19,6 @@ general, segment and control registers), and the one-instruction interrupt shado
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +26,7 @@ from replayvm.clock import GuestClock, VirtualClock
 from replayvm.console import Console
 from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector, TraceDisk
 from replayvm.errors import GuestFault, UsageError
-from replayvm.machine import Machine, RunOutcome
+from replayvm.machine import RunOutcome
 from replayvm.record.session import SessionOptions, check_trace_path, finish_recording, start_recording
 from replayvm.replay.replayer import Replayer
 
@@ -36,24 +35,11 @@ class LiveDiskMissing(UsageError):
     """The live guest read a sector the recording never read, and no image was given."""
 
 
-@dataclass
-class LiveOptions:
-    """How the live continuation runs: its console, its clock, where its trace goes."""
-
-    script: bytes | None = None           # --input, escapes decoded
-    prompt: bytes = b"$ "
-    until: bytes | None = None
-    timeout_s: float | None = None
-    interactive: bool = False
-    virtual_clock: bool = False
-    trace: Path | None = None             # the branch trace (-o); None: run without recording
-    disks: list[Path] = field(default_factory=list)   # images for sectors the recording never read
-    command_line: list[str] = field(default_factory=list)
-
-
-def go_live(replayer: Replayer, options: LiveOptions, output: BinaryIO | None = None,
+def go_live(replayer: Replayer, options: SessionOptions, output: BinaryIO | None = None,
             parent_sha256: str | None = None, last_event: int | None = None) -> RunOutcome:
     """Continue the replayed guest live from where `replayer` stands (see the module docstring).
+    The live part runs as `options` say (console, clock, timeout; `disks`: the recording's images,
+    for sectors it never read; machine, engine and chaos are the recording's, without chaos).
     Records a branch trace when `options.trace` is given; returns how the live session ended."""
     if options.trace is not None:
         check_trace_path(options.trace)
@@ -133,7 +119,7 @@ def check_images(trace: Path, images: list[Path]) -> None:
                              f"{digest[:16]}..., the trace has {recorded[:16]}...)")
 
 
-def replay_and_go_live(trace: Path, options: LiveOptions, seek: str | None = None,
+def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = None,
                        output: BinaryIO | None = None, checkpoint_every: int | None = None,
                        keep_checkpoints: bool = True) -> tuple[RunOutcome, int]:
     """Replay `trace` to `seek` (an event number or i<position>; None: the recording's end),

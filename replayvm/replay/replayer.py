@@ -33,6 +33,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from replayvm.analyze.devices import register_at
 from replayvm.bus import Bus, Mapping
+from replayvm.console import Console
 from replayvm.devices import ide, uart
 from replayvm.devices.disk import MISSING_SECTOR_END, TraceDisk
 from replayvm.devices.lapic import is_pure_id_read, is_time_read as is_lapic_time_read
@@ -117,26 +118,6 @@ class ReplayResult:
     stopped_early: bool = False
     cpu: str = ""
     guest_end: str = ""        # how the guest ended the recording itself (fault, shutdown), replayed
-
-
-class TraceConsole:
-    """The replayed guest's console: what its UART and debug port print, kept (and shown)."""
-
-    def __init__(self, output: BinaryIO | None) -> None:
-        self.output = output
-        self.transcript = bytearray()
-
-    def write(self, byte: int) -> None:
-        self.transcript.append(byte)
-        if self.output is not None:
-            self.output.write(bytes((byte,)))
-
-    def flush(self) -> None:
-        if self.output is not None:
-            self.output.flush()
-
-    def close(self) -> None:
-        self.flush()
 
 
 class CheckingBus:
@@ -271,7 +252,7 @@ class Replayer:
         self._watch_tick_ns = 0                   # kvm: when the exit-free watch looks next
         self._watch_position = -1
         self._watch_since_ns = 0
-        self._trace_console = TraceConsole(output)
+        self._trace_console = Console(output)          # what the replayed UART prints (no input)
         self.console = self._trace_console.transcript
         self.machine = self._build_machine(trace, header)
         self.engine = self.machine.engine
@@ -332,7 +313,7 @@ class Replayer:
                                virtual_clock=engine_class(engine).exact_positions)
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
-            machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)  # type: ignore[arg-type]
+            machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)
         except ReplayVMError:
             self.reader.close()
             raise
