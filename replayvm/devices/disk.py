@@ -108,12 +108,15 @@ class TraceDisk(Disk):
                             f"read: give its image with --disk (sha256 {self.image_sha256 or 'unknown'})")
 
     def attach_image(self, path: Path) -> None:
-        """The image the recording was made from (checked against the header's hash)."""
+        """The image the recording was made from (checked against the header's hash; a
+        ValueError says which is which). Replay goes on taking sectors from the trace."""
+        if path == self._image_path:
+            return
         data = path.read_bytes()
         if len(data) % SECTOR_SIZE:
             data += bytes(SECTOR_SIZE - len(data) % SECTOR_SIZE)
         digest = hashlib.sha256(data).hexdigest()
-        if self.image_sha256 is not None and digest != self.image_sha256:
+        if self.image_sha256 and digest != self.image_sha256:
             raise ValueError(f"{path} is not the image {self.name} was recorded from (sha256 "
                              f"{digest[:16]}..., the trace has {self.image_sha256[:16]}...)")
         self._image = data

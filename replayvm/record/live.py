@@ -19,20 +19,33 @@ general, segment and control registers), and the one-instruction interrupt shado
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 from replayvm.clock import GuestClock, VirtualClock
 from replayvm.console import Console
-from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector, TraceDisk
-from replayvm.errors import GuestFault, UsageError
+from replayvm.devices.disk import TraceDisk
+from replayvm.errors import UsageError
 from replayvm.machine import RunOutcome
-from replayvm.record.session import SessionOptions, check_trace_path, finish_recording, start_recording
+from replayvm.record.session import SessionOptions, check_trace_path, run_machine
 from replayvm.replay.replayer import Replayer
 
 
-class LiveDiskMissing(UsageError):
-    """The live guest read a sector the recording never read, and no image was given."""
+def attach_images(replayer: Replayer, images: list[Path]) -> None:
+    """Give the replayed disks their images, in IDE order (for sectors the recording never
+    read), each checked against the trace's hash: done before the replay runs, so that a wrong
+    image is refused at once."""
+    disks = [disk for disk in replayer.machine.disks if isinstance(disk, TraceDisk)]
+    if len(images) > len(disks):
+        raise UsageError(f"the recording had {len(disks)} disk(s); {len(images)} --disk images given")
+    for disk, image in zip(disks, images):
+        if not image.is_file():
+            raise UsageError(f"disk image not found: {image}")
+        try:
+            disk.attach_image(image)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def go_live(replayer: Replayer, options: SessionOptions, output: BinaryIO | None = None,
@@ -46,16 +59,7 @@ def go_live(replayer: Replayer, options: SessionOptions, output: BinaryIO | None
     machine = replayer.machine
     if options.virtual_clock and not machine.engine.exact_positions:
         raise UsageError("--virtual-clock needs the emu engine")
-    disks = [disk for disk in machine.disks if isinstance(disk, TraceDisk)]
-    if len(options.disks) > len(disks):
-        raise UsageError(f"the recording had {len(disks)} disk(s); {len(options.disks)} --disk images given")
-    for disk, image in zip(disks, options.disks):
-        if not image.is_file():
-            raise UsageError(f"disk image not found: {image}")
-        try:
-            disk.attach_image(image)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    attach_images(replayer, options.disks)
     position = replayer.engine.position
     event = last_event + 1 if last_event is not None else replayer.events_done
     replayer.hand_over(last_event)
@@ -68,55 +72,12 @@ def go_live(replayer: Replayer, options: SessionOptions, output: BinaryIO | None
     clock.epoch_s = replayer.clock.epoch_s
     machine.set_clock(clock)
     clock.resume_at(now)
-    recording = None
-    outcome: RunOutcome | None = None
-    end_detail = "the recorder stopped"
-    try:
-        if options.trace is not None:
-            session = SessionOptions(engine=machine.engine.name, virtual_clock=options.virtual_clock,
-                                     trace=options.trace, command_line=options.command_line)
-            branch = {"parent": {"trace": str(replayer.reader.path), "trace_sha256": parent_sha256,
-                                 "position": position, "event": event},
-                      "start_position": position, "devices": machine.save_devices(),
-                      "boot": replayer.header.get("boot", "disk"), "kernel": replayer.header.get("kernel")}
-            recording = start_recording(machine, session, branch=branch)
-        try:
-            outcome = machine.run(timeout_s=options.timeout_s)
-        except MissingSector as missing:
-            end_detail = str(missing)
-            outcome = RunOutcome(MISSING_SECTOR_END, machine.clock.now_ns(), machine.engine.position, str(missing))
-            raise LiveDiskMissing(str(missing)) from None
-        end_detail = outcome.detail
-    except GuestFault as fault:
-        end_detail = str(fault).splitlines()[0]
-        raise
-    finally:
-        if recording is not None:
-            finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
-    return outcome
-
-
-def check_images(trace: Path, images: list[Path]) -> None:
-    """Refuse, before replaying anything, disk images that are not the recording's."""
-    import hashlib
-
-    from replayvm.devices.disk import SECTOR_SIZE
-    from replayvm.trace.reader import TraceReader
-
-    with TraceReader(trace) as reader:
-        disks = reader.header.get("disks") or []
-    if len(images) > len(disks):
-        raise UsageError(f"the recording had {len(disks)} disk(s); {len(images)} --disk images given")
-    for image, disk in zip(images, disks):
-        if not image.is_file():
-            raise UsageError(f"disk image not found: {image}")
-        data = image.read_bytes()
-        data += bytes(-len(data) % SECTOR_SIZE)
-        digest = hashlib.sha256(data).hexdigest()
-        recorded = disk.get("sha256")
-        if recorded and digest != recorded:
-            raise UsageError(f"{image} is not the image {disk.get('name')} was recorded from (sha256 "
-                             f"{digest[:16]}..., the trace has {recorded[:16]}...)")
+    branch = {"parent": {"trace": str(replayer.reader.path), "trace_sha256": parent_sha256,
+                         "position": position, "event": event},
+              "start_position": position, "devices": machine.save_devices(),
+              "boot": replayer.header.get("boot", "disk"), "kernel": replayer.header.get("kernel")}
+    session = replace(options, engine=machine.engine.name, chaos_seed=None)
+    return run_machine(machine, session, branch=branch)
 
 
 def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = None,
@@ -130,13 +91,15 @@ def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = 
     from replayvm.trace.reader import check_unaltered
 
     check_unaltered(trace)
-    check_images(trace, options.disks)
+    if options.trace is not None:
+        check_trace_path(options.trace)              # before the replay, not after it
     point = None if seek is None else parse_position(seek, "--seek")
     if point is not None and not point.is_event:       # a position: through checkpoints
         timeline = Timeline(trace, checkpoint_every=checkpoint_every or DEFAULT_CHECKPOINT_EVERY,
                             output=output, keep_checkpoints=keep_checkpoints)
         replayer = timeline.replayer
         try:
+            attach_images(replayer, options.disks)
             timeline.seek(min(point.count, timeline.end))
             timeline.save_checkpoints()
         except BaseException:
@@ -151,6 +114,7 @@ def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = 
         replayer = Replayer(trace, output=output, until_event=last_event)
         closer = replayer.close
         try:
+            attach_images(replayer, options.disks)
             reached = replayer.run_to(None)
             if reached not in ("end", "stopped"):
                 raise UsageError(f"{trace}: the replay stopped before reaching the point to go live at")

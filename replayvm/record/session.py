@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from replayvm import __version__, hw
 from replayvm.console import Console
+from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
@@ -65,16 +66,31 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
     except BaseException:
         console.close()
         raise
+    try:
+        outcome = run_machine(machine, options)
+    finally:
+        machine.close()
+    return outcome, machine
+
+
+def run_machine(machine: Machine, options: SessionOptions, branch: dict | None = None) -> RunOutcome:
+    """Run `machine` until the session ends, recording it into `options.trace` if given (a
+    `branch`: the header fields of a trace that goes live from a replay, see record.live). The
+    trace gets its footer however the run ends; a write failure ends the session."""
     recording = None
     watcher = None
     outcome: RunOutcome | None = None
-    end_detail = "the recorder stopped"
+    end_detail = "the recorder stopped"             # unless the run ends with an outcome or a fault
     try:
         if options.trace is not None:
-            recording = start_recording(machine, options)
-            watcher = _WriteFailureWatch(recording[0], console)
-        outcome = machine.run(timeout_s=options.timeout_s)
-        end_detail = outcome.detail
+            recording = start_recording(machine, options, branch=branch)
+            watcher = _WriteFailureWatch(recording[0], machine.console)
+        try:
+            outcome = machine.run(timeout_s=options.timeout_s)
+        except MissingSector as missing:         # a live guest read what its trace lacks
+            outcome = RunOutcome(MISSING_SECTOR_END, machine.clock.now_ns(), machine.engine.position,
+                                 str(missing))
+            raise UsageError(str(missing)) from None
     except GuestFault as fault:
         end_detail = str(fault).splitlines()[0]
         raise
@@ -82,9 +98,9 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         if watcher is not None:
             watcher.stop()
         if recording is not None:
-            finish_recording(machine, *recording, outcome.reason if outcome else "fault", end_detail)
-        machine.close()
-    return outcome, machine
+            finish_recording(machine, *recording, outcome.reason if outcome else "fault",
+                             outcome.detail if outcome else end_detail)
+    return outcome
 
 
 class _WriteFailureWatch:
