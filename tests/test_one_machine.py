@@ -154,10 +154,21 @@ def test_go_live_at_the_end_of_a_trace_carries_on_from_there(demo_trace, tmp_pat
     assert out.getvalue().endswith(b"after the end\n$ ")
 
 
+def test_the_end_of_a_trace_cut_short_is_no_point_to_go_live_at(demo_trace, tmp_path):
+    data = demo_trace.read_bytes()
+    cut = tmp_path / "cut.zst"
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    result = cli("replay", str(cut), "--live", "--input", "x")
+    assert result.returncode == 2 and result.stderr.count(b"\n") == 1, result.stderr
+    assert b"cut short" in result.stderr and b"--seek" in result.stderr
+
+
 def test_go_live_refuses_bad_combinations_in_one_line(demo_trace, tmp_path):
     for args, says in ((("--live", "--gdb", "0"), "--live does not combine"),
                        (("-o", str(tmp_path / "b.zst")), "only with --live"),
-                       (("--live", "-o", str(demo_trace)), "cannot overwrite its parent")):
+                       (("--live", "-o", str(demo_trace)), "cannot overwrite its parent"),
+                       (("--live", "--seek", "99999999"), "is past the end: the trace has"),
+                       (("--live", "-o", str(tmp_path / "no" / "b.zst")), "does not exist")):
         result = cli("replay", str(demo_trace), *args)
         assert result.returncode == 2 and says in result.stderr.decode(), result.stderr
         assert result.stderr.count(b"\n") == 1

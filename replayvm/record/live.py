@@ -118,6 +118,12 @@ def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = 
             reached = replayer.run_to(None)
             if reached not in ("end", "stopped"):
                 raise UsageError(f"{trace}: the replay stopped before reaching the point to go live at")
+            if last_event is not None and not replayer.stopped_early:
+                raise UsageError(f"{trace}: --seek {last_event} is past the end: the trace has "
+                                 f"{replayer.events_done} events")
+            if last_event is None and replayer.footer is None:
+                raise UsageError(f"{trace} was cut short (its recorder stopped before the footer): "
+                                 f"its end is not a point to go live at; --seek to one of its events")
         except BaseException:
             replayer.close()
             raise
