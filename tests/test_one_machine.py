@@ -264,7 +264,9 @@ def test_xv6_goes_live_after_boot_and_reads_files_the_recording_never_read(xv6_d
     assert again.returncode == 0 and b"xv6 is a re-implementation" in again.stdout, again.stderr
 
 
-@pytest.mark.parametrize("seek", [(), ("--seek", "3")], ids=["at-the-end", "after-event-3"])
+# Event 0 is the prompt's writes (one run on kvm): the only event a kvm recording of any length
+# (its timeout is the host's time) is sure to have.
+@pytest.mark.parametrize("seek", [(), ("--seek", "0")], ids=["at-the-end", "after-event-0"])
 def test_a_kvm_trace_goes_live(require_kvm, tmp_path, seek):
     disk = boot_disk(tmp_path, READ_A_SECTOR_ON_INPUT)
     with disk.open("ab") as image:
@@ -276,7 +278,7 @@ def test_a_kvm_trace_goes_live(require_kvm, tmp_path, seek):
     live = cli("replay", str(parent), *seek, "--live", "--input", "x", "--disk", str(disk), "-o", str(branch))
     assert live.returncode == 1 and live.stdout.endswith(b"K"), (live.stdout, live.stderr)
     again = cli("replay", str(branch))
-    assert again.returncode == 0 and again.stdout.startswith(b"K"), again.stdout
+    assert again.returncode == 0 and again.stdout.split(b"\nreplay verified")[0].endswith(b"K"), again.stdout
 
 
 def test_only_branch_traces_are_format_2_and_the_reader_holds_them_to_it(tmp_path):
