@@ -48,6 +48,13 @@ UC_MODE_32 = 4
 UC_PROT_ALL = 7
 UC_PROT_READ = 1
 UC_PROT_WRITE = 2
+UC_ERR_EXCEPTION = 21
+
+
+def reference_mode() -> bool:
+    """REPLAYVM_EMU_REFERENCE=1: QEMU's own page walk and no fast path, the behaviour every
+    optimisation of this engine is tested against (tests/test_emu_exactness.py)."""
+    return os.environ.get("REPLAYVM_EMU_REFERENCE", "") not in ("", "0")
 
 REG = {
     "eax": ucx.UC_X86_REG_EAX, "ebx": ucx.UC_X86_REG_EBX, "ecx": ucx.UC_X86_REG_ECX,
@@ -107,6 +114,13 @@ class EmuEngine:
             size = (mapping.length + 0xFFF) & ~0xFFF
             _check(lib.replayvm_uc_map_mmio(self.uc, self.state, mapping.base, size, self._owner),
                    f"map MMIO {mapping.name}")
+        self.state.ram = ffi.cast("uint8_t *", self._ram)
+        self.state.ram_size = len(machine.ram)
+        self.page_walk = "qemu" if reference_mode() else "engine"
+        if reference_mode():
+            self.state.env_state = lib.ENV_WRONG      # IF through uc_reg_read, as before
+        if self.page_walk == "engine" and lib.replayvm_uc_use_page_walk(self.uc, self.state, 1) != 0:
+            self.page_walk = "qemu"            # this Unicorn hides the fault address: QEMU walks
         lapic = getattr(machine, "lapic", None)
         self.state.lapic_base = hw.LAPIC_ADDR if lapic is not None else 0xFFFFFFFF_FFFFF000
         self._refresh_lapic_id()
@@ -441,6 +455,9 @@ class EmuEngine:
             if self._shutdown_in_hook:
                 self._shutdown_in_hook = False
                 return StopReason.SHUTDOWN
+            if err == UC_ERR_EXCEPTION and state.fault_pending:
+                self._take_walk_fault()
+                continue
             if err and self._pending_fault is None:
                 self.last_error = (f"emulation stopped: {ffi.string(lib.uc_strerror(err)).decode()} "
                                    f"at eip={self.reg('eip'):#x} (instruction {state.icount})")
@@ -472,8 +489,6 @@ class EmuEngine:
             st.watch_va[i], st.watch_len[i], st.watch_access[i] = address, max(1, length), access
         st.nwatch = len(watches)
         if watches and self._watch_hook is None:
-            st.ram = ffi.cast("uint8_t *", self._ram)
-            st.ram_size = len(self.machine.ram)
             handle = ffi.new("uc_hook *")
             _check(lib.replayvm_uc_add_watch_hook(self.uc, st, handle), "add watchpoint hook")
             self._watch_hook = handle[0]
@@ -487,6 +502,7 @@ class EmuEngine:
         """Memory hooks are decided when code is translated and when a TLB entry is filled (an
         entry made before the hook lets accesses bypass it): drop both."""
         _check(lib.replayvm_uc_flush_tb(self.uc), "flush translated code")
+        lib.replayvm_uc_forget_code_pages(self.state)
         _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
 
     def take_debug_hit(self) -> DebugHit:
@@ -525,7 +541,9 @@ class EmuEngine:
             raise GuestAddressFault(str(fault)) from None
 
     _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr",
-                        "nwatch", "watch_va", "watch_len", "watch_access", "ram", "ram_size")
+                        "nwatch", "watch_va", "watch_len", "watch_access", "ram", "ram_size",
+                        "code_pages", "fault_pending", "fault_error", "fault_fetch", "fault_page", "pae_seen",
+                        "uc_invalid_addr_offset", "tlb_fills", "code_page_flushes", "env_state")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
@@ -566,6 +584,28 @@ class EmuEngine:
             _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
             self._context = holder[0]
             self._context_size = lib.uc_context_size(self.uc)
+
+    def _take_walk_fault(self) -> None:
+        """The page walk refused an access: a page fault to deliver, exactly as QEMU's walk would
+        have raised it (CR2, error code, EIP at the faulting instruction, that instruction counted
+        once), or PAE, which this walk does not do: then QEMU walks from here on and the access
+        is retried (uncounting the instruction the per-instruction hook counted when it began)."""
+        state = self.state
+        state.fault_pending = 0
+        if state.pae_seen:
+            _check(lib.replayvm_uc_use_page_walk(self.uc, state, 0), "switch to QEMU's page walk")
+            self.page_walk = "qemu"
+            if not state.fault_fetch:               # a data access: the instruction had begun
+                state.icount -= 1
+            return
+        address = ffi.new("uint64_t *")
+        lib.replayvm_uc_fault_address(self.uc, state, address)
+        linear = address[0] & 0xFFFFFFFF
+        if linear >> 12 != state.fault_page >> 12:     # cannot happen; refuse to guess
+            raise UnicornError(f"page walk: fault at {linear:#x}, refused page {state.fault_page:#x}")
+        self.set_reg("cr2", linear)
+        self.exceptions_delivered += 1
+        self._pending_fault = (x86_delivery.VECTOR_PAGE_FAULT, state.fault_error, self.reg("eip"))
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""

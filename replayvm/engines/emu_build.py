@@ -7,7 +7,12 @@ What lives in C, and why (each measured or required by exactness):
   never enters Python;
 - registration of every hook (uc_hook_add is variadic, cffi cannot call it directly);
 - reading the pending exception's error code and clearing QEMU's "exception in flight" state,
-  which Unicorn never clears because it never runs QEMU's interrupt delivery.
+  which Unicorn never clears because it never runs QEMU's interrupt delivery;
+- the guest's page walk (Unicorn's "virtual TLB" mode). Unicorn 2.1.4 sends every store to a
+  page its TLB entry also marks executable through the slow path (~45 ns a store, to catch
+  self-modifying code), and QEMU's own x86 walk marks every page executable. Walking here, data
+  accesses to pages no code was ever fetched from get non-executable entries, and stores to them
+  run at full speed: 5-7x faster on a `rep stosl` (bench in BENCHMARKS.md).
 Unicorn itself is not linked: the engine loads libunicorn with RTLD_GLOBAL before importing us.
 """
 
@@ -58,8 +63,19 @@ struct emu_state {
     uint32_t watch_va[4];
     uint32_t watch_len[4];
     uint32_t watch_access[4]; /* 1 read, 2 write, 3 both */
-    uint8_t *ram;             /* guest RAM, for the page walk that maps a watch to physical */
+    uint8_t *ram;             /* guest RAM, for the page walks */
     uint64_t ram_size;
+    uint8_t *code_pages;      /* bitmap of the physical RAM pages code was fetched from since the
+                                 last flush of translations: their data TLB entries stay executable */
+    uint32_t fault_pending;   /* the page walk refused the last fill: a #PF, or PAE (unsupported) */
+    uint32_t fault_error;     /* its #PF error code */
+    uint32_t fault_fetch;     /* ... refused an instruction fetch (the instruction never began) */
+    uint64_t fault_page;      /* the linear page it refused */
+    uint32_t pae_seen;        /* the guest enabled PAE: the engine falls back to QEMU's own walk */
+    int uc_invalid_addr_offset;   /* where Unicorn keeps the faulting address (probed); -1 unknown */
+    uint64_t tlb_fills;
+    uint64_t code_page_flushes;
+    uint32_t env_state;       /* ENV_*: whether on_code may read IF from QEMU's CPU state */
 };
 """
 
@@ -85,6 +101,7 @@ typedef struct uc_x86_mmr {
 #define DEBUG_NONE 0
 #define DEBUG_BREAK 1
 #define DEBUG_WATCH 2
+#define ENV_WRONG 2
 
 #define UC_ARCH_X86 4
 #define UC_MODE_32 4
@@ -115,9 +132,12 @@ int replayvm_uc_map_mmio(uc_engine *uc, struct emu_state *s, uint64_t base, size
 int replayvm_uc_remove_cache(uc_engine *uc, uint64_t begin, uint64_t end);
 int replayvm_uc_flush_tlb(uc_engine *uc);
 int replayvm_uc_flush_tb(uc_engine *uc);
+void replayvm_uc_forget_code_pages(struct emu_state *s);
 int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s);
 int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_code, int *is_int);
 int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out);
+int replayvm_uc_use_page_walk(uc_engine *uc, struct emu_state *s, int on);
+int replayvm_uc_fault_address(uc_engine *uc, struct emu_state *s, uint64_t *address);
 size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out, int update);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
@@ -133,6 +153,7 @@ SOURCE = r"""
 #include <stdbool.h>
 #include <string.h>
 #include <stdlib.h>
+#include <malloc.h>
 #include <unicorn/unicorn.h>
 
 /* struct emu_state: EMU_STATE above */
@@ -154,8 +175,52 @@ static void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 static bool replayvm_py_invalid(uc_engine *uc, void *owner);
 static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
 
-/* Per-instruction hook: the exact position counter and the two reasons to stop. */
-static void on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+/* Per-instruction hook: the exact position counter and the two reasons to stop.
+
+   While an interrupt waits for EFLAGS.IF, every instruction must look at IF. uc_reg_read(EFLAGS)
+   computes all the lazy arithmetic flags to answer (a fifth of xv6's boot went there: its page
+   fill runs with interrupts off and the timer pending), while IF itself sits in QEMU's CPU state
+   as it is. Translated code keeps that state's address in rbp, and an inline hook (the only
+   code hook there is) is called straight from translated code: on_code_entry passes rbp on.
+   The first use checks it against uc_reg_read (EAX, ESP and IF must agree) and falls back to
+   uc_reg_read for good if they do not. */
+#define ENV_EFLAGS_OFFSET 136      /* CPUX86State: target_ulong regs[16], eip, eflags */
+#define ENV_ESP_OFFSET 32
+#define ENV_UNCHECKED 0
+#define ENV_TRUSTED 1
+#define ENV_WRONG 2
+__asm__(".text\n"
+        ".type replayvm_on_code_entry, @function\n"
+        "replayvm_on_code_entry:\n"
+        "    mov %rbp, %r8\n"
+        "    jmp replayvm_on_code\n");
+void replayvm_on_code_entry(uc_engine *uc, uint64_t address, uint32_t size, void *user_data);
+
+static uint64_t env_word(const uint8_t *env, int offset)
+{
+    uint64_t v;
+    memcpy(&v, env + offset, 8);
+    return v;
+}
+
+static uint32_t interrupt_flag(uc_engine *uc, struct emu_state *s, const uint8_t *env)
+{
+    uint32_t eflags = 0;
+    if (s->env_state == ENV_TRUSTED) return (uint32_t)env_word(env, ENV_EFLAGS_OFFSET) & EFLAGS_IF;
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    if (s->env_state == ENV_UNCHECKED) {
+        uint32_t eax = 0, esp = 0;
+        uc_reg_read(uc, UC_X86_REG_EAX, &eax);
+        uc_reg_read(uc, UC_X86_REG_ESP, &esp);
+        s->env_state = ((uint32_t)env_word(env, 0) == eax && (uint32_t)env_word(env, ENV_ESP_OFFSET) == esp
+                        && ((uint32_t)env_word(env, ENV_EFLAGS_OFFSET) & EFLAGS_IF) == (eflags & EFLAGS_IF))
+                       ? ENV_TRUSTED : ENV_WRONG;
+    }
+    return eflags & EFLAGS_IF;
+}
+
+__attribute__((used, visibility("hidden")))
+void replayvm_on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user_data, const uint8_t *env)
 {
     struct emu_state *s = user_data;
     if (s->icount >= s->stop_at) {
@@ -175,14 +240,13 @@ static void on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user_d
         }
     }
     if (s->want_window) {
-        uint32_t eflags = 0;
-        uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
-        if (eflags & EFLAGS_IF) {
+        uint32_t flag = interrupt_flag(uc, s, env);
+        if (flag) {
             s->stop_reason = STOP_WINDOW;
             uc_emu_stop(uc);
             return;
         }
-        s->prev_if = eflags & EFLAGS_IF;
+        s->prev_if = flag;
         s->prev_addr = address;
         s->prev_size = size;
     }
@@ -263,7 +327,7 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
     s->env_old_exception_offset = -1;
     s->env_is_int_offset = -1;
     s->env_next_eip_offset = -1;
-    err = uc_hook_add(uc, &hh, UC_HOOK_CODE, (void *)on_code, s, 1, 0);
+    err = uc_hook_add(uc, &hh, UC_HOOK_CODE, (void *)replayvm_on_code_entry, s, 1, 0);
     if (err) return err;
     err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_in, owner, 1, 0, UC_X86_INS_IN);
     if (err) return err;
@@ -303,6 +367,13 @@ int replayvm_uc_flush_tlb(uc_engine *uc)
 int replayvm_uc_flush_tb(uc_engine *uc)
 {
     return uc_ctl_flush_tb(uc);
+}
+
+/* With no translation left, no page holds code: data entries may be non-executable again (the
+   TLB must be flushed too, which the engine does right after). */
+void replayvm_uc_forget_code_pages(struct emu_state *s)
+{
+    if (s->code_pages) memset(s->code_pages, 0, (s->ram_size >> 15) + 1);
 }
 
 /* The CPU context blob is a copy of QEMU's CPUX86State. Its debug registers dr[0..7] sit 16 bytes
@@ -415,6 +486,234 @@ static void on_watch(uc_engine *uc, int type, uint64_t address, int size, int64_
 int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out)
 {
     return uc_hook_add(uc, out, UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, (void *)on_watch, s, 1, 0);
+}
+
+/* The guest's page walk, for Unicorn's virtual TLB mode: what QEMU's x86 walk
+   (target/i386/excp_helper.c, 32-bit paging without PAE) computes -- accessed and dirty bits,
+   user/supervisor and read/write checks with CR0.WP, 4 MiB pages under CR4.PSE, write access only
+   once the dirty bit is set, the same #PF error codes -- with one difference in what it hands
+   the TLB: a data access to a page no code was fetched from gets a non-executable entry.
+   PAE (and long mode) is not walked here: the engine falls back to QEMU's walk (pae_seen). */
+#define PG_PRESENT 0x001u
+#define PG_RW 0x002u
+#define PG_USER 0x004u
+#define PG_ACCESSED 0x020u
+#define PG_DIRTY 0x040u
+#define PG_PSE 0x080u
+#define PF_PROTECT 0x1u
+#define PF_WRITE 0x2u
+#define PF_USER 0x4u
+#define PF_RSVD 0x8u
+#define CR0_PE 0x1u
+#define CR0_WP 0x10000u
+#define CR0_PG 0x80000000u
+#define CR4_PSE 0x10u
+#define CR4_PAE 0x20u
+#define EFLAGS_VM 0x20000u
+
+static uint32_t load_phys32(struct emu_state *s, uint64_t pa)
+{
+    uint32_t v = 0;                 /* outside RAM reads as 0, like QEMU's unassigned memory */
+    if (pa + 4 <= s->ram_size) memcpy(&v, s->ram + pa, 4);
+    return v;
+}
+
+static void store_phys32(struct emu_state *s, uint64_t pa, uint32_t v)
+{
+    if (pa + 4 <= s->ram_size) memcpy(s->ram + pa, &v, 4);
+}
+
+static int is_code_page(struct emu_state *s, uint64_t page)
+{
+    return page < (s->ram_size >> 12) && (s->code_pages[page >> 3] >> (page & 7)) & 1;
+}
+
+/* Whether the page at `linear` holds part of the GDT, LDT, IDT or TSS: the CPU reads those with supervisor
+   rights whatever the CPL (QEMU's cpu_ld*_kernel), where this walk cannot see which TLB is
+   being filled. */
+static int in_system_table(uc_engine *uc, uint32_t linear)
+{
+    static const int tables[] = {UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_TR};
+    int i;
+    for (i = 0; i < 4; i++) {
+        uc_x86_mmr t = {0};
+        uc_reg_read(uc, tables[i], &t);
+        uint64_t first = (uint32_t)t.base, last = first + t.limit;
+        if (linear <= last && first <= (uint64_t)linear + 0xFFF) return 1;
+    }
+    return 0;
+}
+
+static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *e, void *user_data)
+{
+    struct emu_state *s = user_data;
+    uint32_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eflags = 0, pde, pte, ptep, error = 0;
+    uint64_t pde_addr, pte_addr, paddr, page;
+    int is_write = type == UC_MEM_WRITE, is_fetch = type == UC_MEM_FETCH, is_user, prot;
+    uint32_t linear = (uint32_t)vaddr;
+    s->tlb_fills++;
+    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    if (!(cr0 & CR0_PG)) {
+        paddr = linear;
+        prot = UC_PROT_READ | UC_PROT_WRITE;
+        goto mapped;
+    }
+    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    if (cr4 & CR4_PAE) {
+        s->pae_seen = 1;
+        s->fault_pending = 1;
+        s->fault_fetch = is_fetch;
+        s->fault_error = 0;
+        s->fault_page = linear;
+        return false;
+    }
+    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
+    uc_reg_read(uc, UC_X86_REG_SS, &ss);
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    /* QEMU's CPL follows SS (its DPL, which is its RPL once loaded) */
+    is_user = (eflags & EFLAGS_VM) || (cr0 & CR0_PE && (ss & 3) == 3);
+    pde_addr = (cr3 & ~0xFFFu) + ((linear >> 20) & 0xFFC);
+    pde = load_phys32(s, pde_addr);
+    if (!(pde & PG_PRESENT)) goto fault;
+    if ((pde & PG_PSE) && (cr4 & CR4_PSE)) {
+        uint64_t high = (uint64_t)(pde & 0x1FE000u) << (32 - 13);   /* PSE-36 address bits */
+        if (pde & 0x200000u) { error |= PF_RSVD; goto fault_protect; }
+        ptep = pde;
+        pte = pde;
+        pte_addr = pde_addr;
+        paddr = ((pde & 0xFFC00000u) | high) + (linear & 0x3FF000u);
+    } else {
+        if (!(pde & PG_ACCESSED)) {
+            pde |= PG_ACCESSED;
+            store_phys32(s, pde_addr, pde);
+        }
+        pte_addr = (pde & ~0xFFFu) + ((linear >> 10) & 0xFFC);
+        pte = load_phys32(s, pte_addr);
+        if (!(pte & PG_PRESENT)) goto fault;
+        ptep = pde & pte;
+        paddr = (pte & ~0xFFFu);
+    }
+    if (is_user && !(ptep & PG_USER)) {
+        if (!in_system_table(uc, linear)) goto fault_protect;
+        is_user = 0;      /* a descriptor read QEMU makes with supervisor rights (MMU_KSMAP_IDX) */
+    }
+    prot = UC_PROT_READ | UC_PROT_EXEC;
+    if ((ptep & PG_RW) || (!is_user && !(cr0 & CR0_WP))) prot |= UC_PROT_WRITE;
+    if (is_write && !(prot & UC_PROT_WRITE)) goto fault_protect;
+    if (!(pte & PG_ACCESSED) || (is_write && !(pte & PG_DIRTY))) {
+        pte |= PG_ACCESSED;
+        if (is_write) pte |= PG_DIRTY;
+        store_phys32(s, pte_addr, pte);
+    }
+    if (!(pte & PG_DIRTY)) prot &= ~UC_PROT_WRITE;     /* the first write comes back to set it */
+    prot &= ~UC_PROT_EXEC;
+mapped:
+    page = paddr >> 12;
+    if (is_fetch) {
+        if (page < (s->ram_size >> 12) && !is_code_page(s, page)) {
+            /* Data entries handed out for this page may be dirty (stores bypass the check for
+               self-modifying code): drop them before code from it is translated. */
+            s->code_pages[page >> 3] |= (uint8_t)(1u << (page & 7));
+            s->code_page_flushes++;
+            uc_ctl_flush_tlb(uc);
+        }
+        prot |= UC_PROT_EXEC;
+    } else if (page >= (s->ram_size >> 12) || is_code_page(s, page)) {
+        prot |= UC_PROT_EXEC;
+    }
+    e->paddr = paddr;
+    e->perms = prot;
+    return true;
+fault_protect:
+    error |= PF_PROTECT;
+fault:
+    if (is_write) error |= PF_WRITE;
+    if (is_user) error |= PF_USER;
+    s->fault_pending = 1;
+    s->fault_fetch = is_fetch;
+    s->fault_error = error;
+    s->fault_page = linear;
+    return false;
+}
+
+/* Where Unicorn keeps the address of a refused access (uc_struct.invalid_addr): found once per
+   process on scratch engines whose walk refuses a known address each, so that CR2 can be loaded
+   with the exact address the guest touched. Both probes must find it at the same offset. */
+static int probe_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *e, void *user_data)
+{
+    if ((vaddr >> 12) == 0x12345 || (vaddr >> 12) == 0x2468A) return false;
+    e->paddr = vaddr;
+    e->perms = UC_PROT_ALL;
+    return true;
+}
+
+static int probe_one(uint32_t address)
+{
+    uc_engine *uc;
+    uc_hook hh;
+    unsigned char code[6] = {0xA1, 0, 0, 0, 0, 0xF4};      /* mov eax, [address]; hlt */
+    size_t size, off;
+    int found = -1;
+    memcpy(code + 1, &address, 4);
+    if (uc_open(UC_ARCH_X86, UC_MODE_32, &uc)) return -1;
+    if (uc_mem_map(uc, 0, 0x2000, UC_PROT_ALL) || uc_mem_write(uc, 0x1000, code, sizeof code)
+            || uc_ctl_tlb_mode(uc, UC_TLB_VIRTUAL)
+            || uc_hook_add(uc, &hh, UC_HOOK_TLB_FILL, (void *)probe_fill, NULL, 1, 0)) {
+        uc_close(uc);
+        return -1;
+    }
+    if (uc_emu_start(uc, 0x1000, 0x1006, 0, 0) == UC_ERR_EXCEPTION) {
+        size = malloc_usable_size(uc);
+        for (off = 0; off + 8 <= size; off += 8) {
+            uint64_t v;
+            memcpy(&v, (char *)uc + off, 8);
+            if (v == address) { found = (int)off; break; }
+        }
+    }
+    uc_close(uc);
+    return found;
+}
+
+static int invalid_addr_offset(void)
+{
+    static int cached = -2;
+    if (cached == -2) {
+        int a = probe_one(0x12345678u), b = probe_one(0x2468ACE4u);
+        cached = (a >= 0 && a == b) ? a : -1;
+    }
+    return cached;
+}
+
+/* Walk the guest's page tables here (on) or let QEMU do it (off); translations and the TLB are
+   dropped either way. Returns -1 when the fault address cannot be located in this Unicorn. */
+int replayvm_uc_use_page_walk(uc_engine *uc, struct emu_state *s, int on)
+{
+    static uc_hook hook;
+    uc_err err;
+    if (on) {
+        s->uc_invalid_addr_offset = invalid_addr_offset();
+        if (s->uc_invalid_addr_offset < 0) return -1;
+        if (!s->code_pages) {
+            s->code_pages = calloc((s->ram_size >> 15) + 1, 1);
+            if (!s->code_pages) return UC_ERR_NOMEM;
+        }
+        err = uc_hook_add(uc, &hook, UC_HOOK_TLB_FILL, (void *)on_tlb_fill, s, 1, 0);
+        if (err) return err;
+        err = uc_ctl_tlb_mode(uc, UC_TLB_VIRTUAL);
+    } else {
+        err = uc_ctl_tlb_mode(uc, UC_TLB_CPU);
+    }
+    if (err) return err;
+    uc_ctl_flush_tb(uc);
+    return uc_ctl_flush_tlb(uc);
+}
+
+/* After a run ended with UC_ERR_EXCEPTION: the linear address the refused access touched. */
+int replayvm_uc_fault_address(uc_engine *uc, struct emu_state *s, uint64_t *address)
+{
+    if (s->uc_invalid_addr_offset < 0) return -1;
+    memcpy(address, (char *)uc + s->uc_invalid_addr_offset, 8);
+    return 0;
 }
 
 /* Checkpoints: which 4 KiB pages of RAM differ from the shadow copy (RAM at the newest
