@@ -76,6 +76,20 @@ def test_reference_mode_is_what_it_says(monkeypatch):
     machine = Machine(MachineConfig(disks=[bundled_demo_disk()], engine="emu"), Console(io.BytesIO()))
     try:
         assert isinstance(machine.engine, EmuEngine) and machine.engine.page_walk == "qemu"
+        assert machine.engine.counting == "instructions"
+    finally:
+        machine.close()
+
+
+def test_the_fast_side_of_these_comparisons_is_the_fast_path(monkeypatch):
+    from replayvm.machine import Machine, MachineConfig
+    from replayvm.console import Console
+    from replayvm.record.session import bundled_demo_disk
+
+    monkeypatch.delenv(REFERENCE, raising=False)
+    machine = Machine(MachineConfig(disks=[bundled_demo_disk()], engine="emu"), Console(io.BytesIO()))
+    try:
+        assert machine.engine.page_walk == "engine" and machine.engine.counting == "blocks"
     finally:
         machine.close()
 

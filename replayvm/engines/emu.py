@@ -121,6 +121,10 @@ class EmuEngine:
             self.state.env_state = lib.ENV_WRONG      # IF through uc_reg_read, as before
         if self.page_walk == "engine" and lib.replayvm_uc_use_page_walk(self.uc, self.state, 1) != 0:
             self.page_walk = "qemu"            # this Unicorn hides the fault address: QEMU walks
+        # "blocks": translated blocks without the per-instruction hook wherever nothing can stop
+        # or observe the guest inside them (emu_build.py); "instructions": the hook everywhere.
+        if not reference_mode():
+            lib.replayvm_uc_use_blocks(self.uc, self.state)      # stays off if the probe fails
         lapic = getattr(machine, "lapic", None)
         self.state.lapic_base = hw.LAPIC_ADDR if lapic is not None else 0xFFFFFFFF_FFFFF000
         self._refresh_lapic_id()
@@ -149,6 +153,22 @@ class EmuEngine:
         self._instruction_clock = isinstance(machine.clock, VirtualClock)
         if self._instruction_clock:
             machine.clock.source = lambda: self.state.icount
+
+    @property
+    def counting(self) -> str:
+        """How instructions are counted now: "blocks" (translated blocks without the
+        per-instruction hook wherever nothing can stop or observe the guest inside them; see
+        emu_build.py) or "instructions" (the hook on every instruction: the reference mode, a
+        Unicorn whose internals were not as probed, or a guest that turned PAE on)."""
+        st = self.state
+        return "blocks" if st.counting_blocks and not st.always_precise else "instructions"
+
+    def counting_statistics(self) -> dict[str, int]:
+        """Fast blocks begun, switches between the two kinds of block, and device accesses that
+        sent a fast block back to re-run an instruction precisely."""
+        st = self.state
+        return {"fast_blocks": st.fast_blocks, "mode_switches": st.mode_switches,
+                "fast_leaves": st.fast_leaves}
 
     @property
     def cpuid_table(self) -> list[tuple[int, int, int, int, int, int]]:
@@ -445,17 +465,22 @@ class EmuEngine:
             if single_step:
                 slice_end = state.icount + 1
             state.stop_at = slice_end
-            state.stop_reason = lib.STOP_NONE
             started_at, started_ns = state.icount, time.perf_counter_ns()
-            err = lib.uc_emu_start(self.uc, self.reg("eip"), 0, 0, 0)
+            err = self._emu_start()
             self._learn_speed(state.icount - started_at, time.perf_counter_ns() - started_ns)
             if self._python_error is not None:
                 error, self._python_error = self._python_error, None
                 raise error
+            if state.fast_error:
+                raise UnicornError(f"exact instruction counting lost: "
+                                   f"{ffi.string(lib.replayvm_fast_error_text(state.fast_error)).decode()} "
+                                   f"(eip={self.reg('eip'):#x}, instruction {state.icount})")
             if self._shutdown_in_hook:
                 self._shutdown_in_hook = False
                 return StopReason.SHUTDOWN
             if err == UC_ERR_EXCEPTION and state.fault_pending:
+                if not state.fault_fetch:
+                    lib.replayvm_uc_settle_fault(state)
                 self._take_walk_fault()
                 continue
             if err and self._pending_fault is None:
@@ -466,6 +491,19 @@ class EmuEngine:
                     and self._pending_fault is None:
                 self.halted = True
                 return StopReason.HALT
+
+    def _emu_start(self) -> int:
+        """One uc_emu_start from EIP, started again at once as long as the C hooks ended it only
+        to reset Unicorn's state after an exception's delivery (STOP_RESUME)."""
+        state = self.state
+        while True:
+            state.stop_reason = lib.STOP_NONE
+            state.fast_tb = ffi.NULL
+            state.window_shadow = 0
+            err = lib.uc_emu_start(self.uc, self.reg("eip"), 0, 0, 0)
+            if err or state.stop_reason != lib.STOP_RESUME or self._python_error is not None \
+                    or self._shutdown_in_hook or state.fast_error:
+                return err
 
     # ----------------------------------------------------------------- debugging and checkpoints
     def set_breakpoints(self, addresses: list[int]) -> None:
@@ -543,12 +581,15 @@ class EmuEngine:
     _KEPT_ON_RESTORE = ("nbreak", "breaks", "skip_icount", "skip_addr", "debug_hit", "watch_addr",
                         "nwatch", "watch_va", "watch_len", "watch_access", "ram", "ram_size",
                         "code_pages", "fault_pending", "fault_error", "fault_fetch", "fault_page", "pae_seen",
-                        "uc_invalid_addr_offset", "tlb_fills", "code_page_flushes", "env_state")
+                        "uc_invalid_addr_offset", "tlb_fills", "code_page_flushes", "env_state",
+                        "counting_blocks", "always_precise", "env", "cpu", "code_hook", "icount_decr_offset",
+                        "mem_io_pc_offset", "fast_blocks", "mode_switches", "fast_leaves", "precise_mode",
+                        "fast_error")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
         self._allocate_context()
-        _check(lib.uc_context_save(self.uc, self._context), "save context")
+        _check(lib.replayvm_uc_context_save(self.uc, self._context), "save context")
         return EngineSnapshot(engine=self.name,
                               context=bytes(ffi.buffer(self._context, self._context_size)),
                               counters=bytes(ffi.buffer(self.state)), pending_fault=self._pending_fault,
@@ -569,11 +610,13 @@ class EmuEngine:
         self.interrupts_delivered = snapshot.interrupts_delivered
         self.exceptions_delivered = snapshot.exceptions_delivered
         ffi.memmove(self._context, snapshot.context, self._context_size)
-        _check(lib.uc_context_restore(self.uc, self._context), "restore context")
+        _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._context), "restore context")
         kept = {name: ffi.buffer(ffi.addressof(self.state, name))[:] for name in self._KEPT_ON_RESTORE}
         ffi.buffer(self.state)[:] = counters
         for name, value in kept.items():
             ffi.buffer(ffi.addressof(self.state, name))[:] = value
+        self.state.fast_tb = ffi.NULL
+        self.state.precise_until = 0
         self._stop_requested = False
         self._forget_translations()
 
@@ -595,6 +638,9 @@ class EmuEngine:
         if state.pae_seen:
             _check(lib.replayvm_uc_use_page_walk(self.uc, state, 0), "switch to QEMU's page walk")
             self.page_walk = "qemu"
+            # Fast blocks rely on this walk to place data faults; with QEMU's, every instruction
+            # is hooked again.
+            state.always_precise = 1
             if not state.fault_fetch:               # a data access: the instruction had begun
                 state.icount -= 1
             return
@@ -615,6 +661,8 @@ class EmuEngine:
     def _in_sti_shadow(self) -> bool:
         """True when the instruction just executed was the STI that enabled interrupts."""
         st = self.state
+        if st.window_shadow:            # a fast block's start: QEMU's own STI-shadow flag said so
+            return True
         if not st.want_window or st.prev_if or st.prev_size != 1:
             return False
         try:
@@ -644,27 +692,16 @@ class EmuEngine:
             self._shutdown_in_hook = True
             self._stop_now()
 
-    def _io_allowed(self) -> bool:
-        """Port I/O from user mode is allowed only when CPL <= IOPL (no I/O bitmap support)."""
-        cr0 = self.reg("cr0")
-        if not cr0 & 1:
-            return True
-        cpl = self.reg("cs") & 3
-        iopl = (self.reg("eflags") >> 12) & 3
-        return cpl <= iopl
+    def _on_io_refused(self) -> None:
+        """Port I/O from user mode with CPL > IOPL (no I/O bitmap support; checked in C)."""
+        self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
 
     def _on_in(self, port: int, size: int) -> int:
-        if not self._io_allowed():
-            self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
-            return self.reg("eax") & ((1 << (8 * size)) - 1)
         value = self.machine.pio.read(port, size)
         self._watch_for_interrupt()
         return value
 
     def _on_out(self, port: int, size: int, value: int) -> None:
-        if not self._io_allowed():
-            self._fault_in_hook(x86_delivery.VECTOR_GENERAL_PROTECTION, 0)
-            return
         self.machine.pio.write(port, size, value)
         self._watch_for_interrupt()
 
@@ -777,6 +814,13 @@ def replayvm_py_invalid(uc, owner):
     engine = _engine(owner)
     _current_error_target[0] = engine
     return engine._on_invalid()
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_io_refused(uc, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_io_refused()
 
 
 @ffi.def_extern(onerror=_on_error)

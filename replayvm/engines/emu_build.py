@@ -76,6 +76,23 @@ struct emu_state {
     uint64_t tlb_fills;
     uint64_t code_page_flushes;
     uint32_t env_state;       /* ENV_*: whether on_code may read IF from QEMU's CPU state */
+    /* Exact counting per translation block (BLOCKS_SOURCE below). */
+    uint32_t counting_blocks; /* 1: blocks without the per-instruction hook may run */
+    uint32_t always_precise;  /* the per-instruction hook everywhere from now on (PAE) */
+    uint64_t block_start;     /* icount when the fast block under way began */
+    const void *fast_tb;      /* that block (QEMU's TranslationBlock); NULL when none */
+    uint64_t precise_until;   /* blocks begun while icount < this run with the per-instruction hook */
+    uint32_t window_shadow;   /* a window stop at a block start found QEMU's STI-shadow flag set */
+    uint32_t fast_error;      /* FAST_ERROR_*: exact counting was lost (the engine raises) */
+    uint32_t precise_mode;    /* the kind of block translated now: hflags bit and hook range agree */
+    uint8_t *env;             /* QEMU's CPUX86State, seen by the block hook */
+    uint8_t *cpu;             /* QEMU's CPUState (probed) */
+    uint8_t *code_hook;       /* our per-instruction hook's struct hook: its range picks the mode */
+    int icount_decr_offset;   /* from env: the exit-request word TB starts test (probed) */
+    int mem_io_pc_offset;     /* in CPUState: host return address of the MMIO access (probed) */
+    uint64_t fast_blocks;     /* fast blocks begun */
+    uint64_t mode_switches;
+    uint64_t fast_leaves;     /* device accesses that sent a fast block back to its instruction */
 };
 """
 
@@ -98,10 +115,12 @@ typedef struct uc_x86_mmr {
 #define STOP_COUNT 1
 #define STOP_WINDOW 2
 #define STOP_BREAK 3
+#define STOP_RESUME 4
 #define DEBUG_NONE 0
 #define DEBUG_BREAK 1
 #define DEBUG_WATCH 2
 #define ENV_WRONG 2
+#define FAST_ERROR_NONE 0
 
 #define UC_ARCH_X86 4
 #define UC_MODE_32 4
@@ -138,6 +157,11 @@ int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_co
 int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out);
 int replayvm_uc_use_page_walk(uc_engine *uc, struct emu_state *s, int on);
 int replayvm_uc_fault_address(uc_engine *uc, struct emu_state *s, uint64_t *address);
+int replayvm_uc_use_blocks(uc_engine *uc, struct emu_state *s);
+void replayvm_uc_settle_fault(struct emu_state *s);
+const char *replayvm_fast_error_text(uint32_t code);
+int replayvm_uc_context_restore(uc_engine *uc, struct emu_state *s, uc_context *ctx);
+int replayvm_uc_context_save(uc_engine *uc, uc_context *ctx);
 size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out, int update);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
@@ -147,6 +171,7 @@ extern "Python" void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64
 extern "Python" void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 extern "Python" bool replayvm_py_invalid(uc_engine *uc, void *owner);
 extern "Python" int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+extern "Python" void replayvm_py_io_refused(uc_engine *uc, void *owner);
 """
 
 SOURCE = r"""
@@ -154,6 +179,8 @@ SOURCE = r"""
 #include <string.h>
 #include <stdlib.h>
 #include <malloc.h>
+#include <dlfcn.h>
+#include <stddef.h>
 #include <unicorn/unicorn.h>
 
 /* struct emu_state: EMU_STATE above */
@@ -162,10 +189,12 @@ SOURCE = r"""
 #define STOP_COUNT 1
 #define STOP_WINDOW 2
 #define STOP_BREAK 3
+#define STOP_RESUME 4
 #define DEBUG_NONE 0
 #define DEBUG_BREAK 1
 #define DEBUG_WATCH 2
 #define EFLAGS_IF 0x200u
+#define CR0_PE_BIT 0x1u
 
 static uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
 static void replayvm_py_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *owner);
@@ -174,6 +203,7 @@ static void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64_t value,
 static void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 static bool replayvm_py_invalid(uc_engine *uc, void *owner);
 static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+static void replayvm_py_io_refused(uc_engine *uc, void *owner);
 
 /* Per-instruction hook: the exact position counter and the two reasons to stop.
 
@@ -253,9 +283,467 @@ void replayvm_on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user
     s->icount++;
 }
 
+/* ---- Exact counting per translation block ----------------------------------------------
+
+   The per-instruction hook above is exact but costs: Unicorn syncs EIP and the lazy flags
+   around every hooked instruction. Most of the time nothing needs that. So QEMU's cache holds
+   two kinds of translated block side by side:
+   - fast blocks, translated while our code hook's range covers no address: no per-instruction
+     hook at all. Their block hook adds the block's instruction count (TranslationBlock.icount)
+     as the block begins;
+   - precise blocks, translated with the code hook covering everything: the reference engine.
+   The two are told apart by a bit of hflags no QEMU feature uses (PRECISE_HFLAG): it is part of
+   the flags QEMU looks blocks up by, so the same guest address can have one of each.
+
+   The block hook runs first in every block. It picks the kind each block should be, and when
+   the one running is the wrong kind it sets hflags and the hook range and leaves through
+   cpu_loop_exit_noexc, so that QEMU looks the block up again: nothing of it has run yet.
+   A fast block is only right when nothing can stop or observe the guest inside it:
+   - no stop target inside the block (a count, debugger breakpoints or watchpoints);
+   - no device access: IN/OUT/RDTSC/MMIO in a fast block send the guest back to the start of
+     that instruction, counted up to it, and it runs again in a precise block. Unicorn has
+     already synced EIP for IN/OUT/RDTSC; MMIO is restored from cpu->mem_io_pc.
+   - an interrupt window can only open at a block boundary: STI, POPF and IRET end their block
+     in QEMU, so a waiting interrupt is checked as each block begins (and QEMU's STI-shadow flag
+     tells the shadow).
+   - an exception inside a fast block (QEMU has restored EIP to the faulting instruction) is
+     settled: the count is set to the instructions before it plus the faulting one, as the
+     per-instruction hook counts it.
+   Everything QEMU-internal used here is found and checked on a scratch engine first
+   (probe_blocks); if anything is not as expected, the engine keeps the per-instruction hook. */
+#define PRECISE_HFLAG (1u << 30)
+#define HF_INHIBIT_IRQ 0x8u
+#define ENV_EIP_OFFSET 128
+#define ENV_HFLAGS_OFFSET 176
+#define TB_SPAN 192               /* TranslationBlock, rounded up to the icache line: code follows */
+#define MAX_BLOCK_INSNS 512       /* TCG_MAX_INSNS */
+#define CF_COUNT_MASK 0x7fffu
+#define GETPC_ADJ 2
+#define HOOK_BEGIN_OFFSET 24      /* struct hook (uc_priv.h): type, insn, refs, op, op_flags, to_delete, begin, end */
+#define HOOK_CALLBACK_OFFSET 40
+#define FAST_ERROR_NONE 0
+#define FAST_ERROR_NO_BLOCK 1
+#define FAST_ERROR_NO_INSN 2
+#define FAST_ERROR_NO_MMIO_PC 3
+
+extern void cpu_loop_exit_noexc_x86_64(void *cpu) __attribute__((noreturn));
+extern bool cpu_restore_state_x86_64(void *cpu, uintptr_t host_pc, bool will_exit);
+
+static ptrdiff_t cpu_to_env;      /* offsetof(X86CPU, env): probed once per process */
+
+/* The head of QEMU's TranslationBlock (include/exec/exec-all.h in Unicorn 2.1.4). */
+struct tb_view {
+    uint64_t pc;               /* linear address of the first instruction */
+    uint64_t cs_base;
+    uint32_t flags;            /* hflags and some EFLAGS bits at translation */
+    uint16_t size;
+    uint16_t icount;           /* instructions in the block */
+    uint32_t cflags;
+    uint32_t trace_vcpu_dstate;
+    uint8_t *tc_ptr;           /* host code; its search data follows at tc_ptr + tc_size */
+    size_t tc_size;
+};
+
+const char *replayvm_fast_error_text(uint32_t code)
+{
+    switch (code) {
+    case FAST_ERROR_NO_BLOCK: return "a block hook found no translation block";
+    case FAST_ERROR_NO_INSN: return "a device access in a fast block matched none of its instructions";
+    case FAST_ERROR_NO_MMIO_PC: return "an MMIO access in a fast block came without its host address";
+    default: return "no error";
+    }
+}
+
+static uint32_t env32(const uint8_t *env, int offset)
+{
+    uint32_t v;
+    memcpy(&v, env + offset, 4);
+    return v;
+}
+
+/* The block being executed, from the block hook's return address: inline hooks are called
+   straight from the block's host code, which starts TB_SPAN bytes after the block's struct. */
+static const struct tb_view *tb_from_return(uintptr_t ret, uint64_t pc, uint32_t size)
+{
+    uintptr_t code = ret & ~(uintptr_t)63;
+    int k;
+    for (k = 0; k < 3; k++, code -= 64) {
+        const struct tb_view *tb = (const struct tb_view *)(code - TB_SPAN);
+        if ((uintptr_t)tb->tc_ptr == code && tb->pc == pc && tb->size == size && tb->icount) return tb;
+    }
+    return NULL;
+}
+
+static int64_t sleb128(const uint8_t **pp)
+{
+    const uint8_t *p = *pp;
+    int64_t val = 0;
+    int shift = 0;
+    uint8_t byte;
+    do {
+        byte = *p++;
+        val |= (int64_t)(byte & 0x7f) << shift;
+        shift += 7;
+    } while (byte & 0x80);
+    if (shift < 64 && (byte & 0x40)) val |= -(int64_t)1 << shift;
+    *pp = p;
+    return val;
+}
+
+/* Index in `tb` of the instruction at `eip`, from the block's search data (per instruction:
+   pc, cc_op and host end offset, each as a delta); -1 if none. */
+static int insn_index(const struct tb_view *tb, uint64_t eip)
+{
+    const uint8_t *p = tb->tc_ptr + tb->tc_size;
+    uint64_t pc = tb->pc;
+    int i;
+    for (i = 0; i < tb->icount; i++) {
+        pc += sleb128(&p);
+        sleb128(&p);                  /* cc_op */
+        sleb128(&p);                  /* host code end offset */
+        if (pc - tb->cs_base == eip) return i;
+    }
+    return -1;
+}
+
+static uint64_t env_eip(const struct emu_state *s)
+{
+    return env32(s->env, ENV_EIP_OFFSET);
+}
+
+static void set_hook_range(struct emu_state *s, int precise)
+{
+    uint64_t range[2];
+    range[0] = precise ? 1 : (1ull << 63);          /* begin > end: every address */
+    range[1] = precise ? 0 : (1ull << 63);          /* a non-canonical address: none */
+    memcpy(s->code_hook + HOOK_BEGIN_OFFSET, range, sizeof range);
+    s->precise_mode = precise;
+}
+
+/* Make the blocks looked up from now on `precise` or fast, and look the current one up again. */
+static void __attribute__((noreturn)) switch_mode(struct emu_state *s, int precise)
+{
+    uint32_t hflags = env32(s->env, ENV_HFLAGS_OFFSET);
+    hflags = precise ? (hflags | PRECISE_HFLAG) : (hflags & ~PRECISE_HFLAG);
+    memcpy(s->env + ENV_HFLAGS_OFFSET, &hflags, 4);
+    set_hook_range(s, precise);
+    s->fast_tb = NULL;
+    s->mode_switches++;
+    cpu_loop_exit_noexc_x86_64(s->cpu);
+}
+
+/* Whether a block beginning now, at most `icount` instructions long, must be precise. */
+static int needs_precise(const struct emu_state *s, uint32_t icount)
+{
+    return s->always_precise || s->nbreak || s->nwatch || s->icount < s->precise_until
+        || s->stop_at - s->icount < icount;
+}
+
+/* An exception inside the fast block under way, with EIP restored to the faulting instruction:
+   count the instructions before it and the faulting one (which the per-instruction hook
+   counts as begun). */
+static void settle_fast_block(struct emu_state *s)
+{
+    const struct tb_view *tb = s->fast_tb;
+    int i;
+    if (!tb) return;
+    s->fast_tb = NULL;
+    i = insn_index(tb, env_eip(s));
+    if (i < 0 && env_eip(s) == tb->pc + tb->size - tb->cs_base)
+        i = tb->icount - 1;       /* INT n, INT3, INTO: Unicorn has moved EIP past the last one */
+    if (i < 0) {
+        s->fast_error = FAST_ERROR_NO_INSN;
+        return;
+    }
+    s->icount = s->block_start + (uint64_t)i + 1;
+}
+
+/* After a run stopped on a page walk fault of a data access (EIP at the faulting instruction). */
+void replayvm_uc_settle_fault(struct emu_state *s)
+{
+    settle_fast_block(s);
+}
+
+/* A device access by the instruction at EIP inside a fast block: back to that instruction,
+   counted up to it, to run it again with the per-instruction hook. */
+static void leave_fast_block_at_eip(struct emu_state *s)
+{
+    const struct tb_view *tb = s->fast_tb;
+    int i;
+    if (!tb) return;
+    i = insn_index(tb, env_eip(s));
+    if (i < 0) {
+        s->fast_tb = NULL;
+        s->fast_error = FAST_ERROR_NO_INSN;
+        return;
+    }
+    s->icount = s->block_start + (uint64_t)i;
+    s->precise_until = s->icount + 1;
+    s->fast_leaves++;
+    switch_mode(s, 1);
+}
+
+static uintptr_t mmio_host_pc(const struct emu_state *s)
+{
+    uintptr_t pc;
+    memcpy(&pc, s->cpu + s->mem_io_pc_offset, sizeof pc);
+    return pc;
+}
+
+/* An MMIO access inside a fast block: QEMU restores EIP (and the lazy flags' state) from the
+   host address of the access, then as for port I/O. */
+static void leave_fast_block_at_access(struct emu_state *s)
+{
+    uintptr_t pc;
+    if (!s->fast_tb) return;
+    pc = mmio_host_pc(s);
+    if (!pc || !cpu_restore_state_x86_64(s->cpu, pc, true)) {
+        s->fast_tb = NULL;
+        s->fast_error = FAST_ERROR_NO_MMIO_PC;
+        return;
+    }
+    leave_fast_block_at_eip(s);
+}
+
+/* A pure register read inside a fast block (it stays there): bring EIP up to date for the
+   statistics of where those reads come from. */
+static void sync_eip_in_fast_block(struct emu_state *s)
+{
+    uintptr_t pc;
+    if (!s->fast_tb) return;
+    pc = mmio_host_pc(s);
+    if (pc) cpu_restore_state_x86_64(s->cpu, pc, false);
+}
+
+__asm__(".text\n"
+        ".type replayvm_on_block_entry, @function\n"
+        "replayvm_on_block_entry:\n"
+        "    mov %rbp, %r8\n"
+        "    jmp replayvm_on_block\n");
+void replayvm_on_block_entry(uc_engine *uc, uint64_t address, uint32_t size, void *user_data);
+
+__attribute__((used, visibility("hidden"), noinline))
+void replayvm_on_block(uc_engine *uc, uint64_t address, uint32_t size, void *user_data, uint8_t *env)
+{
+    struct emu_state *s = user_data;
+    const struct tb_view *tb = tb_from_return((uintptr_t)__builtin_return_address(0), address, size);
+    const struct tb_view *previous = s->fast_tb;
+    int one_shot;
+    s->fast_tb = NULL;
+    if (s->env != env) {
+        s->env = env;
+        s->cpu = env - cpu_to_env;
+    }
+    if (!tb) {
+        s->fast_error = FAST_ERROR_NO_BLOCK;
+        s->stop_reason = STOP_COUNT;
+        uc_emu_stop(uc);
+        return;
+    }
+    one_shot = (tb->cflags & CF_COUNT_MASK) == 1;
+    if (one_shot && previous) {
+        /* QEMU cut the previous block short to run one instruction alone: that block wrote
+           to its own code (precise self-modifying code). The writing instruction had begun. */
+        int i = insn_index(previous, tb->pc - tb->cs_base);
+        if (i >= 0) s->icount = s->block_start + (uint64_t)i + 1;
+    }
+    /* A one-shot block runs as it is: looked up again, it would be the whole block, whose
+       store would cut it short once more (and be counted once more). */
+    if (tb->flags & PRECISE_HFLAG) {
+        if (!one_shot && !needs_precise(s, MAX_BLOCK_INSNS)) switch_mode(s, 0);
+        return;                                   /* the per-instruction hook counts */
+    }
+    if ((int32_t)env32(env, s->icount_decr_offset) < 0) return;   /* exits before it runs */
+    if (s->want_window && (env32(env, ENV_EFLAGS_OFFSET) & EFLAGS_IF)) {
+        /* What the per-instruction hook's prev_* would tell: the instruction just done was the
+           STI that opened the window (STI ends its block, and QEMU flags the shadow). */
+        s->window_shadow = (env32(env, ENV_HFLAGS_OFFSET) & HF_INHIBIT_IRQ) != 0;
+        s->stop_reason = s->icount >= s->stop_at ? STOP_COUNT : STOP_WINDOW;
+        uc_emu_stop(uc);
+        return;
+    }
+    if (s->icount >= s->stop_at) {
+        s->stop_reason = STOP_COUNT;
+        uc_emu_stop(uc);
+        return;
+    }
+    if (!one_shot && needs_precise(s, tb->icount)) switch_mode(s, 1);
+    s->fast_tb = tb;
+    s->block_start = s->icount;
+    s->icount += tb->icount;
+    s->fast_blocks++;
+}
+
+/* ---- probing QEMU's internals on a scratch engine ---- */
+struct probe {
+    uc_engine *uc;
+    uint8_t *env;
+    uint8_t *cpu;
+    const struct tb_view *tb;
+    int mem_io_pc_offset;
+    int icount_decr_offset;
+    int index_at_mmio;         /* insn_index of EIP restored at the MMIO read: must be 2 */
+    int blocks;
+};
+
+__attribute__((used, visibility("hidden"), noinline))
+void replayvm_probe_block(uc_engine *uc, uint64_t address, uint32_t size, void *user_data, uint8_t *env)
+{
+    struct probe *p = user_data;
+    p->env = env;
+    p->tb = tb_from_return((uintptr_t)__builtin_return_address(0), address, size);
+    p->blocks++;
+}
+
+__asm__(".text\n"
+        ".type replayvm_probe_block_entry, @function\n"
+        "replayvm_probe_block_entry:\n"
+        "    mov %rbp, %r8\n"
+        "    jmp replayvm_probe_block\n");
+void replayvm_probe_block_entry(uc_engine *uc, uint64_t address, uint32_t size, void *user_data);
+
+/* The CPUState: uc_struct's `cpu` field sits between function pointers into Unicorn
+   (context_size, context_save, context_restore, each possibly NULL, then insn_hook_validate),
+   points below env, and its struct holds env_ptr == env. Only a candidate that passes the
+   first two tests is read from. */
+static int in_unicorn(const void *p, const void *base)
+{
+    Dl_info info;
+    return p && dladdr(p, &info) && info.dli_fbase == base;
+}
+
+static int maybe_in_unicorn(const void *p, const void *base)
+{
+    return !p || in_unicorn(p, base);
+}
+
+static uint8_t *find_cpu(uc_engine *uc, uint8_t *env)
+{
+    size_t size = malloc_usable_size(uc), off, k;
+    uint8_t *found = NULL;
+    Dl_info self;
+    if (!dladdr((void *)uc_open, &self)) return NULL;
+    for (off = 24; off + 8 <= size; off += 8) {
+        uint8_t *p;
+        void *fn[3], *next;
+        memcpy(&p, (uint8_t *)uc + off, 8);
+        if (p >= env || env - p > (1 << 20) || ((uintptr_t)p & 7)) continue;
+        if (off + 16 > size) break;
+        memcpy(fn, (uint8_t *)uc + off - 24, sizeof fn);
+        memcpy(&next, (uint8_t *)uc + off + 8, sizeof next);
+        if (!in_unicorn(next, self.dli_fbase) || !maybe_in_unicorn(fn[0], self.dli_fbase)
+                || !maybe_in_unicorn(fn[1], self.dli_fbase) || !maybe_in_unicorn(fn[2], self.dli_fbase))
+            continue;
+        for (k = 0; k + 8 <= (size_t)(env - p) && k < 4096; k += 8) {
+            uint8_t *q;
+            memcpy(&q, p + k, 8);
+            if (q == env) {
+                if (found && found != p) return NULL;      /* ambiguous */
+                found = p;
+                break;
+            }
+        }
+    }
+    return found;
+}
+
+static uint64_t probe_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void *user_data)
+{
+    struct probe *p = user_data;
+    const struct tb_view *tb = p->tb;
+    int off, hits = 0, before[4], k;
+    if (!tb || !p->env) return 0;
+    p->cpu = find_cpu(uc, p->env);
+    if (!p->cpu) return 0;
+    for (off = 0; off + 8 <= (int)(p->env - p->cpu); off += 8) {
+        uintptr_t v;
+        memcpy(&v, p->cpu + off, 8);
+        if (v > (uintptr_t)tb->tc_ptr && v < (uintptr_t)tb->tc_ptr + tb->tc_size) {
+            p->mem_io_pc_offset = off;
+            hits++;
+        }
+    }
+    if (hits != 1) { p->mem_io_pc_offset = -1; return 0; }
+    if (cpu_restore_state_x86_64(p->cpu, mmio_host_pc(&(struct emu_state){.cpu = p->cpu,
+                                 .mem_io_pc_offset = p->mem_io_pc_offset}), false))
+        p->index_at_mmio = insn_index(tb, env32(p->env, ENV_EIP_OFFSET));
+    /* the exit-request word: negative once a stop is requested (icount_decr.u16.high = -1) */
+    for (k = 0; k < 4; k++) before[k] = (int32_t)env32(p->env, -4 * (k + 1));
+    uc_emu_stop(uc);
+    for (k = 0; k < 4; k++) {
+        if (before[k] == 0 && (int32_t)env32(p->env, -4 * (k + 1)) < 0) {
+            p->icount_decr_offset = -4 * (k + 1);
+            break;
+        }
+    }
+    return 0x1234;
+}
+
+static int probe_blocks(struct probe *p)
+{
+    uc_engine *uc;
+    uc_hook hh;
+    /* mov ecx, 5; inc ecx; mov eax, [0x10000] (MMIO); hlt */
+    static const unsigned char code[] = {0xB9, 5, 0, 0, 0, 0x41, 0xA1, 0, 0, 1, 0, 0xF4};
+    int ok = 0;
+    memset(p, 0, sizeof *p);
+    p->mem_io_pc_offset = -1;
+    p->index_at_mmio = -1;
+    p->icount_decr_offset = 1;
+    if (uc_open(UC_ARCH_X86, UC_MODE_32, &uc)) return -1;
+    p->uc = uc;
+    if (uc_mem_map(uc, 0, 0x2000, UC_PROT_ALL) || uc_mem_write(uc, 0x1000, code, sizeof code)
+            || uc_mmio_map(uc, 0x10000, 0x1000, probe_mmio_read, p, NULL, NULL)
+            || uc_hook_add(uc, &hh, UC_HOOK_BLOCK, (void *)replayvm_probe_block_entry, p, 1, 0)) {
+        uc_close(uc);
+        return -1;
+    }
+    uc_emu_start(uc, 0x1000, 0x100c, 0, 0);
+    if (p->tb && p->cpu && p->tb->icount == 4 && p->tb->pc == 0x1000 && p->index_at_mmio == 2
+            && p->mem_io_pc_offset >= 0 && p->icount_decr_offset < 0
+            && (env32(p->env, ENV_HFLAGS_OFFSET) & PRECISE_HFLAG) == 0
+            && p->env - p->cpu < (1 << 20))
+        ok = 1;
+    uc_close(uc);
+    return ok ? 0 : -1;
+}
+
+/* Turn counting per block on for this engine (after probing, once per process). The engine's
+   env and CPUState are taken from its first block hook (rbp) and the probed distance. */
+int replayvm_uc_use_blocks(uc_engine *uc, struct emu_state *s)
+{
+    static int probed = 0;
+    static struct probe result;
+    uc_hook hh;
+    void *callback;
+    uc_err err;
+    if (!probed) {
+        probed = probe_blocks(&result) == 0 ? 1 : -1;
+        if (probed == 1) cpu_to_env = result.env - result.cpu;
+    }
+    if (probed != 1 || !s->code_hook) return -1;
+    memcpy(&callback, s->code_hook + HOOK_CALLBACK_OFFSET, sizeof callback);
+    if (callback != (void *)replayvm_on_code_entry) return -1;
+    s->mem_io_pc_offset = result.mem_io_pc_offset;
+    s->icount_decr_offset = result.icount_decr_offset;
+    err = uc_hook_add(uc, &hh, UC_HOOK_BLOCK, (void *)replayvm_on_block_entry, s, 1, 0);
+    if (err) return err;
+    s->counting_blocks = 1;
+    s->precise_until = 0;
+    set_hook_range(s, 0);
+    uc_ctl_flush_tb(uc);
+    return 0;
+}
+
 struct mmio_region {
     struct emu_state *s;
     uint64_t base;
+    void *owner;
+};
+
+/* What the other hooks are registered with: the counters and the Python engine. */
+struct hook_ctx {
+    struct emu_state *s;
     void *owner;
 };
 
@@ -267,6 +755,7 @@ static uint64_t on_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void
         struct emu_state *s = r->s;
         uint32_t eip = 0, slot, i;
         s->lapic_id_reads++;
+        sync_eip_in_fast_block(s);
         uc_reg_read(uc, UC_X86_REG_EIP, &eip);
         slot = (eip * 2654435761u) >> 22;
         for (i = 0; i < 1024; i++, slot = (slot + 1) & 1023) {
@@ -276,44 +765,90 @@ static uint64_t on_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void
         if (i == 1024) s->id_read_overflow++;
         return s->lapic_id_value;
     }
+    leave_fast_block_at_access(r->s);
     return replayvm_py_mmio_read(addr, size, r->owner);
 }
 
 static void on_mmio_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data)
 {
     struct mmio_region *r = user_data;
+    leave_fast_block_at_access(r->s);
     replayvm_py_mmio_write(r->base + offset, size, value, r->owner);
 }
 
-static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *owner)
+/* Port I/O is allowed in real mode and when CPL <= IOPL (there is no I/O permission bitmap).
+   Checked here rather than in Python: xv6's disk writes are one OUT per dword. */
+static int io_allowed(uc_engine *uc)
 {
-    return replayvm_py_in(uc, port, size, owner);
+    uint32_t cr0 = 0, cs = 0, eflags = 0;
+    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    if (!(cr0 & CR0_PE_BIT)) return 1;
+    uc_reg_read(uc, UC_X86_REG_CS, &cs);
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    return (cs & 3) <= ((eflags >> 12) & 3);
 }
 
-static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *owner)
+static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
 {
-    replayvm_py_out(uc, port, size, value, owner);
+    struct hook_ctx *c = user_data;
+    leave_fast_block_at_eip(c->s);
+    if (!io_allowed(uc)) {
+        uint32_t eax = 0;
+        replayvm_py_io_refused(uc, c->owner);        /* a #GP once the instruction is done */
+        uc_reg_read(uc, UC_X86_REG_EAX, &eax);
+        return size == 4 ? eax : eax & ((1u << (8 * size)) - 1);
+    }
+    return replayvm_py_in(uc, port, size, c->owner);
 }
 
-static void on_intr(uc_engine *uc, uint32_t intno, void *owner)
+static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *user_data)
 {
-    replayvm_py_intr(uc, intno, owner);
+    struct hook_ctx *c = user_data;
+    leave_fast_block_at_eip(c->s);
+    if (!io_allowed(uc)) {
+        replayvm_py_io_refused(uc, c->owner);
+        return;
+    }
+    replayvm_py_out(uc, port, size, value, c->owner);
 }
 
-static bool on_invalid(uc_engine *uc, void *owner)
+/* An exception or INT n. Its delivery (in Python) writes EIP, after which Unicorn stops syncing
+   EIP for the I/O hooks until the next uc_emu_start -- and fast blocks rely on that sync. So
+   the run ends here, and the engine starts it again at once (STOP_RESUME). */
+static void on_intr(uc_engine *uc, uint32_t intno, void *user_data)
 {
-    return replayvm_py_invalid(uc, owner);
+    struct hook_ctx *c = user_data;
+    struct emu_state *s = c->s;
+    settle_fast_block(s);
+    replayvm_py_intr(uc, intno, c->owner);
+    if (s->counting_blocks && s->stop_reason == STOP_NONE) {
+        s->stop_reason = STOP_RESUME;
+        uc_emu_stop(uc);
+    }
 }
 
-static int on_rdtsc(uc_engine *uc, void *owner)
+static bool on_invalid(uc_engine *uc, void *user_data)
 {
-    return replayvm_py_rdtsc(uc, owner);
+    struct hook_ctx *c = user_data;
+    settle_fast_block(c->s);
+    return replayvm_py_invalid(uc, c->owner);
+}
+
+static int on_rdtsc(uc_engine *uc, void *user_data)
+{
+    struct hook_ctx *c = user_data;
+    leave_fast_block_at_eip(c->s);
+    return replayvm_py_rdtsc(uc, c->owner);
 }
 
 int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_model)
 {
     uc_hook hh;
     uc_err err;
+    struct hook_ctx *c = malloc(sizeof *c);     /* lives as long as the engine; tiny */
+    if (!c) return UC_ERR_NOMEM;
+    c->s = s;
+    c->owner = owner;
     if (cpu_model >= 0) {
         err = uc_ctl_set_cpu_model(uc, cpu_model);
         if (err) return err;
@@ -329,15 +864,16 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
     s->env_next_eip_offset = -1;
     err = uc_hook_add(uc, &hh, UC_HOOK_CODE, (void *)replayvm_on_code_entry, s, 1, 0);
     if (err) return err;
-    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_in, owner, 1, 0, UC_X86_INS_IN);
+    s->code_hook = (uint8_t *)hh;
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_in, c, 1, 0, UC_X86_INS_IN);
     if (err) return err;
-    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_out, owner, 1, 0, UC_X86_INS_OUT);
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_out, c, 1, 0, UC_X86_INS_OUT);
     if (err) return err;
-    err = uc_hook_add(uc, &hh, UC_HOOK_INTR, (void *)on_intr, owner, 1, 0);
+    err = uc_hook_add(uc, &hh, UC_HOOK_INTR, (void *)on_intr, c, 1, 0);
     if (err) return err;
-    err = uc_hook_add(uc, &hh, UC_HOOK_INSN_INVALID, (void *)on_invalid, owner, 1, 0);
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN_INVALID, (void *)on_invalid, c, 1, 0);
     if (err) return err;
-    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_rdtsc, owner, 1, 0, UC_X86_INS_RDTSC);
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_rdtsc, c, 1, 0, UC_X86_INS_RDTSC);
     if (err) return err;
     return UC_ERR_OK;
 }
@@ -410,6 +946,33 @@ int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s)
     s->env_next_eip_offset = found - 8;
     s->env_old_exception_offset = found + 8 * 8 + 4 * (int)sizeof(void *);
     return 0;
+}
+
+/* Save the vCPU without PRECISE_HFLAG, which says how blocks are translated now, not what the
+   guest's state is: saved contexts of the same guest state are then the same bytes. */
+int replayvm_uc_context_save(uc_engine *uc, uc_context *ctx)
+{
+    unsigned char *data;
+    uint32_t hflags;
+    uc_err err = uc_context_save(uc, ctx);
+    if (err) return err;
+    data = context_data(uc, ctx);
+    memcpy(&hflags, data + ENV_HFLAGS_OFFSET, 4);
+    hflags &= ~PRECISE_HFLAG;
+    memcpy(data + ENV_HFLAGS_OFFSET, &hflags, 4);
+    return UC_ERR_OK;
+}
+
+/* Restore a saved vCPU, with the PRECISE_HFLAG the hook range calls for now: a block looked up
+   as precise but translated without the per-instruction hook would go uncounted. */
+int replayvm_uc_context_restore(uc_engine *uc, struct emu_state *s, uc_context *ctx)
+{
+    unsigned char *data = context_data(uc, ctx);
+    uint32_t hflags;
+    memcpy(&hflags, data + ENV_HFLAGS_OFFSET, 4);
+    hflags = s->precise_mode ? (hflags | PRECISE_HFLAG) : (hflags & ~PRECISE_HFLAG);
+    memcpy(data + ENV_HFLAGS_OFFSET, &hflags, 4);
+    return uc_context_restore(uc, ctx);
 }
 
 /* Called from the interrupt hook: read the error code and whether the event came from an INT

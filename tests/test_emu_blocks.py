@@ -1,0 +1,203 @@
+"""The emu engine's fast path (translated blocks without the per-instruction hook, counted per
+block) against its reference (the hook on every instruction), on small guests that put each
+hard case inside a block: port I/O, MMIO-free faults, INT n, page faults in the middle of a
+`rep stos`, self-modifying code, an STI shadow, an undefined opcode. The same program must show
+the same instruction count at every device access, at the end, and at every single step."""
+
+from __future__ import annotations
+
+import pytest
+
+from replayvm.engines.base import StopReason
+from replayvm.engines.emu import EmuEngine
+from tests import test_emu_engine
+from tests.test_emu_engine import PortLog, protected_machine
+
+REFERENCE = "REPLAYVM_EMU_REFERENCE"
+
+
+class PositionLog(PortLog):
+    """Port accesses with the engine's position at each (the instruction doing it counts)."""
+
+    engine: EmuEngine | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accesses: list[tuple] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.accesses.append(("in", self.engine.icount, offset, size))
+        return super().read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.accesses.append(("out", self.engine.icount, offset, size, value))
+        super().write(offset, size, value)
+
+
+PAGE_FAULT_HANDLER = """pf:
+    pop %eax
+    out %eax, $0x84
+    mov %cr2, %eax
+    out %eax, $0x88
+    shr $22, %eax
+    mov %eax, %ebx
+    shl $22, %eax
+    or $0x87, %eax
+    mov %eax, 0x4000(,%ebx,4)
+    mov %cr3, %eax
+    mov %eax, %cr3
+    iret
+"""
+
+PROGRAMS = {
+    "port I/O inside a block": ("""
+    mov $3, %ecx
+1:  inc %eax
+    inc %ebx
+    in $0x81, %al
+    add %eax, %edx
+    out %al, $0x80
+    inc %esi
+    rdtsc
+    out %eax, $0x84
+    dec %ecx
+    jnz 1b
+    hlt
+""", {}, False),
+    "INT n and IRET inside blocks": ("""
+    SETGATE 0x40, syscall, 3
+    SETGATE 0x41, done, 3
+    TO_USER user
+user:
+    mov $7, %ebx
+    inc %ecx
+    int $0x40
+    inc %ecx
+    int $0x40
+    inc %ecx
+    int $0x41
+""", {0x40: "syscall:\n inc %edx\n mov %ebx, %eax\n out %al, $0x80\n iret",
+      0x41: "done:\n out %eax, $0x84\n hlt"}, False),
+    "page faults, one in the middle of rep stos": ("""
+    SETGATE 14, pf, 0
+    mov $0x3FFFF0, %edi
+    mov $8, %ecx
+    mov $0x11223344, %eax
+    inc %ebx
+    rep stosl
+    inc %ebx
+    movl $2, 0x800000
+    movl 0xC00000, %edx
+    out %eax, $0x84
+    hlt
+""", {14: PAGE_FAULT_HANDLER}, True),
+    "self-modifying code inside its own block": ("""
+    xor %eax, %eax
+    movb $0x40, target        # the NOP below becomes INC %EAX before it runs
+    nop
+target:
+    nop
+    inc %eax
+    out %eax, $0x84
+    movb $0x43, target2       # and again, further on in a longer block
+    inc %edx
+    inc %edx
+target2:
+    nop
+    out %eax, $0x84
+    hlt
+""", {}, False),
+    "PAE paging switched on: QEMU's page walk takes over": ("""
+    movl $0x6001, 0x5000      # PDPT[0] -> the page directory at 0x6000
+    movl $0, 0x5004
+    movl $0x87, 0x6000        # 0-2 MiB and 2-4 MiB: 2 MiB pages
+    movl $0, 0x6004
+    movl $0x200087, 0x6008
+    movl $0, 0x600c
+    mov $0x20, %eax           # CR4.PAE
+    mov %eax, %cr4
+    mov $0x5000, %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80000000, %eax
+    mov %eax, %cr0
+    jmp 1f
+1:  inc %ebx
+    movl $5, 0x300000         # a store through the PAE tables
+    inc %ebx
+    mov 0x300000, %eax
+    out %eax, $0x84
+    hlt
+""", {}, False),
+    "undefined opcode inside a block": ("""
+    SETGATE 6, ud, 0
+    inc %eax
+    inc %eax
+    ud2
+""", {6: "ud:\n out %eax, $0x84\n hlt"}, False),
+}
+
+
+def run_program(monkeypatch, name: str, reference: bool, step: bool = False):
+    if reference:
+        monkeypatch.setenv(REFERENCE, "1")
+    else:
+        monkeypatch.delenv(REFERENCE, raising=False)
+    code, handlers, paging = PROGRAMS[name]
+    monkeypatch.setattr(test_emu_engine, "PortLog", PositionLog)     # TinyMachine's port device
+    m, engine = protected_machine(code, handlers, paging=paging)
+    log = m.port
+    log.engine = engine
+    trail = []
+    while True:
+        reason = engine.run(max_instructions=1 if step else 100_000)
+        if step:
+            trail.append((engine.icount, engine.reg("eip")))
+        if reason is not StopReason.BUDGET or engine.icount > 100_000:
+            break
+    assert reason is StopReason.HALT, engine.last_error
+    registers = {r: engine.reg(r) for r in ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "eip", "eflags")}
+    return engine, log.accesses, engine.icount, registers, trail
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_fast_blocks_count_what_the_per_instruction_hook_counts(monkeypatch, name):
+    fast_engine, *fast = run_program(monkeypatch, name, reference=False)
+    ref_engine, *ref = run_program(monkeypatch, name, reference=True)
+    assert ref_engine.counting == "instructions"
+    assert fast_engine.counting == ("instructions" if "PAE" in name else "blocks")
+    assert fast_engine.counting_statistics()["fast_blocks"] > 0
+    accesses, icount, registers, _ = fast
+    assert accesses, "the program reaches its port writes"
+    assert fast == ref
+
+
+# Single-stepping a store into its own block never completes, in either mode: QEMU restarts the
+# store alone in a block of its own, whose first instruction is a step's end again.
+STEPPABLE = sorted(name for name in PROGRAMS if "self-modifying" not in name)
+
+
+@pytest.mark.parametrize("name", STEPPABLE)
+def test_single_steps_land_where_the_free_run_counts(monkeypatch, name):
+    _, accesses, icount, registers, _ = run_program(monkeypatch, name, reference=False)
+    _, step_accesses, step_icount, step_registers, trail = run_program(monkeypatch, name, reference=False, step=True)
+    _, _, _, _, ref_trail = run_program(monkeypatch, name, reference=True, step=True)
+    assert (step_accesses, step_icount, step_registers) == (accesses, icount, registers)
+    assert trail == ref_trail
+    assert [position for position, _ in trail[:-1]] == list(range(1, len(trail)))
+
+
+def test_pae_makes_the_engine_count_every_instruction(monkeypatch):
+    engine, accesses, *_ = run_program(monkeypatch, "PAE paging switched on: QEMU's page walk takes over",
+                                       reference=False)
+    assert engine.page_walk == "qemu" and engine.counting == "instructions"
+    assert [a[2:] for a in accesses] == [(4, 4, 5)]
+
+
+def test_fast_blocks_are_the_engines_default(monkeypatch):
+    monkeypatch.delenv(REFERENCE, raising=False)
+    m, engine = protected_machine("1: inc %eax\n jmp 1b")
+    assert engine.counting == "blocks"
+    engine.run(max_instructions=100_001)
+    assert engine.icount == 100_001 and engine.reg("eax") == 50_001
+    assert engine.counting_statistics()["fast_blocks"] > 10_000           # the loop ran mostly in fast blocks
