@@ -102,6 +102,18 @@ class Bus:
         for i in range(0, len(data), size):
             self.write(addr, size, int.from_bytes(data[i:i + size], "little"))
 
+    def write_run(self, addr: int, size: int, data: bytes) -> None:
+        """The writes of that many consecutive instructions (an emulated `rep outs` handed over
+        in bulk, the first at the engine's position): for the device, a string write."""
+        self.write_string(addr, size, data)
+
+    def string_budget(self, addr: int, size: int, write: bool) -> int:
+        """How many `size`-byte elements the device at `addr` takes in one string access before
+        it must act on them (0: one at a time, the default for a device that does not say)."""
+        m = self.lookup(addr)
+        budget = getattr(m.device, "string_budget", None) if m is not None else None
+        return 0 if budget is None else budget(addr - m.base, size, write)
+
     def name_of(self, addr: int) -> str | None:
         m = self.lookup(addr)
         return None if m is None else m.name

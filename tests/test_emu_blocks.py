@@ -33,6 +33,15 @@ class PositionLog(PortLog):
         self.accesses.append(("out", self.engine.icount, offset, size, value))
         super().write(offset, size, value)
 
+    def string_budget(self, offset: int, size: int, write: bool) -> int:
+        return 5 if write and offset == 4 else 0        # port 0x84 takes `rep outs` 5 at a time
+
+    def write_string(self, offset: int, size: int, data: bytes) -> None:
+        """A `rep outs` handed over in bulk: the accesses of consecutive instructions."""
+        for k in range(len(data) // size):
+            self.accesses.append(("out", self.engine.icount + k, offset, size,
+                                  int.from_bytes(data[k * size:(k + 1) * size], "little")))
+
 
 PAGE_FAULT_HANDLER = """pf:
     pop %eax
@@ -129,6 +138,25 @@ target2:
     out %eax, $0x84
     hlt
 """, {}, False),
+    "rep outs in bulk, across a page and a short budget": ("""
+    mov $0x20FE0, %edi
+    mov $24, %ecx
+1:  mov %ecx, (%edi)          # 24 dwords, the last 8 past the page boundary at 0x21000
+    add $4, %edi
+    dec %ecx
+    jnz 1b
+    mov $0x84, %dx
+    mov $0x20FE0, %esi
+    mov $24, %ecx
+    cld
+    rep outsl                 # 5 at a time (the device's budget), then the page's end
+    mov $0x20FE0, %esi
+    mov $3, %ecx
+    rep outsb
+    mov %esi, %eax
+    out %eax, $0x88
+    hlt
+""", {}, False),
     "undefined opcode inside a block": ("""
     SETGATE 6, ud, 0
     inc %eax
@@ -185,6 +213,17 @@ def test_single_steps_land_where_the_free_run_counts(monkeypatch, name):
     assert (step_accesses, step_icount, step_registers) == (accesses, icount, registers)
     assert trail == ref_trail
     assert [position for position, _ in trail[:-1]] == list(range(1, len(trail)))
+
+
+def test_rep_outs_goes_to_the_device_in_bulk(monkeypatch):
+    engine, accesses, icount, registers, _ = run_program(monkeypatch, "rep outs in bulk, across a page and a short budget",
+                                                         reference=False)
+    statistics = engine.counting_statistics()
+    assert statistics["bulk_runs"] >= 4 and statistics["bulk_elements"] >= 16
+    data = [a[4] for a in accesses if a[0] == "out" and a[2] == 4 and a[3] == 4]
+    assert data == list(range(24, 0, -1))                 # every element once, in order
+    positions = [a[1] for a in accesses if a[0] == "out" and a[2] == 4 and a[3] == 4]
+    assert positions == list(range(positions[0], positions[0] + 24))   # one instruction each
 
 
 def test_pae_makes_the_engine_count_every_instruction(monkeypatch):

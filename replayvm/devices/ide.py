@@ -174,6 +174,13 @@ class _Registers:
             return self.channel.read_data_block(size * count)
         return b"".join(self.read(offset, size).to_bytes(size, "little") for _ in range(count))
 
+    def string_budget(self, offset: int, size: int, write: bool) -> int:
+        """Elements the data port takes in one string write before a sector is complete (then
+        it writes the sector and may interrupt); 0 for any other register or direction."""
+        if self.control or offset != DATA or not write:
+            return 0
+        return self.channel.write_room() // size
+
     def write_string(self, offset: int, size: int, data: bytes) -> None:
         if not self.control and offset == DATA:
             self.channel.write_data_block(data)
@@ -424,6 +431,10 @@ class IdeChannel:
         self.transfer = None
         self.buffer = bytearray()
         self.status = READY
+
+    def write_room(self) -> int:
+        """Bytes the data port takes before the sector under way is complete."""
+        return SECTOR_SIZE - len(self.buffer) if self.transfer == "write" else 0
 
     def write_data_block(self, data: bytes) -> None:
         if self.transfer != "write":

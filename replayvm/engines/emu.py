@@ -168,7 +168,7 @@ class EmuEngine:
         sent a fast block back to re-run an instruction precisely."""
         st = self.state
         return {"fast_blocks": st.fast_blocks, "mode_switches": st.mode_switches,
-                "fast_leaves": st.fast_leaves}
+                "fast_leaves": st.fast_leaves, "bulk_runs": st.bulk_runs, "bulk_elements": st.bulk_elements}
 
     @property
     def cpuid_table(self) -> list[tuple[int, int, int, int, int, int]]:
@@ -584,7 +584,7 @@ class EmuEngine:
                         "uc_invalid_addr_offset", "tlb_fills", "code_page_flushes", "env_state",
                         "counting_blocks", "always_precise", "env", "cpu", "code_hook", "icount_decr_offset",
                         "mem_io_pc_offset", "fast_blocks", "mode_switches", "fast_leaves", "precise_mode",
-                        "fast_error")
+                        "fast_error", "bulk_io", "bulk_runs", "bulk_elements")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
@@ -705,6 +705,16 @@ class EmuEngine:
         self.machine.pio.write(port, size, value)
         self._watch_for_interrupt()
 
+    def _out_budget(self, port: int, size: int, count: int) -> int:
+        """How many of `count` iterations of a `rep outs` (this one first) the port's device
+        takes at once (see emu_build.py)."""
+        return min(count, self.machine.pio.string_budget(port, size, write=True))
+
+    def _on_out_run(self, port: int, size: int, data: bytes) -> None:
+        """The elements of that many consecutive iterations, the first at this position."""
+        self.machine.pio.write_run(port, size, data)
+        self._watch_for_interrupt()
+
     def _watch_for_interrupt(self) -> None:
         """A device access may have raised an interrupt: take it at the next instruction with IF=1
         rather than at the end of the slice."""
@@ -821,6 +831,20 @@ def replayvm_py_io_refused(uc, owner):
     engine = _engine(owner)
     _current_error_target[0] = engine
     engine._on_io_refused()
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_out_budget(uc, port, size, count, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._out_budget(port, size, count)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_out_run(uc, port, size, data, count, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_out_run(port, size, ffi.unpack(ffi.cast("char *", data), count * size))
 
 
 @ffi.def_extern(onerror=_on_error)

@@ -93,6 +93,9 @@ struct emu_state {
     uint64_t fast_blocks;     /* fast blocks begun */
     uint64_t mode_switches;
     uint64_t fast_leaves;     /* device accesses that sent a fast block back to its instruction */
+    uint32_t bulk_io;         /* BULK_*: whether `rep outs` may hand the device many elements at once */
+    uint64_t bulk_runs;       /* rep outs handed over in bulk, and the iterations they covered */
+    uint64_t bulk_elements;
 };
 """
 
@@ -172,6 +175,9 @@ extern "Python" void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner
 extern "Python" bool replayvm_py_invalid(uc_engine *uc, void *owner);
 extern "Python" int replayvm_py_rdtsc(uc_engine *uc, void *owner);
 extern "Python" void replayvm_py_io_refused(uc_engine *uc, void *owner);
+extern "Python" uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
+extern "Python" void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
+#define BULK_OFF 2
 """
 
 SOURCE = r"""
@@ -204,6 +210,8 @@ static void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 static bool replayvm_py_invalid(uc_engine *uc, void *owner);
 static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
 static void replayvm_py_io_refused(uc_engine *uc, void *owner);
+static uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
+static void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
 
 /* Per-instruction hook: the exact position counter and the two reasons to stop.
 
@@ -462,6 +470,17 @@ static void settle_fast_block(struct emu_state *s)
 void replayvm_uc_settle_fault(struct emu_state *s)
 {
     settle_fast_block(s);
+}
+
+/* Device accesses come in bursts (`rep insl` on the disk's data port: one access per
+   iteration, each iteration a block of its own): keep blocks precise for a few instructions
+   after each, rather than leaving a fast block again at every one. */
+#define PRECISE_AFTER_DEVICE 32
+
+static void stay_precise_near_devices(struct emu_state *s)
+{
+    if (s->counting_blocks && s->precise_until < s->icount + PRECISE_AFTER_DEVICE)
+        s->precise_until = s->icount + PRECISE_AFTER_DEVICE;
 }
 
 /* A device access by the instruction at EIP inside a fast block: back to that instruction,
@@ -766,6 +785,7 @@ static uint64_t on_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void
         return s->lapic_id_value;
     }
     leave_fast_block_at_access(r->s);
+    stay_precise_near_devices(r->s);
     return replayvm_py_mmio_read(addr, size, r->owner);
 }
 
@@ -773,6 +793,7 @@ static void on_mmio_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_
 {
     struct mmio_region *r = user_data;
     leave_fast_block_at_access(r->s);
+    stay_precise_near_devices(r->s);
     replayvm_py_mmio_write(r->base + offset, size, value, r->owner);
 }
 
@@ -792,6 +813,7 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
 {
     struct hook_ctx *c = user_data;
     leave_fast_block_at_eip(c->s);
+    stay_precise_near_devices(c->s);
     if (!io_allowed(uc)) {
         uint32_t eax = 0;
         replayvm_py_io_refused(uc, c->owner);        /* a #GP once the instruction is done */
@@ -801,12 +823,118 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
     return replayvm_py_in(uc, port, size, c->owner);
 }
 
+/* `rep outs` in bulk. The disk's data port takes a sector as 128 `rep outsl` iterations, each
+   an instruction of its own (a position in the trace) and each, one by one, a call into Python.
+   When the iteration under way is one of a `rep outsb`/`rep outsd` in 32-bit code, forwards,
+   without a segment override, and the elements that follow it are in the same page of RAM, the
+   device is offered them all at once: it says how many it takes before it must act (a sector's
+   end, when it raises its interrupt), the engine says how many may run before its stop target,
+   and those elements go to the device in one call, as the accesses of that many consecutive
+   instructions. ESI, ECX and the count then move as the iterations would have moved them. */
+#define ENV_DF_OFFSET 172
+#define ENV_SEGS_OFFSET 184       /* SegmentCache segs[6]: selector, base, limit, flags (24 bytes) */
+#define SEG_CACHE_SIZE 24
+#define SEG_ES 0
+#define SEG_CS 1
+#define SEG_DS 3
+#define HF_CS32 (1u << 4)
+#define BULK_UNCHECKED 0
+#define BULK_ON 1
+#define BULK_OFF 2
+#define BULK_MAX_BYTES 4096
+
+static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear);
+
+static uint64_t seg_base(const uint8_t *env, int seg)
+{
+    uint64_t base;
+    memcpy(&base, env + ENV_SEGS_OFFSET + seg * SEG_CACHE_SIZE + 8, 8);
+    return base;
+}
+
+/* The env fields used here, checked once against Unicorn's own register reads. */
+static int bulk_layout_checked(uc_engine *uc, struct emu_state *s)
+{
+    if (s->bulk_io == BULK_UNCHECKED) {
+        uint32_t cs = 0, ds = 0, es = 0, esi = 0;
+        int32_t df = (int32_t)env32(s->env, ENV_DF_OFFSET);
+        uc_reg_read(uc, UC_X86_REG_CS, &cs);
+        uc_reg_read(uc, UC_X86_REG_DS, &ds);
+        uc_reg_read(uc, UC_X86_REG_ES, &es);
+        uc_reg_read(uc, UC_X86_REG_ESI, &esi);
+        s->bulk_io = (env32(s->env, ENV_SEGS_OFFSET + SEG_CS * SEG_CACHE_SIZE) == cs
+                      && env32(s->env, ENV_SEGS_OFFSET + SEG_DS * SEG_CACHE_SIZE) == ds
+                      && env32(s->env, ENV_SEGS_OFFSET + SEG_ES * SEG_CACHE_SIZE) == es
+                      && env32(s->env, 6 * 8) == esi && (df == 1 || df == -1)) ? BULK_ON : BULK_OFF;
+    }
+    return s->bulk_io == BULK_ON;
+}
+
+/* Iterations of the `rep outs` under way (this one included) the device may take at once, and
+   where the next element is in RAM; 0 when this access is not such an iteration. */
+static uint32_t bulk_out_count(uc_engine *uc, struct emu_state *s, int size, uint64_t *next_element)
+{
+    uint8_t *env = s->env;
+    uint32_t ecx = 0, esi = 0, room;
+    uint64_t eip_linear, src_linear;
+    int64_t code_phys, src_phys;
+    const uint8_t *code;
+    if (!env || s->nbreak || s->nwatch || !s->counting_blocks) return 0;
+    if (!(env32(env, ENV_HFLAGS_OFFSET) & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
+    if (!bulk_layout_checked(uc, s)) return 0;
+    eip_linear = (seg_base(env, SEG_CS) + env32(env, ENV_EIP_OFFSET)) & 0xFFFFFFFFu;
+    if ((eip_linear & 0xFFF) > 0xFFE) return 0;                  /* two bytes in one page */
+    code_phys = walk(uc, s, (uint32_t)eip_linear);
+    if (code_phys < 0 || (uint64_t)code_phys + 2 > s->ram_size) return 0;
+    code = s->ram + code_phys;
+    if (code[0] != 0xF3 || !((size == 4 && code[1] == 0x6F) || (size == 1 && code[1] == 0x6E))) return 0;
+    uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
+    uc_reg_read(uc, UC_X86_REG_ESI, &esi);
+    src_linear = (seg_base(env, SEG_DS) + esi) & 0xFFFFFFFFu;
+    if (src_linear & (size - 1)) return 0;
+    room = (uint32_t)((0x1000 - (src_linear & 0xFFF)) / size);  /* this element and the rest of its page */
+    src_phys = walk(uc, s, (uint32_t)src_linear);
+    if (src_phys < 0 || (uint64_t)src_phys + (uint64_t)room * size > s->ram_size) return 0;
+    *next_element = (uint64_t)src_phys + size;
+    if (ecx < room) room = ecx;
+    if (room > BULK_MAX_BYTES / size) room = BULK_MAX_BYTES / size;
+    return room;
+}
+
 static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *user_data)
 {
     struct hook_ctx *c = user_data;
-    leave_fast_block_at_eip(c->s);
+    struct emu_state *s = c->s;
+    uint64_t next_element = 0;
+    uint32_t count;
+    leave_fast_block_at_eip(s);
+    stay_precise_near_devices(s);
     if (!io_allowed(uc)) {
         replayvm_py_io_refused(uc, c->owner);
+        return;
+    }
+    count = bulk_out_count(uc, s, size, &next_element);
+    if (count >= 2) {
+        uint64_t room = s->stop_at - s->icount + 1;    /* iterations up to the stop target */
+        count = replayvm_py_out_budget(uc, port, size, count, c->owner);
+        if (count > room) count = (uint32_t)room;
+    }
+    if (count >= 2) {
+        uint8_t data[BULK_MAX_BYTES];
+        uint32_t ecx = 0, esi = 0;
+        memcpy(data, &value, size);
+        memcpy(data + size, s->ram + next_element, (size_t)(count - 1) * size);
+        replayvm_py_out_run(uc, port, size, data, count, c->owner);
+        /* this iteration ends as usual (ESI += size, ECX -= 1); the others are done */
+        uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
+        uc_reg_read(uc, UC_X86_REG_ESI, &esi);
+        ecx -= count - 1;
+        esi += (count - 1) * size;
+        uc_reg_write(uc, UC_X86_REG_ECX, &ecx);
+        uc_reg_write(uc, UC_X86_REG_ESI, &esi);
+        s->icount += count - 1;
+        s->bulk_runs++;
+        s->bulk_elements += count;
         return;
     }
     replayvm_py_out(uc, port, size, value, c->owner);

@@ -77,6 +77,10 @@ class RecordingBus:
         self._recorder.string(Kind.PIO_WRITE_RUN, addr, size, data)
         self._bus.write_string(addr, size, data)
 
+    def write_run(self, addr: int, size: int, data: bytes) -> None:
+        self._recorder.port_run(Kind.PIO_WRITE_RUN, addr, size, data)
+        self._bus.write_run(addr, size, data)
+
 
 class Recorder:
     max_run_bytes = MAX_BIN_LEN         # a longer run is written as consecutive runs
@@ -191,6 +195,36 @@ class Recorder:
         rip, cpl = self._context()
         self._run = [run_kind, position, port, size, bytearray(value.to_bytes(size, "little")),
                      rip, cpl, position + 1]
+
+    def port_run(self, run_kind: Kind, port: int, size: int, data: bytes) -> None:
+        """The accesses of len(data) // size consecutive instructions, the first at the engine's
+        position: recorded exactly as that many calls of _port_access would record them."""
+        position = self.engine.position
+        count = len(data) // size
+        run = self._run
+        if run is None or run[0] != run_kind or run[2] != port or run[3] != size or position != run[7]:
+            first, data = data[:size], data[size:]
+            self._port_access(run_kind, port, size, int.from_bytes(first, "little"))
+            position += 1
+            count -= 1
+            run = self._run
+        while count:
+            room = (self.max_run_bytes - len(run[4])) // size
+            if room <= 0:                            # the run is full: the next element starts one
+                self._flush_run()
+                rip, cpl = self._context()
+                run = self._run = [run_kind, position, port, size, bytearray(data[:size]), rip, cpl,
+                                   position + 1]
+                data = data[size:]
+                position += 1
+                count -= 1
+                continue
+            take = min(room, count)
+            run[4] += data[:take * size]
+            data = data[take * size:]
+            position += take
+            count -= take
+            run[7] = position
 
     def string(self, kind: Kind, port: int, size: int, data: bytes) -> None:
         """A whole string exit (kvm): one record at one exit position, at most the 4 KiB page KVM

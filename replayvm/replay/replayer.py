@@ -148,6 +148,12 @@ class CheckingBus:
     def write_string(self, addr: int, size: int, data: bytes) -> None:
         self.replayer.write_string(addr, size, data)
 
+    def write_run(self, addr: int, size: int, data: bytes) -> None:
+        self.replayer.write_run(addr, size, data)
+
+    def string_budget(self, addr: int, size: int, write: bool) -> int:
+        return self.replayer.string_budget(addr, size, write)
+
 
 class RecordLog:
     """The trace's records in order behind a cursor. A seekable log keeps every record it has
@@ -669,14 +675,62 @@ class Replayer:
                 self._check_access(event, addr, size, value)
         bus.write(addr, size, value)
 
-    def _write_into_run(self, addr: int, size: int, value: int) -> None:
+    def string_budget(self, port: int, size: int, write: bool) -> int:
+        """emu's `rep outs` in bulk: how many elements from here the device takes and the trace
+        has in the run of writes under way (or starting here); the engine may run to its last."""
+        device = self._device_buses[0].string_budget(port, size, write)
+        if not write or device < 2 or not self.exact_positions:
+            return 0
+        position = self.engine.position
+        if self._run_data is not None:
+            event = self._run_event
+            assert event is not None
+            left = (len(self._run_data) - self._run_offset) // size
+            at = event.position + self._run_offset // size
+        else:
+            event = self.next
+            if event is None or event.kind != Kind.PIO_WRITE_RUN:
+                return 0
+            left = len(self._run_bytes(event.record)) // size
+            at = event.position
+        if event.kind != Kind.PIO_WRITE_RUN or at != position or event.record[RUN.port] != port \
+                or event.record[RUN.size] != size:
+            return 0                               # the one-by-one path names the divergence
+        budget = min(device, left)
+        if budget >= 2:
+            self.engine.move_stop(position + budget - 1)
+        return budget
+
+    def write_run(self, port: int, size: int, data: bytes) -> None:
+        """emu: the writes of len(data) // size consecutive instructions (`rep outs` in bulk),
+        the first at the engine's position, all within the run string_budget allowed."""
+        self._feed_due_input(between_instructions=False)
+        position = self.engine.position
+        for element in range(len(data) // size):
+            value = int.from_bytes(data[element * size:(element + 1) * size], "little")
+            if self._run_data is not None and self._run_event is not None \
+                    and self._run_event.kind == Kind.PIO_WRITE_RUN:
+                self._write_into_run(port, size, value, position + element)
+            else:
+                event = self._take(Kind.PIO_WRITE_RUN, Kind.PIO_WRITE)
+                if event.kind == Kind.PIO_WRITE_RUN:
+                    self._start_run(event)
+                    self._write_into_run(port, size, value, position + element)
+                else:
+                    self._check_access(event, port, size, value)
+        self._bound_run()
+        self._device_buses[0].write_run(port, size, data)
+
+    def _write_into_run(self, addr: int, size: int, value: int, position: int | None = None) -> None:
         event = self._run_event
         assert event is not None and self._run_data is not None
         expected = int.from_bytes(self._run_data[self._run_offset:self._run_offset + size], "little")
         element = self._run_offset // size
-        if self.engine.position != event.position + element:
+        if position is None:
+            position = self.engine.position
+        if position != event.position + element:
             self._diverge(f"a run of writes to port {event.record[RUN.port]:#x} was at element {element}; the "
-                          f"guest wrote port {addr:#x} at position {self.engine.position}", event)
+                          f"guest wrote port {addr:#x} at position {position}", event)
         if addr != event.record[RUN.port] or size != event.record[RUN.size] or value != expected:
             self._mismatch(f"write run to port {event.record[RUN.port]:#x} element {element}: recorded "
                            f"{expected:#x}, replayed {value:#x} to port {addr:#x}", event)
