@@ -157,6 +157,42 @@ target2:
     out %eax, $0x88
     hlt
 """, {}, False),
+    "rep stos in bulk, through 4 KiB pages not yet dirty": ("""
+    mov $0x7000, %edi         # a page table for 0-4 MiB: present, writable, not accessed or dirty
+    mov $0x3, %eax
+    mov $1024, %ecx
+1:  mov %eax, (%edi)
+    add $0x1000, %eax
+    add $4, %edi
+    loop 1b
+    movl $0x7003, 0x4000
+    mov $0x4000, %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80000000, %eax
+    mov %eax, %cr0
+    jmp 2f
+2:  cld
+    mov $0x30010, %edi
+    mov $0x11223344, %eax
+    mov $3000, %ecx           # 12000 bytes over three pages, each made dirty by its first store
+    rep stosl
+    mov $0x33ffd, %edi
+    mov $0x5a, %al
+    mov $7, %ecx              # bytes across a page boundary
+    rep stosb
+    mov $0, %ecx
+    rep stosl                 # nothing to do
+    mov 0x30010, %eax
+    out %eax, $0x84
+    mov 0x32eec, %eax         # the last dword stored
+    out %eax, $0x84
+    mov 0x34003, %eax
+    out %eax, $0x84
+    mov 0x7000 + 4 * 0x31, %eax   # the page table entry of 0x31000: accessed and dirty now
+    out %eax, $0x84
+    hlt
+""", {}, False),
     "undefined opcode inside a block": ("""
     SETGATE 6, ud, 0
     inc %eax
@@ -224,6 +260,14 @@ def test_rep_outs_goes_to_the_device_in_bulk(monkeypatch):
     assert data == list(range(24, 0, -1))                 # every element once, in order
     positions = [a[1] for a in accesses if a[0] == "out" and a[2] == 4 and a[3] == 4]
     assert positions == list(range(positions[0], positions[0] + 24))   # one instruction each
+
+
+def test_rep_stos_runs_in_bulk(monkeypatch):
+    engine, accesses, *_ = run_program(monkeypatch, "rep stos in bulk, through 4 KiB pages not yet dirty",
+                                       reference=False)
+    statistics = engine.counting_statistics()
+    assert statistics["stos_runs"] >= 3 and statistics["stos_elements"] >= 2990
+    assert [a[4] for a in accesses] == [0x11223344, 0x11223344, 0x5a, 0x31063]
 
 
 def test_pae_makes_the_engine_count_every_instruction(monkeypatch):

@@ -94,8 +94,12 @@ struct emu_state {
     uint64_t mode_switches;
     uint64_t fast_leaves;     /* device accesses that sent a fast block back to its instruction */
     uint32_t bulk_io;         /* BULK_*: whether `rep outs` may hand the device many elements at once */
+    uint32_t stos_in_bulk;    /* 1: rep stos iterations may be done at a block's start */
+    uc_engine *uc;
     uint64_t bulk_runs;       /* rep outs handed over in bulk, and the iterations they covered */
     uint64_t bulk_elements;
+    uint64_t stos_runs;       /* rep stos iterations done at once at a block's start */
+    uint64_t stos_elements;
 };
 """
 
@@ -350,6 +354,9 @@ struct tb_view {
     uint32_t trace_vcpu_dstate;
     uint8_t *tc_ptr;           /* host code; its search data follows at tc_ptr + tc_size */
     size_t tc_size;
+    const void *orig_tb;
+    uintptr_t page_next[2];
+    uint64_t page_addr[2];     /* physical pages of its code (-1: none) */
 };
 
 const char *replayvm_fast_error_text(uint32_t code)
@@ -524,15 +531,41 @@ static void leave_fast_block_at_access(struct emu_state *s)
     leave_fast_block_at_eip(s);
 }
 
-/* A pure register read inside a fast block (it stays there): bring EIP up to date for the
-   statistics of where those reads come from. */
-static void sync_eip_in_fast_block(struct emu_state *s)
+/* EIP of the instruction whose host code holds `host_pc`, from the block's search data: what
+   cpu_restore_state finds, without its search for the block (we know it) or touching the CPU
+   state. -1 if the address is not in the block's code. */
+static int64_t eip_at_host_pc(const struct tb_view *tb, uintptr_t host_pc)
 {
-    uintptr_t pc;
-    if (!s->fast_tb) return;
-    pc = mmio_host_pc(s);
-    if (pc) cpu_restore_state_x86_64(s->cpu, pc, false);
+    const uint8_t *p = tb->tc_ptr + tb->tc_size;
+    uintptr_t searched, end = (uintptr_t)tb->tc_ptr;
+    uint64_t pc = tb->pc;
+    int i;
+    if (host_pc <= (uintptr_t)tb->tc_ptr || host_pc >= (uintptr_t)tb->tc_ptr + tb->tc_size) return -1;
+    searched = host_pc - GETPC_ADJ;
+    for (i = 0; i < tb->icount; i++) {
+        pc += sleb128(&p);
+        sleb128(&p);                  /* cc_op */
+        end += sleb128(&p);
+        if (end > searched) return (int64_t)(uint32_t)(pc - tb->cs_base);
+    }
+    return -1;
 }
+
+/* EIP of a pure register read (it is served where it stands): in a fast block, found from the
+   host address of the access, for the statistics of where those reads come from. */
+static uint32_t pure_read_eip(uc_engine *uc, struct emu_state *s)
+{
+    uint32_t eip = 0;
+    if (s->fast_tb) {
+        int64_t found = eip_at_host_pc(s->fast_tb, mmio_host_pc(s));
+        if (found >= 0) return (uint32_t)found;
+        cpu_restore_state_x86_64(s->cpu, mmio_host_pc(s), false);
+    }
+    uc_reg_read(uc, UC_X86_REG_EIP, &eip);
+    return eip;
+}
+
+static void rep_stos_in_bulk(struct emu_state *s, const struct tb_view *tb, uint8_t *env);
 
 __asm__(".text\n"
         ".type replayvm_on_block_entry, @function\n"
@@ -587,6 +620,7 @@ void replayvm_on_block(uc_engine *uc, uint64_t address, uint32_t size, void *use
         return;
     }
     if (!one_shot && needs_precise(s, tb->icount)) switch_mode(s, 1);
+    if (tb->icount == 1 && tb->size == 2 && !one_shot) rep_stos_in_bulk(s, tb, env);
     s->fast_tb = tb;
     s->block_start = s->icount;
     s->icount += tb->icount;
@@ -719,6 +753,7 @@ static int probe_blocks(struct probe *p)
     }
     uc_emu_start(uc, 0x1000, 0x100c, 0, 0);
     if (p->tb && p->cpu && p->tb->icount == 4 && p->tb->pc == 0x1000 && p->index_at_mmio == 2
+            && p->tb->page_addr[0] == 0x1000 && p->tb->page_addr[1] == (uint64_t)-1
             && p->mem_io_pc_offset >= 0 && p->icount_decr_offset < 0
             && (env32(p->env, ENV_HFLAGS_OFFSET) & PRECISE_HFLAG) == 0
             && p->env - p->cpu < (1 << 20))
@@ -748,6 +783,8 @@ int replayvm_uc_use_blocks(uc_engine *uc, struct emu_state *s)
     err = uc_hook_add(uc, &hh, UC_HOOK_BLOCK, (void *)replayvm_on_block_entry, s, 1, 0);
     if (err) return err;
     s->counting_blocks = 1;
+    s->stos_in_bulk = 1;
+    s->uc = uc;
     s->precise_until = 0;
     set_hook_range(s, 0);
     uc_ctl_flush_tb(uc);
@@ -774,8 +811,7 @@ static uint64_t on_mmio_read(uc_engine *uc, uint64_t offset, unsigned size, void
         struct emu_state *s = r->s;
         uint32_t eip = 0, slot, i;
         s->lapic_id_reads++;
-        sync_eip_in_fast_block(s);
-        uc_reg_read(uc, UC_X86_REG_EIP, &eip);
+        eip = pure_read_eip(uc, s);
         slot = (eip * 2654435761u) >> 22;
         for (i = 0; i < 1024; i++, slot = (slot + 1) & 1023) {
             if (s->id_read_count[slot] == 0) { s->id_read_rip[slot] = eip; s->id_read_count[slot] = 1; break; }
@@ -897,7 +933,7 @@ static uint32_t bulk_out_count(uc_engine *uc, struct emu_state *s, int size, uin
     if (src_phys < 0 || (uint64_t)src_phys + (uint64_t)room * size > s->ram_size) return 0;
     *next_element = (uint64_t)src_phys + size;
     if (ecx < room) room = ecx;
-    if (room > BULK_MAX_BYTES / size) room = BULK_MAX_BYTES / size;
+    if (room > (uint32_t)(BULK_MAX_BYTES / size)) room = (uint32_t)(BULK_MAX_BYTES / size);
     return room;
 }
 
@@ -1325,6 +1361,100 @@ fault:
     s->fault_error = error;
     s->fault_page = linear;
     return false;
+}
+
+/* `rep stos` in bulk. xv6 fills pages with `rep stosl` (57 M of the 74 M instructions of its
+   boot; every fork and exec again), and QEMU runs each iteration as a block of its own: a block
+   hook, an exit check and a block lookup for each stored dword. When a fast block is one
+   iteration of a `rep stosb`/`rep stosd` (32-bit code, forwards, no prefix but REP), the block
+   hook does the iterations itself, as many as the stop target allows, page by page while the
+   page is RAM, holds no translated code, and takes the store without a fault or a change to its
+   page table entry (present, writable at this CPL, accessed and dirty already); then it updates
+   ECX, EDI and the count as the iterations would, and lets QEMU look up the block again.
+   Nothing else can observe those iterations: no device, no interrupt window (IF cannot change),
+   no debugger (blocks are precise then). A page that fails the test gets its next iteration
+   from QEMU (which may fault, or set the dirty bit), and the bulk goes on after it. */
+static int64_t writable_ram(uc_engine *uc, struct emu_state *s, uint32_t linear, int user,
+                            uint32_t cr0, uint32_t cr3, uint32_t cr4)
+{
+    uint32_t pde, pte, ptep;
+    uint64_t paddr, page;
+    if (!(cr0 & CR0_PG)) {
+        paddr = linear & ~0xFFFu;
+    } else {
+        if (cr4 & CR4_PAE) return -1;
+        pde = load_phys32(s, (cr3 & ~0xFFFu) + ((linear >> 20) & 0xFFC));
+        if (!(pde & PG_PRESENT)) return -1;
+        if ((pde & PG_PSE) && (cr4 & CR4_PSE)) {
+            if (pde & 0x201FE000u) return -1;             /* reserved bit 21 or PSE-36: not here */
+            pte = ptep = pde;
+            paddr = (pde & 0xFFC00000u) + (linear & 0x3FF000u);
+        } else {
+            if (!(pde & PG_ACCESSED)) return -1;
+            pte = load_phys32(s, (pde & ~0xFFFu) + ((linear >> 10) & 0xFFC));
+            if (!(pte & PG_PRESENT)) return -1;
+            ptep = pde & pte;
+            paddr = pte & ~0xFFFu;
+        }
+        if (user && !(ptep & PG_USER)) return -1;
+        if (!(ptep & PG_RW) && (user || (cr0 & CR0_WP))) return -1;
+        if ((pte & (PG_ACCESSED | PG_DIRTY)) != (PG_ACCESSED | PG_DIRTY)) return -1;
+    }
+    page = paddr >> 12;
+    if (paddr + 0x1000 > s->ram_size || is_code_page(s, page)) return -1;
+    return (int64_t)paddr;
+}
+
+static void rep_stos_in_bulk(struct emu_state *s, const struct tb_view *tb, uint8_t *env)
+{
+    uint64_t code_phys = tb->page_addr[0] + (tb->pc & 0xFFF), left, done = 0;
+    uint32_t ecx, edi, eax, cr0 = 0, cr3 = 0, cr4 = 0, hflags;
+    int size, user;
+    uc_engine *uc;
+    if (!s->stos_in_bulk || code_phys + 2 > s->ram_size || s->ram[code_phys] != 0xF3) return;
+    if (s->ram[code_phys + 1] == 0xAB) size = 4;
+    else if (s->ram[code_phys + 1] == 0xAA) size = 1;
+    else return;
+    hflags = env32(env, ENV_HFLAGS_OFFSET);
+    if (!(hflags & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return;
+    ecx = env32(env, 1 * 8);
+    if (ecx < 2) return;
+    left = s->stop_at - s->icount;                     /* instructions this run may still begin */
+    if (left > ecx) left = ecx;
+    if (left < 2) return;
+    uc = s->uc;
+    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
+    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    user = (hflags & 3) == 3;
+    edi = env32(env, 7 * 8);
+    eax = env32(env, 0);
+    while (left) {
+        uint32_t linear = (uint32_t)(seg_base(env, SEG_ES) + edi), room, k;
+        int64_t phys;
+        if (linear & (size - 1)) break;
+        phys = writable_ram(uc, s, linear, user, cr0, cr3, cr4);
+        if (phys < 0) break;
+        phys += linear & 0xFFF;
+        room = (0x1000 - (linear & 0xFFF)) / size;
+        if (room > left) room = (uint32_t)left;
+        if (size == 1) memset(s->ram + phys, (int)(eax & 0xFF), room);
+        else for (k = 0; k < room; k++) memcpy(s->ram + phys + 4 * (uint64_t)k, &eax, 4);
+        edi += room * size;
+        left -= room;
+        done += room;
+    }
+    if (!done) return;
+    ecx -= (uint32_t)done;
+    memcpy(env + 1 * 8, &ecx, 4);                      /* the high halves stay 0 in 32-bit code */
+    memcpy(env + 7 * 8, &edi, 4);
+    /* EIP stays: with ECX at 0 QEMU runs the instruction once more, finds nothing to do and
+       goes on, and that run counts as an instruction, as it does one iteration at a time. */
+    s->icount += done;
+    s->stos_runs++;
+    s->stos_elements += done;
+    s->fast_tb = NULL;
+    cpu_loop_exit_noexc_x86_64(s->cpu);                /* QEMU looks up what comes next */
 }
 
 /* Where Unicorn keeps the address of a refused access (uc_struct.invalid_addr): found once per
