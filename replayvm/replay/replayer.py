@@ -706,18 +706,32 @@ class Replayer:
         the first at the engine's position, all within the run string_budget allowed."""
         self._feed_due_input(between_instructions=False)
         position = self.engine.position
-        for element in range(len(data) // size):
-            value = int.from_bytes(data[element * size:(element + 1) * size], "little")
-            if self._run_data is not None and self._run_event is not None \
-                    and self._run_event.kind == Kind.PIO_WRITE_RUN:
-                self._write_into_run(port, size, value, position + element)
-            else:
+        element = 0
+        while element < len(data) // size:
+            if self._run_data is None or self._run_event is None or self._run_event.kind != Kind.PIO_WRITE_RUN:
+                value = int.from_bytes(data[element * size:(element + 1) * size], "little")
                 event = self._take(Kind.PIO_WRITE_RUN, Kind.PIO_WRITE)
-                if event.kind == Kind.PIO_WRITE_RUN:
-                    self._start_run(event)
-                    self._write_into_run(port, size, value, position + element)
-                else:
+                if event.kind != Kind.PIO_WRITE_RUN:
                     self._check_access(event, port, size, value)
+                    element += 1
+                    continue
+                self._start_run(event)
+            # the elements that fall in this run at once, then any mismatch one by one
+            offset = self._run_offset
+            take = min(len(data) // size - element, (len(self._run_data) - offset) // size)
+            chunk = data[element * size:(element + take) * size]
+            event = self._run_event
+            if take > 1 and chunk == self._run_data[offset:offset + take * size] \
+                    and position + element == event.position + offset // size \
+                    and port == event.record[RUN.port] and size == event.record[RUN.size]:
+                self._run_offset += take * size
+                element += take
+                if self._run_offset >= len(self._run_data):
+                    self._end_run()
+                continue
+            value = int.from_bytes(data[element * size:(element + 1) * size], "little")
+            self._write_into_run(port, size, value, position + element)
+            element += 1
         self._bound_run()
         self._device_buses[0].write_run(port, size, data)
 
