@@ -400,7 +400,7 @@ static int64_t sleb128(const uint8_t **pp)
         val |= (int64_t)(byte & 0x7f) << shift;
         shift += 7;
     } while (byte & 0x80);
-    if (shift < 64 && (byte & 0x40)) val |= -(int64_t)1 << shift;
+    if (shift < 64 && (byte & 0x40)) val |= (int64_t)(~(uint64_t)0 << shift);    /* sign-extend */
     *pp = p;
     return val;
 }
