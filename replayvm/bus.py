@@ -102,6 +102,11 @@ class Bus:
         for i in range(0, len(data), size):
             self.write(addr, size, int.from_bytes(data[i:i + size], "little"))
 
+    def read_run(self, addr: int, size: int, count: int) -> bytes:
+        """The reads of `count` consecutive instructions (an emulated `rep ins` handed over in
+        bulk, the first at the engine's position): for the device, a string read."""
+        return self.read_string(addr, size, count)
+
     def write_run(self, addr: int, size: int, data: bytes) -> None:
         """The writes of that many consecutive instructions (an emulated `rep outs` handed over
         in bulk, the first at the engine's position): for the device, a string write."""

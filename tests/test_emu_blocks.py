@@ -27,14 +27,27 @@ class PositionLog(PortLog):
 
     def read(self, offset: int, size: int) -> int:
         self.accesses.append(("in", self.engine.icount, offset, size))
+        if offset == 4:                          # port 0x84 counts its reads
+            self.reads += 1
+            return (0x1000 + self.reads) & ((1 << (8 * size)) - 1)
         return super().read(offset, size)
+
+    def read_string(self, offset: int, size: int, count: int) -> bytes:
+        """A `rep ins` handed over in bulk: the reads of consecutive instructions."""
+        position = self.engine.icount
+        data = b""
+        for k in range(count):
+            value = self.read(offset, size)
+            self.accesses[-1] = ("in", position + k, offset, size)
+            data += value.to_bytes(size, "little")
+        return data
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.accesses.append(("out", self.engine.icount, offset, size, value))
         super().write(offset, size, value)
 
     def string_budget(self, offset: int, size: int, write: bool) -> int:
-        return 5 if write and offset == 4 else 0        # port 0x84 takes `rep outs` 5 at a time
+        return 5 if offset == 4 else 0        # port 0x84 takes `rep outs`/`rep ins` 5 at a time
 
     def write_string(self, offset: int, size: int, data: bytes) -> None:
         """A `rep outs` handed over in bulk: the accesses of consecutive instructions."""
@@ -193,6 +206,29 @@ target2:
     out %eax, $0x84
     hlt
 """, {}, False),
+    "rep ins in bulk, across a page and a short budget": ("""
+    mov $0x84, %dx
+    mov $0x20FE0, %edi
+    mov $24, %ecx
+    cld
+    rep insl                  # 5 at a time, then the page's end at 0x21000
+    mov $0x22FFE, %edi
+    mov $5, %ecx
+    rep insb
+    mov 0x20FE0, %eax
+    out %eax, $0x88
+    mov 0x20FFC, %eax
+    out %eax, $0x88
+    mov 0x21000, %eax
+    out %eax, $0x88
+    mov 0x2103C, %eax
+    out %eax, $0x88
+    mov 0x22FFE, %eax
+    out %eax, $0x88
+    mov %edi, %eax
+    out %eax, $0x88
+    hlt
+""", {}, False),
     "undefined opcode inside a block": ("""
     SETGATE 6, ud, 0
     inc %eax
@@ -268,6 +304,16 @@ def test_rep_stos_runs_in_bulk(monkeypatch):
     statistics = engine.counting_statistics()
     assert statistics["stos_runs"] >= 3 and statistics["stos_elements"] >= 2990
     assert [a[4] for a in accesses] == [0x11223344, 0x11223344, 0x5a, 0x31063]
+
+
+def test_rep_ins_comes_from_the_device_in_bulk(monkeypatch):
+    engine, accesses, *_ = run_program(monkeypatch, "rep ins in bulk, across a page and a short budget",
+                                       reference=False)
+    assert engine.counting_statistics()["bulk_elements"] >= 16
+    reads = [a for a in accesses if a[0] == "in"]
+    assert [a[1] for a in reads[:24]] == list(range(reads[0][1], reads[0][1] + 24))
+    shown = [a[4] for a in accesses if a[0] == "out"]
+    assert shown == [0x1001, 0x1008, 0x1009, 0x1018, 0x1C1B1A19, 0x23003]   # in RAM where each belongs
 
 
 def test_pae_makes_the_engine_count_every_instruction(monkeypatch):

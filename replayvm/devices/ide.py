@@ -175,11 +175,12 @@ class _Registers:
         return b"".join(self.read(offset, size).to_bytes(size, "little") for _ in range(count))
 
     def string_budget(self, offset: int, size: int, write: bool) -> int:
-        """Elements the data port takes in one string write before a sector is complete (then
-        it writes the sector and may interrupt); 0 for any other register or direction."""
-        if self.control or offset != DATA or not write:
+        """Elements the data port takes in one string access before the sector under way is
+        done (written, or read out: then the next is loaded or the command ends, and it may
+        interrupt); 0 for any other register."""
+        if self.control or offset != DATA:
             return 0
-        return self.channel.write_room() // size
+        return (self.channel.write_room() if write else self.channel.read_room()) // size
 
     def write_string(self, offset: int, size: int, data: bytes) -> None:
         if not self.control and offset == DATA:
@@ -431,6 +432,10 @@ class IdeChannel:
         self.transfer = None
         self.buffer = bytearray()
         self.status = READY
+
+    def read_room(self) -> int:
+        """Bytes the data port gives before the sector under way is read out."""
+        return len(self.buffer) - self.position if self.transfer in ("read", "identify") else 0
 
     def write_room(self) -> int:
         """Bytes the data port takes before the sector under way is complete."""

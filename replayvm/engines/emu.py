@@ -712,6 +712,16 @@ class EmuEngine:
         takes at once (see emu_build.py)."""
         return min(count, self.machine.pio.string_budget(port, size, write=True))
 
+    def _in_budget(self, port: int, size: int, count: int) -> int:
+        """As _out_budget, for a `rep ins`."""
+        return min(count, self.machine.pio.string_budget(port, size, write=False))
+
+    def _on_in_run(self, port: int, size: int, count: int) -> bytes:
+        """The elements read by that many consecutive iterations, the first at this position."""
+        data = self.machine.pio.read_run(port, size, count)
+        self._watch_for_interrupt()
+        return data
+
     def _on_out_run(self, port: int, size: int, data: bytes) -> None:
         """The elements of that many consecutive iterations, the first at this position."""
         self.machine.pio.write_run(port, size, data)
@@ -847,6 +857,24 @@ def replayvm_py_out_run(uc, port, size, data, count, owner):
     engine = _engine(owner)
     _current_error_target[0] = engine
     engine._on_out_run(port, size, ffi.unpack(ffi.cast("char *", data), count * size))
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_in_budget(uc, port, size, count, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    return engine._in_budget(port, size, count)
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_in_run(uc, port, size, data, count, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    values = engine._on_in_run(port, size, count)
+    if len(values) != count * size:
+        raise ValueError(f"a run of {count} reads of port {port:#x} came back {len(values)} bytes long")
+    ffi.memmove(data, values, len(values))
+    return 1
 
 
 @ffi.def_extern(onerror=_on_error)

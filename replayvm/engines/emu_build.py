@@ -181,6 +181,8 @@ extern "Python" int replayvm_py_rdtsc(uc_engine *uc, void *owner);
 extern "Python" void replayvm_py_io_refused(uc_engine *uc, void *owner);
 extern "Python" uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 extern "Python" void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
+extern "Python" uint32_t replayvm_py_in_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
+extern "Python" int replayvm_py_in_run(uc_engine *uc, uint32_t port, int size, uint8_t *data, uint32_t count, void *owner);
 #define BULK_OFF 2
 """
 
@@ -216,6 +218,8 @@ static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
 static void replayvm_py_io_refused(uc_engine *uc, void *owner);
 static uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 static void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
+static uint32_t replayvm_py_in_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
+static int replayvm_py_in_run(uc_engine *uc, uint32_t port, int size, uint8_t *data, uint32_t count, void *owner);
 
 /* Per-instruction hook: the exact position counter and the two reasons to stop.
 
@@ -845,20 +849,6 @@ static int io_allowed(uc_engine *uc)
     return (cs & 3) <= ((eflags >> 12) & 3);
 }
 
-static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
-{
-    struct hook_ctx *c = user_data;
-    leave_fast_block_at_eip(c->s);
-    stay_precise_near_devices(c->s);
-    if (!io_allowed(uc)) {
-        uint32_t eax = 0;
-        replayvm_py_io_refused(uc, c->owner);        /* a #GP once the instruction is done */
-        uc_reg_read(uc, UC_X86_REG_EAX, &eax);
-        return size == 4 ? eax : eax & ((1u << (8 * size)) - 1);
-    }
-    return replayvm_py_in(uc, port, size, c->owner);
-}
-
 /* `rep outs` in bulk. The disk's data port takes a sector as 128 `rep outsl` iterations, each
    an instruction of its own (a position in the trace) and each, one by one, a call into Python.
    When the iteration under way is one of a `rep outsb`/`rep outsd` in 32-bit code, forwards,
@@ -880,6 +870,8 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
 #define BULK_MAX_BYTES 4096
 
 static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear);
+static int64_t writable_ram(uc_engine *uc, struct emu_state *s, uint32_t linear, int user,
+                            uint32_t cr0, uint32_t cr3, uint32_t cr4);
 
 static uint64_t seg_base(const uint8_t *env, int seg)
 {
@@ -975,6 +967,83 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
     }
     replayvm_py_out(uc, port, size, value, c->owner);
 }
+
+/* `rep ins` in bulk, the same way: the elements after this one go straight into the page of
+   RAM the destination is in, when that page takes the stores without a fault or a change to its
+   page table entry and holds no translated code (this iteration's own store, which QEMU makes
+   when the hook returns, goes to the same page). */
+static uint32_t bulk_in_count(uc_engine *uc, struct emu_state *s, int size, uint64_t *next_element)
+{
+    uint8_t *env = s->env;
+    uint32_t ecx = 0, edi = 0, room, cr0 = 0, cr3 = 0, cr4 = 0;
+    uint64_t eip_linear, dst_linear;
+    int64_t code_phys, dst_phys;
+    const uint8_t *code;
+    if (!env || s->nbreak || s->nwatch || !s->counting_blocks) return 0;
+    if (!(env32(env, ENV_HFLAGS_OFFSET) & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
+    if (!bulk_layout_checked(uc, s)) return 0;
+    eip_linear = (seg_base(env, SEG_CS) + env32(env, ENV_EIP_OFFSET)) & 0xFFFFFFFFu;
+    if ((eip_linear & 0xFFF) > 0xFFE) return 0;
+    code_phys = walk(uc, s, (uint32_t)eip_linear);
+    if (code_phys < 0 || (uint64_t)code_phys + 2 > s->ram_size) return 0;
+    code = s->ram + code_phys;
+    if (code[0] != 0xF3 || !((size == 4 && code[1] == 0x6D) || (size == 1 && code[1] == 0x6C))) return 0;
+    uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
+    uc_reg_read(uc, UC_X86_REG_EDI, &edi);
+    dst_linear = (seg_base(env, SEG_ES) + edi) & 0xFFFFFFFFu;
+    if (dst_linear & (size - 1)) return 0;
+    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
+    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    dst_phys = writable_ram(uc, s, (uint32_t)dst_linear, (env32(env, ENV_HFLAGS_OFFSET) & 3) == 3, cr0, cr3, cr4);
+    if (dst_phys < 0) return 0;
+    room = (uint32_t)((0x1000 - (dst_linear & 0xFFF)) / size);
+    *next_element = (uint64_t)dst_phys + (dst_linear & 0xFFF) + size;
+    if (ecx < room) room = ecx;
+    if (room > (uint32_t)(BULK_MAX_BYTES / size)) room = (uint32_t)(BULK_MAX_BYTES / size);
+    return room;
+}
+
+static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
+{
+    struct hook_ctx *c = user_data;
+    struct emu_state *s = c->s;
+    uint64_t next_element = 0;
+    uint32_t count;
+    leave_fast_block_at_eip(s);
+    stay_precise_near_devices(s);
+    if (!io_allowed(uc)) {
+        uint32_t eax = 0;
+        replayvm_py_io_refused(uc, c->owner);        /* a #GP once the instruction is done */
+        uc_reg_read(uc, UC_X86_REG_EAX, &eax);
+        return size == 4 ? eax : eax & ((1u << (8 * size)) - 1);
+    }
+    count = bulk_in_count(uc, s, size, &next_element);
+    if (count >= 2) {
+        uint64_t room = s->stop_at - s->icount + 1;
+        count = replayvm_py_in_budget(uc, port, size, count, c->owner);
+        if (count > room) count = (uint32_t)room;
+    }
+    if (count >= 2) {
+        uint8_t data[BULK_MAX_BYTES];
+        uint32_t ecx = 0, edi = 0, first = 0;
+        if (!replayvm_py_in_run(uc, port, size, data, count, c->owner)) return 0;   /* an error: stopping */
+        memcpy(s->ram + next_element, data + size, (size_t)(count - 1) * size);
+        memcpy(&first, data, size);
+        uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
+        uc_reg_read(uc, UC_X86_REG_EDI, &edi);
+        ecx -= count - 1;
+        edi += (count - 1) * size;
+        uc_reg_write(uc, UC_X86_REG_ECX, &ecx);
+        uc_reg_write(uc, UC_X86_REG_EDI, &edi);
+        s->icount += count - 1;
+        s->bulk_runs++;
+        s->bulk_elements += count;
+        return first;
+    }
+    return replayvm_py_in(uc, port, size, c->owner);
+}
+
 
 /* An exception or INT n. Its delivery (in Python) writes EIP, after which Unicorn stops syncing
    EIP for the I/O hooks until the next uc_emu_start -- and fast blocks rely on that sync. So

@@ -81,6 +81,11 @@ class RecordingBus:
         self._recorder.port_run(Kind.PIO_WRITE_RUN, addr, size, data)
         self._bus.write_run(addr, size, data)
 
+    def read_run(self, addr: int, size: int, count: int) -> bytes:
+        data = self._bus.read_run(addr, size, count)
+        self._recorder.port_run(Kind.PIO_READ_RUN, addr, size, data)
+        return data
+
 
 class Recorder:
     max_run_bytes = MAX_BIN_LEN         # a longer run is written as consecutive runs

@@ -151,6 +151,9 @@ class CheckingBus:
     def write_run(self, addr: int, size: int, data: bytes) -> None:
         self.replayer.write_run(addr, size, data)
 
+    def read_run(self, addr: int, size: int, count: int) -> bytes:
+        return self.replayer.read_run(addr, size, count)
+
     def string_budget(self, addr: int, size: int, write: bool) -> int:
         return self.replayer.string_budget(addr, size, write)
 
@@ -679,8 +682,9 @@ class Replayer:
         """emu's `rep outs` in bulk: how many elements from here the device takes and the trace
         has in the run of writes under way (or starting here); the engine may run to its last."""
         device = self._device_buses[0].string_budget(port, size, write)
-        if not write or device < 2 or not self.exact_positions:
+        if device < 2 or not self.exact_positions:
             return 0
+        kind = Kind.PIO_WRITE_RUN if write else Kind.PIO_READ_RUN
         position = self.engine.position
         if self._run_data is not None:
             event = self._run_event
@@ -689,17 +693,46 @@ class Replayer:
             at = event.position + self._run_offset // size
         else:
             event = self.next
-            if event is None or event.kind != Kind.PIO_WRITE_RUN:
+            if event is None or event.kind != kind:
                 return 0
             left = len(self._run_bytes(event.record)) // size
             at = event.position
-        if event.kind != Kind.PIO_WRITE_RUN or at != position or event.record[RUN.port] != port \
+        if event.kind != kind or at != position or event.record[RUN.port] != port \
                 or event.record[RUN.size] != size:
             return 0                               # the one-by-one path names the divergence
         budget = min(device, left)
         if budget >= 2:
             self.engine.move_stop(position + budget - 1)
         return budget
+
+    def read_run(self, port: int, size: int, count: int) -> bytes:
+        """emu: the reads of `count` consecutive instructions (`rep ins` in bulk), the first at
+        the engine's position, all within the run string_budget allowed: the recorded bytes,
+        checked against what the replay's device computes."""
+        self._feed_due_input(between_instructions=False)
+        if self._run_data is None:
+            self._start_run(self._take(Kind.PIO_READ_RUN))
+        event = self._run_event
+        assert event is not None and self._run_data is not None
+        offset = self._run_offset
+        if event.kind != Kind.PIO_READ_RUN or event.record[RUN.port] != port or event.record[RUN.size] != size \
+                or self.engine.position != event.position + offset // size \
+                or offset + count * size > len(self._run_data):
+            self._diverge(f"a run of reads from port {event.record[RUN.port]:#x} was at element "
+                          f"{offset // size}; the guest read {count} x {size} bytes from port {port:#x} "
+                          f"at position {self.engine.position}", event)
+        recorded = self._run_data[offset:offset + count * size]
+        mapping, bus = self._device(False, port)
+        computed = bus.read_run(port, size, count)
+        if computed != recorded and not self._is_input_register(False, mapping, port):
+            first = next(i for i in range(len(recorded)) if computed[i] != recorded[i]) // size
+            self._mismatch(f"{self._register_name(False, mapping, port)} read element {offset // size + first} "
+                           f"differs between the replay's device and the recording", event)
+        self._run_offset += count * size
+        if self._run_offset >= len(self._run_data):
+            self._end_run()
+        self._bound_run()
+        return recorded
 
     def write_run(self, port: int, size: int, data: bytes) -> None:
         """emu: the writes of len(data) // size consecutive instructions (`rep outs` in bulk),
