@@ -898,14 +898,14 @@ static int bulk_layout_checked(uc_engine *uc, struct emu_state *s)
     return s->bulk_io == BULK_ON;
 }
 
-/* Iterations of the `rep outs` under way (this one included) the device may take at once, and
-   where the next element is in RAM; 0 when this access is not such an iteration. */
-static uint32_t bulk_out_count(uc_engine *uc, struct emu_state *s, int size, uint64_t *next_element)
+/* Whether the instruction at EIP is `rep <string op>` with the opcode for `size`-byte elements
+   (byte4 for dwords, byte1 for bytes), in 32-bit code, forwards, with no other prefix, and the
+   engine may hand its iterations over in bulk now. */
+static int rep_string_here(uc_engine *uc, struct emu_state *s, int size, uint8_t byte4, uint8_t byte1)
 {
     uint8_t *env = s->env;
-    uint32_t ecx = 0, esi = 0, room;
-    uint64_t eip_linear, src_linear;
-    int64_t code_phys, src_phys;
+    uint64_t eip_linear;
+    int64_t code_phys;
     const uint8_t *code;
     if (!env || s->nbreak || s->nwatch || !s->counting_blocks) return 0;
     if (!(env32(env, ENV_HFLAGS_OFFSET) & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
@@ -915,7 +915,34 @@ static uint32_t bulk_out_count(uc_engine *uc, struct emu_state *s, int size, uin
     code_phys = walk(uc, s, (uint32_t)eip_linear);
     if (code_phys < 0 || (uint64_t)code_phys + 2 > s->ram_size) return 0;
     code = s->ram + code_phys;
-    if (code[0] != 0xF3 || !((size == 4 && code[1] == 0x6F) || (size == 1 && code[1] == 0x6E))) return 0;
+    return code[0] == 0xF3 && ((size == 4 && code[1] == byte4) || (size == 1 && code[1] == byte1));
+}
+
+/* After `count` iterations went over in bulk: this one ends as usual (QEMU moves the index
+   register by `size` and ECX by one); the others are done here. */
+static void finish_bulk(uc_engine *uc, struct emu_state *s, int index_reg, int size, uint32_t count)
+{
+    uint32_t ecx = 0, index = 0;
+    uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
+    uc_reg_read(uc, index_reg, &index);
+    ecx -= count - 1;
+    index += (count - 1) * size;
+    uc_reg_write(uc, UC_X86_REG_ECX, &ecx);
+    uc_reg_write(uc, index_reg, &index);
+    s->icount += count - 1;
+    s->bulk_runs++;
+    s->bulk_elements += count;
+}
+
+/* Iterations of the `rep outs` under way (this one included) the device may take at once, and
+   where the next element is in RAM; 0 when this access is not such an iteration. */
+static uint32_t bulk_out_count(uc_engine *uc, struct emu_state *s, int size, uint64_t *next_element)
+{
+    uint8_t *env = s->env;
+    uint32_t ecx = 0, esi = 0, room;
+    uint64_t src_linear;
+    int64_t src_phys;
+    if (!rep_string_here(uc, s, size, 0x6F, 0x6E)) return 0;    /* rep outsd / rep outsb */
     uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
     uc_reg_read(uc, UC_X86_REG_ESI, &esi);
     src_linear = (seg_base(env, SEG_DS) + esi) & 0xFFFFFFFFu;
@@ -949,20 +976,10 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
     }
     if (count >= 2) {
         uint8_t data[BULK_MAX_BYTES];
-        uint32_t ecx = 0, esi = 0;
         memcpy(data, &value, size);
         memcpy(data + size, s->ram + next_element, (size_t)(count - 1) * size);
         replayvm_py_out_run(uc, port, size, data, count, c->owner);
-        /* this iteration ends as usual (ESI += size, ECX -= 1); the others are done */
-        uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
-        uc_reg_read(uc, UC_X86_REG_ESI, &esi);
-        ecx -= count - 1;
-        esi += (count - 1) * size;
-        uc_reg_write(uc, UC_X86_REG_ECX, &ecx);
-        uc_reg_write(uc, UC_X86_REG_ESI, &esi);
-        s->icount += count - 1;
-        s->bulk_runs++;
-        s->bulk_elements += count;
+        finish_bulk(uc, s, UC_X86_REG_ESI, size, count);
         return;
     }
     replayvm_py_out(uc, port, size, value, c->owner);
@@ -976,18 +993,9 @@ static uint32_t bulk_in_count(uc_engine *uc, struct emu_state *s, int size, uint
 {
     uint8_t *env = s->env;
     uint32_t ecx = 0, edi = 0, room, cr0 = 0, cr3 = 0, cr4 = 0;
-    uint64_t eip_linear, dst_linear;
-    int64_t code_phys, dst_phys;
-    const uint8_t *code;
-    if (!env || s->nbreak || s->nwatch || !s->counting_blocks) return 0;
-    if (!(env32(env, ENV_HFLAGS_OFFSET) & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
-    if (!bulk_layout_checked(uc, s)) return 0;
-    eip_linear = (seg_base(env, SEG_CS) + env32(env, ENV_EIP_OFFSET)) & 0xFFFFFFFFu;
-    if ((eip_linear & 0xFFF) > 0xFFE) return 0;
-    code_phys = walk(uc, s, (uint32_t)eip_linear);
-    if (code_phys < 0 || (uint64_t)code_phys + 2 > s->ram_size) return 0;
-    code = s->ram + code_phys;
-    if (code[0] != 0xF3 || !((size == 4 && code[1] == 0x6D) || (size == 1 && code[1] == 0x6C))) return 0;
+    uint64_t dst_linear;
+    int64_t dst_phys;
+    if (!rep_string_here(uc, s, size, 0x6D, 0x6C)) return 0;    /* rep insd / rep insb */
     uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
     uc_reg_read(uc, UC_X86_REG_EDI, &edi);
     dst_linear = (seg_base(env, SEG_ES) + edi) & 0xFFFFFFFFu;
@@ -1026,19 +1034,11 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user_data)
     }
     if (count >= 2) {
         uint8_t data[BULK_MAX_BYTES];
-        uint32_t ecx = 0, edi = 0, first = 0;
+        uint32_t first = 0;
         if (!replayvm_py_in_run(uc, port, size, data, count, c->owner)) return 0;   /* an error: stopping */
         memcpy(s->ram + next_element, data + size, (size_t)(count - 1) * size);
         memcpy(&first, data, size);
-        uc_reg_read(uc, UC_X86_REG_ECX, &ecx);
-        uc_reg_read(uc, UC_X86_REG_EDI, &edi);
-        ecx -= count - 1;
-        edi += (count - 1) * size;
-        uc_reg_write(uc, UC_X86_REG_ECX, &ecx);
-        uc_reg_write(uc, UC_X86_REG_EDI, &edi);
-        s->icount += count - 1;
-        s->bulk_runs++;
-        s->bulk_elements += count;
+        finish_bulk(uc, s, UC_X86_REG_EDI, size, count);
         return first;
     }
     return replayvm_py_in(uc, port, size, c->owner);
