@@ -11,7 +11,7 @@ import pytest
 from replayvm.engines.base import StopReason
 from replayvm.engines.emu import EmuEngine
 from tests import test_emu_engine
-from tests.test_emu_engine import PortLog, protected_machine
+from tests.test_emu_engine import PAGE_FAULT_HANDLER, PortLog, protected_machine
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
 
@@ -55,21 +55,6 @@ class PositionLog(PortLog):
             self.accesses.append(("out", self.engine.icount + k, offset, size,
                                   int.from_bytes(data[k * size:(k + 1) * size], "little")))
 
-
-PAGE_FAULT_HANDLER = """pf:
-    pop %eax
-    out %eax, $0x84
-    mov %cr2, %eax
-    out %eax, $0x88
-    shr $22, %eax
-    mov %eax, %ebx
-    shl $22, %eax
-    or $0x87, %eax
-    mov %eax, 0x4000(,%ebx,4)
-    mov %cr3, %eax
-    mov %eax, %cr3
-    iret
-"""
 
 PROGRAMS = {
     "port I/O inside a block": ("""

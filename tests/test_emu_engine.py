@@ -96,6 +96,24 @@ GATE_MACRO = r"""
 """
 
 
+# A #PF handler for 4 MiB paging: reports the error code (port 0x84) and CR2 (0x88), maps the
+# faulting 4 MiB as a user-writable page and returns to retry the access.
+PAGE_FAULT_HANDLER = """pf:
+    pop %eax
+    out %eax, $0x84          # error code
+    mov %cr2, %eax
+    out %eax, $0x88
+    shr $22, %eax
+    mov %eax, %ebx
+    shl $22, %eax
+    or $0x87, %eax
+    mov %eax, 0x4000(,%ebx,4)
+    mov %cr3, %eax
+    mov %eax, %cr3           # flush the TLB
+    iret
+"""
+
+
 def protected_machine(code: str, handlers: dict[int, str] | None = None, paging: bool = False):
     """A flat 32-bit machine with ring 0/3 segments, a TSS, an IDT and optional 4 MiB paging."""
     m = TinyMachine()
@@ -195,20 +213,7 @@ user:
     movl 0xC00000, %eax
     int $0x40
 """
-    pf = """pf:
-    pop %eax
-    out %eax, $0x84          # error code
-    mov %cr2, %eax
-    out %eax, $0x88
-    shr $22, %eax
-    mov %eax, %ebx
-    shl $22, %eax
-    or $0x87, %eax
-    mov %eax, 0x4000(,%ebx,4)
-    mov %cr3, %eax
-    mov %eax, %cr3           # flush the TLB
-    iret
-"""
+    pf = PAGE_FAULT_HANDLER
     m, engine = protected_machine(code.replace("SETGATE 14, pf, 0", "SETGATE 14, pf, 0\n SETGATE 0x40, done, 3"),
                                   {14: pf, 0x40: "done:\n hlt"}, paging=True)
     assert engine.run(max_instructions=10_000) is StopReason.HALT, engine.last_error
