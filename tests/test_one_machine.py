@@ -299,3 +299,29 @@ def test_only_branch_traces_are_format_2_and_the_reader_holds_them_to_it(tmp_pat
         (tmp_path / f"re-{name}").write_bytes(bytes(data))
         with pytest.raises(TraceFormatError, match=says):
             TraceReader(tmp_path / f"re-{name}").close()
+
+
+def test_a_trace_naming_machine_features_is_format_3_and_an_unknown_feature_is_refused_by_name(
+        tmp_path, monkeypatch):
+    from replayvm.trace import TraceWriter
+    from replayvm.trace import format as trace_format
+    from replayvm.trace import reader as trace_reader
+    from replayvm.trace.format import FEATURES_MAJOR, FILE_HEADER, FORMAT_MAJOR, MAGIC, TraceFormatError
+
+    header = {"engine": "emu", "position_unit": "instructions", "ram_bytes": 1 << 20, "initial_state": {},
+              "replayvm": "9.9.9", "features": ["warp-drive"]}
+    TraceWriter(tmp_path / "new.zst", header).close({})
+    assert (tmp_path / "new.zst").read_bytes()[:FILE_HEADER.size] == FILE_HEADER.pack(MAGIC, FEATURES_MAJOR, 0)
+    with pytest.raises(TraceFormatError) as refused:
+        TraceReader(tmp_path / "new.zst").close()
+    line = str(refused.value)
+    assert "\n" not in line and "warp-drive" in line and "9.9.9" in line and "upgrade replayvm" in line
+    monkeypatch.setattr(trace_reader, "KNOWN_FEATURES", frozenset({"warp-drive"}))
+    with TraceReader(tmp_path / "new.zst") as known:
+        assert known.major == FEATURES_MAJOR and known.header["features"] == ["warp-drive"]
+    # A 1.x file header in front of a header with features (or 3.x without them) is malformed.
+    data = bytearray((tmp_path / "new.zst").read_bytes())
+    data[:FILE_HEADER.size] = FILE_HEADER.pack(MAGIC, FORMAT_MAJOR, trace_format.FORMAT_MINOR)
+    (tmp_path / "downgraded.zst").write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError, match="with features"):
+        TraceReader(tmp_path / "downgraded.zst").close()

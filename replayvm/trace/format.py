@@ -15,7 +15,14 @@ BRANCH_MAJOR = 2                 # 2.0: a branch trace (replay --live), which st
                                  # trace: a 1.x reader would replay it from the wrong start, so it
                                  # must refuse it, naming both versions
 BRANCH_MINOR = 0
-READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR)
+FEATURES_MAJOR = 3               # 3.0: a trace whose machine needs more than a 1.x/2.x reader knows
+FEATURES_MINOR = 0               # (several CPUs, a plain PC, long mode...): its header's `features`
+                                 # names each, and a reader refuses a feature it does not know, by
+                                 # name; older readers refuse the major. Branches of it stay 3.x.
+READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
+# The machine features this release replays: each one a trace may name in its header's `features`.
+# A feature is added here in the release that records it, never removed.
+KNOWN_FEATURES: frozenset[str] = frozenset()
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor

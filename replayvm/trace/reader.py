@@ -24,8 +24,9 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 import zstandard
 
-from replayvm.trace.format import (BRANCH_MAJOR, DIGEST_MINOR, FILE_HEADER, FORMAT_MAJOR, FRAME_HEADER, MAGIC,
-                                   READABLE_MAJORS,
+from replayvm import __version__
+from replayvm.trace.format import (BRANCH_MAJOR, DIGEST_MINOR, FEATURES_MAJOR, FILE_HEADER, FORMAT_MAJOR, FRAME_HEADER,
+                                   KNOWN_FEATURES, MAGIC, READABLE_MAJORS,
                                    MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_FRAME_COMPRESSED,
                                    MAX_FRAME_DECOMPRESSED, MAX_MAP_LEN, MAX_STR_LEN, OPTIONAL_KIND_MIN,
                                    Kind, TraceAlteredError, TraceFormatError)
@@ -187,14 +188,34 @@ class TraceReader:
                 or type(record[KIND_INDEX]) is not int:
             raise TraceFormatError(f"{self.path}: first record is not a header (frame 0, byte {offset})")
         problem = map_problem(record[HEADER.header], HEADER_FIELDS, "header")
-        if problem is None and ("parent" in record[HEADER.header]) != (self.major == BRANCH_MAJOR):
-            problem = (f"a format {self.major}.{self.minor} header "
-                       f"{'without' if self.major == BRANCH_MAJOR else 'with'} a parent (format "
-                       f"{BRANCH_MAJOR}.x is the format of branch traces, and only of them)")
+        if problem is None:
+            problem = self._version_problem(record[HEADER.header])
         if problem is not None:
             raise TraceFormatError(f"{self.path}: {problem} (frame 0, byte {offset})")
         self.header = record[HEADER.header]
         self._ram_pages = self.header.get("ram_bytes", 0) // PAGE_SIZE
+
+    def _version_problem(self, header: dict[str, Any]) -> str | None:
+        """What is wrong with a header for this file's format version, or None."""
+        features = header.get("features")
+        if self.major == FEATURES_MAJOR:
+            if not features:
+                return f"a format {self.major}.{self.minor} header without its features"
+            unknown = sorted(set(features) - KNOWN_FEATURES)
+            if unknown:
+                raise TraceFormatError(
+                    f"{self.path}: this trace needs machine features this replayvm does not have "
+                    f"({', '.join(unknown)}; recorded by replayvm {header.get('replayvm')}, this is "
+                    f"replayvm {__version__}); upgrade replayvm")
+            return None
+        if features is not None:
+            return (f"a format {self.major}.{self.minor} header with features (format "
+                    f"{FEATURES_MAJOR}.x is the format of traces that name them)")
+        if ("parent" in header) != (self.major == BRANCH_MAJOR):
+            return (f"a format {self.major}.{self.minor} header "
+                    f"{'without' if self.major == BRANCH_MAJOR else 'with'} a parent (format "
+                    f"{BRANCH_MAJOR}.x is the format of branch traces, and only of them)")
+        return None
 
     def chunks(self, size: int = CHUNK, use_list: bool = True) -> Iterator[tuple[int, int, list]]:
         """The records after the header, validated, `size` at a time: (frame index, byte offset of

@@ -381,6 +381,8 @@ HEADER_FIELDS = (
              "position; else 0)", _is_int(0, I63), required=False),
     MapField("devices", "map of device name to its state (a branch starts from them)", devices_ok,
              required=False),
+    MapField("features", "list of str, not empty (format 3.x only): the machine features a reader "
+             "must know to replay it", _list_of(_is_text(MAX_NAME_LEN), 64), required=False),
 )
 _count_map = _map_of(_is_int(0, I63))
 FOOTER_FIELDS = (

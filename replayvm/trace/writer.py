@@ -26,12 +26,22 @@ from typing import Any
 import msgpack
 import zstandard
 
-from replayvm.trace.format import (BRANCH_MAJOR, BRANCH_MINOR, FILE_HEADER, FORMAT_MAJOR, FORMAT_MINOR, FRAME_BODY_TARGET,
-                                   FRAME_HEADER, MAGIC, MAX_FRAME_COMPRESSED)
+from replayvm.trace.format import (BRANCH_MAJOR, BRANCH_MINOR, FEATURES_MAJOR, FEATURES_MINOR, FILE_HEADER, FORMAT_MAJOR,
+                                   FORMAT_MINOR, FRAME_BODY_TARGET, FRAME_HEADER, MAGIC, MAX_FRAME_COMPRESSED)
 from replayvm.trace.records import FOOTER, FOOTER_FIELDS, HEADER, HEADER_FIELDS, fit_map
 
 ZSTD_LEVEL = 3
 MAX_RECORDS_PER_FRAME = 200_000
+
+
+def format_version(header: dict[str, Any]) -> tuple[int, int]:
+    """The oldest format that says what a reader must know to replay this header's trace: 3.0 if
+    it names machine features, 2.0 for a branch (it starts inside another trace), else 1.x."""
+    if header.get("features"):
+        return FEATURES_MAJOR, FEATURES_MINOR
+    if "parent" in header:
+        return BRANCH_MAJOR, BRANCH_MINOR
+    return FORMAT_MAJOR, FORMAT_MINOR
 
 
 class TraceWriter:
@@ -39,9 +49,7 @@ class TraceWriter:
                  flush_every: int = 50_000) -> None:
         self.path = Path(path)
         header = fit_map(header, HEADER_FIELDS, "header")     # ValueError before anything is written
-        branch = "parent" in header                      # starts inside another trace: 2.0
-        file_header = FILE_HEADER.pack(MAGIC, BRANCH_MAJOR if branch else FORMAT_MAJOR,
-                                       BRANCH_MINOR if branch else FORMAT_MINOR)
+        file_header = FILE_HEADER.pack(MAGIC, *format_version(header))
         self._file = open(self.path, "wb")
         self._file.write(file_header)
         self._digest = hashlib.sha256(file_header)
