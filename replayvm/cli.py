@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--engine", choices=("auto", "kvm", "emu"), default="auto",
                         help="CPU engine (default auto: kvm when it can run the guest, else emu)")
     record.add_argument("--mem", type=int, default=hw.DEFAULT_RAM_MIB, metavar="MiB", help="guest RAM")
+    record.add_argument("--cpus", type=int, default=1, metavar="N",
+                        help=f"CPUs (1-{hw.MAX_CPUS}, default 1; xv6's `make qemu` runs 2): the emu "
+                             "engine runs them in turns of instructions, each switch in the trace")
     record.add_argument("--input", metavar="TEXT",
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
@@ -181,7 +184,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     script = decode_escapes(args.input, "--input") if args.input is not None else None
     prompt = decode_escapes(args.prompt, "--prompt")
     until = decode_escapes(args.until, "--until") if args.until else None
-    engine = _resolve_engine(args.engine)
+    if not 1 <= args.cpus <= hw.MAX_CPUS:
+        raise UsageError(f"--cpus must be between 1 and {hw.MAX_CPUS}")
+    if args.cpus > 1 and args.engine == "kvm":
+        from replayvm.engines.kvm import SMP_REFUSED
+
+        raise UsageError(SMP_REFUSED)
+    engine = _resolve_engine(args.engine if args.cpus == 1 else "emu")
     if args.virtual_clock and not engine_class(engine).exact_positions:
         raise UsageError("--virtual-clock needs the emu engine (guest time from its instruction count)")
     if args.until_fail is not None and script is None:
@@ -198,7 +207,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-        chaos_seed=seed if args.chaos else None)
+        chaos_seed=seed if args.chaos else None, cpus=args.cpus)
     if args.until_fail is None:
         if args.chaos:
             _say(f"chaos seed {seed}")

@@ -32,11 +32,12 @@ FLAT_CODE_SELECTOR = 0x08
 FLAT_DATA_SELECTOR = 0x10
 
 
-def fill_bios_data_area(ram: memoryview) -> None:
-    """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them."""
+def fill_bios_data_area(ram: memoryview, cpus: int = 1) -> None:
+    """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them;
+    the MP tables listing `cpus` processors."""
     ram[hw.BDA_EBDA_SEGMENT:hw.BDA_EBDA_SEGMENT + 2] = struct.pack("<H", hw.EBDA_ADDR >> 4)
     ram[hw.BDA_BASE_MEM_KB:hw.BDA_BASE_MEM_KB + 2] = struct.pack("<H", hw.BASE_MEM_KB)
-    write_mp_tables(ram)
+    write_mp_tables(ram, cpu_count=cpus)
 
 
 def check_boot_sector(first_sector: bytes) -> None:
@@ -47,10 +48,10 @@ def check_boot_sector(first_sector: bytes) -> None:
         raise UsageError("disk 0 has no boot signature (0x55AA at byte 510): not bootable")
 
 
-def boot_from_disk(ram: memoryview, first_sector: bytes) -> CpuState:
+def boot_from_disk(ram: memoryview, first_sector: bytes, cpus: int = 1) -> CpuState:
     """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
     check_boot_sector(first_sector)
-    fill_bios_data_area(ram)
+    fill_bios_data_area(ram, cpus)
     ram[hw.BOOT_SECTOR_ADDR:hw.BOOT_SECTOR_ADDR + SECTOR_SIZE] = first_sector[:SECTOR_SIZE]
     return real_mode_state(0, hw.BOOT_SECTOR_ADDR, rdx=0x80, rsp=BOOT_STACK_TOP)
 
@@ -75,7 +76,7 @@ def find_multiboot_header(image: bytes) -> int | None:
     return None
 
 
-def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
+def boot_multiboot(ram: memoryview, kernel: Path, cpus: int = 1) -> CpuState:
     """Load a multiboot ELF kernel and return the state a multiboot loader hands it."""
     try:
         image = kernel.read_bytes()
@@ -83,7 +84,7 @@ def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
         raise UsageError(f"cannot read kernel {kernel}: {error.strerror}") from None
     if find_multiboot_header(image) is None:
         raise UsageError(f"{kernel} has no multiboot header in its first 8 KiB")
-    fill_bios_data_area(ram)
+    fill_bios_data_area(ram, cpus)
     try:
         with kernel.open("rb") as f:
             elf = ELFFile(f)
@@ -112,3 +113,4 @@ def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
     for name in ("ds", "es", "fs", "gs", "ss"):
         setattr(state, name, _flat_segment(FLAT_DATA_SELECTOR, code=False))
     return state
+

@@ -23,7 +23,9 @@ from collections import Counter
 
 from replayvm.engines._kvm import ffi, lib
 from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
-from replayvm.errors import EngineUnavailable
+from replayvm.errors import EngineUnavailable, UsageError
+
+SMP_REFUSED = "--cpus above 1 needs --engine emu (the kvm engine runs one CPU for now)"
 
 KVM_API_VERSION = 12
 KICK_SIGNAL = signal.SIGUSR1
@@ -146,6 +148,8 @@ class KvmEngine:
     position_unit = "exits"
 
     def __init__(self, machine: MachineView) -> None:
+        if getattr(machine, "cpus", 1) > 1:
+            raise UsageError(SMP_REFUSED)
         self.machine = machine
         self.kvm_fd = open_kvm()
         self.exit_counts: Counter[str] = Counter()

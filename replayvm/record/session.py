@@ -40,6 +40,7 @@ class SessionOptions:
     trace: Path | None = None
     command_line: list[str] = field(default_factory=list)
     chaos_seed: int | None = None
+    cpus: int = 1                        # several: the trace is format 3.0 with feature "smp"
 
 
 def bundled_demo_disk() -> Path:
@@ -60,7 +61,7 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
                            engine=options.engine, virtual_clock=options.virtual_clock,
-                           chaos_seed=options.chaos_seed)
+                           chaos_seed=options.chaos_seed, cpus=options.cpus)
     try:
         machine = Machine(config, console)
     except BaseException:
@@ -156,6 +157,9 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
+    if machine.cpus > 1:                     # a 1-CPU trace stays as before (format 1.2)
+        header["features"] = ["smp"]
+        header["cpus"] = machine.cpus
     start_position = 0
     if branch is not None:
         header.update(branch)
@@ -190,6 +194,11 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         "ram_sha256": ram_digest(machine.ram),
         "console_sha256": hashlib.sha256(bytes(machine.console.transcript)).hexdigest(),
     }
+    if machine.cpus > 1:
+        try:
+            footer["cpu_states"] = engine.cpu_states()
+        except Exception as error:           # the footer must still be written
+            footer["cpu_states"] = [{"error": str(error)}] * machine.cpus
     try:
         writer.close(footer=footer)
     except OSError as error:                 # e.g. the disk filled up while the guest ran
