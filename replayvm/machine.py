@@ -170,7 +170,7 @@ class Machine:
         self.lapic_window = None
         if self.cpus > 1:
             self.lapic_window = LapicWindow(self.lapics)
-            ApicBus(self.lapics, self._on_init_ipi, self._on_startup_ipi)
+            ApicBus(self.lapics, self._on_init_ipi, self._on_startup_ipi, self._on_wake_ipi)
         lines = {pin: IrqLine(pin, [self.ioapic, self.pic]) for pin in range(16)}
         self.irq_lines = lines
 
@@ -230,6 +230,13 @@ class Machine:
 
     def _on_startup_ipi(self, cpu: int, vector: int) -> None:
         self.engine.cpu_startup(cpu, vector)  # type: ignore[attr-defined]
+
+    def _on_wake_ipi(self, cpu: int) -> None:
+        """An IPI reached another CPU: under chaos the running CPU's turn is drawn again from here
+        (else a CPU alone for a while is nearly always in a long turn when another wakes)."""
+        woken = getattr(self.scheduler, "woken", None)
+        if woken is not None:
+            self.engine.end_turn_by(woken(self.engine.position))  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- device state
     def save_devices(self) -> dict[str, dict]:

@@ -25,9 +25,9 @@ import random
 from collections.abc import Callable
 
 DEFAULT_QUANTUM = 50_000
-SHORT_SLICE_MAX = 500                # a "very short" slice: 1..this many instructions
-STARVE_FACTOR = 40                   # a starving slice: this many quanta
-SHORT_CHANCE = 0.2
+SHORT_SLICE_MAX = 2_000              # a "very short" slice: 1..this many instructions
+STARVE_FACTOR = 10                   # a starving slice: this many quanta
+SHORT_CHANCE = 0.5
 STARVE_CHANCE = 0.05
 CHAOS_SALT = 0x5C4ED                  # the schedule's random stream differs from the latencies'
 
@@ -52,6 +52,15 @@ class QuantumScheduler:
         if draw < SHORT_CHANCE + STARVE_CHANCE:
             return self.quantum * STARVE_FACTOR
         return self._random.randint(self.quantum // 2, self.quantum * 3 // 2)
+
+    def woken(self, position: int) -> int:
+        """Another CPU was woken (an IPI) at `position`: under chaos the current turn is drawn
+        again from here, so that the turn a woken CPU waits for is as random as any (a CPU that ran
+        alone drew turn after turn, and is nearly always inside a long one by then). Returns where
+        the current turn ends."""
+        if self._random is not None:
+            self.end = position + self._slice()
+        return self.end
 
     def next_switch_position(self) -> int | None:
         """Where the current turn ends (the engine stops its run there)."""

@@ -141,6 +141,14 @@ def test_xv6_under_chaos_is_counted_the_same(xv6_dir, monkeypatch, tmp_path):
                         chaos_seed=7)
 
 
+def test_xv6_on_two_cpus_is_counted_the_same(xv6_dir, monkeypatch, tmp_path):
+    """Switches between CPUs (a context restore and a TLB flush between runs) keep the per-block
+    counting exact: the same switches, interrupts and accesses at the same positions."""
+    events = check_same_sessions(monkeypatch, tmp_path, b"ls\necho hi\n", disks=xv6_copy(xv6_dir, tmp_path),
+                                 cpus=2)
+    assert sum(1 for event in events if event[0] == Kind.SWITCH) > 100
+
+
 @pytest.mark.slow
 def test_xv6_usertests_page_faults_and_all_are_counted_the_same(xv6_dir, monkeypatch, tmp_path):
     # usertests forks, execs, grows and shrinks memory (sbrktest) and is killed by page faults

@@ -633,10 +633,12 @@ class ApicBus:
     vector * 4096). Delivery is instant, as for one CPU."""
 
     def __init__(self, lapics: list[Lapic], on_init: Callable[[int], None],
-                 on_startup: Callable[[int, int], None]) -> None:
+                 on_startup: Callable[[int, int], None],
+                 on_wake: Callable[[int], None] | None = None) -> None:
         self.lapics = lapics
         self.on_init = on_init
         self.on_startup = on_startup
+        self.on_wake = on_wake          # a fixed IPI reached another CPU (the scheduler may care)
         for lapic in lapics:
             lapic.apic_bus = self
 
@@ -671,7 +673,9 @@ class ApicBus:
                 source.send_illegal_vector()
                 return
             for lapic in targets[:1] if mode == DM_LOWEST_PRIORITY else targets:
-                lapic.accept_interrupt(vector, bool(icr & ICR_LEVEL_TRIGGERED))
+                if lapic.accept_interrupt(vector, bool(icr & ICR_LEVEL_TRIGGERED)) \
+                        and lapic is not source and self.on_wake is not None:
+                    self.on_wake(lapic.apic_id)
 
 
 class LapicWindow:

@@ -256,6 +256,12 @@ class EmuEngine:
             self._cpu_halted[cpu] = False
         return False
 
+    def end_turn_by(self, position: int) -> None:
+        """From a device access: the run under way ends at `position` at the latest (the
+        scheduler moved the current CPU's turn; recording only)."""
+        state = self.state
+        state.stop_at = min(state.stop_at, max(position, state.icount + 1))
+
     def cpu_states(self) -> list[dict]:
         """Every CPU's state (a CPU still waiting for its STARTUP IPI: {error: ...}), for the
         footer and its replay's check."""
@@ -555,10 +561,11 @@ class EmuEngine:
                     return StopReason.SHUTDOWN
                 continue
             if self.cpus > 1:
-                if self._schedule():
+                halted = self._schedule()
+                interrupts = machine.interrupts          # the CPU's own LAPIC (or the trace)
+                if halted:
                     self.halted = True
                     return StopReason.HALT
-                interrupts = machine.interrupts          # the CPU's own LAPIC (or the trace)
             single_step = False
             if interrupts.has_pending():
                 if self.reg("eflags") & EFLAGS_IF:

@@ -1015,6 +1015,11 @@ class Replayer:
                 self.output.flush()
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
+                # Several CPUs: a halted machine stays halted (the next run would halt again at
+                # once), so the recording's last halt is its end.
+                if self.exact_positions and self.next is None and \
+                        engine.position >= (self.end_position or engine.position):
+                    return "end"
             elif reason is StopReason.SHUTDOWN or reason is StopReason.UNSUPPORTED:
                 self._engine_stop(reason)
                 return "end"
