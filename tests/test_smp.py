@@ -19,6 +19,7 @@ from replayvm.devices.uart import Uart16550
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import Divergence, Replayer, replay
 from replayvm.trace import Kind, TraceReader
+from replayvm.trace.summary import summarize
 
 DEMO_SMP_RACE = re.compile(rb"race: counter=(\d+) expected=(\d+) \(2 CPUs\)")
 
@@ -104,6 +105,9 @@ def test_the_demo_guest_starts_its_ap_and_races_across_two_cpus(demo_smp_trace):
     assert len(footer["cpu_states"]) == 2
     assert all("regs" in state for state in footer["cpu_states"])        # both CPUs ran
     assert footer["counts"]["switch"] == len(switches)
+    summary = summarize(trace)                  # each CPU's own count, from the switches
+    assert summary["cpus"] == 2 and all(summary["cpu_instructions"])
+    assert sum(summary["cpu_instructions"]) == footer["position"]
 
 
 def test_a_two_cpu_demo_trace_replays_verified(demo_smp_trace):
