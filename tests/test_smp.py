@@ -19,6 +19,7 @@ from replayvm.devices.uart import Uart16550
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import Divergence, Replayer, replay
 from replayvm.trace import Kind, TraceReader
+from replayvm.trace.format import POSITIONED
 from replayvm.trace.summary import summarize
 
 DEMO_SMP_RACE = re.compile(rb"race: counter=(\d+) expected=(\d+) \(2 CPUs\)")
@@ -217,3 +218,22 @@ def test_xv6_boots_on_four_cpus(xv6_dir, tmp_path):
         assert f"cpu{cpu}: starting {cpu}" in text
     assert "\nfour\n" in text
     assert replay(trace).verified
+
+
+def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
+    """The loader counts SWITCH records' positions (cpu columns are still to come): the rows of
+    a two-CPU trace sit where replay puts their events."""
+    from replayvm.analyze.loader import load_trace
+    from replayvm.analyze.sql import query
+
+    trace, _ = demo_smp_trace
+    database = tmp_path / "smp.db"
+    load_trace(trace, database)
+    with TraceReader(trace) as reader:
+        position, halts = 0, []
+        for record in reader:
+            if record[0] in POSITIONED:
+                position += record[1]
+            if record[0] == Kind.HALT:
+                halts.append(position)
+    assert [row[0] for row in query(database, "SELECT position FROM halts ORDER BY seq").rows] == halts

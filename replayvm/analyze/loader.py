@@ -72,6 +72,8 @@ _INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without i
 check_unpacking((Kind.INPUT,), "dpos", "source", "data")
 check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
+check_unpacking((Kind.SWITCH,), "dpos", "cpu")
+_SWITCH = int(Kind.SWITCH)
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
 
@@ -539,6 +541,10 @@ class _LoadState:
                     _, dpos = record
                     pos += dpos
                     rows["halts"] += (seq, pos)
+                    seq += 1
+                elif kind == _SWITCH:          # several CPUs: positions (no rows: cpu columns to come)
+                    _, dpos, _cpu = record
+                    pos += dpos
                     seq += 1
                 elif kind == _SECTOR:
                     _, digest, data = record
