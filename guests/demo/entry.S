@@ -5,9 +5,8 @@
 .globl _start
 _start = entry - KERNBASE            # the ELF entry point is physical: paging is off
 
-.text
-.globl entry
-entry:
+# Paging on with entry_page_directory (the BSP at entry, each AP in ap_start32).
+.macro ENABLE_PAGING
     movl    %cr4, %eax
     orl     $0x10, %eax              # CR4.PSE: 4 MiB pages
     movl    %eax, %cr4
@@ -16,6 +15,12 @@ entry:
     movl    %cr0, %eax
     orl     $0x80010000, %eax        # CR0.PG | CR0.WP
     movl    %eax, %cr0
+.endm
+
+.text
+.globl entry
+entry:
+    ENABLE_PAGING
     movl    $(boot_stack + 4096), %esp
     movl    $kernel_main, %eax
     jmp     *%eax
@@ -123,14 +128,7 @@ ap_start32:
     movw    %ax, %ds
     movw    %ax, %es
     movw    %ax, %ss
-    movl    %cr4, %eax
-    orl     $0x10, %eax              # CR4.PSE
-    movl    %eax, %cr4
-    movl    $(entry_page_directory - KERNBASE), %eax
-    movl    %eax, %cr3
-    movl    %cr0, %eax
-    orl     $0x80010000, %eax        # CR0.PG | CR0.WP
-    movl    %eax, %cr0
+    ENABLE_PAGING
     movl    (AP_START - 4), %esp
     movl    $ap_main, %eax
     call    *%eax

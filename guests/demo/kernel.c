@@ -134,9 +134,24 @@ static void set_gate(int vector, void (*handler)(void), int dpl)
     idt[2 * vector + 1] = (addr & 0xFFFF0000) | 0x8E00 | (dpl << 13);
 }
 
-static void load_tables(void)
+/* Load the GDT, the kernel's segments, the IDT and (the BSP only: one TSS) the task register. */
+static void use_tables(int with_tss)
 {
     struct { u16 limit; u32 base; } __attribute__((packed)) gdtr, idtr;
+    gdtr.limit = sizeof gdt - 1;
+    gdtr.base = (u32)gdt;
+    idtr.limit = sizeof idt - 1;
+    idtr.base = (u32)idt;
+    asm volatile("lgdt %0" : : "m"(gdtr));
+    asm volatile("ljmp %0, $1f; 1:" : : "i"(SEG_KCODE));
+    asm volatile("movw %w0, %%ds; movw %w0, %%es; movw %w0, %%ss" : : "r"(SEG_KDATA));
+    if (with_tss)
+        asm volatile("ltr %w0" : : "r"(SEG_TSS));
+    asm volatile("lidt %0" : : "m"(idtr));
+}
+
+static void load_tables(void)
+{
     set_descriptor(1, 0, 0xFFFFF, 0x9A, 0xC);
     set_descriptor(2, 0, 0xFFFFF, 0x92, 0xC);
     set_descriptor(3, 0, 0xFFFFF, 0xFA, 0xC);
@@ -148,15 +163,7 @@ static void load_tables(void)
         set_gate(v, (void (*)(void))vector_table[v], 0);
     set_gate(64, vector64, 3);              /* system calls, callable from ring 3 */
     set_gate(255, vector255, 0);
-    gdtr.limit = sizeof gdt - 1;
-    gdtr.base = (u32)gdt;
-    idtr.limit = sizeof idt - 1;
-    idtr.base = (u32)idt;
-    asm volatile("lgdt %0" : : "m"(gdtr));
-    asm volatile("ljmp %0, $1f; 1:" : : "i"(SEG_KCODE));
-    asm volatile("movw %w0, %%ds; movw %w0, %%es; movw %w0, %%ss" : : "r"(SEG_KDATA));
-    asm volatile("ltr %w0" : : "r"(SEG_TSS));
-    asm volatile("lidt %0" : : "m"(idtr));
+    use_tables(1);
 }
 
 /* ------------------------------------------------------------------ LAPIC and IOAPIC */
@@ -496,15 +503,7 @@ static VISIBLE void smp_race_step(volatile u32 *counter)
  * with no timer, then wait halted for the BSP's IPIs; CPU 1 takes part in the SMP race. */
 void ap_main(void)
 {
-    struct { u16 limit; u32 base; } __attribute__((packed)) gdtr, idtr;
-    gdtr.limit = sizeof gdt - 1;
-    gdtr.base = (u32)gdt;
-    idtr.limit = sizeof idt - 1;
-    idtr.base = (u32)idt;
-    asm volatile("lgdt %0" : : "m"(gdtr));
-    asm volatile("ljmp %0, $1f; 1:" : : "i"(SEG_KCODE));
-    asm volatile("movw %w0, %%ds; movw %w0, %%es; movw %w0, %%ss" : : "r"(SEG_KDATA));
-    asm volatile("lidt %0" : : "m"(idtr));
+    use_tables(0);
     LAPIC[0xF0 / 4] = 0x100 | 0xFF;
     LAPIC[0x350 / 4] = 0x10000;
     LAPIC[0x360 / 4] = 0x10000;
