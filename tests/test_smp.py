@@ -184,6 +184,18 @@ def test_cpus_out_of_range_and_kvm_with_several_cpus_are_one_line_errors():
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
+def test_seeking_and_going_live_on_several_cpus_are_refused_in_one_line(demo_smp_trace):
+    """Checkpoints hold one CPU for now: seeking (and gdb) and going live say so, no traceback."""
+    trace, _ = demo_smp_trace
+    for args, fragment in ((["--seek", "i100000"], "several CPUs"),
+                           (["--seek", "5", "--live"], "several CPUs")):
+        result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(trace), *args],
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
 # ---------------------------------------------------------------- unmodified xv6
 def xv6_smp_session(xv6_dir: Path, trace: Path, script: bytes, cpus: int) -> str:
     out = io.BytesIO()
