@@ -76,3 +76,26 @@ def test_multiboot_header_is_found_and_validated():
     assert firmware.find_multiboot_header(bytes(image)) == 0x1000
     struct.pack_into("<I", image, 0x1008, 0)
     assert firmware.find_multiboot_header(bytes(image)) is None
+
+
+def test_mp_tables_list_every_cpu_bsp_first_with_checksums_right():
+    for cpus in (2, 4, hw.MAX_CPUS):
+        ram = fresh_ram()
+        firmware.fill_bios_data_area(ram, cpus)
+        pointer = find_floating_pointer(ram)
+        assert sum(ram[pointer:pointer + 16]) % 256 == 0
+        config_addr = struct.unpack_from("<I", ram, pointer + 4)[0]
+        length, = struct.unpack_from("<H", ram, config_addr + 4)
+        assert sum(ram[config_addr:config_addr + length]) % 256 == 0
+        count, = struct.unpack_from("<H", ram, config_addr + 34)
+        offset, processors = config_addr + 44, []
+        for _ in range(count):
+            if ram[offset] == 0:
+                processors.append(bytes(ram[offset:offset + 20]))
+                offset += 20
+            else:
+                offset += 8
+        assert offset == config_addr + length
+        assert [entry[1] for entry in processors] == list(range(cpus))     # APIC IDs 0..N-1
+        assert all(entry[3] & 1 for entry in processors)                   # enabled
+        assert [bool(entry[3] & 2) for entry in processors] == [True] + [False] * (cpus - 1)
