@@ -71,6 +71,28 @@ def test_the_ioapic_sends_a_pin_to_the_cpu_its_entry_names():
     assert not lapics[0].has_pending() and not lapics[1].has_pending()
 
 
+def test_each_cpu_sees_its_own_lapic_at_the_one_address():
+    from replayvm import hw
+    from replayvm.console import Console
+    from replayvm.machine import Machine, MachineConfig
+    from replayvm.record.session import bundled_demo_disk
+
+    machine = Machine(MachineConfig(disks=[bundled_demo_disk()], engine="emu", cpus=2, virtual_clock=True),
+                      Console(io.BytesIO()))
+    try:
+        ids = []
+        for cpu in (0, 1):
+            machine.select_cpu(cpu)
+            ids.append(machine.mmio.read(hw.LAPIC_ADDR + 0x20, 4) >> 24)
+            machine.mmio.write(hw.LAPIC_ADDR + 0x80, 4, 0x10 * (cpu + 1))        # TPR
+        assert ids == [0, 1]
+        assert [lapic.tpr for lapic in machine.lapics] == [0x10, 0x20]
+        assert machine.interrupts is machine.lapics[1]       # the running CPU's interrupts
+    finally:
+        machine.close()
+        machine.release_ram()
+
+
 # ---------------------------------------------------------------- the demo guest on two CPUs
 def demo_session(trace: Path, script: bytes, cpus: int = 2, chaos_seed: int | None = None) -> bytes:
     out = io.BytesIO()
