@@ -271,3 +271,17 @@ def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
             if record[0] == Kind.HALT:
                 halts.append(position)
     assert [row[0] for row in query(database, "SELECT position FROM halts ORDER BY seq").rows] == halts
+
+
+@pytest.mark.slow
+def test_xv6_usertests_pass_on_two_cpus_and_replay(xv6_dir, tmp_path):
+    """On the virtual clock the session is a fixed function of the code: it passes (a wall-clock
+    recording can meet xv6-public's own create/unlink deadlock in linkunlink, as one did)."""
+    trace = tmp_path / "usertests-2.zst"
+    out = io.BytesIO()
+    options = SessionOptions(disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"], engine="emu",
+                             script=b"usertests\n", until=b"ALL TESTS PASSED", timeout_s=1800, trace=trace,
+                             cpus=2, virtual_clock=True)
+    outcome, _ = run_session(options, output=out)
+    assert outcome.reason == "until", out.getvalue()[-3000:]
+    assert replay(trace).verified
