@@ -123,8 +123,8 @@ class Machine:
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
         self.halt_observers: list = []            # f() whenever the guest halts (all its CPUs)
-        # Several CPUs: who says when the engine switches CPUs (schedule.QuantumScheduler while recording,
-        # the replayer from the trace's SWITCH records while replaying).
+        # Several CPUs: who says when the engine switches CPUs (schedule.QuantumScheduler while
+        # recording, the replayer from the trace's SWITCH records while replaying).
         self.scheduler = None
         if disks is None:
             if len(config.disks) > 2:
