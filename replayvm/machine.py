@@ -224,6 +224,7 @@ class Machine:
         self.poll = inputs.poll                  # type: ignore[method-assign]
         self.read_tsc = inputs.read_tsc          # type: ignore[method-assign]
         self.lapic.timer_follows_trace = True
+        self._engine_places_interrupts(False)
 
     def use_world_inputs(self) -> None:
         """Going live: the machine's own interrupt controllers, timers and clock take over."""
@@ -231,6 +232,13 @@ class Machine:
             self.__dict__.pop(name, None)
         self.interrupts = self.lapic
         self.lapic.timer_follows_trace = False
+        self._engine_places_interrupts(True)
+
+    def _engine_places_interrupts(self, on: bool) -> None:
+        """kvm chooses where interrupts land between exits while recording; in a replay the
+        trace says where (see engines/kvm.py)."""
+        if hasattr(self.engine, "places_interrupts"):
+            self.engine.places_interrupts = on
 
     def set_console(self, console: Console) -> None:
         """Another console takes over (going live): the guest's output goes there from now on."""
