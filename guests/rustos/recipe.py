@@ -21,8 +21,8 @@ from pathlib import Path
 
 from replayvm.errors import ReplayVMError
 
-RUSTC = Path(os.environ.get("REPLAYVM_RUSTC", "/usr/bin/rustc"))
-CARGO = Path(os.environ.get("REPLAYVM_CARGO", "/usr/bin/cargo"))
+RUSTC = "/usr/bin/rustc"           # REPLAYVM_RUSTC / REPLAYVM_CARGO override them
+CARGO = "/usr/bin/cargo"
 PACKAGES = "apt-get install rustc-web cargo-web rust-web-src"
 SOURCES = ("Cargo.toml", ".cargo/config.toml", "kernel.ld", "src")
 SECTOR = 512
@@ -41,18 +41,20 @@ def toolchain() -> tuple[Path, Path, Path]:
     """(rustc, cargo, library/vendor) of the Debian toolchain, or a one-line error naming the
     packages that provide them."""
     missing = f"building the rustos guest needs Debian's Rust toolchain and its sources: {PACKAGES}"
-    if not (RUSTC.is_file() and CARGO.is_file()):
-        raise GuestBuildError(f"{missing} (no {RUSTC if not RUSTC.is_file() else CARGO})")
+    rustc = Path(os.environ.get("REPLAYVM_RUSTC", RUSTC))
+    cargo = Path(os.environ.get("REPLAYVM_CARGO", CARGO))
+    if not (rustc.is_file() and cargo.is_file()):
+        raise GuestBuildError(f"{missing} (no {rustc if not rustc.is_file() else cargo})")
     try:
-        sysroot = subprocess.run([str(RUSTC), "--print", "sysroot"], capture_output=True, text=True,
+        sysroot = subprocess.run([str(rustc), "--print", "sysroot"], capture_output=True, text=True,
                                  check=True, timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError) as error:
-        raise GuestBuildError(f"{missing} ({RUSTC} does not run: {error})") from None
+        raise GuestBuildError(f"{missing} ({rustc} does not run: {error})") from None
     library = Path(sysroot) / "lib" / "rustlib" / "src" / "rust" / "library"
     vendor = library / "vendor"
     if not (library / "core").is_dir() or not vendor.is_dir():
         raise GuestBuildError(f"{missing} (no Rust library sources under {library})")
-    return RUSTC, CARGO, vendor
+    return rustc, cargo, vendor
 
 
 def build(src: Path, out: Path) -> None:
