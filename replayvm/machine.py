@@ -31,7 +31,7 @@ from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, Lapic
 from replayvm.devices.pic import Pic8259Pair
 from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
-from replayvm.engines.base import CpuState, Engine, StopReason
+from replayvm.engines.base import CpuState, Engine, HardwareDebugEngine, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
@@ -237,8 +237,8 @@ class Machine:
     def _engine_places_interrupts(self, on: bool) -> None:
         """kvm chooses where interrupts land between exits while recording; in a replay the
         trace says where (see engines/kvm.py)."""
-        if hasattr(self.engine, "places_interrupts"):
-            self.engine.places_interrupts = on
+        if isinstance(self.engine, HardwareDebugEngine):
+            self.engine.place_interrupts(on)
 
     def set_console(self, console: Console) -> None:
         """Another console takes over (going live): the guest's output goes there from now on."""

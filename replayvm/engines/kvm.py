@@ -597,6 +597,12 @@ class KvmEngine:
             where = ""
         return f"KVM cannot continue: {detail}{where}"
 
+    def place_interrupts(self, on: bool) -> None:
+        self.places_interrupts = on
+
+    def deferred_interrupts(self) -> int:
+        return self.interrupts_deferred
+
     def set_guest_debug(self, single_step: bool = False, hw_breakpoints: list[int] = ()) -> None:
         """Single-step and/or up to four execution breakpoints (KVM_EXIT_DEBUG ends run())."""
         self._stepping = ""
