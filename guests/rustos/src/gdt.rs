@@ -3,6 +3,7 @@
 //! system call arrives from ring 3 (the scheduler sets it to the running task's stack).
 
 use core::arch::asm;
+use crate::x86::TablePointer;
 use core::mem::size_of;
 
 pub const KERNEL_CODE: u16 = 0x08;
@@ -37,12 +38,6 @@ static mut GDT: [u64; 7] = [
     0, 0,                   // 0x28 the TSS: a 16-byte system descriptor, filled in by init
 ];
 
-#[repr(C, packed)]
-struct Pointer {
-    limit: u16,
-    base: u64,
-}
-
 pub fn init() {
     unsafe {
         let base = &raw const TSS as u64;
@@ -52,7 +47,7 @@ pub fn init() {
             | 0x89 << 40                      // present, type 9: available 64-bit TSS
             | (base >> 24 & 0xFF) << 56;
         GDT[6] = base >> 32;
-        let pointer = Pointer { limit: (size_of::<[u64; 7]>() - 1) as u16, base: &raw const GDT as u64 };
+        let pointer = TablePointer { limit: (size_of::<[u64; 7]>() - 1) as u16, base: &raw const GDT as u64 };
         asm!("lgdt [{}]", in(reg) &pointer, options(readonly, nostack));
         asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack));
     }

@@ -2,6 +2,7 @@
 //! saves the registers into a `TrapFrame`, and `trap`, which decides what each one means.
 
 use crate::gdt::KERNEL_CODE;
+use crate::x86::TablePointer;
 use crate::{apic, println, serial, syscall, task};
 use core::arch::{asm, global_asm};
 
@@ -122,12 +123,6 @@ struct Gate {
 
 static mut IDT: [Gate; 256] = [Gate { offset_low: 0, selector: 0, options: 0, offset_mid: 0, offset_high: 0, reserved: 0 }; 256];
 
-#[repr(C, packed)]
-struct Pointer {
-    limit: u16,
-    base: u64,
-}
-
 pub fn init() {
     unsafe {
         for &[vector, handler] in trap_stubs.iter() {
@@ -146,7 +141,7 @@ pub fn init() {
                 reserved: 0,
             };
         }
-        let pointer = Pointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: &raw const IDT as u64 };
+        let pointer = TablePointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: &raw const IDT as u64 };
         asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack));
     }
 }

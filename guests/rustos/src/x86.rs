@@ -55,3 +55,10 @@ pub fn read_cr3() -> u64 {
 pub fn write_cr3(value: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) value, options(nostack)) }
 }
+
+/// What `lgdt` and `lidt` load: a descriptor table's size (minus one) and address.
+#[repr(C, packed)]
+pub struct TablePointer {
+    pub limit: u16,
+    pub base: u64,
+}
