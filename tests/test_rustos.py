@@ -189,3 +189,21 @@ def test_chaos_catches_the_race_and_replay_gives_the_same_wrong_counter(rustos, 
     assert replay(trace, output=out).verified
     replayed = re.search(r"race: counter=(\d+)", out.getvalue().decode(errors="replace"))
     assert replayed.group(1) == recorded.group(1)
+
+
+def test_kvm_places_interrupts_only_where_replay_can_find_them(recorded):
+    """Every interrupt placed between exits has a landmark in kernel code (not in native ring-3
+    code, where PVM gives no breakpoints) at an instruction's start (RF clear: not halfway
+    through a `rep`, where a breakpoint cannot stop)."""
+    from replayvm.trace.format import Kind
+    from replayvm.trace.reader import TraceReader
+    from replayvm.trace.records import INTERRUPT
+
+    user_base = 0x80_0000_0000                          # guests/rustos/src/memory.rs USER_BASE
+    landmarks = []
+    with TraceReader(recorded[3]) as reader:
+        for record in reader:
+            if record[0] == Kind.INTERRUPT and INTERRUPT.get(record, "landmark") is not None:
+                landmarks.append(INTERRUPT.get(record, "landmark"))
+    assert len(landmarks) >= 5
+    assert all(lm["rip"] < user_base and not lm["rflags"] & (1 << 16) for lm in landmarks), landmarks
