@@ -65,6 +65,7 @@ def test_rustos_is_a_64bit_multiboot_kernel_with_symbols(rustos):
         assert elf.elfclass == 64 and elf.get_machine_arch() == "x64"
         names = {s.name for s in elf.get_section_by_name(".symtab").iter_symbols()}
     assert {"_start32", "kernel_main", "trap", "trap_stub_6", "switch_stacks"} <= names
+    assert {"rustos::race_step", "rustos::ide::read_sector", "rustos::task::schedule"} <= names  # readable
     # Soft-float: PVM cannot emulate SSE in kernel code, so no xmm register may appear.
     code = subprocess.run(["objdump", "-d", str(rustos.kernel)], capture_output=True, text=True).stdout
     assert "%xmm" not in code
@@ -166,7 +167,7 @@ def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos,
     assert elf == str(rustos.kernel)
     cli("analyze", str(trace), "--symbols", elf, "-o", str(db))
     rows = cli("sql", str(db), "SELECT function FROM exits_per_function")
-    assert "read_sector" in rows and "trap" in rows
+    assert "rustos::ide::read_sector" in rows and "trap" in rows
 
 
 def test_ci_installs_the_rust_toolchain():

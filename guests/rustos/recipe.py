@@ -57,6 +57,29 @@ def toolchain() -> tuple[Path, Path, Path]:
     return rustc, cargo, vendor
 
 
+def _readable_symbols(kernel: Path, work: Path) -> None:
+    """Give the kernel's functions their Rust paths (`rustos::ide::read_sector`) instead of their
+    mangled names, so that `analyze --symbols` and gdb show them as written. Names with spaces
+    (trait impls, generics) keep their mangled form: objcopy's rename list is space-separated."""
+    def names(*flags: str) -> list[str]:
+        result = subprocess.run(["nm", "--defined-only", *flags, str(kernel)], capture_output=True,
+                                text=True)
+        if result.returncode:
+            raise GuestBuildError(f"building the rustos guest failed: nm: {result.stderr.strip()}")
+        return [line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.count(" ") >= 2]
+
+    mangled, demangled = names(), names("--demangle")
+    renames = {old: new for old, new in zip(mangled, demangled) if old != new and " " not in new}
+    if len(renames) != len(set(renames.values())) or len(mangled) != len(demangled):
+        return                                           # ambiguous: keep the mangled names
+    rename_file = work / "symbols.txt"
+    rename_file.write_text("".join(f"{old} {new}\n" for old, new in renames.items()))
+    result = subprocess.run(["objcopy", f"--redefine-syms={rename_file}", str(kernel)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise GuestBuildError(f"building the rustos guest failed: objcopy: {result.stderr.strip()}")
+
+
 def build(src: Path, out: Path) -> None:
     rustc, cargo, vendor = toolchain()
     src, out = src.resolve(), out.resolve()
@@ -81,7 +104,9 @@ def build(src: Path, out: Path) -> None:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
         raise GuestBuildError(f"building the rustos guest failed: {' '.join(command)}: "
                               f"{errors[0] if errors else result.stderr.strip()[-300:]}")
-    shutil.copy2(work / "target" / "x86_64-unknown-none" / "release" / "rustos", out / "kernel.elf")
+    kernel = out / "kernel.elf"
+    shutil.copy2(work / "target" / "x86_64-unknown-none" / "release" / "rustos", kernel)
+    _readable_symbols(kernel, work)
     image = bytearray(DISK_SECTORS * SECTOR)
     image[SECTOR:SECTOR + len(DISK_TEXT)] = DISK_TEXT
     (out / "disk.img").write_bytes(bytes(image))
