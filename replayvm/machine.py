@@ -31,7 +31,7 @@ from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, ApicBus, Lapic,
 from replayvm.devices.pic import Pic8259Pair
 from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
-from replayvm.engines.base import CpuState, Engine, StopReason
+from replayvm.engines.base import CpuState, Engine, HardwareDebugEngine, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
@@ -272,6 +272,7 @@ class Machine:
             self.scheduler = inputs
         for lapic in self.lapics:
             lapic.timer_follows_trace = True
+        self._engine_places_interrupts(False)
 
     def use_world_inputs(self) -> None:
         """Going live: the machine's own interrupt controllers, timers and clock take over."""
@@ -280,6 +281,13 @@ class Machine:
         self.interrupts = self.cpu_lapic
         for lapic in self.lapics:
             lapic.timer_follows_trace = False
+        self._engine_places_interrupts(True)
+
+    def _engine_places_interrupts(self, on: bool) -> None:
+        """kvm chooses where interrupts land between exits while recording; in a replay the
+        trace says where (see engines/kvm.py)."""
+        if isinstance(self.engine, HardwareDebugEngine):
+            self.engine.place_interrupts(on)
 
     def set_console(self, console: Console) -> None:
         """Another console takes over (going live): the guest's output goes there from now on."""

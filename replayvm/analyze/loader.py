@@ -37,6 +37,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.boot.firmware import MULTIBOOT_SEARCH_BYTES, find_multiboot_header
 from replayvm.devices.ide import LBA_LOW, STATUS_COMMAND, IdeCommandDecoder
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
 from replayvm.errors import UsageError
@@ -183,6 +184,9 @@ class Symbols:
                                        and s["st_shndx"] != "SHN_UNDEF")
                     user = min((seg["p_vaddr"] for seg in elf.iter_segments()
                                 if seg["p_type"] == "PT_LOAD"), default=0) < 0x80000000
+                    f.seek(0)
+                    if find_multiboot_header(f.read(MULTIBOOT_SEARCH_BYTES)) is not None:
+                        user = False          # a kernel a loader boots, wherever it is linked
             except (OSError, ELFError) as error:
                 raise UsageError(f"cannot read symbols from {path}: {error}") from None
             self._tables.append(([f[0] for f in functions], functions, user))

@@ -51,6 +51,7 @@ TYPED_SOURCE = "com1"            # the only device console input reaches (replay
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
 GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
+RFLAGS_RF = 1 << 16
 LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
 END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
 # kvm positions count exits, so code that runs without exiting cannot be bounded by position: a
@@ -105,6 +106,13 @@ class Event:
         if self.kind == Kind.INPUT:
             return f"input {bytes(r[INPUT.data])!r}"
         return name
+
+
+def _landmark_value(name: str, value: int | None) -> int | None:
+    """A register as landmarks compare it: RFLAGS without RF, which says whether an instruction
+    was resumed halfway (PVM sets it after emulating some instructions) and which a breakpoint
+    stop does not reproduce."""
+    return value & ~RFLAGS_RF if name == "rflags" and value is not None else value
 
 
 def has_landmark(event: Event) -> bool:
@@ -898,7 +906,8 @@ class Replayer:
                                   f"was not reached (the guest stopped: {reason.value})", event)
                 self.landmark_hits += 1
                 state = engine.get_state()
-                if all(state.regs.get(n) == landmark[n] for n in compared) and \
+                if all(_landmark_value(n, state.regs.get(n)) == _landmark_value(n, landmark[n])
+                       for n in compared) and \
                         state.cr3 == landmark.get("cr3", state.cr3):
                     return
                 engine.set_guest_debug(single_step=True)
