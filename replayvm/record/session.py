@@ -40,6 +40,7 @@ class SessionOptions:
     trace: Path | None = None
     command_line: list[str] = field(default_factory=list)
     chaos_seed: int | None = None
+    machine: str = "mp"                  # hw.MACHINE_KINDS
 
 
 def bundled_demo_disk() -> Path:
@@ -60,7 +61,7 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
                            engine=options.engine, virtual_clock=options.virtual_clock,
-                           chaos_seed=options.chaos_seed)
+                           chaos_seed=options.chaos_seed, machine=options.machine)
     try:
         machine = Machine(config, console)
     except BaseException:
@@ -156,6 +157,8 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
+    if machine.config.machine == "pc":           # older readers must refuse it (format 3.0)
+        header["features"] = [hw.PC_FEATURE]
     start_position = 0
     if branch is not None:
         header.update(branch)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from replayvm import hw
 from replayvm.analyze.devices import register_at
 from replayvm.bus import Bus, Mapping
 from replayvm.console import Console
@@ -49,7 +50,7 @@ from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
-GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
+GUEST_ENDS = ("fault", "shutdown", "poweroff", "unsupported")   # footer ends the guest brought about itself
 LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
 END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
 # kvm positions count exits, so code that runs without exiting cannot be bounded by position: a
@@ -319,7 +320,8 @@ class Replayer:
         # exact positions: the engine counts instructions and attaches its counter to the clock;
         # kvm's kicker needs real time for the exit-free watch
         config = MachineConfig(ram_bytes=ram_bytes, engine=engine,
-                               virtual_clock=engine_class(engine).exact_positions)
+                               virtual_clock=engine_class(engine).exact_positions,
+                               machine="pc" if hw.PC_FEATURE in (header.get("features") or ()) else "mp")
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
             machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)
