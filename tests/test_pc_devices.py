@@ -146,3 +146,19 @@ def test_cga_cursor_written_with_one_outw_reads_back():
     cga.write(0, 2, 0x0E | (0x07 << 8))
     cga.write(0, 2, 0x0F | (0xD0 << 8))
     assert cga.cursor == 0x07D0 < 2000 + 1
+
+
+def test_uart_enabling_the_thr_empty_interrupt_with_thr_empty_raises_irq4():
+    """pintos's serial driver queues output and enables IER bit 1 to be told the THR is empty:
+    without that interrupt its 64-byte queue fills and the kernel stalls."""
+    from replayvm.devices.uart import Uart16550
+
+    edges = Edges()
+    out: list[int] = []
+    uart = Uart16550(IrqLine(4, [edges]), out.append)
+    uart.write(1, 1, 0x01)                   # receive interrupts only: nothing to say
+    assert edges.rises == 0
+    uart.write(1, 1, 0x03)                   # + THR empty, and it is empty: IRQ4
+    assert edges.rises == 1 and uart.read(2, 1) & 0x0F == 0x02
+    uart.write(0, 1, ord("x"))               # the byte goes, THR empty again: a new edge
+    assert out == [ord("x")] and edges.rises == 2
