@@ -10,7 +10,6 @@ QEMU is installed (the skeleton fails it, a completed project passes it).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,17 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "bench" / "pintos_check.py"
-
-
-@pytest.fixture(scope="module")
-def pintos_dir() -> Path:
-    value = os.environ.get("REPLAYVM_PINTOS_DIR")
-    if not value:
-        pytest.skip("REPLAYVM_PINTOS_DIR is not set (point it at a pintos tree built from a public "
-                    "copy, e.g. github:dillstead/pintos at 52fd7eb; see docs/pintos.md)")
-    if shutil.which("perl") is None:
-        pytest.skip("perl is needed for pintos's checkers")
-    return Path(value)
 
 
 def run_harness(out: Path, *arguments: str) -> subprocess.CompletedProcess:
