@@ -269,3 +269,20 @@ def test_a_pc_trace_is_refused_by_a_reader_that_does_not_know_the_feature(tmp_pa
     monkeypatch.setattr(reader_module, "KNOWN_FEATURES", frozenset())
     with pytest.raises(TraceFormatError, match="pc"):
         replay(trace, output=io.BytesIO())
+
+
+def test_a_pc_trace_goes_live_midway_and_its_branch_replays_verified(tmp_path):
+    """Going live hands the 8254 back to the clock: the guest's remaining ticks come, it powers
+    off, and the branch trace (a plain PC's too) replays on its own."""
+    from replayvm.record.live import replay_and_go_live
+
+    trace = tmp_path / "biosboot.zst"
+    record_biosboot(trace, "emu", virtual_clock=True)
+    branch = tmp_path / "branch.zst"
+    outcome, _ = replay_and_go_live(trace, SessionOptions(engine="emu", trace=branch, timeout_s=60,
+                                                          virtual_clock=True),
+                                    seek="100", output=io.BytesIO(), keep_checkpoints=False)
+    assert outcome.reason == "poweroff"
+    with TraceReader(branch) as reader:
+        assert reader.header["features"] == ["pc"]
+    assert replay(branch, output=io.BytesIO()).verified
