@@ -286,3 +286,15 @@ def test_a_pc_trace_goes_live_midway_and_its_branch_replays_verified(tmp_path):
     with TraceReader(branch) as reader:
         assert reader.header["features"] == ["pc"]
     assert replay(branch, output=io.BytesIO()).verified
+
+
+def test_the_plain_pc_refuses_a_multiboot_kernel_in_one_line(tmp_path):
+    from replayvm.cli import main
+
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(b"\x7fELF" + bytes(60))
+    with pytest.raises(Exception) as refused:
+        run_session(SessionOptions(kernel=kernel, machine="pc", engine="emu", ram_mib=4),
+                    output=io.BytesIO())
+    assert "--machine pc boots from a disk" in str(refused.value)
+    assert main(["record", "--machine", "pc", "--engine", "emu", "--kernel", str(kernel)]) == 2
