@@ -169,7 +169,8 @@ class EmuEngine:
         st = self.state
         return {"fast_blocks": st.fast_blocks, "mode_switches": st.mode_switches,
                 "fast_leaves": st.fast_leaves, "bulk_runs": st.bulk_runs, "bulk_elements": st.bulk_elements,
-                "stos_runs": st.stos_runs, "stos_elements": st.stos_elements}
+                "stos_runs": st.stos_runs, "stos_elements": st.stos_elements,
+                "precise_blocks": st.precise_blocks}
 
     @property
     def cpuid_table(self) -> list[tuple[int, int, int, int, int, int]]:
@@ -586,7 +587,7 @@ class EmuEngine:
                         "counting_blocks", "always_precise", "env", "cpu", "code_hook", "icount_decr_offset",
                         "mem_io_pc_offset", "fast_blocks", "mode_switches", "fast_leaves", "precise_mode",
                         "fast_error", "bulk_io", "bulk_runs", "bulk_elements", "stos_in_bulk", "uc",
-                        "stos_runs", "stos_elements")
+                        "stos_runs", "stos_elements", "precise_blocks")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""

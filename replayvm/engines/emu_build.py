@@ -100,6 +100,7 @@ struct emu_state {
     uint64_t bulk_elements;
     uint64_t stos_runs;       /* rep stos iterations done at once at a block's start */
     uint64_t stos_elements;
+    uint64_t precise_blocks;  /* blocks begun with the per-instruction hook (while counting blocks) */
 };
 """
 
@@ -606,6 +607,7 @@ void replayvm_on_block(uc_engine *uc, uint64_t address, uint32_t size, void *use
     /* A one-shot block runs as it is: looked up again, it would be the whole block, whose
        store would cut it short once more (and be counted once more). */
     if (tb->flags & PRECISE_HFLAG) {
+        s->precise_blocks++;
         if (!one_shot && !needs_precise(s, MAX_BLOCK_INSNS)) switch_mode(s, 0);
         return;                                   /* the per-instruction hook counts */
     }
