@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--cpus", type=int, default=1, metavar="N",
                         help=f"CPUs (1-{hw.MAX_CPUS}, default 1; xv6's `make qemu` runs 2): the emu "
                              "engine runs them in turns of instructions, each switch in the trace")
+    record.add_argument("--machine", choices=hw.MACHINE_KINDS, default="mp",
+                        help="mp: the MP-spec PC xv6 needs (MP table, APICs; no BIOS code runs); "
+                             "pc: a plain PC with replayvm's BIOS services and the 8254 timer, no "
+                             "MP table (pintos); its traces need format 3.0 readers")
     record.add_argument("--input", metavar="TEXT",
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
@@ -223,7 +227,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-        chaos_seed=seed if args.chaos else None, cpus=args.cpus)
+        chaos_seed=seed if args.chaos else None, cpus=args.cpus, machine=args.machine)
     if args.until_fail is None:
         if args.chaos:
             _say(f"chaos seed {seed}")
@@ -271,6 +275,9 @@ def _session_status(outcome) -> int:
     if outcome.reason == "shutdown":
         sys.stderr.write(f"\nreplayvm: {outcome.detail}\n")
         return 1
+    if outcome.reason == "poweroff":            # the guest's own end: its status
+        sys.stderr.write(f"\nreplayvm: {outcome.detail}\n")
+        return outcome.exit_status
     return 0
 
 

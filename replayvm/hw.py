@@ -14,7 +14,7 @@ BASE_MEM_KB = 639
 MPTABLE_ADDR = EBDA_ADDR           # MP floating pointer + config table live in the EBDA's first KiB
 CGA_TEXT_ADDR = 0xB8000
 CGA_TEXT_SIZE = 0x8000
-BIOS_ROM_ADDR = 0xF0000            # 64 KiB of "ROM" (zero-filled RAM here; no BIOS code runs)
+BIOS_ROM_ADDR = 0xF0000            # 64 KiB of "ROM" (RAM here; the plain PC keeps its BIOS stubs in it)
 MULTIBOOT_INFO_ADDR = 0x9000       # where a multiboot loader puts its info struct
 DEFAULT_RAM_MIB = 256
 MIN_RAM_MIB = 2
@@ -58,3 +58,21 @@ LAPIC_BUS_HZ = 1_000_000_000       # LAPIC timer input clock: 1 GHz, as QEMU and
 
 # --- Interrupt controller wiring (appended by the interrupt-controller work) ----------------
 IRQ_PIC_CASCADE = 2                # master 8259 input driven by the slave's INT output
+
+# --- The plain PC (`--machine pc`: pintos and other guests of the BIOS era) -------------------
+MACHINE_KINDS = ("mp", "pc")      # mp: today's MP-spec PC (xv6); pc: a BIOS, the 8254, no MP table
+BIOS_CALL_PORT = 0xEE              # our BIOS's stubs `out` here to hand an `int n` to the VMM
+BIOS_STUBS_OFFSET = 0x1000         # F000:1000: 256 four-byte stubs, one per vector
+BIOS_STUB_SIZE = 4
+BDA_CURSOR = 0x450                 # bytes: column, row of page 0's teletype cursor
+PIT_PORT = 0x40                    # 0x40-0x42 counters 0-2, 0x43 mode/command
+PIT_PORTS = 4
+PIT_HZ = 1_193_182                 # the 8254's input clock
+SYSTEM_CONTROL_PORT = 0x61         # port B: speaker gate (bit 0) and data (bit 1)
+IDE1_CMD_PORT = 0x170              # the secondary IDE channel
+IDE1_CTRL_PORT = 0x376
+IRQ_IDE1 = 15
+POWER_OFF_PORT = 0xB004            # Bochs/old QEMU ACPI PM1a control: 0x2000 powers off
+POWER_OFF_VALUE = 0x2000
+BOCHS_SHUTDOWN_PORT = 0x8900       # the string "Shutdown", byte by byte, powers off
+ISA_DEBUG_EXIT_PORT = 0x501        # QEMU isa-debug-exit: a byte v ends the run with status 2v+1

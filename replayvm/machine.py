@@ -29,12 +29,15 @@ from replayvm.devices.ioapic import Ioapic
 from replayvm.devices.irq import IrqLine
 from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, ApicBus, Lapic, LapicWindow
 from replayvm.devices.pic import Pic8259Pair
+from replayvm.devices.pit import Pit8254
+from replayvm.devices.poweroff import PowerOff
 from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
 from replayvm.engines.base import CpuState, Engine, HardwareDebugEngine, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
+PC_IRQ_NAMES = {hw.IRQ_TIMER: "timer", **IRQ_NAMES, hw.IRQ_IDE1: "ide1"}
 MIN_RAM_MIB, MAX_RAM_MIB = hw.MIN_RAM_MIB, hw.MAX_RAM_MIB
 HALT_POLL_NS = 50_000_000                 # how long a halted guest with no timer may sleep at once
 RUN_SLICE_NS = 20_000_000                 # how often the loop looks at console input and limits
@@ -81,16 +84,19 @@ class MachineConfig:
     chaos_seed: int | None = None             # seeded CPU stalls and device latencies (chaos.py)
     ram_bytes: int | None = None              # replay: the recorded size exactly (else ram_mib MiB)
     cpus: int = 1                             # CPUs in the MP table, each with its own LAPIC
+    machine: str = "mp"                       # hw.MACHINE_KINDS: "pc" adds the BIOS, the 8254, no MP table
 
 
 @dataclass
 class RunOutcome:
-    """How a run ended: 'script-done', 'until', 'quit', 'timeout', 'shutdown', 'unsupported'."""
+    """How a run ended: 'script-done', 'until', 'quit', 'timeout', 'shutdown', 'poweroff',
+    'unsupported'. A power-off is the guest's own clean end, with its exit status."""
 
     reason: str
     guest_ns: int
     instructions: int | None
     detail: str = ""
+    exit_status: int = 0
 
 
 class Machine:
@@ -111,6 +117,10 @@ class Machine:
             raise UsageError(f"--mem must be between {MIN_RAM_MIB} and {MAX_RAM_MIB} MiB")
         if not 1 <= config.cpus <= hw.MAX_CPUS:
             raise UsageError(f"--cpus must be between 1 and {hw.MAX_CPUS}")
+        if config.machine not in hw.MACHINE_KINDS:
+            raise UsageError(f"--machine must be one of {', '.join(hw.MACHINE_KINDS)}")
+        if config.machine == "pc" and config.cpus > 1:
+            raise UsageError("--machine pc has one CPU (no MP table tells a guest of others): drop --cpus")
         self.config = config
         self.cpus = config.cpus
         self.console = console
@@ -120,6 +130,7 @@ class Machine:
         self.pio = PioBus()
         self.mmio = Bus("mmio")
         self.shutdown_reason: str | None = None
+        self.power_off: tuple[str, int] | None = None      # (why, exit status): the guest switched off
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
         self.halt_observers: list = []            # f() whenever the guest halts (all its CPUs)
@@ -214,6 +225,33 @@ class Machine:
         for cpu in range(1, self.cpus):
             self.devices[f"lapic{cpu}"] = self.lapics[cpu]
 
+        self.pit: Pit8254 | None = None
+        self.bios = None
+        if self.config.machine == "pc":
+            self._wire_plain_pc()
+
+    def _wire_plain_pc(self) -> None:
+        """The plain PC's extra devices: the BIOS's call port, the 8254 and port 0x61, the
+        secondary IDE channel (no drives), the power-off ports."""
+        from replayvm.boot.bios import BiosServices
+
+        pio, lines = self.pio, self.irq_lines
+        self.pit = Pit8254(self.clock, lines[hw.IRQ_TIMER])
+        pio.register(hw.PIT_PORT, hw.PIT_PORTS, self.pit, "pit")
+        self.i8042.port_b = self.pit.port_b           # 0x61 lies inside the 8042's range
+        self.ide1 = IdeChannel(lines[hw.IRQ_IDE1], None, None)
+        pio.register(hw.IDE1_CMD_PORT, 8, self.ide1.command_block, "ide1")
+        pio.register(hw.IDE1_CTRL_PORT, 1, self.ide1.control_block, "ide1.control")
+        self.poweroff = PowerOff(self._on_power_off)
+        pio.register(hw.POWER_OFF_PORT, 1, self.poweroff.acpi, "poweroff.acpi")
+        pio.register(hw.BOCHS_SHUTDOWN_PORT, 1, self.poweroff.bochs, "poweroff.bochs")
+        pio.register(hw.ISA_DEBUG_EXIT_PORT, 1, self.poweroff.debug_exit, "poweroff.debug_exit")
+        self.bios = BiosServices(self.ram, lambda: self.engine, self.disks,
+                                 lambda byte: self.uart.on_output(byte), self._on_boot_failure)
+        pio.register(hw.BIOS_CALL_PORT, 1, self.bios, "bios")
+        self.devices.update(pit=self.pit, ide1=self.ide1, poweroff=self.poweroff)
+        self.pic.trace_timers[hw.IRQ_TIMER] = self.pit.fire_recorded
+
     # ---------------------------------------------------------------- several CPUs
     def select_cpu(self, cpu: int) -> None:
         """The engine switched to `cpu`: the LAPIC window, the interrupt source (unless the trace
@@ -272,6 +310,8 @@ class Machine:
             self.scheduler = inputs
         for lapic in self.lapics:
             lapic.timer_follows_trace = True
+        if self.pit is not None:
+            self.pit.follows_trace = True
         self._engine_places_interrupts(False)
 
     def use_world_inputs(self) -> None:
@@ -281,6 +321,8 @@ class Machine:
         self.interrupts = self.cpu_lapic
         for lapic in self.lapics:
             lapic.timer_follows_trace = False
+        if self.pit is not None:
+            self.pit.follows_trace = False
         self._engine_places_interrupts(True)
 
     def _engine_places_interrupts(self, on: bool) -> None:
@@ -302,14 +344,24 @@ class Machine:
         for lapic in self.lapics:
             lapic.clock = clock
         self.cmos.clock = clock
+        if self.pit is not None:
+            self.pit.clock = clock
         self.engine.use_clock(clock)
         self._started = True                     # the new clock already runs where the old one was
 
     def _boot(self) -> CpuState:
         if self.config.kernel is not None:
+            if self.config.machine == "pc":
+                raise UsageError("--machine pc boots from a disk through its BIOS: give --disk, not --kernel")
             return firmware.boot_multiboot(self.ram, self.config.kernel, self.cpus)
         if not self.disks:
             raise UsageError("nothing to boot: give --disk IMAGE or --kernel ELF")
+        if self.config.machine == "pc":
+            from replayvm.boot import bios
+
+            state = firmware.boot_from_disk(self.ram, self.disks[0].read_sector(0), mp_tables=False)
+            bios.install(self.ram)
+            return state
         return firmware.boot_from_disk(self.ram, self.disks[0].read_sector(0), self.cpus)
 
     def _on_reset(self) -> None:
@@ -318,6 +370,15 @@ class Machine:
 
     def _on_debug_exit(self, why: str) -> None:
         self.shutdown_reason = f"the guest asked to shut down ({why})"
+        self.engine.request_stop()
+
+    def _on_power_off(self, why: str, status: int) -> None:
+        if self.power_off is None:
+            self.power_off = (why, status)
+        self.engine.request_stop()
+
+    def _on_boot_failure(self, why: str) -> None:
+        self.shutdown_reason = why
         self.engine.request_stop()
 
     # ---------------------------------------------------------------- engine services
@@ -334,6 +395,11 @@ class Machine:
             deadline = lapic.next_deadline_ns()
             if deadline is not None and (until is None or deadline - now < until):
                 until = max(0, deadline - now)
+        if self.pit is not None:
+            self.pit.poll(now)
+            deadline = self.pit.next_deadline_ns()
+            if deadline is not None and (until is None or deadline - now < until):
+                until = max(0, deadline - now)
         if self.chaos is not None:
             if stall_in is not None and (until is None or stall_in < until):
                 until = stall_in
@@ -346,6 +412,10 @@ class Machine:
 
     def interrupt_source(self, vector: int) -> str:
         """Which device an interrupt vector belongs to, from how the guest programmed the chips."""
+        if self.config.machine == "pc":
+            irq = self.pic.irq_of_vector(vector)
+            if irq is not None:
+                return PC_IRQ_NAMES.get(irq, f"irq{irq}")
         if vector == self.cpu_lapic.lvt[LAPIC_LVT_TIMER] & 0xFF:
             return "timer"
         for pin, entry in enumerate(self.ioapic.low):
@@ -377,6 +447,9 @@ class Machine:
                     return self._outcome(self._finish_reason())
                 if self.shutdown_reason is not None:
                     return self._outcome("shutdown", self.shutdown_reason)
+                if self.power_off is not None:
+                    return RunOutcome("poweroff", self.clock.now_ns(), self.engine.icount,
+                                      self.power_off[0], exit_status=self.power_off[1])
                 if timeout_ns is not None and self.running_ns() >= timeout_ns:
                     return self._outcome("timeout", f"no end after {timeout_s:g} s of guest time")
                 reason = engine.run(RUN_SLICE_NS)

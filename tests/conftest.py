@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,17 +30,33 @@ def require_kvm() -> None:
         pytest.skip(why)
 
 
+def local_build(variable: str, what: str) -> Path:
+    """The folder a test's environment variable names (a build of another project, never
+    committed); the test is skipped, saying what to point it at, when the variable is unset."""
+    value = os.environ.get(variable)
+    if not value:
+        pytest.skip(f"{variable} is not set (point it at {what})")
+    return Path(value)
+
+
 @pytest.fixture(scope="session")
 def xv6_dir() -> Path:
     """A local xv6-public build (xv6.img, fs.img, kernel), never committed: REPLAYVM_XV6_DIR."""
-    value = os.environ.get("REPLAYVM_XV6_DIR")
-    if not value:
-        pytest.skip("REPLAYVM_XV6_DIR is not set (point it at a folder with xv6.img, fs.img, kernel "
-                    "built from github:mit-pdos/xv6-public)")
-    path = Path(value)
+    path = local_build("REPLAYVM_XV6_DIR", "a folder with xv6.img, fs.img, kernel built from "
+                                           "github:mit-pdos/xv6-public")
     missing = [n for n in ("xv6.img", "fs.img", "kernel") if not (path / n).is_file()]
     if missing:
         pytest.fail(f"REPLAYVM_XV6_DIR={path} lacks {', '.join(missing)}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pintos_dir() -> Path:
+    """A local pintos tree (src/threads built), never committed: REPLAYVM_PINTOS_DIR."""
+    path = local_build("REPLAYVM_PINTOS_DIR", "a pintos tree built from a public copy, e.g. "
+                                              "github:dillstead/pintos at 52fd7eb; see docs/pintos.md")
+    if shutil.which("perl") is None:
+        pytest.skip("perl is needed for pintos's checkers")
     return path
 
 

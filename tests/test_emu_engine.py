@@ -307,3 +307,26 @@ def test_undefined_opcode_is_delivered_as_invalid_opcode_fault():
     assert engine.run(max_instructions=1000) is StopReason.HALT, engine.last_error
     (_, _, eip), (_, _, expected) = m.port.writes
     assert eip == expected                     # #UD reports the undefined instruction itself
+
+
+def test_a_run_that_ends_on_its_time_budget_ends_settled_with_a_fault_delivered():
+    """A fault raised by the last instruction of a run is delivered before the run returns, also
+    when the run ends on its time budget: the state at a position is one state, so a recording
+    that ends on a timeout inside a page-fault loop replays to the same registers."""
+    code = """
+    SETGATE 14, pf, 0
+loop:
+    movl $1, 0x400000
+    jmp loop
+"""
+    again = "pf:\n add $4, %esp\n iret"           # drop the error code, retry: faults forever
+    runs = []
+    for _ in range(2):
+        m, engine = protected_machine(code, {14: again}, paging=True)
+        runs.append((m, engine))
+    _, timed = runs[0]
+    assert timed.run(budget_ns=1) is StopReason.BUDGET
+    _, counted = runs[1]
+    assert counted.run(until_position=timed.position) is StopReason.BUDGET
+    assert counted.position == timed.position
+    assert timed.get_state().regs == counted.get_state().regs

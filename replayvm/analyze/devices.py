@@ -7,7 +7,8 @@ so a query can say `ide0.status` instead of 0x1f7 and nothing here repeats an of
 from __future__ import annotations
 
 from replayvm import hw
-from replayvm.devices import cga, cmos, debugport, i8042, ide, imcr, ioapic, lapic, pic, uart
+from replayvm.boot import bios
+from replayvm.devices import cga, cmos, debugport, i8042, ide, imcr, ioapic, lapic, pic, pit, poweroff, uart
 
 # (space, base address, name prefix, the device's register names by offset). A register named ""
 # is the whole device (one-port devices: `post`).
@@ -24,6 +25,14 @@ DEVICE_LAYOUT: tuple[tuple[str, int, str, dict[int, str]], ...] = (
     ("pio", hw.CGA_CRT_PORT, "cga", cga.REGISTERS),
     ("pio", hw.DEBUG_EXIT_PORT, "debug.exit", debugport.REGISTERS),
     ("pio", hw.DEBUG_CON_PORT, "debug.console", debugport.REGISTERS),
+    # the plain PC's (`--machine pc`)
+    ("pio", hw.PIT_PORT, "pit", pit.REGISTERS),
+    ("pio", hw.BIOS_CALL_PORT, "bios", bios.REGISTERS),
+    ("pio", hw.IDE1_CMD_PORT, "ide1", ide.REGISTERS),
+    ("pio", hw.IDE1_CTRL_PORT, "ide1", ide.CONTROL_REGISTERS),
+    ("pio", hw.POWER_OFF_PORT, "poweroff.acpi", poweroff.REGISTERS),
+    ("pio", hw.BOCHS_SHUTDOWN_PORT, "poweroff.bochs", poweroff.REGISTERS),
+    ("pio", hw.ISA_DEBUG_EXIT_PORT, "poweroff.debug_exit", poweroff.REGISTERS),
     ("mmio", hw.LAPIC_ADDR, "lapic", lapic.REGISTERS),
     ("mmio", hw.IOAPIC_ADDR, "ioapic", ioapic.REGISTERS),
 )

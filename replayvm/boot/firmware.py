@@ -1,4 +1,5 @@
-"""What firmware leaves behind before a boot sector or kernel runs. No BIOS code ever runs here.
+"""What firmware leaves behind before a boot sector or kernel runs. No BIOS code runs here (the
+plain PC's BIOS services are `replayvm.boot.bios`).
 
 Two boot methods:
 - disk: sector 0 of disk 0 at 0x7C00, real mode, CS:IP = 0:7C00, DL = 0x80 (like a PC BIOS);
@@ -35,12 +36,13 @@ FLAT_CODE_SELECTOR = 0x08
 FLAT_DATA_SELECTOR = 0x10
 
 
-def fill_bios_data_area(ram: memoryview, cpus: int = 1) -> None:
+def fill_bios_data_area(ram: memoryview, cpus: int = 1, mp_tables: bool = True) -> None:
     """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them;
-    the MP tables listing `cpus` processors."""
+    the MP tables listing `cpus` processors, unless the machine is a plain PC (`mp_tables=False`)."""
     ram[hw.BDA_EBDA_SEGMENT:hw.BDA_EBDA_SEGMENT + 2] = struct.pack("<H", hw.EBDA_ADDR >> 4)
     ram[hw.BDA_BASE_MEM_KB:hw.BDA_BASE_MEM_KB + 2] = struct.pack("<H", hw.BASE_MEM_KB)
-    write_mp_tables(ram, cpu_count=cpus)
+    if mp_tables:
+        write_mp_tables(ram, cpu_count=cpus)
 
 
 def check_boot_sector(first_sector: bytes) -> None:
@@ -51,10 +53,10 @@ def check_boot_sector(first_sector: bytes) -> None:
         raise UsageError("disk 0 has no boot signature (0x55AA at byte 510): not bootable")
 
 
-def boot_from_disk(ram: memoryview, first_sector: bytes, cpus: int = 1) -> CpuState:
+def boot_from_disk(ram: memoryview, first_sector: bytes, cpus: int = 1, mp_tables: bool = True) -> CpuState:
     """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
     check_boot_sector(first_sector)
-    fill_bios_data_area(ram, cpus)
+    fill_bios_data_area(ram, cpus, mp_tables)
     ram[hw.BOOT_SECTOR_ADDR:hw.BOOT_SECTOR_ADDR + SECTOR_SIZE] = first_sector[:SECTOR_SIZE]
     return real_mode_state(0, hw.BOOT_SECTOR_ADDR, rdx=0x80, rsp=BOOT_STACK_TOP)
 

@@ -47,6 +47,8 @@ class CgaCrt:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == INDEX:
             self.index = value & 0xFF
+            if size == 2:                 # `outw` to the index port: index and data at once
+                self.write(DATA, 1, value >> 8)
         elif self.index < REGISTER_COUNT:
             self.registers[self.index] = value & 0xFF
 

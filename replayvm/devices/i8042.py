@@ -1,7 +1,8 @@
 """The 8042 keyboard controller: the A20 gate boot loaders open, and keyboard scancodes (IRQ 1).
 
 Registered once at 0x60 with length 5: offset 0 is the data port, offset 4 the status/command
-port. Commands complete at once, so the input buffer is never full (status bit 1 is always 0).
+port. Port 0x61 (offset 1) is not the 8042's: on the plain PC it is the 8254's port B, which this
+device hands on (`port_b`); elsewhere it floats high. Commands complete at once, so the input buffer is never full (status bit 1 is always 0).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from replayvm.devices.irq import IrqLine
 from replayvm.devices.state import U8, Blob
 
 DATA = 0
+PORT_B = 1                     # 0x61, system control port B (the plain PC's `port_b`)
 STATUS_COMMAND = 4
 
 # Register names by offset from hw.I8042_DATA_PORT, as the `devices` table of analyze shows them.
@@ -88,6 +90,7 @@ class I8042:
     def __init__(self, irq: IrqLine, on_reset: Callable[[], None]) -> None:
         self.irq = irq
         self.on_reset = on_reset
+        self.port_b = None                             # the plain PC: the 8254's port 0x61
         self.scancodes: deque[int] = deque()
         self.config = CONFIG_KEYBOARD_INTERRUPT | 0x40 | 0x04
         self.output_port = OUTPUT_PORT_RESET           # A20 closed at power-on
@@ -114,6 +117,8 @@ class I8042:
             self.irq.set_level(level)
 
     def read(self, offset: int, size: int) -> int:
+        if offset == PORT_B and self.port_b is not None:
+            return self.port_b.read(0, size)
         if offset == STATUS_COMMAND:
             status = STATUS_SYSTEM | (STATUS_COMMAND_LAST if self.last_was_command else 0)
             return status | (STATUS_OUTPUT_FULL if self._output_ready() else 0)
@@ -132,7 +137,9 @@ class I8042:
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
-        if offset == STATUS_COMMAND:
+        if offset == PORT_B and self.port_b is not None:
+            self.port_b.write(0, size, value)
+        elif offset == STATUS_COMMAND:
             self.last_was_command = True
             self._command(value)
         elif offset == DATA:

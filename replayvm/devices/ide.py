@@ -303,6 +303,7 @@ class IdeChannel:
             drives = self.drives
             self.reset()
             self.drives = drives
+            self.lba[0] = 1                  # the reset signature: count 1, LBA 1/0/0, error 1 (ATA)
         self.control = value & 0xFF
         if value & CONTROL_NIEN:
             self._lower_irq()

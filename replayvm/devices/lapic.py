@@ -481,8 +481,10 @@ class Lapic:
         replay the trace, not the clock, fires the timer: it fires now. Any other vector that no
         device raised means the replayed devices went another way: False."""
         vector &= 0xFF
-        if self._extint and self.pic.has_pending():          # type: ignore[union-attr]
-            return self.pic.acknowledge() == vector          # type: ignore[union-attr]
+        if self._extint:
+            taken = self.pic.take_recorded(vector)           # type: ignore[union-attr]
+            if taken is not None:
+                return taken
         bit = 1 << vector
         if not self.irr & bit:
             timer = self.lvt[LVT_TIMER]

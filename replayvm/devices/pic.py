@@ -287,6 +287,8 @@ class Pic8259Pair:
         self.master = Pic8259("pic-master", MASTER_VECTOR_BASE)
         self.master.level_pins_always = 1 << hw.IRQ_PIC_CASCADE
         self.slave = Pic8259("pic-slave", SLAVE_VECTOR_BASE, on_output_change=self._update_cascade)
+        # Replay: timers that fire when the trace took their interrupt (IRQ -> raise it now).
+        self.trace_timers: dict[int, Callable[[], object]] = {}
 
     def _update_cascade(self) -> None:
         self.master.set_irq(hw.IRQ_PIC_CASCADE, self.slave.output())
@@ -296,6 +298,32 @@ class Pic8259Pair:
             self.master.set_irq(pin, level)
         elif 8 <= pin < 16:
             self.slave.set_irq(pin - 8, level)
+
+    def irq_of_vector(self, vector: int) -> int | None:
+        """The IRQ (0-15) whose vector `vector` is, as the guest programmed the chips, or None."""
+        for chip, first in ((self.master, 0), (self.slave, 8)):
+            if chip.vector_base <= vector < chip.vector_base + 8:
+                irq = first + vector - chip.vector_base
+                return None if irq == hw.IRQ_PIC_CASCADE else irq
+        return None
+
+    def take_recorded(self, vector: int) -> bool | None:
+        """Replay: the CPU takes `vector` because the recording did. A timer whose interrupts
+        follow the trace (`trace_timers`: IRQ -> fire) fires now if its request is not latched
+        yet (it must be before acknowledging: it may outrank another pending request, as it did
+        while recording). True/False: the chips delivered `vector` or another one; None: they
+        have nothing for the CPU, and the vector is not theirs to give."""
+        irq = self.irq_of_vector(vector)
+        fire = self.trace_timers.get(irq) if irq is not None else None
+        if fire is not None and not self._requested(irq):
+            fire()
+        if not self.has_pending():
+            return None
+        return self.acknowledge() == vector
+
+    def _requested(self, irq: int) -> bool:
+        chip, pin = (self.master, irq) if irq < 8 else (self.slave, irq - 8)
+        return bool(chip.irr >> pin & 1)
 
     def has_pending(self) -> bool:
         """The master's INT output: the CPU's INTR line (through the LAPIC's LINT0 on an APIC PC)."""

@@ -552,15 +552,15 @@ class EmuEngine:
             if self._stop_requested:
                 self._stop_requested = False
                 return StopReason.STOP_REQUESTED
-            until_timer = machine.poll()
-            if time_end is not None and clock.now_ns() >= time_end:
-                return StopReason.BUDGET
-            if self._pending_fault is not None:
+            if self._pending_fault is not None:   # before the time budget: a run ends settled
                 vector, error, eip = self._pending_fault
                 self._pending_fault = None
                 if not self._deliver(vector, software=False, error_code=error, return_eip=eip):
                     return StopReason.SHUTDOWN
                 continue
+            until_timer = machine.poll()
+            if time_end is not None and clock.now_ns() >= time_end:
+                return StopReason.BUDGET
             if self.cpus > 1:
                 halted = self._schedule()
                 interrupts = machine.interrupts          # the CPU's own LAPIC (or the trace)

@@ -267,6 +267,24 @@ class KvmEngine:
             sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer)
         return state
 
+    _GPR32 = {"eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi", "edi": "rdi",
+              "esp": "rsp", "ebp": "rbp", "eip": "rip", "eflags": "rflags"}
+
+    def reg(self, name: str) -> int:
+        """A register by its 32-bit name (segment registers: the selector), as the emu engine
+        offers them: what the machine's BIOS services use during a port exit."""
+        if name in self._GPR32:
+            _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+            return getattr(self._regs, self._GPR32[name]) & 0xFFFFFFFF
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
+        return getattr(self._sregs, name).selector
+
+    def set_reg(self, name: str, value: int) -> None:
+        """Write a general register (by its 32-bit name; the upper half is cleared)."""
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+        setattr(self._regs, self._GPR32[name], value & 0xFFFFFFFF)
+        _ioctl(self.vcpu_fd, lib.KVM_SET_REGS, self._regs, "KVM_SET_REGS")
+
     # ---------------------------------------------------------------- positions
     SYNCHRONOUS_EXITS = ("io", "mmio", "hlt")
 

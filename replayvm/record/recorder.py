@@ -4,8 +4,8 @@ It sits between the engines and the buses (a `RecordingBus` in front of each), r
 interrupt the engine injects and every byte the console types, and appends compact records to a
 `TraceWriter`. What is logged (see docs/trace-format.md):
 - every port and MMIO access with its value: for reads that value is the input replay feeds back,
-  for writes it is what replay checks; reads of time (CMOS clock, LAPIC current count, RDTSC) are
-  CLOCK records;
+  for writes it is what replay checks; reads of time (CMOS clock, LAPIC current count, RDTSC,
+  the 8254's counters) are CLOCK records;
 - `rep ins` / `rep outs` element runs as one record; sector-sized read runs (disk data) as
   references to a content table, so a sector read twice is stored once. A run is cut every
   MAX_BIN_LEN (16 MiB) bytes into consecutive runs, because the reader refuses longer bytes
@@ -23,7 +23,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from replayvm import hw
-from replayvm.devices import cmos, lapic
+from replayvm.devices import cmos, lapic, pit
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
 from replayvm.trace.records import (CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS, SECTOR,
@@ -104,6 +104,7 @@ class Recorder:
         self._last_position = start_position      # a branch trace starts inside its parent
         self._sectors_stored: set[bytes] = set()
         self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next]
+        self._pit = getattr(machine, "pit", None)        # the plain PC's 8254: its counters are time
         self._appends = 0
         machine.pio = RecordingBus(machine.pio, self, mmio=False)
         machine.mmio = RecordingBus(machine.mmio, self, mmio=True)
@@ -177,6 +178,9 @@ class Recorder:
         if addr == CMOS_DATA_PORT and self.machine.cmos.time_register_selected:
             self._flush_run()
             self._clock(cmos.CLOCK_SOURCE, value)
+            return
+        if self._pit is not None and pit.is_time_read(addr - hw.PIT_PORT):
+            self._clock(pit.CLOCK_SOURCE, value)
             return
         self._port_access(Kind.PIO_READ_RUN, addr, size, value)
 

@@ -21,6 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
+from replayvm.trace.format import FEATURE_PC, FEATURE_SMP
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -41,6 +42,7 @@ class SessionOptions:
     command_line: list[str] = field(default_factory=list)
     chaos_seed: int | None = None
     cpus: int = 1                        # several: the trace is format 3.0 with feature "smp"
+    machine: str = "mp"                  # hw.MACHINE_KINDS
 
 
 def bundled_demo_disk() -> Path:
@@ -61,7 +63,7 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
                            engine=options.engine, virtual_clock=options.virtual_clock,
-                           chaos_seed=options.chaos_seed, cpus=options.cpus)
+                           chaos_seed=options.chaos_seed, cpus=options.cpus, machine=options.machine)
     try:
         machine = Machine(config, console)
     except BaseException:
@@ -157,9 +159,14 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
-    if machine.cpus > 1:                     # a 1-CPU trace stays as before (format 1.2)
-        header["features"] = ["smp"]
+    features = []
+    if machine.cpus > 1:                     # a 1-CPU mp trace stays as before (format 1.2)
+        features.append(FEATURE_SMP)
         header["cpus"] = machine.cpus
+    if machine.config.machine == "pc":
+        features.append(FEATURE_PC)
+    if features:                             # older readers must refuse it (format 3.0)
+        header["features"] = features
     start_position = 0
     if branch is not None:
         header.update(branch)

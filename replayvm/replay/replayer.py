@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from replayvm import hw
 from replayvm.analyze.devices import register_at
 from replayvm.bus import Bus, Mapping
 from replayvm.console import Console
@@ -42,7 +43,7 @@ from replayvm.engines.registry import engine_class
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
-from replayvm.trace.format import DISK_READ_MINOR, POSITIONED, Kind, TraceFormatError
+from replayvm.trace.format import DISK_READ_MINOR, FEATURE_PC, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
 from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY, INPUT,
                                     INTERRUPT, RAM_PAGE, RUN, SECTOR, SWITCH)
@@ -50,7 +51,7 @@ from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
-GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
+GUEST_ENDS = ("fault", "shutdown", "poweroff", "unsupported")   # footer ends the guest brought about itself
 RFLAGS_RF = 1 << 16
 LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
 END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
@@ -331,7 +332,8 @@ class Replayer:
         # kvm's kicker needs real time for the exit-free watch
         config = MachineConfig(ram_bytes=ram_bytes, engine=engine,
                                virtual_clock=engine_class(engine).exact_positions,
-                               cpus=int(header.get("cpus") or 1))
+                               cpus=int(header.get("cpus") or 1),
+                               machine="pc" if FEATURE_PC in (header.get("features") or ()) else "mp")
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
             machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)

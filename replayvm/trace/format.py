@@ -22,7 +22,11 @@ FEATURES_MINOR = 0               # (several CPUs, a plain PC, long mode...): its
 READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # The machine features this release replays: each one a trace may name in its header's `features`.
 # A feature is added here in the release that records it, never removed.
-KNOWN_FEATURES: frozenset[str] = frozenset({"smp"})   # smp: several CPUs (header `cpus`, SWITCH)
+# "smp": several CPUs (header `cpus`, SWITCH records).
+# "pc": the plain PC (`--machine pc`: replayvm's BIOS, the 8254, no MP table).
+FEATURE_SMP = "smp"
+FEATURE_PC = "pc"
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor

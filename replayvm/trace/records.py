@@ -209,7 +209,7 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
            "bytes typed at the console (`com1`); replay hands them to the UART at this position"),
     Layout(Kind.CLOCK, (("dpos", DPOS), ("source", NAME), ("value", CLOCK_VALUE), ("rip", RIP),
                         ("cpl", CPL)),
-           "a time value the guest read: `cmos` (RTC register), `lapic.tccr`, `rdtsc`"),
+           "a time value the guest read: `cmos` (RTC register), `lapic.tccr`, `rdtsc`, `pit` (an 8254 counter, plain PC)"),
     Layout(Kind.HALT, (("dpos", DPOS),), "the guest executed HLT and waited"),
     Layout(Kind.SECTOR, (("digest", HASH), ("data", SECTOR_DATA)),
            "content of a disk sector, stored once, before its first use", action="sectors.add(digest)"),
