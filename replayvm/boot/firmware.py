@@ -3,7 +3,10 @@
 Two boot methods:
 - disk: sector 0 of disk 0 at 0x7C00, real mode, CS:IP = 0:7C00, DL = 0x80 (like a PC BIOS);
 - multiboot: a multiboot kernel ELF's segments loaded at their physical addresses, 32-bit flat
-  protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure.
+  protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure. The ELF may be
+  64-bit (ELF64, x86-64: a kernel whose 32-bit entry switches to long mode, as Rust kernels and
+  64-bit xv6 ports do); it loads the same way, by its program headers, and makes the machine a
+  64-bit one (`kernel_is_64bit`).
 Both fill the BIOS data area (EBDA pointer, base memory size) and the MP tables.
 """
 
@@ -75,6 +78,17 @@ def find_multiboot_header(image: bytes) -> int | None:
     return None
 
 
+def kernel_is_64bit(kernel: Path) -> bool:
+    """Whether a kernel file is an ELF64 for x86-64 (anything else, unreadable files included,
+    is left to boot_multiboot to judge)."""
+    try:
+        with kernel.open("rb") as f:
+            ident = f.read(20)
+    except OSError:
+        return False
+    return ident[:4] == b"\x7fELF" and ident[4] == 2 and ident[18:20] == b"\x3e\x00"
+
+
 def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
     """Load a multiboot ELF kernel and return the state a multiboot loader hands it."""
     try:
@@ -87,8 +101,8 @@ def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
     try:
         with kernel.open("rb") as f:
             elf = ELFFile(f)
-            if elf.get_machine_arch() != "x86":
-                raise UsageError(f"{kernel} is not a 32-bit x86 ELF")
+            if elf.get_machine_arch() not in ("x86", "x64"):
+                raise UsageError(f"{kernel} is not an x86 ELF (32-bit or x86-64)")
             entry = elf.header.e_entry
             for segment in elf.iter_segments():
                 if segment["p_type"] != "PT_LOAD":

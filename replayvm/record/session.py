@@ -21,6 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
+from replayvm.trace.format import FEATURE_X86_64
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -156,6 +157,8 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
+    if machine.x86_64:
+        header["features"] = [FEATURE_X86_64]
     start_position = 0
     if branch is not None:
         header.update(branch)

@@ -1,0 +1,23 @@
+"""Build the long64 test guest: one ELF64 multiboot kernel (kernel.elf) from kernel.S.
+
+It is linked at 1 MiB with physical = virtual addresses; its multiboot header carries the
+a.out kludge, so loaders that only take 32-bit ELF files load it too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def _run(command: list) -> None:
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"building the long64 guest failed: {' '.join(map(str, command))}\n{result.stderr}")
+
+
+def build(src: Path, out: Path) -> None:
+    src, out = src.resolve(), out.resolve()
+    _run(["gcc", "-m64", "-c", src / "kernel.S", "-o", out / "kernel.o"])
+    _run(["ld", "-m", "elf_x86_64", "-N", "-T", src / "kernel.ld", "-o", out / "kernel.elf",
+          out / "kernel.o"])
