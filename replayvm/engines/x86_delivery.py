@@ -34,8 +34,7 @@ VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 GATE_INTERRUPT_32 = 0xE
 GATE_TRAP_32 = 0xF
-GATE_INTERRUPT_64 = 0xE          # the same type numbers name the 64-bit gates in long mode
-GATE_TRAP_64 = 0xF
+GATE_INTERRUPT_64 = GATE_INTERRUPT_32    # the same type numbers name the 64-bit gates
 EFER_LMA = 1 << 10
 TSS64_RSP0 = 4                   # 64-bit TSS: RSP0..RSP2 at 4, 12, 20; IST1..IST7 at 0x24, 0x2C, ...
 TSS64_IST1 = 0x24
@@ -169,21 +168,12 @@ def _deliver_real_mode(cpu: CpuAccess, vector: int, return_ip: int) -> None:
     cpu.set_reg("eip", entry & 0xFFFF)
 
 
-def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
-                            error_code: int | None, return_eip: int) -> None:
-    gate_error = vector * 8 + 2 + (0 if software else 1)
-    idt_base, idt_limit = cpu.table_register("idtr")
-    if vector * 8 + 7 > idt_limit:
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
-    raw = cpu.read_linear(idt_base + vector * 8, 8)
-    lo, hi = _u32(raw, 0), _u32(raw, 4)
+def _checked_gate(cpu: CpuAccess, vector: int, software: bool, hi: int, gate_error: int) -> tuple[int, int]:
+    """(gate type, CPL) for a gate the vector may go through: an interrupt or trap gate (the
+    same type numbers in 32-bit and 64-bit IDTs), present, and for INT n of DPL >= CPL."""
     gate_type = (hi >> 8) & 0x1F
     gate_dpl = (hi >> 13) & 3
-    eflags = cpu.reg("eflags")
-    if eflags & EFLAGS_VM:
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, "virtual-8086 mode is not supported")
-    old_cs = cpu.reg("cs")
-    cpl = old_cs & 3
+    cpl = cpu.reg("cs") & 3
     if software and gate_dpl < cpl:
         raise DeliveryFault(VECTOR_GENERAL_PROTECTION, vector * 8 + 2,
                             f"int {vector:#x} from ring {cpl} through a DPL {gate_dpl} gate")
@@ -192,6 +182,22 @@ def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
                             f"vector {vector}: unsupported gate type {gate_type:#x}")
     if not hi & (1 << 15):
         raise DeliveryFault(VECTOR_SEGMENT_NOT_PRESENT, gate_error, f"vector {vector}: gate not present")
+    return gate_type, cpl
+
+
+def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
+                            error_code: int | None, return_eip: int) -> None:
+    gate_error = vector * 8 + 2 + (0 if software else 1)
+    idt_base, idt_limit = cpu.table_register("idtr")
+    if vector * 8 + 7 > idt_limit:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
+    raw = cpu.read_linear(idt_base + vector * 8, 8)
+    lo, hi = _u32(raw, 0), _u32(raw, 4)
+    eflags = cpu.reg("eflags")
+    if eflags & EFLAGS_VM:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, "virtual-8086 mode is not supported")
+    old_cs = cpu.reg("cs")
+    gate_type, cpl = _checked_gate(cpu, vector, software, hi, gate_error)
     target_cs = lo >> 16
     target_eip = (lo & 0xFFFF) | (hi & 0xFFFF0000)
     _, _, cs_access = _descriptor(cpu, target_cs)
@@ -246,19 +252,9 @@ def _deliver_long_mode(cpu: CpuAccess, vector: int, software: bool,
         raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
     raw = cpu.read_linear(idt_base + vector * 16, 16)
     lo, hi, upper = _u32(raw, 0), _u32(raw, 4), _u32(raw, 8)
-    gate_type = (hi >> 8) & 0x1F
-    gate_dpl = (hi >> 13) & 3
     ist = hi & 7
     old_cs = cpu.reg("cs")
-    cpl = old_cs & 3
-    if software and gate_dpl < cpl:
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, vector * 8 + 2,
-                            f"int {vector:#x} from ring {cpl} through a DPL {gate_dpl} gate")
-    if gate_type not in (GATE_INTERRUPT_64, GATE_TRAP_64):
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error,
-                            f"vector {vector}: unsupported 64-bit gate type {gate_type:#x}")
-    if not hi & (1 << 15):
-        raise DeliveryFault(VECTOR_SEGMENT_NOT_PRESENT, gate_error, f"vector {vector}: gate not present")
+    gate_type, cpl = _checked_gate(cpu, vector, software, hi, gate_error)
     target_cs = lo >> 16
     target_rip = (lo & 0xFFFF) | (hi & 0xFFFF0000) | (upper << 32)
     _, _, cs_access = _descriptor(cpu, target_cs)
