@@ -3,8 +3,9 @@
 # and paging and far-jumps to 64-bit code, which then exercises what an engine must get exactly
 # right in long mode:
 #   - a 64-bit IDT (16-byte gates) and TSS (RSP0 for ring 3 -> 0, IST1 for the timer);
-#   - a page fault in ring 0 (CR2 = 0x10, error code 0) and one in ring 3 (a supervisor-only
-#     4 KiB page: error code 5), a #UD (ud2), each handler printing CR2/error code/RIP;
+#   - page faults in ring 0 (a read at 0x10, error code 0; an instruction fetch at 0x20 by a
+#     call to nowhere) and in ring 3 (a supervisor-only 4 KiB page: error code 5), a #UD (ud2),
+#     each handler printing CR2/error code/RIP;
 #   - LAPIC timer interrupts (periodic, vector 0x20) while ring 0 and ring 3 code compute;
 #   - ring 3 by iretq, system calls by `int $0x80` (a DPL 3 trap gate) back to ring 0. On PVM
 #     (the kvm engine here) `int n` from ring 3 arrives as #UD: the #UD handler treats the bytes
@@ -131,6 +132,8 @@ long_entry:
     movq    $0x10, %rbx
     movq    (%rbx), %rax                    # #PF: CR2 0x10, error 0 (3 bytes, skipped)
     ud2                                     # #UD (skipped)
+    movq    $0x20, %rax
+    call    *%rax                           # #PF on the fetch at 0x20: the handler returns
 
     movq    $LAPIC, %rbx                    # LAPIC timer: periodic, vector 0x20, 0.5 ms
     movl    $0x1FF, 0xF0(%rbx)
@@ -211,7 +214,7 @@ print_hex:
 #define SAVE   pushq %rax; pushq %rcx; pushq %rdx; pushq %rsi; pushq %rdi
 #define RESTORE popq %rdi; popq %rsi; popq %rdx; popq %rcx; popq %rax
 
-pf_handler:                                 # frame after SAVE: err 40, rip 48, cs 56
+pf_handler:                                 # frame after SAVE: err 40, rip 48, cs 56, rsp 72
     SAVE
     movq    $msg_pf, %rsi
     call    puts
@@ -228,7 +231,17 @@ pf_handler:                                 # frame after SAVE: err 40, rip 48, 
     movb    $'\n', %al
     call    putc
     incq    faults
+    movq    %cr2, %rax
+    cmpq    48(%rsp), %rax
+    je      1f
     addq    $3, 48(%rsp)                    # past `movq (%rbx), %rax`
+    RESTORE
+    addq    $8, %rsp                        # the error code
+    iretq
+1:  movq    72(%rsp), %rax                  # a fetch fault (a call to nowhere): return to
+    movq    (%rax), %rcx                    # the caller, as its `ret` would
+    movq    %rcx, 48(%rsp)
+    addq    $8, 72(%rsp)
     RESTORE
     addq    $8, %rsp                        # the error code
     iretq

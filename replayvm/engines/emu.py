@@ -200,7 +200,7 @@ class EmuEngine:
         """How instructions are counted now: "blocks" (translated blocks without the
         per-instruction hook wherever nothing can stop or observe the guest inside them; see
         emu_build.py) or "instructions" (the hook on every instruction: the reference mode, a
-        Unicorn whose internals were not as probed, or a guest that turned PAE on)."""
+        Unicorn whose internals were not as probed, or a 32-bit guest that turned PAE on)."""
         st = self.state
         return "blocks" if st.counting_blocks and not st.always_precise else "instructions"
 
@@ -814,9 +814,12 @@ class EmuEngine:
         if state.pae_seen:
             _check(lib.replayvm_uc_use_page_walk(self.uc, state, 0), "switch to QEMU's page walk")
             self.page_walk = "qemu"
-            # Fast blocks rely on this walk to place data faults; with QEMU's, every instruction
-            # is hooked again.
-            state.always_precise = 1
+            # A 32-bit engine: fast blocks rely on this walk to place faults, so with QEMU's
+            # every instruction is hooked again. A 64-bit one keeps counting per block: a fault
+            # QEMU's walk raises inside a fast block is settled as any exception there is, and a
+            # refused fetch of the next block by its CR2 (settle_fast_block_for in emu_build.py).
+            if not self.long_mode_capable:
+                state.always_precise = 1
             if not state.fault_fetch:               # a data access: the instruction had begun
                 state.icount -= 1
             return

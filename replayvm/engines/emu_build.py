@@ -438,7 +438,9 @@ static int insn_index(const struct tb_view *tb, uint64_t eip)
 
 static uint64_t env_eip(const struct emu_state *s)
 {
-    return env32(s->env, ENV_EIP_OFFSET);
+    uint64_t eip;                 /* target_ulong: RIP in 64-bit code, EIP (high half 0) otherwise */
+    memcpy(&eip, s->env + ENV_EIP_OFFSET, 8);
+    return eip;
 }
 
 static void set_hook_range(struct emu_state *s, int precise)
@@ -472,7 +474,9 @@ static int needs_precise(const struct emu_state *s, uint32_t icount)
 /* An exception inside the fast block under way, with EIP restored to the faulting instruction:
    count the instructions before it and the faulting one (which the per-instruction hook
    counts as begun). */
-static void settle_fast_block(struct emu_state *s)
+static int fetch_fault_at_eip(uc_engine *uc, const struct emu_state *s, const struct tb_view *tb);
+
+static void settle_fast_block_for(uc_engine *uc, struct emu_state *s, uint32_t intno)
 {
     const struct tb_view *tb = s->fast_tb;
     int i;
@@ -481,11 +485,28 @@ static void settle_fast_block(struct emu_state *s)
     i = insn_index(tb, env_eip(s));
     if (i < 0 && env_eip(s) == tb->pc + tb->size - tb->cs_base)
         i = tb->icount - 1;       /* INT n, INT3, INTO: Unicorn has moved EIP past the last one */
+    if (i < 0 && intno == 14 && fetch_fault_at_eip(uc, s, tb))
+        return;                   /* QEMU's walk refused the fetch of the next block: this one
+                                     ran whole, and the faulting instruction never began */
     if (i < 0) {
         s->fast_error = FAST_ERROR_NO_INSN;
         return;
     }
     s->icount = s->block_start + (uint64_t)i + 1;
+}
+
+static void settle_fast_block(struct emu_state *s)
+{
+    settle_fast_block_for(NULL, s, 0);
+}
+
+/* A page fault raised by QEMU's own walk (PAE, long mode) while translating the block after the
+   fast one that just ran: CR2 is in the instruction at EIP (its first byte, or the page its
+   later bytes are on). */
+static int fetch_fault_at_eip(uc_engine *uc, const struct emu_state *s, const struct tb_view *tb)
+{
+    uint64_t cr2 = read_cr(uc, UC_X86_REG_CR2), pc = tb->cs_base + env_eip(s);
+    return cr2 - pc < 16;
 }
 
 /* After a run stopped on a page walk fault of a data access (EIP at the faulting instruction). */
@@ -1066,7 +1087,7 @@ static void on_intr(uc_engine *uc, uint32_t intno, void *user_data)
 {
     struct hook_ctx *c = user_data;
     struct emu_state *s = c->s;
-    settle_fast_block(s);
+    settle_fast_block_for(uc, s, intno);
     replayvm_py_intr(uc, intno, c->owner);
     if (s->counting_blocks && s->stop_reason == STOP_NONE) {
         s->stop_reason = STOP_RESUME;
