@@ -10,6 +10,7 @@ the console says whether delivery (gates, stack switch, error codes, CR2, iretq)
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from replayvm.replay.timeline import Timeline
 from replayvm.trace import Kind, TraceReader
 from replayvm.trace import format as trace_format
 from replayvm.trace.format import FEATURE_X86_64
+from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
 EFER_LMA = 1 << 10
@@ -149,3 +151,34 @@ def test_long64_on_kvm(tmp_path, kernel, require_kvm):
     shown, _ = record(trace, kernel, engine="kvm")
     check_console(shown)
     assert replay(trace, output=io.BytesIO()).verified
+
+
+def amd64_registers(output: str, marker: str) -> str:
+    """The `info registers` block after `echo MARKER\\n`: 17 general registers, eflags, 6 segment
+    registers, then the control registers."""
+    block = output.split(marker + "\n", 1)[1]
+    return "\n".join(block.splitlines()[:29])
+
+
+def test_gdb_shows_amd64_registers_and_steps_in_ring3(gdb, tmp_path, kernel, monkeypatch):
+    """On a 64-bit guest's replay gdb gets the amd64 description: 64-bit registers (r8..r15,
+    rip), EFER among the control registers; a breakpoint in ring-3 code, stepi and reverse-stepi."""
+    monkeypatch.delenv(REFERENCE, raising=False)
+    trace = tmp_path / "long64.zst"
+    record(trace, kernel)
+    stub = Stub(trace)
+    out = run_gdb(gdb, kernel, stub.address, [
+        "show architecture", "break user_entry", "continue",
+        "echo BEFORE\\n", "info registers",
+        "stepi", "echo STEPPED\\n", "info registers",
+        "reverse-stepi", "echo BACK\\n", "info registers",
+    ])
+    stub.finish()
+    assert 'currently "i386:x86-64"' in out, out
+    assert "Breakpoint 1, 0x0000000000100" in out and "in user_entry ()" in out, out
+    before, stepped, back = (amd64_registers(out, m) for m in ("BEFORE", "STEPPED", "BACK"))
+    assert re.search(r"^r15\s+0x", before, re.M) and re.search(r"^rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <user_entry>",
+                                                                before, re.M), before
+    assert stepped != before and back == before
+    assert re.search(r"^efer\s+0x5[0-9a-f]{2}\b", out, re.M), out        # LME and LMA
+    assert re.search(r"^cs\s+0x23\b", before, re.M)                        # ring 3
