@@ -85,9 +85,12 @@ def test_long64_records_and_replays_verified_on_emu(tmp_path, kernel, monkeypatc
     assert result.verified and result.console == shown
 
 
-def test_long64_positions_equal_the_reference(tmp_path, kernel, monkeypatch):
+@pytest.mark.parametrize("artifact", ["kernel.elf", "kernel-syscall.elf"])
+def test_long64_positions_equal_the_reference(tmp_path, artifact, monkeypatch):
     """Every event (interrupt positions, port and MMIO accesses) and the final state are those of
-    the reference engine, which counts each instruction with its own hook and walks with QEMU."""
+    the reference engine, which counts each instruction with its own hook and walks with QEMU.
+    kernel-syscall.elf also makes system calls by `syscall`/`sysretq`."""
+    kernel = guest_file("long64", artifact)
     monkeypatch.delenv(REFERENCE, raising=False)
     fast = tmp_path / "fast.zst"
     shown_fast, machine = record(fast, kernel)
@@ -99,6 +102,9 @@ def test_long64_positions_equal_the_reference(tmp_path, kernel, monkeypatch):
     ref = tmp_path / "ref.zst"
     shown_ref, _ = record(ref, kernel)
     assert shown_fast == shown_ref
+    check_console(shown_fast)
+    if artifact == "kernel-syscall.elf":                # printed by `syscall`, then a ring-3 #PF
+        assert b"long64: and by syscall\n#PF cr2 err rip 00000000001ff000 0000000000000005" in shown_fast
     fast_events, fast_end, _ = events_and_end(fast)
     ref_events, ref_end, _ = events_and_end(ref)
     assert [e for e in fast_events if e[0] == Kind.INTERRUPT]

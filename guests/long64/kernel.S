@@ -10,7 +10,10 @@
 #   - ring 3 by iretq, system calls by `int $0x80` (a DPL 3 trap gate) back to ring 0. On PVM
 #     (the kvm engine here) `int n` from ring 3 arrives as #UD: the #UD handler treats the bytes
 #     `cd 80` at the faulting RIP as that system call;
-#   - port I/O to the UART (COM1), and the debug-exit port to end the session.
+#   - port I/O to the UART (COM1), and the debug-exit port to end the session;
+#   - built with -DWITH_SYSCALL (kernel-syscall.elf): also `syscall`/`sysretq` from ring 3
+#     (EFER.SCE, STAR, LSTAR, FMASK). Not in kernel.elf, which runs on PVM too: there `syscall`
+#     from user mode reaches the entry point still in user mode.
 # Memory: 4 KiB pages for the first 2 MiB (page 0 absent, 0x1FF000 supervisor-only), 2 MiB
 # pages up to 8 MiB, the LAPIC as one 2 MiB page at 0xFEE00000. No SSE anywhere (PVM emulates
 # kernel code and cannot run SSE there).
@@ -126,6 +129,25 @@ long_entry:
     movl    $0xEF00, %edx                   # trap gate, DPL 3
     call    set_gate
     lidt    idt_ptr
+#ifdef WITH_SYSCALL
+    movl    $0xC0000080, %ecx               # EFER.SCE
+    rdmsr
+    orl     $1, %eax
+    wrmsr
+    movl    $0xC0000081, %ecx               # STAR: kernel CS 0x08 (SS 0x10); sysret base 0x10
+    xorl    %eax, %eax                      # (user SS 0x18, user CS 0x20)
+    movl    $0x00100008, %edx
+    wrmsr
+    movl    $0xC0000082, %ecx               # LSTAR
+    movq    $syscall_entry64, %rax
+    movq    %rax, %rdx
+    shrq    $32, %rdx
+    wrmsr
+    movl    $0xC0000084, %ecx               # FMASK: IF off on entry
+    movl    $0x200, %eax
+    xorl    %edx, %edx
+    wrmsr
+#endif
 
     movq    $msg_hello, %rsi
     call    puts
@@ -291,6 +313,21 @@ syscall_handler:                            # %rax: 1 putc(%dil), 2 back to the 
 2:  movq    saved_rsp, %rsp
     jmp     back_in_kernel
 
+#ifdef WITH_SYSCALL
+syscall_entry64:                            # ring 0 on the user's stack; RCX, R11 hold the return
+    pushq   %rdx
+    cmpq    $1, %rax
+    je      1f
+    movq    ticks, %rax
+    popq    %rdx
+    sysretq
+1:  movl    %edi, %eax
+    movw    $COM1, %dx
+    outb    %al, %dx
+    popq    %rdx
+    sysretq
+#endif
+
 timer_handler:                              # on IST1
     pushq   %rax
     incq    ticks
@@ -308,14 +345,30 @@ user_entry:                                 # ring 3
     int     $0x80
     incq    %rsi
     jmp     1b
-2:  movq    $0x1FF000, %rbx
+2:
+#ifdef WITH_SYSCALL
+    movq    $msg_syscall, %rsi
+5:  movzbl  (%rsi), %edi
+    testl   %edi, %edi
+    jz      6f
+    movl    $1, %eax
+    syscall
+    incq    %rsi
+    jmp     5b
+6:
+#endif
+    movq    $0x1FF000, %rbx
     movq    (%rbx), %rax                    # #PF from ring 3: error 5 (present, user)
 3:  movl    $20000, %ecx                    # compute; the timer preempts ring 3
 4:  imulq   $7, %rcx, %rdx
     decl    %ecx
     jnz     4b
     movl    $3, %eax
+#ifdef WITH_SYSCALL
+    syscall
+#else
     int     $0x80
+#endif
     cmpq    $TICKS_RING3, %rax
     jb      3b
     movl    $2, %eax
@@ -328,6 +381,7 @@ msg_gp:     .asciz "#GP err "
 msg_ticks0: .asciz "long64: timer ticks in ring 0\n"
 msg_user:   .asciz "long64: hello from ring 3\n"
 msg_back:   .asciz "long64: back in ring 0, ticks "
+msg_syscall: .asciz "long64: and by syscall\n"
 hexdigits:  .ascii "0123456789abcdef"
 
     .data

@@ -1,4 +1,6 @@
-"""Build the long64 test guest: one ELF64 multiboot kernel (kernel.elf) from kernel.S.
+"""Build the long64 test guest: ELF64 multiboot kernels from kernel.S: kernel.elf, and
+kernel-syscall.elf (-DWITH_SYSCALL: also system calls by `syscall`/`sysretq`, which PVM cannot
+run from user mode).
 
 It is linked at 1 MiB with physical = virtual addresses; its multiboot header carries the
 a.out kludge, so loaders that only take 32-bit ELF files load it too.
@@ -18,6 +20,7 @@ def _run(command: list) -> None:
 
 def build(src: Path, out: Path) -> None:
     src, out = src.resolve(), out.resolve()
-    _run(["gcc", "-m64", "-c", src / "kernel.S", "-o", out / "kernel.o"])
-    _run(["ld", "-m", "elf_x86_64", "-N", "-T", src / "kernel.ld", "-o", out / "kernel.elf",
-          out / "kernel.o"])
+    for name, defines in (("kernel", []), ("kernel-syscall", ["-DWITH_SYSCALL"])):
+        _run(["gcc", "-m64", *defines, "-c", src / "kernel.S", "-o", out / f"{name}.o"])
+        _run(["ld", "-m", "elf_x86_64", "-N", "-T", src / "kernel.ld", "-o", out / f"{name}.elf",
+              out / f"{name}.o"])

@@ -78,7 +78,15 @@ REG64 = {
     "fs_base": ucx.UC_X86_REG_FS_BASE, "gs_base": ucx.UC_X86_REG_GS_BASE,
 }
 MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081              # SYSCALL/SYSRET selectors (bits 32-47 / 48-63)
+MSR_LSTAR = 0xC0000082             # SYSCALL's 64-bit entry point
+MSR_FMASK = 0xC0000084             # RFLAGS bits SYSCALL clears
+EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
+EFLAGS_RF = 1 << 16
+# The hidden flags SYSCALL gives CS and SS (Intel SDM: flat, DPL 0; CS 64-bit, SS 32-bit writable).
+SYSCALL_CS_FLAGS = (1 << 23) | (1 << 21) | (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
+SYSCALL_SS_FLAGS = (1 << 23) | (1 << 22) | (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 TABLE_REG = {"gdtr": ucx.UC_X86_REG_GDTR, "idtr": ucx.UC_X86_REG_IDTR,
@@ -264,16 +272,17 @@ class EmuEngine:
     def _reg64(self, name: str) -> int:
         """A 64-bit register, or EFER (0 on a 32-bit engine, which cannot enter long mode)."""
         if name == "efer":
-            if not self.long_mode_capable:
-                return 0
-            self._msr[0], self._msr[1] = MSR_EFER, 0
-            _check(lib.uc_reg_read(self.uc, ucx.UC_X86_REG_MSR, self._msr), "read EFER")
-            return self._msr[1]
+            return self.msr(MSR_EFER) if self.long_mode_capable else 0
         if not self.long_mode_capable:
             raise UnicornError(f"{name}: a 64-bit register of a 32-bit engine")
         self._u64[0] = 0
         _check(lib.uc_reg_read(self.uc, REG64[name], self._u64), f"read {name}")
         return self._u64[0]
+
+    def msr(self, number: int) -> int:
+        self._msr[0], self._msr[1] = number, 0
+        _check(lib.uc_reg_read(self.uc, ucx.UC_X86_REG_MSR, self._msr), f"read MSR {number:#x}")
+        return self._msr[1]
 
     def _set_reg64(self, name: str, value: int) -> None:
         if name == "efer":
@@ -939,6 +948,24 @@ class EmuEngine:
         self._stop_now()
         return False
 
+    def _on_syscall(self) -> None:
+        """SYSCALL in 64-bit code (Intel SDM vol. 2B): RCX = the next RIP, R11 = RFLAGS, CS and
+        SS from STAR at ring 0, RFLAGS masked by FMASK, RIP = LSTAR. #UD unless EFER.SCE is set
+        and the CPU is in long mode. Unicorn adds the instruction's length to RIP after this
+        hook, so RIP is written that much short. (SYSRET is QEMU's own.)"""
+        if not self.long_mode_capable or not self.msr(MSR_EFER) & EFER_SCE \
+                or not self.reg("efer") & x86_delivery.EFER_LMA:
+            self._fault_in_hook(6, None)
+            return
+        rip, rflags = self.reg("rip"), self.reg("rflags")
+        self.set_reg("rcx", rip + 2)
+        self.set_reg("r11", rflags & ~EFLAGS_RF)
+        selector = (self.msr(MSR_STAR) >> 32) & 0xFFFC
+        self._load_segment("ss", (selector + 8) & 0xFFFC, 0, 0xFFFFFFFF, SYSCALL_SS_FLAGS)
+        self._load_segment("cs", selector, 0, 0xFFFFFFFF, SYSCALL_CS_FLAGS)
+        self.set_reg("rflags", rflags & ~self.msr(MSR_FMASK) & ~EFLAGS_RF)
+        self.set_reg("rip", self.msr(MSR_LSTAR) - 2)
+
     def _on_rdtsc(self) -> int:
         tsc = self.machine.read_tsc()
         self.set_reg("eax", tsc & 0xFFFFFFFF)
@@ -1052,6 +1079,13 @@ def replayvm_py_in_run(uc, port, size, data, count, owner):
         raise ValueError(f"a run of {count} reads of port {port:#x} came back {len(values)} bytes long")
     ffi.memmove(data, values, len(values))
     return 1
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_syscall(uc, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_syscall()
 
 
 @ffi.def_extern(onerror=_on_error)

@@ -180,6 +180,7 @@ extern "Python" void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64
 extern "Python" void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 extern "Python" bool replayvm_py_invalid(uc_engine *uc, void *owner);
 extern "Python" int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+extern "Python" void replayvm_py_syscall(uc_engine *uc, void *owner);
 extern "Python" void replayvm_py_io_refused(uc_engine *uc, void *owner);
 extern "Python" uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 extern "Python" void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
@@ -217,6 +218,7 @@ static void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64_t value,
 static void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 static bool replayvm_py_invalid(uc_engine *uc, void *owner);
 static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+static void replayvm_py_syscall(uc_engine *uc, void *owner);
 static void replayvm_py_io_refused(uc_engine *uc, void *owner);
 static uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 static void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
@@ -1109,6 +1111,20 @@ static int on_rdtsc(uc_engine *uc, void *user_data)
     return replayvm_py_rdtsc(uc, c->owner);
 }
 
+/* SYSCALL: Unicorn runs the UC_X86_INS_SYSCALL hooks instead of QEMU's transition (and then
+   moves RIP past the instruction); the engine does the transition (emu.py). Like an exception's
+   delivery it writes RIP, so in block-counting mode the run restarts (see on_intr). */
+static void on_syscall(uc_engine *uc, void *user_data)
+{
+    struct hook_ctx *c = user_data;
+    struct emu_state *s = c->s;
+    replayvm_py_syscall(uc, c->owner);
+    if (s->counting_blocks && s->stop_reason == STOP_NONE) {
+        s->stop_reason = STOP_RESUME;
+        uc_emu_stop(uc);
+    }
+}
+
 int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_model)
 {
     uc_hook hh;
@@ -1142,6 +1158,8 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
     err = uc_hook_add(uc, &hh, UC_HOOK_INSN_INVALID, (void *)on_invalid, c, 1, 0);
     if (err) return err;
     err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_rdtsc, c, 1, 0, UC_X86_INS_RDTSC);
+    if (err) return err;
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_syscall, c, 1, 0, UC_X86_INS_SYSCALL);
     if (err) return err;
     return UC_ERR_OK;
 }
