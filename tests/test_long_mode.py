@@ -168,7 +168,8 @@ def amd64_registers(output: str, marker: str) -> str:
 
 def test_gdb_shows_amd64_registers_and_steps_in_ring3(gdb, tmp_path, kernel, monkeypatch):
     """On a 64-bit guest's replay gdb gets the amd64 description: 64-bit registers (r8..r15,
-    rip), EFER among the control registers; a breakpoint in ring-3 code, stepi and reverse-stepi."""
+    rip), EFER among the control registers; a breakpoint in ring-3 code, stepi, reverse-stepi,
+    and a watchpoint on a kernel variable the timer interrupt changes while ring 3 computes."""
     monkeypatch.delenv(REFERENCE, raising=False)
     trace = tmp_path / "long64.zst"
     record(trace, kernel)
@@ -178,6 +179,7 @@ def test_gdb_shows_amd64_registers_and_steps_in_ring3(gdb, tmp_path, kernel, mon
         "echo BEFORE\\n", "info registers",
         "stepi", "echo STEPPED\\n", "info registers",
         "reverse-stepi", "echo BACK\\n", "info registers",
+        "delete", "watch *(long *)&ticks", "continue",      # the timer handler's increment
     ])
     stub.finish()
     assert 'currently "i386:x86-64"' in out, out
@@ -188,3 +190,38 @@ def test_gdb_shows_amd64_registers_and_steps_in_ring3(gdb, tmp_path, kernel, mon
     assert stepped != before and back == before
     assert re.search(r"^efer\s+0x5[0-9a-f]{2}\b", out, re.M), out        # LME and LMA
     assert re.search(r"^cs\s+0x23\b", before, re.M)                        # ring 3
+    # a watchpoint maps its address through the 4-level tables at each access
+    change = re.search(r"Old value = (\d+)\s+New value = (\d+)", out)
+    assert change and int(change.group(2)) == int(change.group(1)) + 1, out
+    assert re.search(r"in timer_handler \(\)", out), out
+
+
+def test_set_state_loads_a_long_mode_cpu(kernel, monkeypatch):
+    """get_state/set_state in the middle of ring-3 64-bit code (what a trace's initial state or a
+    branch goes through): the same state reads back -- hidden segment flags included, which
+    Unicorn's 64-bit mode does not load from selectors -- and the guest runs on to the same end."""
+    from replayvm.console import Console
+    from replayvm.machine import Machine, MachineConfig
+
+    monkeypatch.delenv(REFERENCE, raising=False)
+    outputs = []
+    for reload_state in (False, True):
+        out = io.BytesIO()
+        machine = Machine(MachineConfig(kernel=kernel, ram_mib=16, engine="emu", virtual_clock=True),
+                          Console(out))
+        try:
+            assert machine.x86_64
+            engine = machine.engine
+            machine.clock.start()
+            engine.run(until_position=2_500_000)
+            state = engine.get_state()
+            assert state.efer & EFER_LMA and state.cs.l == 1 and state.cs.selector & 3 == 3
+            if reload_state:
+                engine.set_state(state)
+                assert engine.get_state() == state
+            assert machine.run(timeout_s=1).reason == "shutdown"
+        finally:
+            machine.close()
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]
+    check_console(outputs[0])

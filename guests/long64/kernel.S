@@ -163,6 +163,9 @@ long_entry:
     movl    $(0x20000 | TIMER_VEC), 0x320(%rbx)
     movl    $500000, 0x380(%rbx)
     sti
+    rdtsc                                   # a time-stamp read in 64-bit code (not printed:
+    xorl    %eax, %eax                      # the kvm engine cannot make it exact)
+    xorl    %edx, %edx
     xorl    %ecx, %ecx
 2:  incq    %rcx                            # compute while the timer ticks in ring 0
     imulq   $3, %rcx, %rdx
@@ -211,6 +214,12 @@ set_gate:
 
 # putc(%al) -> COM1; puts(%rsi); print_hex(%rdi). Clobber rax, rcx, rdx, rsi, rdi.
 putc:
+    movb    %al, %ah
+    movw    $COM1 + 5, %dx                  # wait for the transmit register (LSR bit 5)
+1:  inb     %dx, %al
+    testb   $0x20, %al
+    jz      1b
+    movb    %ah, %al
     movw    $COM1, %dx
     outb    %al, %dx
     ret
