@@ -1,6 +1,6 @@
 """Build the long64 test guest: ELF64 multiboot kernels from kernel.S: kernel.elf, and
 kernel-syscall.elf (-DWITH_SYSCALL: also system calls by `syscall`/`sysretq`, which PVM cannot
-run from user mode).
+run from user mode) and kernel-pvm.elf (-DFOR_PVM: for the kvm engine on PVM; see kernel.S).
 
 It is linked at 1 MiB with physical = virtual addresses; its multiboot header carries the
 a.out kludge, so loaders that only take 32-bit ELF files load it too.
@@ -20,7 +20,7 @@ def _run(command: list) -> None:
 
 def build(src: Path, out: Path) -> None:
     src, out = src.resolve(), out.resolve()
-    for name, defines in (("kernel", []), ("kernel-syscall", ["-DWITH_SYSCALL"])):
+    for name, defines in (("kernel", []), ("kernel-syscall", ["-DWITH_SYSCALL"]), ("kernel-pvm", ["-DFOR_PVM"])):
         _run(["gcc", "-m64", *defines, "-c", src / "kernel.S", "-o", out / f"{name}.o"])
         _run(["ld", "-m", "elf_x86_64", "-N", "-T", src / "kernel.ld", "-o", out / f"{name}.elf",
               out / f"{name}.o"])
