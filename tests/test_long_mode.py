@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from replayvm.engines.emu import EmuEngine
 from replayvm.guests import guest_file
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import replay
@@ -22,6 +23,7 @@ from replayvm.replay.timeline import Timeline
 from replayvm.trace import Kind, TraceReader
 from replayvm.trace import format as trace_format
 from replayvm.trace.format import FEATURE_X86_64
+from tests import test_emu_engine
 from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
@@ -226,3 +228,21 @@ def test_set_state_loads_a_long_mode_cpu(kernel, monkeypatch):
         outputs.append(out.getvalue())
     assert outputs[0] == outputs[1]
     check_console(outputs[0])
+
+
+ENGINE_TESTS_IN_32BIT_CODE = {name: test for name, test in vars(test_emu_engine).items()
+                              if name.startswith("test_") and callable(test)}
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_TESTS_IN_32BIT_CODE))
+def test_a_64bit_vcpu_runs_real_and_32bit_code_as_the_32bit_one_does(monkeypatch, name):
+    """A 64-bit guest starts in 32-bit (or real) mode: on its vCPU (UC_MODE_64, qemu64, where
+    Unicorn loads only selectors and the engine loads segments itself) every test of the 32-bit
+    engine -- delivery from ring 3 and ring 0, real-mode IVT, faults, the STI shadow -- passes."""
+    monkeypatch.setattr(test_emu_engine.TinyMachine, "x86_64", True, raising=False)
+    engine = EmuEngine(test_emu_engine.TinyMachine())
+    try:
+        assert engine.long_mode_capable
+    finally:
+        engine.close()
+    ENGINE_TESTS_IN_32BIT_CODE[name]()

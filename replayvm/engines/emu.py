@@ -77,6 +77,10 @@ REG64 = {
     "r15": ucx.UC_X86_REG_R15, "rip": ucx.UC_X86_REG_RIP, "rflags": ucx.UC_X86_REG_RFLAGS,
     "fs_base": ucx.UC_X86_REG_FS_BASE, "gs_base": ucx.UC_X86_REG_GS_BASE,
 }
+# The segment registers a UC_MODE_64 engine writes the selector of and nothing else (FS and GS
+# it loads fully): the engine loads them itself (EmuEngine._load_selector).
+LOADED_SEGMENTS = ("cs", "ss", "ds", "es")
+REAL_MODE_SEGMENT_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)    # present, data, writable, accessed
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081              # SYSCALL/SYSRET selectors (bits 32-47 / 48-63)
 MSR_LSTAR = 0xC0000082             # SYSCALL's 64-bit entry point
@@ -266,6 +270,9 @@ class EmuEngine:
         if number is None:
             self._set_reg64(name, value)
             return
+        if self.long_mode_capable and name in LOADED_SEGMENTS:
+            self._load_selector(name, value & 0xFFFF)
+            return
         self._u64[0] = value & 0xFFFFFFFF
         _check(lib.uc_reg_write(self.uc, number, self._u64), f"write {name}")
 
@@ -402,26 +409,32 @@ class EmuEngine:
         base, limit, access = x86_delivery._descriptor(self, selector)
         self._load_segment(name, selector, base, limit, access)
 
+    def _load_selector(self, name: str, selector: int) -> None:
+        """What a segment register write does on a UC_MODE_32 engine (QEMU's cpu_x86_load_seg,
+        without its privilege checks), done here on a UC_MODE_64 one, where Unicorn would write
+        the selector alone: real-mode style in real mode, else the GDT descriptor; a null
+        selector keeps its RPL as the DPL (SS: the CPL, as a 64-bit ring change leaves it)."""
+        if not self.reg("cr0") & 1:
+            self._load_segment(name, selector, selector << 4, 0xFFFF, REAL_MODE_SEGMENT_FLAGS)
+        elif not selector & ~3:
+            self._load_segment(name, selector, 0, 0, (selector & 3) << 13)
+        else:
+            self._load_from_gdt(name, selector)
+
     def load_segments_from_user_mode(self, cs: int, ss: int) -> None:
-        if self.long_mode_capable:
-            # SS: a null selector in long mode (only its DPL counts: it sets the CPL).
-            if ss & ~3:
-                self._load_from_gdt("ss", ss)
-            else:
-                self._load_segment("ss", ss, 0, 0, (ss & 3) << 13)
-            self._load_from_gdt("cs", cs)
+        if self.long_mode_capable:               # the loads check no privilege here
+            self.set_reg("ss", ss)
+            self.set_reg("cs", cs)
             return
         # Unicorn checks a selector write against the current privilege level like a MOV to a
         # segment register would, and refuses ring-0 selectors at CPL 3. Its CPL follows SS, and
         # with CR0.PE clear a segment load is real-mode style (DPL 0): so clear PE for one SS load
         # to reach CPL 0, restore PE, then load the real selectors.
-        # In long mode SS may be the null selector of ring 0: the real-mode style load of 0 is that.
         cr0 = self.reg("cr0")
         self.set_reg("cr0", cr0 & ~1)
         self.set_reg("ss", 0)
         self.set_reg("cr0", cr0)
-        if ss & ~3:
-            self.set_reg("ss", ss)
+        self.set_reg("ss", ss)
         self.set_reg("cs", cs)
 
     # ----------------------------------------------------------------- state transfer

@@ -282,10 +282,10 @@ def _deliver_long_mode(cpu: CpuAccess, vector: int, software: bool,
     new_rsp = (new_rsp - len(data)) & 0xFFFFFFFFFFFFFFFF
     cpu.write_linear(new_rsp, data)                 # may raise DeliveryFault (#PF on the stack)
 
-    # The frame is written: now commit the register changes.
+    # The frame is written: now commit the register changes (SS: the new ring's null selector).
     if new_cpl != cpl:
         cpu.load_segments_from_user_mode((target_cs & ~3) | new_cpl, new_cpl)
-    elif target_cs & ~3 != old_cs & ~3:
+    elif target_cs != old_cs:
         cpu.set_reg("cs", (target_cs & ~3) | new_cpl)
     new_flags = rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
     if gate_type == GATE_INTERRUPT_64:
