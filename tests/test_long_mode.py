@@ -23,7 +23,7 @@ from replayvm.replay.timeline import Timeline
 from replayvm.trace import Kind, TraceReader
 from replayvm.trace import format as trace_format
 from replayvm.trace.format import FEATURE_X86_64
-from tests import test_emu_engine
+from tests import test_emu_blocks, test_emu_engine
 from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
@@ -98,7 +98,7 @@ def test_long64_positions_equal_the_reference(tmp_path, artifact, monkeypatch):
     shown_fast, machine = record(fast, kernel)
     # counted per translated block in 64-bit code too: the ring-0 and ring-3 loops alone are
     # ~750,000 blocks of 3-4 instructions (the 32-bit entry is a few hundred blocks)
-    assert machine.engine.counting == "blocks"
+    assert machine.engine.counting == "blocks" and machine.engine.page_walk == "engine"
     assert machine.engine.counting_statistics()["fast_blocks"] > 500_000
     monkeypatch.setenv(REFERENCE, "1")
     ref = tmp_path / "ref.zst"
@@ -246,3 +246,16 @@ def test_a_64bit_vcpu_runs_real_and_32bit_code_as_the_32bit_one_does(monkeypatch
     finally:
         engine.close()
     ENGINE_TESTS_IN_32BIT_CODE[name]()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in test_emu_blocks.PROGRAMS if "PAE" in n))
+def test_a_64bit_vcpu_walks_pae_tables_itself_as_qemu_does(monkeypatch, name):
+    """On a 64-bit vCPU the engine's own page walk covers PAE too (a 32-bit one hands PAE to
+    QEMU's walk): the PAE programs of the fast-path tests, page faults included, count and end
+    exactly as the reference (QEMU's walk, the per-instruction hook), in blocks."""
+    monkeypatch.setattr(test_emu_engine.TinyMachine, "x86_64", True, raising=False)
+    fast_engine, *fast = test_emu_blocks.run_program(monkeypatch, name, reference=False)
+    ref_engine, *ref = test_emu_blocks.run_program(monkeypatch, name, reference=True)
+    assert fast_engine.long_mode_capable and fast_engine.page_walk == "engine"
+    assert fast_engine.counting == "blocks" and ref_engine.page_walk == "qemu"
+    assert fast == ref

@@ -81,6 +81,7 @@ REG64 = {
 # it loads fully): the engine loads them itself (EmuEngine._load_selector).
 LOADED_SEGMENTS = ("cs", "ss", "ds", "es")
 REAL_MODE_SEGMENT_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)    # present, data, writable, accessed
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4")
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081              # SYSCALL/SYSRET selectors (bits 32-47 / 48-63)
 MSR_LSTAR = 0xC0000082             # SYSCALL's 64-bit entry point
@@ -155,6 +156,7 @@ class EmuEngine:
         self.state.stop_at = 0
         self._owner = ffi.new_handle(self)
         self._u64 = ffi.new("uint64_t *")
+        self._cr_mask = 0xFFFFFFFFFFFFFFFF if self.long_mode_capable else 0xFFFFFFFF
         self._msr = ffi.new("uint64_t[2]")          # struct uc_x86_msr {uint32_t rid; uint64_t value}
         _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, self._cpu_model), "hook setup")
         # Take the pointer from the mmap itself, not the memoryview: a cffi buffer over a
@@ -172,6 +174,9 @@ class EmuEngine:
             self.state.env_state = lib.ENV_WRONG      # IF through uc_reg_read, as before
         if self.page_walk == "engine" and lib.replayvm_uc_use_page_walk(self.uc, self.state, 1) != 0:
             self.page_walk = "qemu"            # this Unicorn hides the fault address: QEMU walks
+        # A 64-bit vCPU: PAE and 4-level tables are walked in C too (a 32-bit one hands them to
+        # QEMU's walk, counting every instruction).
+        self.state.pae_walk = int(self.long_mode_capable)
         # "blocks": translated blocks without the per-instruction hook wherever nothing can stop
         # or observe the guest inside them (emu_build.py); "instructions": the hook everywhere.
         if not reference_mode():
@@ -259,11 +264,12 @@ class EmuEngine:
         number = REG.get(name)
         if number is None:
             return self._reg64(name)
-        # One 8-byte buffer for every register: a UC_MODE_64 engine answers CR0-CR4 as 8 bytes,
-        # a UC_MODE_32 one as 4, segment registers as 2 (into the zeroed low bytes).
+        # One 8-byte buffer for every register: a UC_MODE_64 engine answers CR0-CR4 as 8 bytes
+        # (CR2 and CR3 may be wider than 32 bits there), a UC_MODE_32 one as 4, segment registers
+        # as 2 (into the zeroed low bytes).
         self._u64[0] = 0
         _check(lib.uc_reg_read(self.uc, number, self._u64), f"read {name}")
-        return self._u64[0] & 0xFFFFFFFF
+        return self._u64[0] & (self._cr_mask if name in CONTROL_REGISTERS else 0xFFFFFFFF)
 
     def set_reg(self, name: str, value: int) -> None:
         number = REG.get(name)
@@ -273,7 +279,7 @@ class EmuEngine:
         if self.long_mode_capable and name in LOADED_SEGMENTS:
             self._load_selector(name, value & 0xFFFF)
             return
-        self._u64[0] = value & 0xFFFFFFFF
+        self._u64[0] = value & (self._cr_mask if name in CONTROL_REGISTERS else 0xFFFFFFFF)
         _check(lib.uc_reg_write(self.uc, number, self._u64), f"write {name}")
 
     def _reg64(self, name: str) -> int:
@@ -782,7 +788,7 @@ class EmuEngine:
                         "counting_blocks", "always_precise", "env", "cpu", "code_hook", "icount_decr_offset",
                         "mem_io_pc_offset", "fast_blocks", "mode_switches", "fast_leaves", "precise_mode",
                         "fast_error", "bulk_io", "bulk_runs", "bulk_elements", "stos_in_bulk", "uc",
-                        "stos_runs", "stos_elements", "precise_blocks")
+                        "stos_runs", "stos_elements", "pae_walk", "precise_blocks")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
@@ -847,7 +853,7 @@ class EmuEngine:
             return
         address = ffi.new("uint64_t *")
         lib.replayvm_uc_fault_address(self.uc, state, address)
-        linear = address[0] & 0xFFFFFFFF
+        linear = address[0] & (0xFFFFFFFFFFFFFFFF if self.long_mode_capable else 0xFFFFFFFF)
         if linear >> 12 != state.fault_page >> 12:     # cannot happen; refuse to guess
             raise UnicornError(f"page walk: fault at {linear:#x}, refused page {state.fault_page:#x}")
         self.set_reg("cr2", linear)

@@ -101,6 +101,7 @@ struct emu_state {
     uint64_t stos_runs;       /* rep stos iterations done at once at a block's start */
     uint64_t stos_elements;
     uint64_t precise_blocks;  /* blocks begun with the per-instruction hook (while counting blocks) */
+    uint32_t pae_walk;        /* 1: PAE and 4-level tables are walked here too (a 64-bit vCPU) */
 };
 """
 
@@ -1482,6 +1483,134 @@ static int in_system_table(uc_engine *uc, uint32_t linear)
     return 0;
 }
 
+/* PAE and 4-level paging as QEMU's walk does them (excp_helper.c, handle_mmu_fault): the
+   accessed bit set on each level on the way down (4-level: PML4E and PDPTE; then the PDE of a
+   4 KiB page), accessed/dirty on the leaf; reserved bits (above 40 physical address bits, NX
+   without EFER.NXE, PS in a PML4E, legacy PDPTE bits) a fault with RSVD; user/write/NX rights
+   combined over the levels, CR0.WP; 1 GiB, 2 MiB and 4 KiB pages; the I/D error bit for fetches
+   under EFER.NXE. Returns 1 (mapped: *paddr, *prot), 0 (a #PF: *error) or -1: left to QEMU's
+   walk (a non-canonical address, whose fault is #GP; SMEP/SMAP/PKE/LA57, which qemu64 lacks). */
+#define PG_NX (1ull << 63)
+#define PG_ADDRESS 0x000FFFFFFFFFF000ull
+#define PG_PSE_PAT (1ull << 12)
+#define PHYS_ADDR_BITS 40
+#define EFER_NXE (1u << 11)
+#define EFER_LMA (1u << 10)
+#define PF_INSN 0x10u
+#define CR4_SMEP (1u << 20)
+#define CR4_SMAP (1u << 21)
+#define CR4_PKE (1u << 22)
+#define CR4_LA57 (1u << 12)
+
+static uint64_t load_phys64(struct emu_state *s, uint64_t pa)
+{
+    uint64_t v = 0;
+    if (pa + 8 <= s->ram_size) memcpy(&v, s->ram + pa, 8);
+    return v;
+}
+
+static int in_system_table(uc_engine *uc, uint32_t linear);
+
+static int walk_pae_fill(uc_engine *uc, struct emu_state *s, uint64_t addr, int is_write, int is_fetch,
+                         uint32_t cr0, uint32_t cr4, uint64_t *paddr, int *prot_out, uint32_t *error_out)
+{
+    uint64_t efer_msr[2] = {0xC0000080u, 0}, cr3, rsvd, ptep, pte, pte_addr, entry, entry_addr, page_size;
+    uint32_t ss = 0, eflags = 0, error = 0;
+    int is_user, prot, lma;
+    if (cr4 & (CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_LA57)) return -1;
+    uc_reg_read(uc, UC_X86_REG_MSR, efer_msr);
+    lma = (efer_msr[1] & EFER_LMA) != 0;
+    if (lma) {
+        int64_t sext = (int64_t)addr >> 47;
+        if (sext != 0 && sext != -1) return -1;
+    } else {
+        addr = (uint32_t)addr;
+    }
+    uc_reg_read(uc, UC_X86_REG_SS, &ss);
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    is_user = (eflags & EFLAGS_VM) || (cr0 & CR0_PE && (ss & 3) == 3);
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
+    rsvd = ~((1ull << PHYS_ADDR_BITS) - 1) & PG_ADDRESS;
+    if (!(efer_msr[1] & EFER_NXE)) rsvd |= PG_NX;
+    if (lma) {
+        entry_addr = (cr3 & PG_ADDRESS) + (((addr >> 39) & 0x1ff) << 3);
+        entry = load_phys64(s, entry_addr);                           /* PML4E */
+        if (!(entry & PG_PRESENT)) goto fault;
+        if (entry & (rsvd | PG_PSE)) goto fault_rsvd;
+        if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+        ptep = entry ^ PG_NX;
+        entry_addr = (entry & PG_ADDRESS) + (((addr >> 30) & 0x1ff) << 3);
+        entry = load_phys64(s, entry_addr);                           /* PDPTE */
+        if (!(entry & PG_PRESENT)) goto fault;
+        if (entry & rsvd) goto fault_rsvd;
+        ptep &= entry ^ PG_NX;
+        if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+        if (entry & PG_PSE) {
+            page_size = 1ull << 30;
+            pte_addr = entry_addr;
+            pte = entry;
+            goto check_protect;
+        }
+    } else {
+        entry_addr = (cr3 & ~0x1Full & 0xFFFFFFFFull) + ((addr >> 27) & 0x18);
+        entry = load_phys64(s, entry_addr);                           /* PDPTE (legacy PAE) */
+        if (!(entry & PG_PRESENT)) goto fault;
+        rsvd |= 0x7FF0000000000000ull;                          /* QEMU's PG_HI_USER_MASK */
+        if (entry & (rsvd | PG_NX)) goto fault_rsvd;
+        ptep = PG_NX | PG_USER | PG_RW;
+    }
+    entry_addr = (entry & PG_ADDRESS) + (((addr >> 21) & 0x1ff) << 3);
+    entry = load_phys64(s, entry_addr);                               /* PDE */
+    if (!(entry & PG_PRESENT)) goto fault;
+    if (entry & rsvd) goto fault_rsvd;
+    ptep &= entry ^ PG_NX;
+    if (entry & PG_PSE) {
+        page_size = 1ull << 21;
+        pte_addr = entry_addr;
+        pte = entry;
+        goto check_protect;
+    }
+    if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+    pte_addr = (entry & PG_ADDRESS) + (((addr >> 12) & 0x1ff) << 3);
+    pte = load_phys64(s, pte_addr);                                   /* PTE */
+    if (!(pte & PG_PRESENT)) goto fault;
+    if (pte & rsvd) goto fault_rsvd;
+    ptep &= pte ^ PG_NX;
+    page_size = 4096;
+check_protect:
+    rsvd |= (page_size - 1) & PG_ADDRESS & ~PG_PSE_PAT;
+    if (pte & rsvd) goto fault_rsvd;
+    ptep ^= PG_NX;
+    if (is_user && !(ptep & PG_USER)) {
+        if (!in_system_table(uc, (uint32_t)addr) || (addr >> 32)) goto fault_protect;
+        is_user = 0;      /* a descriptor read QEMU makes with supervisor rights (MMU_KSMAP_IDX) */
+    }
+    prot = UC_PROT_READ;
+    if ((ptep & PG_RW) || (!is_user && !(cr0 & CR0_WP))) prot |= UC_PROT_WRITE;
+    if (!(ptep & PG_NX)) prot |= UC_PROT_EXEC;
+    if (is_fetch ? !(prot & UC_PROT_EXEC) : (is_write && !(prot & UC_PROT_WRITE))) goto fault_protect;
+    if (!(pte & PG_ACCESSED) || (is_write && !(pte & PG_DIRTY))) {
+        pte |= PG_ACCESSED;
+        if (is_write) pte |= PG_DIRTY;
+        store_phys32(s, pte_addr, (uint32_t)pte);
+    }
+    if (!(pte & PG_DIRTY)) prot &= ~UC_PROT_WRITE;     /* the first write comes back to set it */
+    prot &= ~UC_PROT_EXEC;                             /* given back below for code pages */
+    *paddr = (pte & PG_ADDRESS & ~(page_size - 1)) + (addr & ~0xFFFull & (page_size - 1));
+    *prot_out = prot;
+    return 1;
+fault_rsvd:
+    error |= PF_RSVD;
+fault_protect:
+    error |= PF_PROTECT;
+fault:
+    if (is_write) error |= PF_WRITE;
+    if (is_user) error |= PF_USER;
+    if (is_fetch && (efer_msr[1] & EFER_NXE)) error |= PF_INSN;
+    *error_out = error;
+    return 0;
+}
+
 static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *e, void *user_data)
 {
     struct emu_state *s = user_data;
@@ -1497,6 +1626,15 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
         goto mapped;
     }
     cr4 = read_cr(uc, UC_X86_REG_CR4);
+    if ((cr4 & CR4_PAE) && s->pae_walk) {
+        int walked = walk_pae_fill(uc, s, vaddr, is_write, is_fetch, cr0, cr4, &paddr, &prot, &error);
+        if (walked > 0) goto mapped;
+        if (walked == 0) {
+            linear = (uint32_t)vaddr;
+            goto fault_out;
+        }
+        /* else: a case this walk leaves to QEMU's (below) */
+    }
     if (cr4 & CR4_PAE) {
         s->pae_seen = 1;
         s->fault_pending = 1;
@@ -1567,10 +1705,11 @@ fault_protect:
 fault:
     if (is_write) error |= PF_WRITE;
     if (is_user) error |= PF_USER;
+fault_out:
     s->fault_pending = 1;
     s->fault_fetch = is_fetch;
     s->fault_error = error;
-    s->fault_page = linear;
+    s->fault_page = (cr4 & CR4_PAE) ? vaddr : linear;
     return false;
 }
 
