@@ -32,7 +32,7 @@ EXPECTED = [
     b"long64: in long mode\n",
     b"#PF cr2 err rip 0000000000000010 0000000000000000 ",       # ring 0: not present, read
     b"#UD rip ",
-    b"#PF cr2 err rip 0000000000000020 0000000000000000 0000000000000020\n",   # fetch, ring 0
+    b"#PF cr2 err rip 0000000000000020 ",                         # a fetch, ring 0
     b"long64: timer ticks in ring 0\n",
     b"long64: hello from ring 3\n",                               # one int $0x80 per byte
     b"#PF cr2 err rip 00000000001ff000 0000000000000005 ",       # ring 3: present, user, read
@@ -77,6 +77,9 @@ def test_long64_records_and_replays_verified_on_emu(tmp_path, kernel, monkeypatc
     shown, _ = record(trace, kernel)
     check_console(shown)
     assert shown.endswith(b"ticks 0000000000000006\n")
+    # under EFER.NXE a fetch fault has the I/D bit; a no-execute page is a protection fault
+    assert b"#PF cr2 err rip 0000000000000020 0000000000000010 0000000000000020\n" in shown
+    assert b"#PF cr2 err rip 00000000001fe000 0000000000000011 00000000001fe000\n" in shown
     events, end, header = events_and_end(trace)
     final = end["final_state"]
     assert final["efer"] & EFER_LMA and final["cs"]["l"] == 1      # it ended in 64-bit code
@@ -191,7 +194,8 @@ def test_gdb_shows_amd64_registers_and_steps_in_ring3(gdb, tmp_path, kernel, mon
     assert re.search(r"^r15\s+0x", before, re.M) and re.search(r"^rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <user_entry>",
                                                                 before, re.M), before
     assert stepped != before and back == before
-    assert re.search(r"^efer\s+0x5[0-9a-f]{2}\b", out, re.M), out        # LME and LMA
+    efer = re.search(r"^efer\s+(0x[0-9a-f]+)", out, re.M)
+    assert efer and int(efer.group(1), 16) & 0x500 == 0x500, out          # LME and LMA
     assert re.search(r"^cs\s+0x23\b", before, re.M)                        # ring 3
     # a watchpoint maps its address through the 4-level tables at each access
     change = re.search(r"Old value = (\d+)\s+New value = (\d+)", out)

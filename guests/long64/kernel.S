@@ -4,7 +4,8 @@
 # right in long mode:
 #   - a 64-bit IDT (16-byte gates) and TSS (RSP0 for ring 3 -> 0, IST1 for the timer);
 #   - page faults in ring 0 (a read at 0x10, error code 0; an instruction fetch at 0x20 by a
-#     call to nowhere) and in ring 3 (a supervisor-only 4 KiB page: error code 5), a #UD (ud2),
+#     call to nowhere, error code 0x10 under EFER.NXE; a fetch from a no-execute page, 0x11) and
+#     in ring 3 (a supervisor-only 4 KiB page: error code 5), a #UD (ud2),
 #     each handler printing CR2/error code/RIP;
 #   - LAPIC timer interrupts (periodic, vector 0x20) while ring 0 and ring 3 code compute;
 #   - ring 3 by iretq, system calls by `int $0x80` (a DPL 3 trap gate) back to ring 0. On PVM
@@ -77,15 +78,22 @@ start:
     loop    1b
     movl    $0, pt0                         # page 0 absent: the ring-0 page fault
     movl    $0x1FF003, pt0 + 0x1FF*8        # supervisor-only: the ring-3 page fault
+#ifndef FOR_PVM
+    movl    $0x80000000, pt0 + 0x1FE*8 + 4  # 0x1FE000 not executable (EFER.NXE below)
+#endif
     lgdt    gdt_ptr
     movl    %cr4, %eax
     orl     $0x20, %eax                     # PAE
     movl    %eax, %cr4
     movl    $pml4, %eax
     movl    %eax, %cr3
-    movl    $0xC0000080, %ecx               # EFER.LME
+    movl    $0xC0000080, %ecx               # EFER.LME (and NXE)
     rdmsr
+#ifdef FOR_PVM
     orl     $0x100, %eax
+#else
+    orl     $0x900, %eax
+#endif
     wrmsr
     movl    %cr0, %eax
     orl     $0x80000000, %eax               # paging: long mode is active from here
@@ -169,6 +177,10 @@ long_entry:
     ud2                                     # #UD (skipped)
     movq    $0x20, %rax
     call    *%rax                           # #PF on the fetch at 0x20: the handler returns
+#ifndef FOR_PVM
+    movq    $0x1FE000, %rax
+    call    *%rax                           # #PF on a fetch from a no-execute page
+#endif
 
     movq    $LAPIC, %rbx                    # LAPIC timer: periodic, vector 0x20
     movl    $0x1FF, 0xF0(%rbx)
