@@ -52,13 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     record = verbs.add_parser("record", help="boot a guest with its console (the demo guest by default)",
                               description="Boot a guest with its serial console on the terminal. "
-                                          "With no --disk or --kernel, the bundled demo guest.")
+                                          "With no --guest, --disk or --kernel, the bundled demo guest.")
+    record.add_argument("--guest", metavar="NAME",
+                        help="a bundled guest, built on first use: demo (the default) or rustos "
+                             "(the Rust teaching kernel, 64-bit)")
     record.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
                         help="disk image, in IDE order (first: master, boot disk; second: slave)")
     record.add_argument("--kernel", type=Path, metavar="ELF", help="multiboot kernel to load directly")
     record.add_argument("--engine", choices=("auto", "kvm", "emu"), default="auto",
                         help="CPU engine (default auto: kvm when it can run the guest, else emu)")
     record.add_argument("--mem", type=int, default=hw.DEFAULT_RAM_MIB, metavar="MiB", help="guest RAM")
+    record.add_argument("--cpus", type=int, default=1, metavar="N",
+                        help=f"CPUs (1-{hw.MAX_CPUS}, default 1; xv6's `make qemu` runs 2): the emu "
+                             "engine runs them in turns of instructions, each switch in the trace")
     record.add_argument("--input", metavar="TEXT",
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
@@ -148,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print a trace's header and a summary of what it holds.")
     info.add_argument("trace", type=Path, metavar="TRACE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    guest = verbs.add_parser("guest", help="build a bundled guest if needed and print its ELF's path",
+                             description="Build a bundled guest (demo, rustos) if needed and print the "
+                                         "path of its kernel ELF, for `analyze --symbols` and gdb.")
+    guest.add_argument("name", metavar="NAME")
     return parser
 
 
@@ -157,10 +168,10 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _resolve_engine(requested: str) -> str:
+def _resolve_engine(requested: str, long_mode: bool = False) -> str:
     from replayvm.engines.probe import choose_engine
 
-    name, reason = choose_engine(requested)
+    name, reason = choose_engine(requested, long_mode)
     if requested == "auto":
         sys.stderr.write(f"replayvm: engine {name}: {reason}\n")
     return name
@@ -173,6 +184,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     if args.output is not None and args.output.is_dir():
         raise UsageError(f"trace path {args.output} is a folder")
+    long_mode = False
+    if args.guest is not None:
+        from replayvm.guests import guest_boot
+
+        if args.disk or args.kernel is not None:
+            raise UsageError("--guest boots a bundled guest: give it without --disk and --kernel")
+        boot = guest_boot(args.guest)
+        args.kernel, args.disk, long_mode = boot.kernel, list(boot.disks), boot.long_mode
     if args.kernel is not None and not args.kernel.is_file():
         raise UsageError(f"kernel not found: {args.kernel}")
     for disk in args.disk:
@@ -181,7 +200,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     script = decode_escapes(args.input, "--input") if args.input is not None else None
     prompt = decode_escapes(args.prompt, "--prompt")
     until = decode_escapes(args.until, "--until") if args.until else None
-    engine = _resolve_engine(args.engine)
+    if not 1 <= args.cpus <= hw.MAX_CPUS:
+        raise UsageError(f"--cpus must be between 1 and {hw.MAX_CPUS}")
+    if args.cpus > 1 and args.engine == "kvm":
+        from replayvm.engines.kvm import SMP_REFUSED
+
+        raise UsageError(SMP_REFUSED)
+    engine = _resolve_engine(args.engine if args.cpus == 1 else "emu", long_mode)
     if args.virtual_clock and not engine_class(engine).exact_positions:
         raise UsageError("--virtual-clock needs the emu engine (guest time from its instruction count)")
     if args.until_fail is not None and script is None:
@@ -198,7 +223,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-        chaos_seed=seed if args.chaos else None)
+        chaos_seed=seed if args.chaos else None, cpus=args.cpus)
     if args.until_fail is None:
         if args.chaos:
             _say(f"chaos seed {seed}")
@@ -446,6 +471,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest(args: argparse.Namespace) -> int:
+    from replayvm.guests import guest_boot
+
+    boot = guest_boot(args.name)
+    print(boot.symbols or boot.kernel)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -460,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args)
         if args.verb == "sql":
             return cmd_sql(args)
+        if args.verb == "guest":
+            return cmd_guest(args)
         raise UsageError(f"unknown verb {args.verb}")
     except GuestFault as fault:
         sys.stdout.flush()

@@ -50,6 +50,7 @@ IOAPIC_PINS = 24
 
 # --- The guest-visible CPU and chipset ----------------------------------------------------
 BSP_APIC_ID = 0
+MAX_CPUS = 8                       # --cpus: the BSP (APIC ID 0) and APs with APIC IDs 1..7
 IOAPIC_ID = 1                      # must match what the MP table says (xv6 checks)
 LAPIC_VERSION = 0x14               # integrated APIC
 IOAPIC_VERSION = 0x11

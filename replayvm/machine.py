@@ -27,11 +27,11 @@ from replayvm.devices.ide import IdeChannel
 from replayvm.devices.imcr import Imcr
 from replayvm.devices.ioapic import Ioapic
 from replayvm.devices.irq import IrqLine
-from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, Lapic
+from replayvm.devices.lapic import LVT_TIMER as LAPIC_LVT_TIMER, ApicBus, Lapic, LapicWindow
 from replayvm.devices.pic import Pic8259Pair
 from replayvm.devices.state import restore_plain, save_plain
 from replayvm.devices.uart import Uart16550
-from replayvm.engines.base import CpuState, Engine, StopReason
+from replayvm.engines.base import CpuState, Engine, HardwareDebugEngine, StopReason
 from replayvm.errors import GuestFault, UsageError
 
 IRQ_NAMES = {hw.IRQ_KEYBOARD: "keyboard", hw.IRQ_COM1: "com1", hw.IRQ_IDE0: "ide0"}
@@ -80,6 +80,7 @@ class MachineConfig:
     virtual_clock: bool = False
     chaos_seed: int | None = None             # seeded CPU stalls and device latencies (chaos.py)
     ram_bytes: int | None = None              # replay: the recorded size exactly (else ram_mib MiB)
+    cpus: int = 1                             # CPUs in the MP table, each with its own LAPIC
     x86_64: bool = False                      # a 64-bit guest (replay: the trace's "x86-64" feature)
 
 
@@ -94,7 +95,8 @@ class RunOutcome:
 
 
 class Machine:
-    """One PC with one vCPU. See the module docstring.
+    """One PC with one or several vCPUs (`cpus`; the engine runs them in turns). See the module
+    docstring.
 
     Recording and replay build the same Machine. What differs is where its inputs come from:
     while recording from the world (the console, the clock, disk images, the LAPIC's own timer),
@@ -108,7 +110,10 @@ class Machine:
                  boot_state: CpuState | None = None) -> None:
         if config.ram_bytes is None and not MIN_RAM_MIB <= config.ram_mib <= MAX_RAM_MIB:
             raise UsageError(f"--mem must be between {MIN_RAM_MIB} and {MAX_RAM_MIB} MiB")
+        if not 1 <= config.cpus <= hw.MAX_CPUS:
+            raise UsageError(f"--cpus must be between 1 and {hw.MAX_CPUS}")
         self.config = config
+        self.cpus = config.cpus
         self.console = console
         self.clock: GuestClock = VirtualClock() if config.virtual_clock else GuestClock()
         self._ram_map = guest_ram(config.ram_bytes if config.ram_bytes is not None else config.ram_mib << 20)
@@ -118,7 +123,10 @@ class Machine:
         self.shutdown_reason: str | None = None
         self._started = False
         self.input_observers: list = []           # f(source, data) for every byte typed
-        self.halt_observers: list = []            # f() whenever the guest halts
+        self.halt_observers: list = []            # f() whenever the guest halts (all its CPUs)
+        # Several CPUs: who says when the engine switches CPUs (schedule.QuantumScheduler while
+        # recording, the replayer from the trace's SWITCH records while replaying).
+        self.scheduler = None
         if disks is None:
             if len(config.disks) > 2:
                 raise UsageError("at most two disks (the primary IDE channel's master and slave)")
@@ -134,6 +142,10 @@ class Machine:
 
             self.chaos_times = ChaosTimes.for_clock(config.virtual_clock)
         self._wire_devices()
+        if self.cpus > 1:                         # the world's side of the schedule (replay: the trace's)
+            from replayvm.schedule import QuantumScheduler
+
+            self.scheduler = QuantumScheduler(self.cpus, chaos_seed=config.chaos_seed)
         self.chaos = None
         if self.chaos_times is not None:
             from replayvm.chaos import TimerChaos
@@ -153,8 +165,15 @@ class Machine:
     def _wire_devices(self) -> None:
         self.pic = Pic8259Pair()
         self.lapic = Lapic(self.clock, self.pic, apic_id=hw.BSP_APIC_ID)
-        self.ioapic = Ioapic(self.lapic, ioapic_id=hw.IOAPIC_ID)
+        # The APs' local APICs (APIC IDs 1..cpus-1); the 8259's virtual wire goes to the BSP only.
+        self.lapics = [self.lapic] + [Lapic(self.clock, None, apic_id=cpu) for cpu in range(1, self.cpus)]
+        self.cpu_lapic = self.lapic               # the LAPIC of the CPU running now
+        self.ioapic = Ioapic(self.lapic, ioapic_id=hw.IOAPIC_ID, others=self.lapics[1:])
         self.interrupts = self.lapic
+        self.lapic_window = None
+        if self.cpus > 1:
+            self.lapic_window = LapicWindow(self.lapics)
+            ApicBus(self.lapics, self._on_init_ipi, self._on_startup_ipi, self._on_wake_ipi)
         lines = {pin: IrqLine(pin, [self.ioapic, self.pic]) for pin in range(16)}
         self.irq_lines = lines
 
@@ -190,11 +209,37 @@ class Machine:
         self.debug_console = DebugConsolePort(self.console.write)
         pio.register(hw.DEBUG_CON_PORT, 1, self.debug_console, "debug.console")
         self.mmio.register(hw.IOAPIC_ADDR, hw.IOAPIC_SIZE, self.ioapic, "ioapic")
-        self.mmio.register(hw.LAPIC_ADDR, hw.LAPIC_SIZE, self.lapic, "lapic")
+        self.mmio.register(hw.LAPIC_ADDR, hw.LAPIC_SIZE, self.lapic_window or self.lapic, "lapic")
         # The devices whose state a checkpoint or a branch trace keeps, by name.
         self.devices = {"pic": self.pic, "lapic": self.lapic, "ioapic": self.ioapic, "uart": self.uart,
                         "i8042": self.i8042, "ide": self.ide, "cmos": self.cmos, "cga": self.cga,
                         "imcr": self.imcr}
+        for cpu in range(1, self.cpus):
+            self.devices[f"lapic{cpu}"] = self.lapics[cpu]
+
+    # ---------------------------------------------------------------- several CPUs
+    def select_cpu(self, cpu: int) -> None:
+        """The engine switched to `cpu`: the LAPIC window, the interrupt source (unless the trace
+        gives the interrupts) and the LAPIC the trace's interrupts are taken from are its own."""
+        lapic = self.lapics[cpu]
+        if self.interrupts is self.cpu_lapic:
+            self.interrupts = lapic
+        self.cpu_lapic = lapic
+        if self.lapic_window is not None:
+            self.lapic_window.select(cpu)
+
+    def _on_init_ipi(self, cpu: int) -> None:
+        self.engine.cpu_init(cpu)            # type: ignore[attr-defined]  (emu only: kvm refuses --cpus)
+
+    def _on_startup_ipi(self, cpu: int, vector: int) -> None:
+        self.engine.cpu_startup(cpu, vector)  # type: ignore[attr-defined]
+
+    def _on_wake_ipi(self, cpu: int) -> None:
+        """An IPI reached another CPU: under chaos the running CPU's turn is drawn again from here
+        (else a CPU alone for a while is nearly always in a long turn when another wakes)."""
+        woken = getattr(self.scheduler, "woken", None)
+        if woken is not None:
+            self.engine.end_turn_by(woken(self.engine.position))  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- device state
     def save_devices(self) -> dict[str, dict]:
@@ -226,14 +271,26 @@ class Machine:
         self.interrupts = inputs
         self.poll = inputs.poll                  # type: ignore[method-assign]
         self.read_tsc = inputs.read_tsc          # type: ignore[method-assign]
-        self.lapic.timer_follows_trace = True
+        if self.cpus > 1:
+            self.scheduler = inputs
+        for lapic in self.lapics:
+            lapic.timer_follows_trace = True
+        self._engine_places_interrupts(False)
 
     def use_world_inputs(self) -> None:
         """Going live: the machine's own interrupt controllers, timers and clock take over."""
         for name in ("interrupts", "poll", "read_tsc"):
             self.__dict__.pop(name, None)
-        self.interrupts = self.lapic
-        self.lapic.timer_follows_trace = False
+        self.interrupts = self.cpu_lapic
+        for lapic in self.lapics:
+            lapic.timer_follows_trace = False
+        self._engine_places_interrupts(True)
+
+    def _engine_places_interrupts(self, on: bool) -> None:
+        """kvm chooses where interrupts land between exits while recording; in a replay the
+        trace says where (see engines/kvm.py)."""
+        if isinstance(self.engine, HardwareDebugEngine):
+            self.engine.place_interrupts(on)
 
     def set_console(self, console: Console) -> None:
         """Another console takes over (going live): the guest's output goes there from now on."""
@@ -245,17 +302,18 @@ class Machine:
         """Give the machine another clock (going live from a replay): every device that keeps
         time and the engine now ask it."""
         self.clock = clock
-        self.lapic.clock = clock
+        for lapic in self.lapics:
+            lapic.clock = clock
         self.cmos.clock = clock
         self.engine.use_clock(clock)
         self._started = True                     # the new clock already runs where the old one was
 
     def _boot(self) -> CpuState:
         if self.config.kernel is not None:
-            return firmware.boot_multiboot(self.ram, self.config.kernel)
+            return firmware.boot_multiboot(self.ram, self.config.kernel, self.cpus)
         if not self.disks:
             raise UsageError("nothing to boot: give --disk IMAGE or --kernel ELF")
-        return firmware.boot_from_disk(self.ram, self.disks[0].read_sector(0))
+        return firmware.boot_from_disk(self.ram, self.disks[0].read_sector(0), self.cpus)
 
     def _on_reset(self) -> None:
         self.shutdown_reason = "the guest reset the machine through the keyboard controller"
@@ -273,9 +331,12 @@ class Machine:
         if self.chaos is not None and stall:     # a stall may move the clock to the next tick
             stall_in = self.chaos.poll(self.clock.now_ns())
         now = self.clock.now_ns()
-        self.lapic.poll(now)
-        deadline = self.lapic.next_deadline_ns()
-        until = None if deadline is None else max(0, deadline - now)
+        until = None
+        for lapic in self.lapics:
+            lapic.poll(now)
+            deadline = lapic.next_deadline_ns()
+            if deadline is not None and (until is None or deadline - now < until):
+                until = max(0, deadline - now)
         if self.chaos is not None:
             if stall_in is not None and (until is None or stall_in < until):
                 until = stall_in
@@ -288,7 +349,7 @@ class Machine:
 
     def interrupt_source(self, vector: int) -> str:
         """Which device an interrupt vector belongs to, from how the guest programmed the chips."""
-        if vector == self.lapic.lvt[LAPIC_LVT_TIMER] & 0xFF:
+        if vector == self.cpu_lapic.lvt[LAPIC_LVT_TIMER] & 0xFF:
             return "timer"
         for pin, entry in enumerate(self.ioapic.low):
             if entry & 0xFF == vector:
@@ -353,7 +414,7 @@ class Machine:
         halted does not count towards its next stall: stalls come every so much guest *work*."""
         until = self.poll(stall=False)
         now = self.clock.now_ns()
-        if self.interrupts.has_pending():
+        if self.interrupts.has_pending() if self.cpus == 1 else self.engine.any_cpu_runnable():  # type: ignore[attr-defined]
             return
         deadline = None if until is None else now + until
         if isinstance(self.clock, VirtualClock):

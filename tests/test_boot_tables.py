@@ -76,3 +76,54 @@ def test_multiboot_header_is_found_and_validated():
     assert firmware.find_multiboot_header(bytes(image)) == 0x1000
     struct.pack_into("<I", image, 0x1008, 0)
     assert firmware.find_multiboot_header(bytes(image)) is None
+
+
+def test_mp_tables_list_every_cpu_bsp_first_with_checksums_right():
+    for cpus in (2, 4, hw.MAX_CPUS):
+        ram = fresh_ram()
+        firmware.fill_bios_data_area(ram, cpus)
+        pointer = find_floating_pointer(ram)
+        assert sum(ram[pointer:pointer + 16]) % 256 == 0
+        config_addr = struct.unpack_from("<I", ram, pointer + 4)[0]
+        length, = struct.unpack_from("<H", ram, config_addr + 4)
+        assert sum(ram[config_addr:config_addr + length]) % 256 == 0
+        count, = struct.unpack_from("<H", ram, config_addr + 34)
+        offset, processors = config_addr + 44, []
+        for _ in range(count):
+            if ram[offset] == 0:
+                processors.append(bytes(ram[offset:offset + 20]))
+                offset += 20
+            else:
+                offset += 8
+        assert offset == config_addr + length
+        assert [entry[1] for entry in processors] == list(range(cpus))     # APIC IDs 0..N-1
+        assert all(entry[3] & 1 for entry in processors)                   # enabled
+        assert [bool(entry[3] & 2) for entry in processors] == [True] + [False] * (cpus - 1)
+
+
+def test_multiboot_address_flag_loads_the_file_where_its_header_says(tmp_path):
+    """The a.out kludge (64-bit kernels such as rustos use it: a multiboot v1 loader reads only
+    32-bit ELF): the file from the header's position back to load_addr goes to load_addr, zeros
+    up to bss_end_addr, and the entry is the header's."""
+    import pytest
+
+    from replayvm.errors import UsageError
+
+    load = 0x100000
+    header = struct.pack("<8I", firmware.MULTIBOOT_MAGIC, 0x00010003,
+                         (-(firmware.MULTIBOOT_MAGIC + 0x00010003)) & 0xFFFFFFFF,
+                         load + 0x40, load, load + 0x200, load + 0x1000, load + 0x80)
+    image = b"\x7fELF" + bytes(0x3C) + header + bytes(range(256))[:0x200 - 0x60] + b"\xEE" * 0x100
+    kernel = tmp_path / "kernel64"
+    kernel.write_bytes(image)
+    ram = fresh_ram()
+    ram[load + 0x200:load + 0x1000] = b"\xAA" * 0xE00                 # must be zeroed (bss)
+    state = firmware.boot_multiboot(ram, kernel)
+    assert state.regs["rip"] == load + 0x80 and state.regs["rax"] == firmware.MULTIBOOT_BOOTLOADER_MAGIC
+    assert bytes(ram[load:load + 0x200]) == image[:0x200]             # up to load_end_addr only
+    assert bytes(ram[load + 0x200:load + 0x1000]) == bytes(0xE00)
+    bad = bytearray(image)
+    struct.pack_into("<I", bad, 0x40 + 28, 0x10)                      # entry below load_addr
+    kernel.write_bytes(bytes(bad))
+    with pytest.raises(UsageError, match="load addresses are not valid"):
+        firmware.boot_multiboot(fresh_ram(), kernel)

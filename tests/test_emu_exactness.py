@@ -107,6 +107,14 @@ def test_demo_under_chaos_is_counted_the_same(monkeypatch, tmp_path):
     check_same_sessions(monkeypatch, tmp_path, b"race\n", chaos_seed=3)
 
 
+def test_demo_on_two_cpus_under_chaos_is_counted_the_same(monkeypatch, tmp_path):
+    """Chaos draws turns as short as one instruction: switches land anywhere inside what would be
+    fast blocks, and the SWITCH records, interrupts and accesses must still fall on the same
+    positions as with the per-instruction hook."""
+    events = check_same_sessions(monkeypatch, tmp_path, b"race\nrace\nrace\n", cpus=2, chaos_seed=4)
+    assert sum(1 for event in events if event[0] == Kind.SWITCH) >= 10
+
+
 def test_demo_disk_writes_in_bulk_across_split_runs_are_counted_the_same(monkeypatch, tmp_path):
     # `rep outsl` goes to the disk in bulk on the fast side: with runs split every 100 bytes the
     # recorder must cut the bulk where it cuts one-by-one accesses, and the replay must take a
@@ -139,6 +147,14 @@ def test_xv6_file_writes_are_counted_the_same(xv6_dir, monkeypatch, tmp_path):
 def test_xv6_under_chaos_is_counted_the_same(xv6_dir, monkeypatch, tmp_path):
     check_same_sessions(monkeypatch, tmp_path, b"ls\ncat README\n", disks=xv6_copy(xv6_dir, tmp_path),
                         chaos_seed=7)
+
+
+def test_xv6_on_two_cpus_is_counted_the_same(xv6_dir, monkeypatch, tmp_path):
+    """Switches between CPUs (a context restore and a TLB flush between runs) keep the per-block
+    counting exact: the same switches, interrupts and accesses at the same positions."""
+    events = check_same_sessions(monkeypatch, tmp_path, b"ls\necho hi\n", disks=xv6_copy(xv6_dir, tmp_path),
+                                 cpus=2)
+    assert sum(1 for event in events if event[0] == Kind.SWITCH) > 100
 
 
 @pytest.mark.slow

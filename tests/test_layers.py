@@ -2,7 +2,8 @@
 
     cli                          argument parsing and printing
     record/ replay/ analyze/     what a user asks for: a session, a replay, a database
-    machine.py chaos.py boot/    one PC, built the same way for record and replay
+    machine.py chaos.py boot/    one PC, built the same way for record and replay (schedule.py:
+                                 which of its CPUs runs when)
     devices/ engines/ bus.py     its parts
     trace/                       the trace codec
     hw.py errors.py              facts and errors everyone shares
@@ -29,7 +30,8 @@ SOURCE_ROOTS = {"replayvm": ROOT / "replayvm", "replayvm.guests": ROOT / "guests
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("replayvm.cli",)),
     ("sessions", ("replayvm.record", "replayvm.replay", "replayvm.analyze")),
-    ("machine", ("replayvm.machine", "replayvm.chaos", "replayvm.boot", "replayvm.guests")),
+    ("machine", ("replayvm.machine", "replayvm.chaos", "replayvm.schedule", "replayvm.boot",
+                 "replayvm.guests")),
     ("parts", ("replayvm.devices", "replayvm.engines", "replayvm.bus", "replayvm.clock",
                "replayvm.console")),
     ("codec", ("replayvm.trace",)),

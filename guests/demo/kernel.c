@@ -9,6 +9,13 @@
  *     depends on exactly where the interrupts land -- the bug replay is meant to catch;
  *   - a shell reading serial input (IRQ 4): echo, ticks, race, spin N, date, disk, help.
  * System calls are `int $0x40` (eax = number, ebx/ecx = arguments).
+ *
+ * With several CPUs in the MP table (replayvm record --cpus N), the BSP starts the others as
+ * xv6's startothers does (CMOS shutdown code, warm-reset vector, INIT, two STARTUP IPIs to a
+ * real-mode trampoline at 0x7000); they wait halted. The shell's `race` then races across two
+ * CPUs: the BSP wakes CPU 1 with an IPI and both increment one counter without a lock, CPU 1
+ * as soon as the machine runs it; an update is lost when a CPU is switched out between its load
+ * and its store while the other increments.
  */
 
 typedef unsigned char u8;
@@ -127,9 +134,24 @@ static void set_gate(int vector, void (*handler)(void), int dpl)
     idt[2 * vector + 1] = (addr & 0xFFFF0000) | 0x8E00 | (dpl << 13);
 }
 
-static void load_tables(void)
+/* Load the GDT, the kernel's segments, the IDT and (the BSP only: one TSS) the task register. */
+static void use_tables(int with_tss)
 {
     struct { u16 limit; u32 base; } __attribute__((packed)) gdtr, idtr;
+    gdtr.limit = sizeof gdt - 1;
+    gdtr.base = (u32)gdt;
+    idtr.limit = sizeof idt - 1;
+    idtr.base = (u32)idt;
+    asm volatile("lgdt %0" : : "m"(gdtr));
+    asm volatile("ljmp %0, $1f; 1:" : : "i"(SEG_KCODE));
+    asm volatile("movw %w0, %%ds; movw %w0, %%es; movw %w0, %%ss" : : "r"(SEG_KDATA));
+    if (with_tss)
+        asm volatile("ltr %w0" : : "r"(SEG_TSS));
+    asm volatile("lidt %0" : : "m"(idtr));
+}
+
+static void load_tables(void)
+{
     set_descriptor(1, 0, 0xFFFFF, 0x9A, 0xC);
     set_descriptor(2, 0, 0xFFFFF, 0x92, 0xC);
     set_descriptor(3, 0, 0xFFFFF, 0xFA, 0xC);
@@ -141,15 +163,7 @@ static void load_tables(void)
         set_gate(v, (void (*)(void))vector_table[v], 0);
     set_gate(64, vector64, 3);              /* system calls, callable from ring 3 */
     set_gate(255, vector255, 0);
-    gdtr.limit = sizeof gdt - 1;
-    gdtr.base = (u32)gdt;
-    idtr.limit = sizeof idt - 1;
-    idtr.base = (u32)idt;
-    asm volatile("lgdt %0" : : "m"(gdtr));
-    asm volatile("ljmp %0, $1f; 1:" : : "i"(SEG_KCODE));
-    asm volatile("movw %w0, %%ds; movw %w0, %%es; movw %w0, %%ss" : : "r"(SEG_KDATA));
-    asm volatile("ltr %w0" : : "r"(SEG_TSS));
-    asm volatile("lidt %0" : : "m"(idtr));
+    use_tables(1);
 }
 
 /* ------------------------------------------------------------------ LAPIC and IOAPIC */
@@ -358,7 +372,7 @@ static int syscall(int number, u32 a, u32 b)
     return ret;
 }
 
-enum { SYS_WRITE = 1, SYS_GETC, SYS_TICKS, SYS_YIELD, SYS_EXIT, SYS_RACE, SYS_DATE, SYS_DISK };
+enum { SYS_WRITE = 1, SYS_GETC, SYS_TICKS, SYS_YIELD, SYS_EXIT, SYS_RACE, SYS_DATE, SYS_DISK, SYS_SMP_RACE };
 
 /* Ring 3. The load and the store are separate instructions with a short delay between them: a
  * timer interrupt in that window lets the other task run, and its increments are overwritten.
@@ -415,6 +429,120 @@ VISIBLE static void report_race(void)
     puts(race_counter == 2 * race_iterations ? "\nrace: ok\n" : "\nrace: LOST UPDATES\n");
 }
 
+/* ------------------------------------------------------------------ several CPUs */
+#define AP_START 0x7000                      /* the trampoline's real-mode page (entry.S) */
+#define VECTOR_WAKE 48                       /* the IPI that wakes an AP */
+#define MAX_CPUS 8
+#define SMP_RACE_ITERATIONS 40               /* per CPU: well under one of the machine's turns */
+#define SMP_RACE_WINDOW 10                   /* a wider window than race_step's: about half of */
+#define SMP_RACE_PAUSE 10                    /* each iteration is between the load and the store */
+extern u8 ap_trampoline[], ap_trampoline_end[];
+static int ncpu = 1;
+static volatile int aps_started;
+static volatile u32 smp_round, smp_done;
+static __attribute__((aligned(16))) u8 ap_stacks[MAX_CPUS][STACK_SIZE];
+
+/* The processors the MP table lists (the floating pointer is in the EBDA's first KiB). */
+static int count_cpus(void)
+{
+    for (u8 *p = P2V(0x9FC00); p < (u8 *)P2V(0xA0000); p += 16) {
+        if (p[0] != '_' || p[1] != 'M' || p[2] != 'P' || p[3] != '_')
+            continue;
+        u8 *table = P2V(*(u32 *)(p + 4)), *entry = table + 44;
+        int n = 0;
+        for (int i = 0; i < *(u16 *)(table + 34); i++) {
+            if (*entry == 0) { n++; entry += 20; } else entry += 8;
+        }
+        return n > MAX_CPUS ? MAX_CPUS : n ? n : 1;
+    }
+    return 1;
+}
+
+static void lapic_icr(u32 apic_id, u32 low)
+{
+    LAPIC[0x310 / 4] = apic_id << 24;
+    LAPIC[0x300 / 4] = low;
+    while (LAPIC[0x300 / 4] & 0x1000)        /* delivery status */
+        ;
+}
+
+/* xv6's startothers/lapicstartap: shutdown code 0x0A and the warm-reset vector for a BIOS that
+ * would take the INIT, then INIT (assert, de-assert) and two STARTUP IPIs with the page. */
+static VISIBLE void start_aps(void)
+{
+    u8 *code = P2V(AP_START);
+    for (u8 *p = ap_trampoline; p < ap_trampoline_end; p++)
+        *code++ = *p;
+    for (int cpu = 1; cpu < ncpu; cpu++) {
+        *(u32 *)P2V(AP_START - 4) = (u32)(ap_stacks[cpu] + STACK_SIZE);
+        outb(0x70, 0x0F);
+        outb(0x71, 0x0A);
+        *(u16 *)P2V(0x467) = 0;
+        *(u16 *)P2V(0x469) = AP_START >> 4;
+        lapic_icr(cpu, 0x500 | 0x8000 | 0x4000);    /* INIT, level, assert */
+        lapic_icr(cpu, 0x500 | 0x8000);             /* INIT, level, de-assert */
+        for (int i = 0; i < 2; i++)
+            lapic_icr(cpu, 0x600 | (AP_START >> 12));   /* STARTUP at 0x7000 */
+        while (aps_started < cpu)
+            ;
+    }
+}
+
+/* One increment of the SMP race: load, a delay, store, a pause. */
+static VISIBLE void smp_race_step(volatile u32 *counter)
+{
+    u32 value = *counter;
+    for (volatile int d = 0; d < SMP_RACE_WINDOW; d++)
+        ;
+    *counter = value + 1;
+    for (volatile int d = 0; d < SMP_RACE_PAUSE; d++)
+        ;
+}
+
+/* An AP: the kernel's segments and interrupt table (no TSS: it stays in ring 0), its LAPIC on
+ * with no timer, then wait halted for the BSP's IPIs; CPU 1 takes part in the SMP race. */
+void ap_main(void)
+{
+    use_tables(0);
+    LAPIC[0xF0 / 4] = 0x100 | 0xFF;
+    LAPIC[0x350 / 4] = 0x10000;
+    LAPIC[0x360 / 4] = 0x10000;
+    LAPIC[0x80 / 4] = 0;
+    u32 id = LAPIC[0x20 / 4] >> 24;
+    puts("cpu"); putu(id); puts(": started\n");
+    aps_started++;
+    u32 seen = 0;
+    for (;;) {
+        while (smp_round == seen) {
+            sti();
+            halt();
+            cli();
+        }
+        seen = smp_round;
+        if (id == 1) {
+            for (u32 i = 0; i < SMP_RACE_ITERATIONS; i++)
+                smp_race_step(&race_counter);
+            smp_done = seen;
+        }
+    }
+}
+
+/* The race across two CPUs (BSP and CPU 1), in the kernel with interrupts off. */
+static VISIBLE u32 smp_race(void)
+{
+    race_counter = 0;
+    u32 round = ++smp_round;
+    lapic_icr(1, VECTOR_WAKE);               /* fixed delivery: wake CPU 1 */
+    for (u32 i = 0; i < SMP_RACE_ITERATIONS; i++)
+        smp_race_step(&race_counter);
+    while (smp_done != round)
+        ;
+    puts("race: counter="); putu(race_counter); puts(" expected="); putu(2 * SMP_RACE_ITERATIONS);
+    puts(" (2 CPUs)");
+    puts(race_counter == 2 * SMP_RACE_ITERATIONS ? "\nrace: ok\n" : "\nrace: LOST UPDATES\n");
+    return race_counter;
+}
+
 /* ------------------------------------------------------------------ the shell (ring 3) */
 static int u_strlen(const char *s) { int n = 0; while (s[n]) n++; return n; }
 static void u_puts(const char *s) { syscall(SYS_WRITE, (u32)s, u_strlen(s)); }
@@ -458,7 +586,7 @@ VISIBLE static void shell_task(void)
         if (u_starts(line, "echo ")) { u_puts(line + 5); u_puts("\n"); }
         else if (u_starts(line, "echo")) u_puts("\n");
         else if (u_starts(line, "ticks")) { u_puts("ticks: "); u_putu(syscall(SYS_TICKS, 0, 0)); u_puts("\n"); }
-        else if (u_starts(line, "race")) { syscall(SYS_RACE, 1, 0); }
+        else if (u_starts(line, "race")) { if (syscall(SYS_SMP_RACE, 0, 0) < 0) syscall(SYS_RACE, 1, 0); }
         else if (u_starts(line, "spin")) {
             u32 millions = line[4] == ' ' ? u_atou(line + 5) : 1;
             u32 sum = 0;
@@ -518,6 +646,8 @@ VISIBLE static int system_call(struct trapframe *tf)
     case SYS_DATE:
         print_date();
         return 0;
+    case SYS_SMP_RACE:
+        return ncpu > 1 ? (int)smp_race() : -1;
     case SYS_DISK:
         sti();                               /* wait for IRQ 14 with interrupts on */
         disk_test();
@@ -550,6 +680,10 @@ void trap(struct trapframe *tf)
         tf->eax = system_call(tf);
         return;
     }
+    if (tf->vector == VECTOR_WAKE) {         /* an IPI: the BSP has work for this AP */
+        LAPIC[LAPIC_EOI] = 0;
+        return;
+    }
     if (tf->vector == 255)
         return;                              /* spurious */
     u32 cr2;
@@ -577,6 +711,11 @@ void kernel_main(void)
     }
     ioapic_route(IRQ_COM1, 32 + IRQ_COM1);
     ioapic_route(IRQ_IDE, 32 + IRQ_IDE);
+    ncpu = count_cpus();
+    if (ncpu > 1) {
+        puts("cpus: "); putu(ncpu); putc('\n');
+        start_aps();
+    }
     sti();
     disk_test();
     cli();

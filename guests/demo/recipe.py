@@ -13,6 +13,7 @@ from pathlib import Path
 SECTOR = 512
 DISK_SECTORS = 2048
 SCRATCH_SECTOR = 2000
+BOOT = {"disks": ["disk.img"], "symbols": "kernel.elf"}      # how `record --guest demo` boots it
 CFLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector", "-nostdlib",
           "-fno-builtin", "-fno-omit-frame-pointer", "-O2", "-Wall", "-g", "-mno-sse", "-mno-mmx"]
 

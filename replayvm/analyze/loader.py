@@ -37,6 +37,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.boot.firmware import MULTIBOOT_SEARCH_BYTES, find_multiboot_header
 from replayvm.devices.ide import LBA_LOW, STATUS_COMMAND, IdeCommandDecoder
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
 from replayvm.errors import UsageError
@@ -72,6 +73,8 @@ _INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without i
 check_unpacking((Kind.INPUT,), "dpos", "source", "data")
 check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
+check_unpacking((Kind.SWITCH,), "dpos", "cpu")
+_SWITCH = int(Kind.SWITCH)
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
 
@@ -181,6 +184,9 @@ class Symbols:
                                        and s["st_shndx"] != "SHN_UNDEF")
                     user = min((seg["p_vaddr"] for seg in elf.iter_segments()
                                 if seg["p_type"] == "PT_LOAD"), default=0) < 0x80000000
+                    f.seek(0)
+                    if find_multiboot_header(f.read(MULTIBOOT_SEARCH_BYTES)) is not None:
+                        user = False          # a kernel a loader boots, wherever it is linked
             except (OSError, ELFError) as error:
                 raise UsageError(f"cannot read symbols from {path}: {error}") from None
             self._tables.append(([f[0] for f in functions], functions, user))
@@ -539,6 +545,10 @@ class _LoadState:
                     _, dpos = record
                     pos += dpos
                     rows["halts"] += (seq, pos)
+                    seq += 1
+                elif kind == _SWITCH:          # several CPUs: positions (no rows: cpu columns to come)
+                    _, dpos, _cpu = record
+                    pos += dpos
                     seq += 1
                 elif kind == _SECTOR:
                     _, digest, data = record

@@ -2,11 +2,12 @@
 
 Two boot methods:
 - disk: sector 0 of disk 0 at 0x7C00, real mode, CS:IP = 0:7C00, DL = 0x80 (like a PC BIOS);
-- multiboot: a multiboot kernel ELF's segments loaded at their physical addresses, 32-bit flat
+- multiboot: a multiboot kernel ELF's segments loaded at their physical addresses, or, when its
+  header sets the address flag (the "a.out kludge" 64-bit kernels use, since a multiboot v1 loader
+  reads only 32-bit ELF), the file copied to the addresses its header gives; 32-bit flat
   protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure. The ELF may be
   64-bit (ELF64, x86-64: a kernel whose 32-bit entry switches to long mode, as Rust kernels and
-  64-bit xv6 ports do); it loads the same way, by its program headers, and makes the machine a
-  64-bit one (`kernel_is_64bit`).
+  64-bit xv6 ports do), which makes the machine a 64-bit one (`kernel_is_64bit`).
 Both fill the BIOS data area (EBDA pointer, base memory size) and the MP tables.
 """
 
@@ -29,17 +30,19 @@ MULTIBOOT_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 MULTIBOOT_SEARCH_BYTES = 8192
 MULTIBOOT_INFO_MEMORY = 1 << 0
+MULTIBOOT_ADDRESS_FLAG = 1 << 16          # header fields 3-7 give the load addresses
 BOOT_GDT_ADDR = 0x800                     # a flat GDT for multiboot entry (below the boot stack)
 BOOT_STACK_TOP = 0x7000
 FLAT_CODE_SELECTOR = 0x08
 FLAT_DATA_SELECTOR = 0x10
 
 
-def fill_bios_data_area(ram: memoryview) -> None:
-    """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them."""
+def fill_bios_data_area(ram: memoryview, cpus: int = 1) -> None:
+    """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them;
+    the MP tables listing `cpus` processors."""
     ram[hw.BDA_EBDA_SEGMENT:hw.BDA_EBDA_SEGMENT + 2] = struct.pack("<H", hw.EBDA_ADDR >> 4)
     ram[hw.BDA_BASE_MEM_KB:hw.BDA_BASE_MEM_KB + 2] = struct.pack("<H", hw.BASE_MEM_KB)
-    write_mp_tables(ram)
+    write_mp_tables(ram, cpu_count=cpus)
 
 
 def check_boot_sector(first_sector: bytes) -> None:
@@ -50,10 +53,10 @@ def check_boot_sector(first_sector: bytes) -> None:
         raise UsageError("disk 0 has no boot signature (0x55AA at byte 510): not bootable")
 
 
-def boot_from_disk(ram: memoryview, first_sector: bytes) -> CpuState:
+def boot_from_disk(ram: memoryview, first_sector: bytes, cpus: int = 1) -> CpuState:
     """Load a boot sector at 0x7C00 and return the state the BIOS hands it."""
     check_boot_sector(first_sector)
-    fill_bios_data_area(ram)
+    fill_bios_data_area(ram, cpus)
     ram[hw.BOOT_SECTOR_ADDR:hw.BOOT_SECTOR_ADDR + SECTOR_SIZE] = first_sector[:SECTOR_SIZE]
     return real_mode_state(0, hw.BOOT_SECTOR_ADDR, rdx=0x80, rsp=BOOT_STACK_TOP)
 
@@ -89,15 +92,52 @@ def kernel_is_64bit(kernel: Path) -> bool:
     return ident[:4] == b"\x7fELF" and ident[4] == 2 and ident[18:20] == b"\x3e\x00"
 
 
-def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
-    """Load a multiboot ELF kernel and return the state a multiboot loader hands it."""
+def boot_multiboot(ram: memoryview, kernel: Path, cpus: int = 1) -> CpuState:
+    """Load a multiboot kernel and return the state a multiboot loader hands it."""
     try:
         image = kernel.read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read kernel {kernel}: {error.strerror}") from None
-    if find_multiboot_header(image) is None:
+    header = find_multiboot_header(image)
+    if header is None:
         raise UsageError(f"{kernel} has no multiboot header in its first 8 KiB")
-    fill_bios_data_area(ram)
+    fill_bios_data_area(ram, cpus)
+    if struct.unpack_from("<I", image, header + 4)[0] & MULTIBOOT_ADDRESS_FLAG:
+        entry = _load_by_header_addresses(ram, kernel, image, header)
+    else:
+        entry = _load_elf(ram, kernel)
+    info = struct.pack("<III", MULTIBOOT_INFO_MEMORY, hw.BASE_MEM_KB, len(ram) // 1024 - 1024)
+    ram[hw.MULTIBOOT_INFO_ADDR:hw.MULTIBOOT_INFO_ADDR + len(info)] = info
+    state = CpuState()
+    state.regs = {name: 0 for name in CpuState.GPR_NAMES}
+    state.regs.update(rax=MULTIBOOT_BOOTLOADER_MAGIC, rbx=hw.MULTIBOOT_INFO_ADDR, rsp=BOOT_STACK_TOP,
+                      rip=entry, rflags=0x2)
+    state.cr0 = 0x11                                  # PE + ET
+    state.gdt = _write_flat_gdt(ram)
+    state.cs = _flat_segment(FLAT_CODE_SELECTOR, code=True)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(state, name, _flat_segment(FLAT_DATA_SELECTOR, code=False))
+    return state
+
+
+def _load_by_header_addresses(ram: memoryview, kernel: Path, image: bytes, header: int) -> int:
+    """The a.out kludge: the file, from `header - (header_addr - load_addr)`, goes to load_addr up
+    to load_end_addr (0: the file's end), zeros up to bss_end_addr (0: none); returns the entry."""
+    header_addr, load_addr, load_end, bss_end, entry = struct.unpack_from("<5I", image, header + 12)
+    start = header - (header_addr - load_addr)
+    length = (len(image) - start) if load_end == 0 else load_end - load_addr
+    end = max(load_addr + length, bss_end)
+    if not (load_addr <= header_addr and 0 <= start and length >= 0 and start + length <= len(image)
+            and load_addr <= entry < end <= len(ram)):
+        raise UsageError(f"{kernel}: its multiboot header's load addresses are not valid for "
+                         f"{len(ram) >> 20} MiB of RAM")
+    ram[load_addr:load_addr + length] = image[start:start + length]
+    ram[load_addr + length:end] = bytes(end - load_addr - length)
+    return entry
+
+
+def _load_elf(ram: memoryview, kernel: Path) -> int:
+    """An ELF's (32-bit, or x86-64) loadable segments at their physical addresses; returns the entry."""
     try:
         with kernel.open("rb") as f:
             elf = ELFFile(f)
@@ -114,15 +154,4 @@ def boot_multiboot(ram: memoryview, kernel: Path) -> CpuState:
                 ram[paddr + filesz:paddr + memsz] = bytes(memsz - filesz)
     except ELFError as error:
         raise UsageError(f"{kernel} is not a valid ELF file: {error}") from None
-    info = struct.pack("<III", MULTIBOOT_INFO_MEMORY, hw.BASE_MEM_KB, len(ram) // 1024 - 1024)
-    ram[hw.MULTIBOOT_INFO_ADDR:hw.MULTIBOOT_INFO_ADDR + len(info)] = info
-    state = CpuState()
-    state.regs = {name: 0 for name in CpuState.GPR_NAMES}
-    state.regs.update(rax=MULTIBOOT_BOOTLOADER_MAGIC, rbx=hw.MULTIBOOT_INFO_ADDR, rsp=BOOT_STACK_TOP,
-                      rip=entry, rflags=0x2)
-    state.cr0 = 0x11                                  # PE + ET
-    state.gdt = _write_flat_gdt(ram)
-    state.cs = _flat_segment(FLAT_CODE_SELECTOR, code=True)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(state, name, _flat_segment(FLAT_DATA_SELECTOR, code=False))
-    return state
+    return entry

@@ -17,9 +17,9 @@ Trigger modes, as the 82093AA behaves:
 Line levels are the logical "asserted" state reported by IrqLine; the polarity bit is kept for
 the guest to read back but does not invert them (ISA devices here signal by raising the line).
 
-Only the fixed and lowest-priority delivery modes deliver (both to our one CPU when the
-destination matches it); NMI, SMI, INIT and ExtINT entries are accepted as configuration but
-send nothing.
+Only the fixed and lowest-priority delivery modes deliver: fixed to every local APIC the
+destination names (xv6 sends IRQ14 to its last CPU), lowest priority to the first of them (the
+BSP first); NMI, SMI, INIT and ExtINT entries are accepted as configuration but send nothing.
 """
 
 from __future__ import annotations
@@ -84,11 +84,16 @@ class Ioapic:
     name = "ioapic"
     state_type = IoapicState
 
-    def __init__(self, lapic: Lapic, ioapic_id: int = hw.IOAPIC_ID) -> None:
+    def __init__(self, lapic: Lapic, ioapic_id: int = hw.IOAPIC_ID,
+                 others: list[Lapic] | None = None) -> None:
         self.lapic = lapic
+        # Several CPUs: every local APIC on the bus, the BSP's first (a message goes to each one
+        # its destination names; lowest priority to the first of them).
+        self.lapics = [lapic, *(others or [])]
         self._reset_id = ioapic_id
         self.reset()
-        lapic.on_level_eoi(self.end_of_interrupt)
+        for each in self.lapics:
+            each.on_level_eoi(self.end_of_interrupt)
 
     def reset(self) -> None:
         """Power-on state: every entry masked, edge-triggered, vector 0; all pins low."""
@@ -176,11 +181,16 @@ class Ioapic:
     def _send(self, pin: int) -> bool:
         """Send pin's interrupt message; True if our local APIC accepted it."""
         entry = self.low[pin]
-        if (entry & DELIVERY_MODE) >> 8 not in (DM_FIXED, DM_LOWEST_PRIORITY):
+        mode = (entry & DELIVERY_MODE) >> 8
+        if mode not in (DM_FIXED, DM_LOWEST_PRIORITY):
             return False
-        if not self.lapic.accepts_destination(self.high[pin] >> 24, bool(entry & DEST_LOGICAL)):
-            return False
-        return self.lapic.accept_interrupt(entry & VECTOR, bool(entry & TRIGGER_LEVEL))
+        accepted = False
+        for lapic in self.lapics:
+            if lapic.accepts_destination(self.high[pin] >> 24, bool(entry & DEST_LOGICAL)):
+                accepted = lapic.accept_interrupt(entry & VECTOR, bool(entry & TRIGGER_LEVEL)) or accepted
+                if mode == DM_LOWEST_PRIORITY:
+                    break
+        return accepted
 
     def end_of_interrupt(self, vector: int) -> None:
         """The LAPIC retired a level-triggered `vector`: clear remote IRR, re-send if still high."""

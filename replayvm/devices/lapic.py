@@ -1,4 +1,4 @@
-"""The local APIC of the guest's one CPU: interrupt priorities, the LAPIC timer, and self-IPIs.
+"""The local APIC of each guest CPU: interrupt priorities, the LAPIC timer, and IPIs.
 
 It is the machine's `InterruptSource`: the engine asks `has_pending()` when the guest can take
 an interrupt (EFLAGS.IF=1) and `acknowledge()` to take it. Fixed interrupts arrive from the IOAPIC,
@@ -16,8 +16,13 @@ Hot path: xv6 reads the ID register on every lock operation (~470,000 reads per 
 also serve itself. The ID is read-only here (Intel lets software write it on some models, but
 nothing needs that, and a constant ID keeps such engine-side caching correct).
 
-Deliberate simplifications, each harmless for a one-CPU machine:
-- INIT, STARTUP, SMI and NMI IPIs are dropped (no other CPU to start; no NMI/SMI path to the CPU).
+Several CPUs (`ApicBus`): each CPU has its own Lapic, all at hw.LAPIC_ADDR (`LapicWindow` hands
+an access to the LAPIC of the CPU running now); an IPI reaches the LAPICs its ICR names, INIT and
+STARTUP go to the machine, which holds the AP in wait-for-SIPI or starts it (xv6's startothers).
+
+Deliberate simplifications:
+- One CPU: INIT, STARTUP, SMI and NMI IPIs are dropped (no other CPU to start); with several,
+  SMI and NMI are dropped (no NMI/SMI path to the CPU).
 - LINT0 is only meaningful as the ExtINT "virtual wire" to the 8259 pair; LINT1 (NMI on a PC),
   the thermal and performance-counter LVTs are registers without a source.
 - Delivery is instant, so the ICR and LVT delivery-status bits always read 0.
@@ -102,7 +107,10 @@ TIMER_PERIODIC = 0x20000
 DELIVERY_MODE = 0x700
 DM_FIXED = 0
 DM_LOWEST_PRIORITY = 1
+DM_INIT = 5
+DM_STARTUP = 6
 DM_EXTINT = 7
+ICR_ASSERT = 0x4000      # level: INIT with this bit clear is the "de-assert" (arbitration IDs only)
 
 SVR_ENABLE = 0x100
 SVR_WRITABLE = 0x3FF   # vector, software enable, focus-check disable
@@ -211,6 +219,7 @@ class Lapic:
         # Replay: the trace says when the timer fired (its interrupts' positions), not the clock,
         # which then only orders the timer's own bookkeeping (see take_recorded).
         self.timer_follows_trace = False
+        self.apic_bus: ApicBus | None = None      # several CPUs: where IPIs to others go
         self.reset()
 
     def reset(self) -> None:
@@ -320,7 +329,10 @@ class Lapic:
             self.esr_pending = 0
         elif offset == ICR_LOW:
             self.icr_low = value & ICR_WRITABLE
-            self._send_ipi()
+            if self.apic_bus is not None:
+                self.apic_bus.send(self, self.icr_low, bool(value & ICR_ASSERT), self.icr_high >> 24)
+            else:
+                self._send_ipi()
         elif offset == ICR_HIGH:
             self.icr_high = value & 0xFF000000
         elif offset in self.lvt:
@@ -431,6 +443,9 @@ class Lapic:
                 self.icr_high >> 24, bool(icr & ICR_LOGICAL)):
             return
         self.accept_interrupt(vector, bool(icr & ICR_LEVEL_TRIGGERED))
+
+    def send_illegal_vector(self) -> None:
+        self._latch_error(ESR_SEND_ILLEGAL_VECTOR)
 
     # --- interrupts out (the InterruptSource side) ---------------------------------------
     def has_pending(self) -> bool:
@@ -609,3 +624,75 @@ class Lapic:
         self.timer_interrupts_raised = state.timer_interrupts_raised
         self.last_timer_expiry_ns = state.last_timer_expiry_ns
         self._update_modes()
+
+
+class ApicBus:
+    """The wire between several CPUs' local APICs (APIC ID = the CPU's index): an IPI reaches the
+    LAPICs its ICR names; INIT and STARTUP are the machine's to act on (`on_init(cpu)` holds a
+    CPU in wait-for-SIPI, `on_startup(cpu, vector)` starts a waiting one in real mode at
+    vector * 4096). Delivery is instant, as for one CPU."""
+
+    def __init__(self, lapics: list[Lapic], on_init: Callable[[int], None],
+                 on_startup: Callable[[int, int], None],
+                 on_wake: Callable[[int], None] | None = None) -> None:
+        self.lapics = lapics
+        self.on_init = on_init
+        self.on_startup = on_startup
+        self.on_wake = on_wake          # a fixed IPI reached another CPU (the scheduler may care)
+        for lapic in lapics:
+            lapic.apic_bus = self
+
+    def targets(self, source: Lapic, icr: int, destination: int) -> list[Lapic]:
+        shorthand = (icr >> 18) & 3
+        if shorthand == SHORTHAND_SELF:
+            return [source]
+        if shorthand == SHORTHAND_ALL_INCLUDING_SELF:
+            return list(self.lapics)
+        if shorthand == SHORTHAND_ALL_EXCLUDING_SELF:
+            return [lapic for lapic in self.lapics if lapic is not source]
+        logical = bool(icr & ICR_LOGICAL)
+        return [lapic for lapic in self.lapics if lapic.accepts_destination(destination, logical)]
+
+    def send(self, source: Lapic, icr: int, asserted: bool, destination: int) -> None:
+        """`source`'s ICR low was written: send the IPI it describes."""
+        vector = icr & 0xFF
+        mode = (icr & DELIVERY_MODE) >> 8
+        targets = self.targets(source, icr, destination)
+        if mode == DM_INIT:
+            if icr & ICR_LEVEL_TRIGGERED and not asserted:
+                return                     # xv6's INIT de-assert broadcast: arbitration IDs only
+            for lapic in targets:
+                if lapic is not source:
+                    self.on_init(lapic.apic_id)
+        elif mode == DM_STARTUP:
+            for lapic in targets:
+                if lapic is not source:
+                    self.on_startup(lapic.apic_id, vector)
+        elif mode in (DM_FIXED, DM_LOWEST_PRIORITY):
+            if vector < 16:
+                source.send_illegal_vector()
+                return
+            for lapic in targets[:1] if mode == DM_LOWEST_PRIORITY else targets:
+                if lapic.accept_interrupt(vector, bool(icr & ICR_LEVEL_TRIGGERED)) \
+                        and lapic is not source and self.on_wake is not None:
+                    self.on_wake(lapic.apic_id)
+
+
+class LapicWindow:
+    """hw.LAPIC_ADDR on the MMIO bus of a machine with several CPUs: each CPU sees its own local
+    APIC there. The machine selects the running CPU's (`select`) whenever it switches CPUs."""
+
+    name = "lapic"
+
+    def __init__(self, lapics: list[Lapic]) -> None:
+        self.lapics = lapics
+        self.current = lapics[0]
+
+    def select(self, cpu: int) -> None:
+        self.current = self.lapics[cpu]
+
+    def read(self, offset: int, size: int) -> int:
+        return self.current.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.current.write(offset, size, value)

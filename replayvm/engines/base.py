@@ -385,3 +385,13 @@ class HardwareDebugEngine(Engine, Protocol):
         """Single-step and/or up to four execution breakpoints (linear addresses); a hit ends
         run() with StopReason.DEBUG. No arguments: both off."""
         ...
+
+    def place_interrupts(self, on: bool) -> None:
+        """On while recording: the engine chooses where an interrupt lands between exits, only
+        where replay can find it again (see engines/kvm.py). A replay turns it off: the trace
+        says where each interrupt lands."""
+        ...
+
+    def deferred_interrupts(self) -> int:
+        """Interrupts that arrived while native ring-3 code ran and were placed later."""
+        ...

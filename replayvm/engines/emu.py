@@ -6,6 +6,13 @@ iteration of a `rep` instruction counts, as Unicorn executes them one by one; a 
 instruction counts each time it is attempted), and a run can be stopped before any given count.
 That count, `icount`, is what the recorder logs as the position of asynchronous events.
 
+Several CPUs (`--cpus N`): the vCPUs share one Unicorn instance and its translated code; each has
+its own saved context (the same save and restore checkpoints use), and the engine runs one at a
+time, switching when the machine's scheduler says so (replayvm.schedule while recording, the
+trace's SWITCH records while replaying), always between runs, so the count stays exact. `icount`
+stays one count over all CPUs (each CPU's own is the sum of its turns). An AP waits, not running,
+for its STARTUP IPI; a halted CPU is skipped until an interrupt can wake it.
+
 Interrupts and exceptions are delivered by `x86_delivery` (Unicorn never runs QEMU's delivery).
 An external interrupt is taken at the first instruction boundary where EFLAGS.IF=1 once the
 interrupt controller reports it pending; the one-instruction STI shadow is honoured.
@@ -21,7 +28,7 @@ from typing import Callable
 from replayvm import hw
 from replayvm.clock import VirtualClock
 from replayvm.engines.base import (CpuState, DebugHit, DebugStop, EngineSnapshot, GuestAddressFault,
-                                   MachineView, Segment, StopReason)
+                                   MachineView, Segment, StopReason, real_mode_state)
 from replayvm.engines import x86_delivery
 from replayvm.errors import EngineUnavailable
 
@@ -110,6 +117,11 @@ MIN_WALL_SLICE = 2_000              # shortest slice towards a wall-clock timer 
 EFLAGS_IF = 1 << 9
 OPCODE_STI = 0xFB
 NO_SKIP = (1 << 64) - 1             # skip_icount when no instruction is exempt from breakpoints
+HF_INHIBIT_IRQ = 0x8                # QEMU's hflags: the instruction just done was STI (its shadow)
+# What a CPU of several is doing (EmuEngine._cpu_mode).
+CPU_RUNNING = 0
+CPU_WAIT_SIPI = 1                   # after reset or INIT: nothing runs until a STARTUP IPI
+CPU_STARTING = 2                    # a STARTUP IPI came: starts at its vector when next switched to
 
 
 class UnicornError(Exception):
@@ -211,6 +223,123 @@ class EmuEngine:
         self._instruction_clock = isinstance(machine.clock, VirtualClock)
         if self._instruction_clock:
             machine.clock.source = lambda: self.state.icount
+        self.cpus = getattr(machine, "cpus", 1)
+        self.cpu = 0                              # the CPU whose context Unicorn holds now
+        self.on_switch: Callable[[int, int], None] | None = None     # (cpu, icount) observer
+        if self.cpus > 1:
+            self._cpu_contexts = [self._new_context() for _ in range(self.cpus)]
+            self._reset_context = self._new_context()      # the power-on CPU an AP starts from
+            _check(lib.replayvm_uc_context_save(self.uc, self._reset_context), "save the reset CPU")
+            self._cpu_mode = [CPU_RUNNING] + [CPU_WAIT_SIPI] * (self.cpus - 1)
+            self._cpu_vector = [0] * self.cpus
+            self._cpu_halted = [False] * self.cpus
+            self._cpu_halted_if = [False] * self.cpus
+
+    # ----------------------------------------------------------------- several CPUs
+    def _new_context(self):
+        holder = ffi.new("uc_context **")
+        _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
+        return ffi.gc(holder[0], lib.uc_context_free)
+
+    def cpu_init(self, cpu: int) -> None:
+        """An INIT IPI: the CPU waits for a STARTUP IPI (from inside a device access: only the
+        mode changes here; the context is made when the CPU is next switched to)."""
+        self._cpu_mode[cpu] = CPU_WAIT_SIPI
+        self._cpu_halted[cpu] = False
+
+    def cpu_startup(self, cpu: int, vector: int) -> None:
+        """A STARTUP IPI: a CPU waiting for one starts at vector * 4096 (a second one, as xv6
+        sends, finds it started and is ignored, as on hardware)."""
+        if self._cpu_mode[cpu] == CPU_WAIT_SIPI:
+            self._cpu_mode[cpu] = CPU_STARTING
+            self._cpu_vector[cpu] = vector & 0xFF
+
+    def cpu_started(self, cpu: int) -> bool:
+        """Whether `cpu` runs (or is about to: a STARTUP IPI came), rather than waiting for one."""
+        return self.cpus == 1 or self._cpu_mode[cpu] != CPU_WAIT_SIPI
+
+    def _runnable(self, cpu: int) -> bool:
+        mode = self._cpu_mode[cpu]
+        if mode != CPU_RUNNING:
+            return mode == CPU_STARTING
+        if not self._cpu_halted[cpu]:
+            return True
+        return self._cpu_halted_if[cpu] and self.machine.lapics[cpu].has_pending()
+
+    def any_cpu_runnable(self) -> bool:
+        """Several CPUs: can any of them run (one halted waits for an interrupt it can take)?"""
+        return any(self._runnable(cpu) for cpu in range(self.cpus))
+
+    def _switch(self, cpu: int) -> None:
+        """Unicorn holds `cpu`'s context from now on. Between runs only: the count, the blocks'
+        kind (PRECISE_HFLAG, set by the restore) and the fast paths' state stay exact."""
+        state = self.state
+        _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[self.cpu]), "save a CPU")
+        if self._cpu_mode[cpu] == CPU_STARTING:
+            _check(lib.replayvm_uc_context_restore(self.uc, state, self._reset_context), "reset a CPU")
+            self.set_state(real_mode_state(self._cpu_vector[cpu] << 8, 0))
+            self._cpu_mode[cpu] = CPU_RUNNING
+            shadow = False
+        else:
+            context = self._cpu_contexts[cpu]
+            shadow = bool(lib.replayvm_uc_context_hflags(self.uc, context) & HF_INHIBIT_IRQ)
+            _check(lib.replayvm_uc_context_restore(self.uc, state, context), "restore a CPU")
+        # The TLB (and QEMU's jump cache) hold the other CPU's translations of its addresses.
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        state.fast_tb = ffi.NULL
+        state.want_window = 0
+        state.prev_if = 0
+        state.prev_size = 0
+        state.window_shadow = 1 if shadow else 0
+        self.cpu = cpu
+        self.machine.select_cpu(cpu)
+        self._refresh_lapic_id()
+        if self.on_switch is not None:
+            self.on_switch(cpu, state.icount)
+
+    def _schedule(self) -> bool:
+        """Several CPUs, between runs: switch if the scheduler says so. True when the CPU to run
+        is halted with nothing to wake it (the machine halts)."""
+        scheduler = self.machine.scheduler
+        if scheduler is not None:
+            target = scheduler.choose(self.state.icount, self.cpu, self._runnable)
+            if target is not None and target != self.cpu:
+                if not 0 <= target < self.cpus:
+                    raise ValueError(f"a switch to CPU {target} of a machine with {self.cpus}")
+                self._switch(target)
+        cpu = self.cpu
+        if self._cpu_halted[cpu]:
+            if not (self._cpu_halted_if[cpu] and self.machine.interrupts.has_pending()):
+                return True
+            self._cpu_halted[cpu] = False
+        return False
+
+    def end_turn_by(self, position: int) -> None:
+        """From a device access: the run under way ends at `position` at the latest (the
+        scheduler moved the current CPU's turn; recording only)."""
+        state = self.state
+        state.stop_at = min(state.stop_at, max(position, state.icount + 1))
+
+    def cpu_states(self) -> list[dict]:
+        """Every CPU's state (a CPU still waiting for its STARTUP IPI: {error: ...}), for the
+        footer and its replay's check."""
+        states: list[dict] = []
+        for cpu in range(self.cpus):
+            if cpu == self.cpu:
+                states.append(self.get_state().to_dict())
+            elif self._cpu_mode[cpu] != CPU_RUNNING:
+                states.append({"error": "waiting for its STARTUP IPI"})
+            else:
+                _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[self.cpu]), "save a CPU")
+                _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._cpu_contexts[cpu]),
+                       "restore a CPU")
+                try:
+                    states.append(self.get_state().to_dict())
+                finally:
+                    _check(lib.replayvm_uc_context_restore(self.uc, self.state,
+                                                           self._cpu_contexts[self.cpu]), "restore a CPU")
+                    _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        return states
 
     @property
     def counting(self) -> str:
@@ -614,6 +743,7 @@ class EmuEngine:
         self._run_end = end
         time_end = None if budget_ns is None else clock.now_ns() + budget_ns
         self.halted = False
+        scheduler = machine.scheduler if self.cpus > 1 else None
         # Everything due at the current count (a fault, an interrupt) is delivered before the
         # loop returns for the count budget or a debugger stop: a run always ends "settled",
         # with EIP at the next instruction to execute, so a position names one CPU state.
@@ -630,6 +760,12 @@ class EmuEngine:
                 if not self._deliver(vector, software=False, error_code=error, return_eip=eip):
                     return StopReason.SHUTDOWN
                 continue
+            if self.cpus > 1:
+                halted = self._schedule()
+                interrupts = machine.interrupts          # the CPU's own LAPIC (or the trace)
+                if halted:
+                    self.halted = True
+                    return StopReason.HALT
             single_step = False
             if interrupts.has_pending():
                 if self.reg("eflags") & EFLAGS_IF:
@@ -663,6 +799,10 @@ class EmuEngine:
                 else:                                   # wall clock: estimate from the speed
                     ahead = int(until_timer * self._instructions_per_ns)
                     slice_end = min(slice_end, state.icount + max(MIN_WALL_SLICE, ahead))
+            if scheduler is not None:
+                turn_end = scheduler.next_switch_position()
+                if turn_end is not None:
+                    slice_end = min(slice_end, max(turn_end, state.icount + 1))
             if single_step:
                 slice_end = state.icount + 1
             state.stop_at = slice_end
@@ -690,6 +830,10 @@ class EmuEngine:
                 return StopReason.SHUTDOWN
             if state.stop_reason == lib.STOP_NONE and not self._stop_requested \
                     and self._pending_fault is None:
+                if self.cpus > 1:                     # another CPU may run: the loop decides
+                    self._cpu_halted[self.cpu] = True
+                    self._cpu_halted_if[self.cpu] = bool(self.reg("eflags") & EFLAGS_IF)
+                    continue
                 self.halted = True
                 return StopReason.HALT
 
@@ -792,6 +936,9 @@ class EmuEngine:
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
+        if self.cpus > 1:
+            raise EngineUnavailable("checkpoints of a machine with several CPUs (seeking, gdb, "
+                                    "replay --live) are not supported yet")
         self._allocate_context()
         _check(lib.replayvm_uc_context_save(self.uc, self._context), "save context")
         return EngineSnapshot(engine=self.name,
@@ -957,7 +1104,8 @@ class EmuEngine:
         self._watch_for_interrupt()
 
     def _refresh_lapic_id(self) -> None:
-        lapic = getattr(self.machine, "lapic", None)
+        """The ID register the C MMIO path serves: the running CPU's (it differs per CPU)."""
+        lapic = getattr(self.machine, "cpu_lapic", None) or getattr(self.machine, "lapic", None)
         if lapic is not None:
             self.state.lapic_id_value = lapic.id_register_value
 

@@ -172,6 +172,7 @@ void replayvm_uc_settle_fault(struct emu_state *s);
 const char *replayvm_fast_error_text(uint32_t code);
 int replayvm_uc_context_restore(uc_engine *uc, struct emu_state *s, uc_context *ctx);
 int replayvm_uc_context_save(uc_engine *uc, uc_context *ctx);
+uint32_t replayvm_uc_context_hflags(uc_engine *uc, uc_context *ctx);
 size_t replayvm_dirty_pages(const uint8_t *ram, uint8_t *shadow, size_t npages, uint32_t *out, int update);
 
 extern "Python" uint32_t replayvm_py_in(uc_engine *uc, uint32_t port, int size, void *owner);
@@ -1260,6 +1261,14 @@ int replayvm_uc_context_restore(uc_engine *uc, struct emu_state *s, uc_context *
     hflags = s->precise_mode ? (hflags | PRECISE_HFLAG) : (hflags & ~PRECISE_HFLAG);
     memcpy(data + ENV_HFLAGS_OFFSET, &hflags, 4);
     return uc_context_restore(uc, ctx);
+}
+
+/* QEMU's hflags in a saved context: whether a CPU switched away from was in an STI shadow. */
+uint32_t replayvm_uc_context_hflags(uc_engine *uc, uc_context *ctx)
+{
+    uint32_t hflags;
+    memcpy(&hflags, context_data(uc, ctx) + ENV_HFLAGS_OFFSET, 4);
+    return hflags;
 }
 
 /* Load a segment register with its hidden part, as QEMU's cpu_x86_load_seg_cache does (and the

@@ -9,6 +9,20 @@ plus a signal to the vCPU thread, so a kick that arrives between two KVM_RUNs is
 On this project's hosts /dev/kvm is PVM, which cannot run 32-bit paged protected mode: the guest
 triple-faults when it sets CR0.PG. That case is recognised and reported as UNSUPPORTED with a
 message pointing at `--engine emu`, rather than as a guest crash.
+
+Where an interrupt lands between exits (after a kick), replay must find that point again by its
+registers (a landmark: a hardware breakpoint at RIP, then register matching). Two kinds of point
+cannot be found that way, so the recorder does not inject there but single-steps on to the next
+point that can be (`_placeable_landmark`): the middle of a `rep` string instruction (RF set: a
+breakpoint only stops at the instruction's start), and native ring-3 code, which on PVM gives no
+debug exits at all (a single-step there even leaks to the guest as its own #DB): the recorder
+puts hardware breakpoints on the kernel's entry points for ring-3 code (the IDT gates of #UD,
+which is how PVM delivers `int 0x80` from ring 3, of #GP and #PF, and of `int 0x80` itself) and
+places the interrupt at the first of them the task reaches, or at the next synchronous exit,
+whichever comes first. An interrupt that arrives while a
+ring-3 task computes is thus delivered at the task's next entry into the kernel: exact, with a
+latency bounded by how often the task enters the kernel (a task that never does is not
+preempted while recording on PVM; hardware KVM has the same landmark limits but real debug exits).
 """
 
 from __future__ import annotations
@@ -23,7 +37,9 @@ from collections import Counter
 
 from replayvm.engines._kvm import ffi, lib
 from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
-from replayvm.errors import EngineUnavailable
+from replayvm.errors import EngineUnavailable, UsageError
+
+SMP_REFUSED = "--cpus above 1 needs --engine emu (the kvm engine runs one CPU for now)"
 
 KVM_API_VERSION = 12
 KICK_SIGNAL = signal.SIGUSR1
@@ -37,10 +53,16 @@ CPUID_ECX_RDRAND = 1 << 30
 CPUID_ECX_X2APIC = 1 << 21
 CPUID_EBX_RDSEED = 1 << 18
 EFLAGS_IF = 1 << 9
+EFLAGS_RF = 1 << 16                    # resume flag: set while an instruction is half done (a rep)
 KVM_INTERNAL_ERROR_EMULATION = 1
 EMULATION_FLAG_INSTRUCTION_BYTES = 1
 SOFTWARE_INTERRUPT_OPCODES = (0xCC, 0xCD, 0xCE)      # INT3, INT n, INTO
 
+
+PLACEMENT_STEP_LIMIT = 2_000            # kernel instructions stepped at most to place one interrupt
+IRETQ, IRET = b"\x48\xcf", b"\xcf"
+RING3_ENTRY_VECTORS = (6, 13, 14, 0x80)     # #UD (PVM's int 0x80 from ring 3), #GP, #PF, int 0x80
+SYNCHRONOUS_EXIT_REASONS = (lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_HLT)
 
 # The hottest fields of kvm_run, read with struct at offsets the compiler gave cffi.
 EXIT_REASON = struct.Struct("<I")
@@ -146,6 +168,8 @@ class KvmEngine:
     position_unit = "exits"
 
     def __init__(self, machine: MachineView) -> None:
+        if getattr(machine, "cpus", 1) > 1:
+            raise UsageError(SMP_REFUSED)
         self.machine = machine
         self.kvm_fd = open_kvm()
         self.exit_counts: Counter[str] = Counter()
@@ -156,6 +180,13 @@ class KvmEngine:
         self._stop_requested = False
         self._run_end: int | None = None  # the position the run under way ends at (an exit count)
         self._kicked = False              # the last return from KVM_RUN was a kick, not a guest exit
+        # Recording: this engine chooses where interrupts land between exits (see the module's
+        # docstring). A replay turns it off: there the trace says where each one lands.
+        self.places_interrupts = True
+        self._landmark: dict | None = None   # where the interrupt being injected lands
+        self._stepping = ""                  # "step" or "entries": on the way to a placeable point
+        self._steps = 0
+        self.interrupts_deferred = 0         # interrupts that arrived while ring-3 code ran
         try:
             self.vm_fd = _ioctl(self.kvm_fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             _ioctl(self.vm_fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
@@ -271,7 +302,10 @@ class KvmEngine:
 
     def interrupt_landmark(self) -> dict | None:
         """Where an interrupt lands when it was not at a synchronous exit (after a kick): RIP, the
-        general registers and CR3, which replay finds with a breakpoint and register matching."""
+        general registers and CR3, which replay finds with a breakpoint and register matching.
+        While recording, the point `_placeable_landmark` chose."""
+        if self._landmark is not None:
+            return self._landmark
         if not self._kicked:
             return None
         _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
@@ -327,13 +361,19 @@ class KvmEngine:
                 self._kicker.arm(None)
                 return StopReason.BUDGET
             if interrupts.has_pending():
-                if run.ready_for_interrupt_injection and run.if_flag:
+                if run.ready_for_interrupt_injection and run.if_flag and self._kicked and \
+                        self.places_interrupts:
+                    self._landmark = self._placeable_landmark()
+                if self._stepping:
+                    run.request_interrupt_window = 0      # on the way to a placeable point
+                elif run.ready_for_interrupt_injection and run.if_flag:
                     vector = interrupts.acknowledge()
                     self._irq.irq = vector
                     _ioctl(vcpu, lib.KVM_INTERRUPT, self._irq, "KVM_INTERRUPT")
                     self.interrupts_injected += 1
                     if self.on_interrupt is not None:
                         self.on_interrupt(vector, self.position)
+                    self._landmark = None
                     run.request_interrupt_window = 1 if interrupts.has_pending() else 0
                 else:
                     run.request_interrupt_window = 1
@@ -354,6 +394,8 @@ class KvmEngine:
                 return StopReason.UNSUPPORTED
             self._kicked = False
             reason = EXIT_REASON.unpack_from(run_map, EXIT_REASON_OFFSET)[0]
+            if reason in SYNCHRONOUS_EXIT_REASONS and self._stepping:
+                self._at_synchronous_exit()
             if reason == lib.KVM_EXIT_IO:
                 self.exit_counts["io"] += 1
                 self._port_io(run_map)
@@ -361,7 +403,10 @@ class KvmEngine:
                 self.exit_counts["mmio"] += 1
                 self._mmio(run)
             elif reason == lib.KVM_EXIT_IRQ_WINDOW_OPEN:
+                # Not an exact point on PVM: the window exit comes some instructions after the
+                # guest set IF, as host timing has it. An interrupt placed here needs a landmark.
                 self.exit_counts["irq_window"] += 1
+                self._kicked = True
             elif reason == lib.KVM_EXIT_INTR:
                 self.exit_counts["intr"] += 1
                 run.immediate_exit = 0
@@ -373,6 +418,10 @@ class KvmEngine:
                 self.exit_counts["shutdown"] += 1
                 self._kicker.arm(None)
                 return self._explain_shutdown()
+            elif reason == lib.KVM_EXIT_DEBUG and self._stepping:
+                self.exit_counts["placement_step"] += 1     # our own stop: placeable yet?
+                self._stepped()
+                self._kicked = True
             elif reason == lib.KVM_EXIT_DEBUG:
                 self.exit_counts["debug"] += 1
                 self._kicker.arm(None)
@@ -382,6 +431,98 @@ class KvmEngine:
                 self.exit_counts["other"] += 1
                 self.last_error = self._describe_failure(run, reason)
                 return StopReason.UNSUPPORTED
+
+    def _placeable_landmark(self) -> dict | None:
+        """The landmark of the point the guest is at, if replay can find it again; otherwise
+        None, with single-stepping on to the next point that may be (see the module docstring)."""
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
+        if self._sregs.cs.selector & 3 == 3:
+            if self._stepping != "entries":
+                self.interrupts_deferred += 1
+                self._set_debug(hw_breakpoints=self._kernel_entries())
+                self._stepping = "entries"
+            return None
+        if self._regs.rflags & EFLAGS_RF:
+            if self._stepping != "step":
+                self._set_debug(single_step=True)
+                self._stepping, self._steps = "step", 0
+            return None
+        if self._stepping:
+            self._set_debug()
+            self._stepping = ""
+        landmark = {name: getattr(self._regs, name) for name in CpuState.GPR_NAMES}
+        landmark.update(rip=self._regs.rip, rflags=self._regs.rflags, cr3=self._sregs.cr3)
+        return landmark
+
+    def _kernel_entries(self) -> list[int]:
+        """The handler addresses of the IDT gates ring-3 code enters the kernel by (read through
+        the guest's page tables: the IDT's base is a linear address); none if unreadable."""
+        base, limit = self._sregs.idt.base, self._sregs.idt.limit
+        entries = []
+        for vector in RING3_ENTRY_VECTORS:
+            if vector * 16 + 15 > limit:
+                continue
+            gate = self._read_linear(base + vector * 16, 16)
+            if gate is None or not gate[5] & 0x80:            # unreadable or not present
+                continue
+            low, _, _, mid, high = struct.unpack_from("<HHHHI", gate)
+            entries.append(low | mid << 16 | high << 32)
+        return entries
+
+    def _read_linear(self, address: int, size: int) -> bytes | None:
+        """`size` bytes at a long-mode linear address (4-level paging from CR3), within a page."""
+        ram = self.machine.ram
+        table = self._sregs.cr3 & 0x000F_FFFF_FFFF_F000
+        for level, shift in enumerate((39, 30, 21, 12)):
+            slot = table + ((address >> shift) & 0x1FF) * 8
+            if slot + 8 > len(ram):
+                return None
+            entry = int.from_bytes(ram[slot:slot + 8], "little")
+            if not entry & 1:
+                return None
+            frame = entry & 0x000F_FFFF_FFFF_F000
+            if shift in (30, 21) and entry & 0x80:             # a 1 GiB or 2 MiB page
+                physical = (frame & ~((1 << shift) - 1)) + (address & ((1 << shift) - 1))
+                break
+            table = frame
+        else:
+            physical = table + (address & 0xFFF)
+        if physical + size > len(ram):
+            return None
+        return bytes(ram[physical:physical + size])
+
+    def _stepped(self) -> None:
+        """Our own debug stop on the way to a placeable point. From a kernel entry (the task came
+        from ring 3) or the middle of an instruction, single-step the kernel (exact, emulated on
+        PVM) until it has interrupts on at an instruction's start: the interrupt lands there. A
+        kernel that returns to ring 3 without turning interrupts on (an `iretq` next), or takes
+        too many steps, gets the interrupt where it turns them on again (a window exit, placed by
+        its own landmark, or the next entry from ring 3 if that window opens in ring 3)."""
+        regs, sregs = self._regs, self._sregs
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        if sregs.cs.selector & 3 == 3:
+            return                                        # not in the kernel yet
+        if self._stepping == "entries":
+            self._set_debug(single_step=True)
+            self._stepping, self._steps = "step", 0
+        run = self.run_struct
+        if regs.rflags & EFLAGS_RF == 0 and run.if_flag and run.ready_for_interrupt_injection:
+            done = True                                   # (not in the shadow of an `sti`)
+        else:
+            self._steps += 1
+            code = self._read_linear(regs.rip, 2) or b""
+            done = self._steps > PLACEMENT_STEP_LIMIT or code == IRETQ or code[:1] == IRET
+        if done:
+            self._set_debug()
+            self._stepping = ""
+
+    def _at_synchronous_exit(self) -> None:
+        """A port, MMIO or HLT exit on the way to a placeable point: an exact position, where
+        the pending interrupt lands without a landmark."""
+        self._set_debug()
+        self._stepping = ""
 
     def _port_io(self, run_map: mmap.mmap) -> None:
         direction, size, port, count, offset = EXIT_IO.unpack_from(run_map, EXIT_IO_OFFSET)
@@ -460,8 +601,18 @@ class KvmEngine:
             where = ""
         return f"KVM cannot continue: {detail}{where}"
 
+    def place_interrupts(self, on: bool) -> None:
+        self.places_interrupts = on
+
+    def deferred_interrupts(self) -> int:
+        return self.interrupts_deferred
+
     def set_guest_debug(self, single_step: bool = False, hw_breakpoints: list[int] = ()) -> None:
         """Single-step and/or up to four execution breakpoints (KVM_EXIT_DEBUG ends run())."""
+        self._stepping = ""
+        self._set_debug(single_step, hw_breakpoints)
+
+    def _set_debug(self, single_step: bool = False, hw_breakpoints: list[int] = ()) -> None:
         debug = ffi.new("struct kvm_guest_debug *")
         control = 0
         if single_step or hw_breakpoints:

@@ -142,8 +142,9 @@ def kvm_runs_paged32() -> bool:
     return answer
 
 
-def choose_engine(requested: str) -> tuple[str, str]:
-    """(engine, reason) for 'auto', 'kvm' or 'emu'; raises EngineUnavailable for an impossible kvm."""
+def choose_engine(requested: str, long_mode: bool = False) -> tuple[str, str]:
+    """(engine, reason) for 'auto', 'kvm' or 'emu'; raises EngineUnavailable for an impossible kvm.
+    A `long_mode` guest (64-bit, paged only in long mode) runs on any usable KVM, PVM included."""
     if requested == "emu":
         return "emu", "requested"
     usable, detail = kvm_usable()
@@ -155,6 +156,8 @@ def choose_engine(requested: str) -> tuple[str, str]:
         raise EngineUnavailable(f"unknown engine {requested!r} (choose auto, kvm or emu)")
     if not usable:
         return "emu", f"no usable KVM ({detail})"
+    if long_mode:
+        return "kvm", "KVM runs 64-bit long-mode guests here"
     if not kvm_runs_paged32():
         return "emu", ("KVM here cannot run 32-bit paged protected mode (a software hypervisor "
                        "such as PVM), which the guest needs")

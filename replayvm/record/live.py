@@ -88,9 +88,12 @@ def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = 
     from replayvm.replay.checkpoint_file import trace_digest
     from replayvm.replay.positions import parse_position
     from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
-    from replayvm.trace.reader import check_unaltered
+    from replayvm.trace.reader import TraceReader, check_unaltered
 
     check_unaltered(trace)
+    with TraceReader(trace) as reader:
+        if reader.header.get("cpus"):
+            raise UsageError(f"{trace}: going live from a trace with several CPUs is not supported yet")
     if options.trace is not None:
         check_trace_path(options.trace)              # before the replay, not after it
     point = None if seek is None else parse_position(seek, "--seek")

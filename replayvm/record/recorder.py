@@ -26,7 +26,8 @@ from replayvm import hw
 from replayvm.devices import cmos, lapic
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
-from replayvm.trace.records import CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS, SECTOR
+from replayvm.trace.records import (CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS, SECTOR,
+                                    SWITCH)
 from replayvm.trace.writer import TraceWriter
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class Recorder:
         machine.pio = RecordingBus(machine.pio, self, mmio=False)
         machine.mmio = RecordingBus(machine.mmio, self, mmio=True)
         self.engine.on_interrupt = self.interrupt
+        if getattr(machine, "cpus", 1) > 1:
+            self.engine.on_switch = self.switch
         machine.input_observers.append(self.input)
         for index, disk in enumerate(machine.disks):
             disk.on_read = self._disk_reader(index)
@@ -275,6 +278,13 @@ class Recorder:
             self.counts["interrupt_landmarks"] += 1
         self.counts["interrupt"] += 1
         self.interrupt_sources[source] += 1
+
+    def switch(self, cpu: int, position: int) -> None:
+        """Several CPUs: from `position` on, `cpu` runs (every record up to the next SWITCH is
+        that CPU's)."""
+        self._flush_run()
+        self._emit(SWITCH.build(self._position_delta(position), cpu))
+        self.counts["switch"] += 1
 
     def input(self, source: str, data: bytes) -> None:
         self._flush_run()

@@ -21,7 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
-from replayvm.trace.format import FEATURE_X86_64
+from replayvm.trace.format import FEATURE_SMP, FEATURE_X86_64
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -41,6 +41,7 @@ class SessionOptions:
     trace: Path | None = None
     command_line: list[str] = field(default_factory=list)
     chaos_seed: int | None = None
+    cpus: int = 1                        # several: the trace is format 3.0 with feature "smp"
 
 
 def bundled_demo_disk() -> Path:
@@ -61,7 +62,7 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
                            engine=options.engine, virtual_clock=options.virtual_clock,
-                           chaos_seed=options.chaos_seed)
+                           chaos_seed=options.chaos_seed, cpus=options.cpus)
     try:
         machine = Machine(config, console)
     except BaseException:
@@ -157,8 +158,14 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
+    features = []
+    if machine.cpus > 1:                     # a 1-CPU 32-bit trace stays as before (format 1.2)
+        features.append(FEATURE_SMP)
+        header["cpus"] = machine.cpus
     if machine.x86_64:
-        header["features"] = [FEATURE_X86_64]
+        features.append(FEATURE_X86_64)
+    if features:
+        header["features"] = features
     start_position = 0
     if branch is not None:
         header.update(branch)
@@ -193,6 +200,11 @@ def finish_recording(machine: Machine, writer: TraceWriter, recorder: Recorder, 
         "ram_sha256": ram_digest(machine.ram),
         "console_sha256": hashlib.sha256(bytes(machine.console.transcript)).hexdigest(),
     }
+    if machine.cpus > 1:
+        try:
+            footer["cpu_states"] = engine.cpu_states()
+        except Exception as error:           # the footer must still be written
+            footer["cpu_states"] = [{"error": str(error)}] * machine.cpus
     try:
         writer.close(footer=footer)
     except OSError as error:                 # e.g. the disk filled up while the guest ran

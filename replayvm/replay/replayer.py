@@ -45,12 +45,13 @@ from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_
 from replayvm.trace.format import DISK_READ_MINOR, FEATURE_X86_64, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
 from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY, INPUT,
-                                    INTERRUPT, RAM_PAGE, RUN, SECTOR)
+                                    INTERRUPT, RAM_PAGE, RUN, SECTOR, SWITCH)
 
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 RECENT = 5
 GUEST_ENDS = ("fault", "shutdown", "unsupported")   # footer ends the guest brought about itself
+RFLAGS_RF = 1 << 16
 LANDMARK_TRIES = 1_000_000          # breakpoint hits whose registers do not match, at most
 END_LANDMARK_TRIES = 10_000         # ... for the recording's end (~0.1 ms a hit: ~1 s at most)
 # kvm positions count exits, so code that runs without exiting cannot be bounded by position: a
@@ -105,6 +106,13 @@ class Event:
         if self.kind == Kind.INPUT:
             return f"input {bytes(r[INPUT.data])!r}"
         return name
+
+
+def _landmark_value(name: str, value: int | None) -> int | None:
+    """A register as landmarks compare it: RFLAGS without RF, which says whether an instruction
+    was resumed halfway (PVM sets it after emulating some instructions) and which a breakpoint
+    stop does not reproduce."""
+    return value & ~RFLAGS_RF if name == "rflags" and value is not None else value
 
 
 def has_landmark(event: Event) -> bool:
@@ -323,6 +331,7 @@ class Replayer:
         # kvm's kicker needs real time for the exit-free watch
         config = MachineConfig(ram_bytes=ram_bytes, engine=engine,
                                virtual_clock=engine_class(engine).exact_positions,
+                               cpus=int(header.get("cpus") or 1),
                                x86_64=FEATURE_X86_64 in (header.get("features") or ()))
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
@@ -538,6 +547,8 @@ class Replayer:
     def _diverge(self, what: str, event: Event | None) -> None:
         recent = "; ".join(f"#{e.index} @{e.position} {e.describe()}" for e in self._recent)
         where = f"event {event.index}" if event is not None else "end of trace"
+        if self.machine.cpus > 1:
+            where += f" on CPU {self.engine.cpu}"
         message = f"replay diverged at {where}: {what}"
         if recent:
             message += f" [last matching: {recent}]"
@@ -851,10 +862,27 @@ class Replayer:
         self._landmark_reached = False
         event = self._take(Kind.INTERRUPT)
         vector = event.record[INTERRUPT.vector]
-        if not self.lapic.take_recorded(vector):
+        if not self.machine.cpu_lapic.take_recorded(vector):
             self._mismatch(f"the recording took interrupt vector {vector} ({event.record[INTERRUPT.source]}) "
                            f"here; the replayed devices had not raised it", event)
         return vector
+
+    def choose(self, position: int, current: int, runnable: Callable[[int], bool]) -> int | None:
+        """Several CPUs, the machine's scheduler on replay: switch where the recording did."""
+        event = self.next
+        if event is None or event.kind != Kind.SWITCH or event.position != position:
+            return None
+        event = self._take(Kind.SWITCH)
+        cpu = event.record[SWITCH.cpu]
+        if cpu >= self.machine.cpus or not self.engine.cpu_started(cpu):
+            self._diverge(f"the recording switched to CPU {cpu} here, which the replayed machine "
+                          f"{'does not have' if cpu >= self.machine.cpus else 'has not started'}", event)
+        return cpu
+
+    @staticmethod
+    def next_switch_position() -> None:
+        """Replay runs end at the next event (a SWITCH among them) anyway."""
+        return None
 
     def _seek_landmark(self, event: Event) -> None:
         """kvm: the interrupt was injected between exits: find where (see _run_to_landmark)."""
@@ -879,7 +907,8 @@ class Replayer:
                                   f"was not reached (the guest stopped: {reason.value})", event)
                 self.landmark_hits += 1
                 state = engine.get_state()
-                if all(state.regs.get(n) == landmark[n] for n in compared) and \
+                if all(_landmark_value(n, state.regs.get(n)) == _landmark_value(n, landmark[n])
+                       for n in compared) and \
                         state.cr3 == landmark.get("cr3", state.cr3):
                     return
                 engine.set_guest_debug(single_step=True)
@@ -1001,6 +1030,11 @@ class Replayer:
                 self.output.flush()
             if reason is StopReason.HALT:
                 self._take(Kind.HALT)
+                # Several CPUs: a halted machine stays halted (the next run would halt again at
+                # once), so the recording's last halt is its end.
+                if self.exact_positions and self.next is None and \
+                        engine.position >= (self.end_position or engine.position):
+                    return "end"
             elif reason is StopReason.SHUTDOWN or reason is StopReason.UNSUPPORTED:
                 self._engine_stop(reason)
                 return "end"
@@ -1076,10 +1110,29 @@ class Replayer:
                      if name in final and final[name] != state.regs.get(name, 0)]
         if differing:
             self._diverge("final registers differ: " + ", ".join(differing), None)
+        if self.machine.cpus > 1:
+            self._verify_cpus(footer.get("cpu_states"))
         if footer.get("ram_sha256") and self._ram_digest() != footer["ram_sha256"]:
             self._diverge("final RAM differs from the recording (sha256 mismatch)", None)
         if footer.get("console_sha256") and hashlib.sha256(bytes(self.console)).hexdigest() != footer["console_sha256"]:
             self._diverge("console output differs from the recording", None)
+
+    def _verify_cpus(self, recorded: object) -> None:
+        """Several CPUs: every CPU ends as it did (a CPU never started, as never started)."""
+        if not isinstance(recorded, list) or len(recorded) != self.machine.cpus:
+            raise TraceFormatError(f"{self.reader.path}: the footer lacks the state of each of its "
+                                   f"{self.machine.cpus} CPUs: nothing to verify the replay against")
+        for cpu, (was, now) in enumerate(zip(recorded, self.engine.cpu_states())):
+            if "regs" not in was or "regs" not in now:
+                if was.get("error") != now.get("error"):
+                    self._diverge(f"CPU {cpu} ended {was.get('error') or 'running'} in the recording, "
+                                  f"{now.get('error') or 'running'} in the replay", None)
+                continue
+            differing = [f"{name} {was['regs'][name]:#x}!={now['regs'].get(name, 0):#x}"
+                         for name in COMPARED_REGISTERS
+                         if name in was["regs"] and was["regs"][name] != now["regs"].get(name, 0)]
+            if differing:
+                self._diverge(f"final registers of CPU {cpu} differ: " + ", ".join(differing), None)
 
     def close(self) -> None:
         self.machine.close()

@@ -22,11 +22,13 @@ FEATURES_MINOR = 0               # (several CPUs, a plain PC, long mode...): its
 READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # The machine features this release replays: each one a trace may name in its header's `features`.
 # A feature is added here in the release that records it, never removed.
+# "smp": several CPUs (header `cpus`, SWITCH records).
 # "x86-64": a 64-bit guest (the kernel is an ELF64), which the emu engine runs on a vCPU that can
 # enter long mode; named whenever the recording's guest is 64-bit, since the header is written
 # before it runs (whether it did enter long mode is not known yet).
+FEATURE_SMP = "smp"
 FEATURE_X86_64 = "x86-64"
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_X86_64})
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_X86_64})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
@@ -67,12 +69,13 @@ class Kind(enum.IntEnum):
     FOOTER = 12           # [12, {footer fields}]
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
+    SWITCH = 15           # [15, dpos, cpu]   from here on CPU `cpu` runs (feature "smp", format 3.0)
     DISK_READ = 64        # [64, disk index, lba, sha256-16 bytes]   a sector a disk handed out (1.2)
 
 
 POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE,
                         Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN, Kind.INTERRUPT, Kind.INPUT,
-                        Kind.CLOCK, Kind.HALT})
+                        Kind.CLOCK, Kind.HALT, Kind.SWITCH})
 EVENT_KINDS = POSITIONED
 
 

@@ -173,6 +173,7 @@ LANDMARK = FieldType("map of register name to int 0..2^64-1 (kvm only)", "landma
 HASH = FieldType("16 bytes", f"type(v) is bytes and len(v) == {HASH_SIZE}")
 STORED_HASH = FieldType("16 bytes: the hash of a sector stored before",
                         f"type(v) is bytes and len(v) == {HASH_SIZE} and v in sectors")
+CPU_INDEX = _int(0, 7, "int 0..7 (the CPU's place in the MP table; its APIC ID)")
 DISK_INDEX = _int(0, 63, "int 0..63 (the disk's place in the header's `disks`)")
 LBA = _int(0, I63, "int 0..2^63-1")
 SECTOR_DATA = FieldType("512 bytes whose sha256 starts with the hash",
@@ -222,6 +223,9 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
     Layout(Kind.PURE_READS, (("register", NAME), ("sites", SITES)),
            "reads deliberately not logged one by one (`lapic.id`), counted per call site; written at "
            "the end (several records when there are more than 2^20 sites)"),
+    Layout(Kind.SWITCH, (("dpos", DPOS), ("cpu", CPU_INDEX)),
+           "from this position on CPU `cpu` runs (traces with the feature `smp`): every record up to "
+           "the next SWITCH is that CPU's; positions stay one count over all CPUs"),
     Layout(Kind.DISK_READ, (("disk", DISK_INDEX), ("lba", LBA), ("digest", STORED_HASH)),
            "a sector a disk handed to its controller (format 1.2), in the order the controller "
            "asked: replay's disk input (replay needs no image)"),
@@ -242,6 +246,7 @@ RAM_PAGE = LAYOUTS[Kind.RAM_PAGE]
 PURE_READS = LAYOUTS[Kind.PURE_READS]
 DISK_READ = LAYOUTS[Kind.DISK_READ]
 HALT = LAYOUTS[Kind.HALT]
+SWITCH = LAYOUTS[Kind.SWITCH]
 KIND_INDEX = 0                           # every record's kind
 DPOS_INDEX = 1                           # every positioned record's position delta
 assert all(LAYOUTS[k].positioned == (k in POSITIONED) for k in Kind), "POSITIONED agrees with the layouts"
@@ -383,6 +388,8 @@ HEADER_FIELDS = (
              required=False),
     MapField("features", "list of str, not empty (format 3.x only): the machine features a reader "
              "must know to replay it", _list_of(_is_text(MAX_NAME_LEN), 64), required=False),
+    MapField("cpus", "int 2..8 (feature `smp`): CPUs in the machine; absent: one", _is_int(2, 8),
+             required=False),
 )
 _count_map = _map_of(_is_int(0, I63))
 FOOTER_FIELDS = (
@@ -399,6 +406,8 @@ FOOTER_FIELDS = (
     MapField("ram_sha256", "hex str: sha256 of the final RAM", _is_hex(64)),
     MapField("console_sha256", "hex str: sha256 of everything the guest printed", _is_hex(64)),
     MapField("trace_sha256", "hex str: the record digest (format 1.1, see below)", _is_hex(64)),
+    MapField("cpu_states", "list of CPU states, or {error: str}, one per CPU (feature `smp`)",
+             _list_of(_final_state_ok, 8), required=False),
 )
 FOOTER_VERIFIED_BY = ("final_state", "ram_sha256", "console_sha256")   # a replay is checked against these
 
@@ -506,7 +515,7 @@ def _tests(fields: tuple[tuple[str, FieldType], ...], names: list[str]) -> list[
 # with checks on where they stand) go to the reader's `irregular` callback, as do unknown kinds.
 FAST_KINDS = (Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_WRITE, Kind.MMIO_READ, Kind.INTERRUPT, Kind.CLOCK,
               Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN, Kind.HALT, Kind.INPUT, Kind.SECTOR, Kind.RAM_PAGE,
-              Kind.PURE_READS, Kind.DISK_READ)
+              Kind.PURE_READS, Kind.DISK_READ, Kind.SWITCH)
 
 Validator = Callable[[list, set, int, int, Callable[[Any], bool]], tuple[int, list]]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from replayvm.trace.format import EVENT_KINDS, POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS
+from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS, SWITCH
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -22,6 +22,9 @@ def summarize(path: Path) -> dict[str, Any]:
     ram_pages = 0
     sectors = 0
     pure_sites = 0
+    cpu = 0                                     # several CPUs: who runs since turn_start
+    turn_start = 0
+    cpu_instructions: Counter[int] = Counter()
     with TraceReader(path) as reader:
         header = reader.header
         for record in reader:                   # validated by the reader against its layout
@@ -42,6 +45,9 @@ def summarize(path: Path) -> dict[str, Any]:
                 sectors += 1
             elif kind == Kind.PURE_READS:
                 pure_sites += len(record[PURE_READS.sites])
+            elif kind == Kind.SWITCH:           # each CPU's own count: the sum of its turns
+                cpu_instructions[cpu] += position - turn_start
+                cpu, turn_start = record[SWITCH.cpu], position
         footer = reader.footer
         digest = reader.digest
         truncated = reader.truncated or footer is None
@@ -74,6 +80,11 @@ def summarize(path: Path) -> dict[str, Any]:
                        lapic_id_reads_not_logged=footer.get("lapic_id_reads"),
                        position_at_end=footer.get("position"),
                        ram_sha256=footer.get("ram_sha256"))
+    if header.get("cpus"):
+        end = footer.get("position") if footer is not None else position
+        cpu_instructions[cpu] += max(0, int(end or 0) - turn_start)
+        summary.update(cpus=header["cpus"],
+                       cpu_instructions=[cpu_instructions[n] for n in range(int(header["cpus"]))])
     return summary
 
 
@@ -82,6 +93,9 @@ def format_summary(s: dict[str, Any]) -> str:
              f"machine      engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
              f"boot from {s['boot']}, {s['clock']} clock"
              + (f", chaos on (seed {s['chaos_seed']})" if s.get("chaos_seed") is not None else "")]
+    if s.get("cpus"):
+        lines.append(f"cpus         {s['cpus']}: " + ", ".join(
+            f"cpu{n} {count:,}" for n, count in enumerate(s["cpu_instructions"])) + " instructions each ran")
     parent = s.get("parent")
     if parent:
         lines.append(f"branch       went live from {parent['trace']} at position {parent['position']:,} "
