@@ -120,7 +120,9 @@ class Timeline:
     def when(self) -> str:
         done = self.events_done
         last = f"after event {done - 1}" if done else "before event 0"
-        return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)})"
+        machine = self.replayer.machine
+        running = f", CPU {machine.running_cpu} of {machine.cpus} running" if machine.cpus > 1 else ""
+        return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)}){running}"
 
     def _scan_events(self) -> tuple[list[int], int, bool]:
         """One pass over the trace: every event's position, where the recording ended, and
