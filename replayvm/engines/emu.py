@@ -23,7 +23,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from replayvm import hw
 from replayvm.clock import VirtualClock
@@ -267,21 +268,43 @@ class EmuEngine:
         footer and its replay's check."""
         states: list[dict] = []
         for cpu in range(self.cpus):
-            if cpu == self.cpu:
-                states.append(self.get_state().to_dict())
-            elif self._cpu_mode[cpu] != CPU_RUNNING:
+            if cpu != self.cpu and self._cpu_mode[cpu] != CPU_RUNNING:
                 states.append({"error": "waiting for its STARTUP IPI"})
-            else:
-                _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[self.cpu]), "save a CPU")
-                _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._cpu_contexts[cpu]),
-                       "restore a CPU")
-                try:
-                    states.append(self.get_state().to_dict())
-                finally:
-                    _check(lib.replayvm_uc_context_restore(self.uc, self.state,
-                                                           self._cpu_contexts[self.cpu]), "restore a CPU")
-                    _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+                continue
+            with self.viewing_cpu(cpu):
+                states.append(self.get_state().to_dict())
         return states
+
+    @contextmanager
+    def viewing_cpu(self, cpu: int) -> Iterator[None]:
+        """Between runs (a debugger, the footer): Unicorn holds `cpu`'s context inside the block,
+        so that registers and guest-virtual memory (its page tables) are that CPU's; the running
+        CPU's is back after it. Nothing runs inside; `cpu` must have run (cpu_condition)."""
+        if cpu == self.cpu:
+            yield
+            return
+        if self._cpu_mode[cpu] != CPU_RUNNING:
+            raise ValueError(f"CPU {cpu} has not started")
+        running = self._cpu_contexts[self.cpu]
+        _check(lib.replayvm_uc_context_save(self.uc, running), "save a CPU")
+        _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._cpu_contexts[cpu]), "restore a CPU")
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        try:
+            yield
+        finally:
+            _check(lib.replayvm_uc_context_restore(self.uc, self.state, running), "restore a CPU")
+            _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+
+    def cpu_condition(self, cpu: int) -> str:
+        """What CPU `cpu` is doing, in words (a debugger's thread list): "running", "halted",
+        "waiting for its STARTUP IPI" or "starting" (its STARTUP IPI came, it has not run yet)."""
+        mode = self._cpu_mode[cpu] if self.cpus > 1 else CPU_RUNNING
+        if mode == CPU_WAIT_SIPI:
+            return "waiting for its STARTUP IPI"
+        if mode == CPU_STARTING:
+            return "starting"
+        halted = self._cpu_halted[cpu] if self.cpus > 1 else self.halted
+        return "halted" if halted else "running"
 
     def start_cpus(self) -> dict:
         """Several CPUs: what a branch trace (replay --live) starts its other CPUs from: which CPU
