@@ -360,15 +360,17 @@ def test_xv6_boots_on_four_cpus(xv6_dir, tmp_path):
     assert replay(trace).verified
 
 
-def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
-    """The loader counts SWITCH records' positions (cpu columns are still to come): the rows of
-    a two-CPU trace sit where replay puts their events."""
+def test_sql_rows_carry_their_cpu_and_the_schedule_covers_the_run(demo_smp_trace, tmp_path):
+    """Every row of a two-CPU trace sits where replay puts its event and names the CPU that ran
+    (from the SWITCH records: the AP's `cpu1: started` line is CPU 1's, its LAPIC writes too);
+    `schedule` is the trace's turns, end to end without gaps; instructions_per_cpu sums them."""
     from replayvm.analyze.loader import load_trace
     from replayvm.analyze.sql import query
 
     trace, _ = demo_smp_trace
     database = tmp_path / "smp.db"
     load_trace(trace, database)
+    turns = cpu_turns(trace)
     with TraceReader(trace) as reader:
         position, halts = 0, []
         for record in reader:
@@ -376,7 +378,33 @@ def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
                 position += record[1]
             if record[0] == Kind.HALT:
                 halts.append(position)
+        end = reader.footer["position"]
     assert [row[0] for row in query(database, "SELECT position FROM halts ORDER BY seq").rows] == halts
+    schedule = query(database, "SELECT cpu, from_position, to_position FROM schedule ORDER BY from_position").rows
+    assert [tuple(row) for row in schedule] == turns
+    assert schedule[0][1] == 0 and schedule[-1][2] == end
+    assert all(a[2] == b[1] for a, b in zip(schedule, schedule[1:]))          # no gaps
+    def cpu_at(position: int) -> int:
+        return next(cpu for cpu, start, stop in turns if start <= position < stop or position == stop == end)
+    for table in ("exits", "interrupts", "halts", "clock_reads", "inputs"):
+        rows = query(database, f"SELECT position, cpu FROM {table}").rows
+        assert rows and all(cpu == cpu_at(position) or any(p == position for _, p, _ in turns)
+                            for position, cpu in rows), table
+    assert query(database, "SELECT cpu FROM console WHERE text = 'cpu1: started'").rows == [(1,)]
+    assert query(database, "SELECT count(*) FROM exits WHERE cpu = 1 AND space = 'mmio'").rows[0][0] > 0
+    per_cpu = query(database, "SELECT cpu, instructions FROM instructions_per_cpu").rows
+    assert [row[1] for row in per_cpu] == summarize(trace)["cpu_instructions"]
+
+
+def test_sql_on_one_cpu_has_cpu_zero_and_one_turn(tmp_path):
+    """A one-CPU trace: every row's cpu is 0, and the schedule is one turn over the whole run."""
+    from replayvm.analyze.sql import query
+
+    trace = tmp_path / "one.zst"
+    demo_session(trace, b"echo one\n", cpus=1)
+    end = cpu_turns(trace)[-1][2]
+    assert query(trace, "SELECT DISTINCT cpu FROM exits").rows == [(0,)]
+    assert query(trace, "SELECT cpu, from_position, to_position FROM schedule").rows == [(0, 0, end)]
 
 
 @pytest.mark.slow
