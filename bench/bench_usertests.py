@@ -33,15 +33,16 @@ from replayvm.replay.replayer import replay
 DONE = b"ALL TESTS PASSED"
 
 
-def qemu_usertests(xv6: Path, timeout_s: float = 1800) -> float | None:
-    """Seconds from QEMU's start to ALL TESTS PASSED, `usertests` typed at the first prompt."""
+def qemu_usertests(xv6: Path, timeout_s: float = 1800, cpus: int = 1) -> float | None:
+    """Seconds from QEMU's start to ALL TESTS PASSED, `usertests` typed at the first prompt
+    (`-smp cpus`)."""
     qemu = shutil.which("qemu-system-i386")
     if qemu is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("xv6.img", "fs.img"):
             shutil.copy(xv6 / name, Path(tmp) / name)
-        command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", "1", "-m", "512",
+        command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", str(cpus), "-m", "512",
                    "-drive", f"file={tmp}/fs.img,index=1,media=disk,format=raw",
                    "-drive", f"file={tmp}/xv6.img,index=0,media=disk,format=raw"]
         start = time.perf_counter()
