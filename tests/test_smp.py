@@ -260,6 +260,32 @@ def test_seeking_a_two_cpu_replay_restores_every_cpu(demo_smp_trace):
         timeline.close()
 
 
+def test_stepping_one_cpu_forward_and_back_across_the_others_turns(demo_smp_trace):
+    """A debugger's step of one CPU: from inside the BSP's turn, reverse_step(cpu=1) lands at the
+    AP's last instruction before (its previous turn), with the AP's registers as a forward pass
+    saw them there; step(cpu=1) from there executes that instruction; per-CPU registers of the CPU
+    not running come from its saved context."""
+    trace, _ = demo_smp_trace
+    start, end = ap_turn(trace)
+    timeline = Timeline(trace, checkpoint_every=1_000_000)
+    try:
+        timeline.seek(end - 1)
+        before = timeline.registers(1)
+        timeline.seek(end)
+        after = timeline.registers(1)
+        assert after.regs["rip"] != before.regs["rip"]
+        timeline.seek(end + 200)                    # the BSP runs; the AP's state is as it left it
+        assert timeline.cpu_at(timeline.position) == 0 and timeline.registers(1).to_dict() == after.to_dict()
+        stop = timeline.reverse_step(cpu=1)
+        assert (stop.position, stop.cpu) == (end - 1, 1)
+        assert timeline.registers(1).to_dict() == before.to_dict()
+        stop = timeline.step(cpu=1)
+        assert (stop.position, stop.cpu) == (end, 1) and timeline.registers(1).to_dict() == after.to_dict()
+        assert timeline.previous_on(1, start) < start and timeline.next_on(1, end) > end
+    finally:
+        timeline.close()
+
+
 def test_kept_checkpoints_of_two_cpus_restore_in_another_replay(demo_smp_trace, tmp_path, monkeypatch):
     """The checkpoint file keeps every CPU's context (format 5): a new replay that adopts it seeks
     into the AP's turn from the kept checkpoint and finds both CPUs as a plain replay has them."""
