@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench_boot import boot_to_prompt, qemu_boot_to_prompt
-from bench_usertests import DONE, qemu_usertests
+from bench_usertests import DONE, qemu_usertests, xv6_dir
 
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import replay
@@ -59,11 +58,9 @@ def main() -> int:
     parser.add_argument("--no-usertests", action="store_true")
     parser.add_argument("--no-qemu", action="store_true")
     args = parser.parse_args()
-    value = os.environ.get("REPLAYVM_XV6_DIR")
-    if not value:
-        print("REPLAYVM_XV6_DIR is not set: nothing to measure")
+    xv6 = xv6_dir()
+    if xv6 is None:
         return 0
-    xv6 = Path(value)
     qemu_here = not args.no_qemu and shutil.which("qemu-system-i386") is not None
     disks = [xv6 / "xv6.img", xv6 / "fs.img"]
     print("boot to '$ ' (wall seconds; median / fastest)")
