@@ -24,10 +24,11 @@ from replayvm.machine import Machine, MachineConfig
 from replayvm.record.session import bundled_demo_disk
 
 
-def boot_to_prompt(disks: list[Path], engine: str = "emu", prompt: bytes = b"$ ") -> tuple[float, int]:
+def boot_to_prompt(disks: list[Path], engine: str = "emu", prompt: bytes = b"$ ", cpus: int = 1,
+                   ) -> tuple[float, int]:
     console = Console(io.BytesIO(), until=prompt)
     start = time.perf_counter()
-    machine = Machine(MachineConfig(disks=disks, engine=engine), console)
+    machine = Machine(MachineConfig(disks=disks, engine=engine, cpus=cpus), console)
     outcome = machine.run(timeout_s=120)
     elapsed = time.perf_counter() - start
     machine.close()
@@ -36,11 +37,11 @@ def boot_to_prompt(disks: list[Path], engine: str = "emu", prompt: bytes = b"$ "
     return elapsed, machine.engine.icount or 0
 
 
-def qemu_boot_to_prompt(xv6: Path) -> float | None:
+def qemu_boot_to_prompt(xv6: Path, cpus: int = 1) -> float | None:
     qemu = shutil.which("qemu-system-i386")
     if qemu is None:
         return None
-    command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", "1", "-m", "512",
+    command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", str(cpus), "-m", "512",
                "-drive", f"file={xv6 / 'fs.img'},index=1,media=disk,format=raw,snapshot=on",
                "-drive", f"file={xv6 / 'xv6.img'},index=0,media=disk,format=raw,snapshot=on"]
     start = time.perf_counter()

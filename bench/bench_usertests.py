@@ -33,15 +33,16 @@ from replayvm.replay.replayer import replay
 DONE = b"ALL TESTS PASSED"
 
 
-def qemu_usertests(xv6: Path, timeout_s: float = 1800) -> float | None:
-    """Seconds from QEMU's start to ALL TESTS PASSED, `usertests` typed at the first prompt."""
+def qemu_usertests(xv6: Path, timeout_s: float = 1800, cpus: int = 1) -> float | None:
+    """Seconds from QEMU's start to ALL TESTS PASSED, `usertests` typed at the first prompt
+    (`-smp cpus`)."""
     qemu = shutil.which("qemu-system-i386")
     if qemu is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("xv6.img", "fs.img"):
             shutil.copy(xv6 / name, Path(tmp) / name)
-        command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", "1", "-m", "512",
+        command = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-smp", str(cpus), "-m", "512",
                    "-drive", f"file={tmp}/fs.img,index=1,media=disk,format=raw",
                    "-drive", f"file={tmp}/xv6.img,index=0,media=disk,format=raw"]
         start = time.perf_counter()
@@ -66,17 +67,24 @@ def qemu_usertests(xv6: Path, timeout_s: float = 1800) -> float | None:
             proc.wait()
 
 
+def xv6_dir() -> Path | None:
+    """REPLAYVM_XV6_DIR, or None (and a line saying so) when it is not set."""
+    value = os.environ.get("REPLAYVM_XV6_DIR")
+    if not value:
+        print("REPLAYVM_XV6_DIR is not set: nothing to measure")
+        return None
+    return Path(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU run")
     parser.add_argument("--qemu-only", action="store_true", help="only the QEMU run")
     parser.add_argument("--rounds", type=int, default=1, help="record and replay this many times (medians)")
     args = parser.parse_args()
-    value = os.environ.get("REPLAYVM_XV6_DIR")
-    if not value:
-        print("REPLAYVM_XV6_DIR is not set: nothing to measure")
+    xv6 = xv6_dir()
+    if xv6 is None:
         return 0
-    xv6 = Path(value)
     qemu = None if args.no_qemu else qemu_usertests(xv6)
     if qemu is not None:
         print(f"{'qemu-system-i386 -accel tcg':34s} {qemu:8.1f} s")

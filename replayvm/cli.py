@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = verbs.add_parser("analyze", help="load a trace into SQLite for SQL questions",
                                description="Load a trace into an SQLite database (tables exits, "
                                            "interrupts, inputs, clock_reads, disk_io, console, "
-                                           "devices, meta; see docs/analysis.md).")
+                                           "schedule, devices, meta; rows carry their cpu; see "
+                                           "docs/analysis.md).")
     analyze.add_argument("trace", type=Path, metavar="TRACE")
     analyze.add_argument("-o", "--output", type=Path, metavar="DB", help="database (default TRACE.db)")
     analyze.add_argument("--symbols", type=Path, action="append", default=[], metavar="ELF",

@@ -179,6 +179,7 @@ class Machine:
         # The APs' local APICs (APIC IDs 1..cpus-1); the 8259's virtual wire goes to the BSP only.
         self.lapics = [self.lapic] + [Lapic(self.clock, None, apic_id=cpu) for cpu in range(1, self.cpus)]
         self.cpu_lapic = self.lapic               # the LAPIC of the CPU running now
+        self.running_cpu = 0                      # the CPU the engine runs now (select_cpu)
         self.ioapic = Ioapic(self.lapic, ioapic_id=hw.IOAPIC_ID, others=self.lapics[1:])
         self.interrupts = self.lapic
         self.lapic_window = None
@@ -260,6 +261,7 @@ class Machine:
         """The engine switched to `cpu`: the LAPIC window, the interrupt source (unless the trace
         gives the interrupts) and the LAPIC the trace's interrupts are taken from are its own."""
         lapic = self.lapics[cpu]
+        self.running_cpu = cpu
         if self.interrupts is self.cpu_lapic:
             self.interrupts = lapic
         self.cpu_lapic = lapic
@@ -326,6 +328,11 @@ class Machine:
             lapic.timer_follows_trace = False
         if self.pit is not None:
             self.pit.follows_trace = False
+        if self.cpus > 1:                         # turns from here on, as a recording's
+            from replayvm.schedule import QuantumScheduler
+
+            self.scheduler = QuantumScheduler(self.cpus, chaos_seed=self.config.chaos_seed,
+                                              start_position=self.engine.position)
         self._engine_places_interrupts(True)
 
     def _engine_places_interrupts(self, on: bool) -> None:

@@ -153,6 +153,95 @@ def test_gdb_on_xv6_breaks_in_sys_write_with_a_backtrace(gdb, xv6_dir, tmp_path)
     assert len(eips) == 2 and eips[0] == eips[1]
 
 
+@pytest.fixture(scope="module")
+def demo_smp_trace(tmp_path_factory) -> Path:
+    """The demo guest on two CPUs running its race (its SMP part runs on both)."""
+    trace = tmp_path_factory.mktemp("gdb-smp") / "demo2.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", script=b"race\n", trace=trace, timeout_s=300,
+                                            virtual_clock=True, cpus=2), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    return trace
+
+
+def when(out: str, marker: str) -> tuple[int, int]:
+    """(instruction, running CPU) of the `monitor when` printed after `echo MARKER\n`."""
+    found = re.search(marker + r"\ninstruction (\d+) of \d+, .*CPU (\d) of 2 running", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_gdb_sees_each_cpu_as_a_thread_and_steps_each_back_and_forth(gdb, demo_smp_trace):
+    """Two CPUs, two threads: a breakpoint for thread 2 stops in CPU 1's smp_race_step while CPU 0
+    waits in smp_race (its own registers and backtrace, read while CPU 1 runs); reverse-stepi on
+    thread 1 goes back to CPU 0's previous instruction, before CPU 1's turn began, and stepi on
+    it comes back to the same EIP; the same on thread 2 stays in CPU 1's code."""
+    elf = guest_file("demo", "kernel.elf")
+    stub = Stub(demo_smp_trace)
+    out = run_gdb(gdb, elf, stub.address, [
+        "set scheduler-locking step",                # gdb names the thread it steps (Hc)
+        "echo THREADS0\\n", "info threads",
+        "break smp_race_step", "continue", "delete",
+        "break smp_race_step thread 2", "continue", "delete",
+        "echo THREADS\\n", "info threads", "echo HIT\\n", "monitor when",
+        "thread 1", "echo BT1\\n", "bt", "echo EIP1\\n", "print/x $eip",
+        "reverse-stepi", "echo BACK1\\n", "monitor when", "maint flush register-cache",
+        "stepi", "echo FWD1\\n", "print/x $eip",
+        "thread 2", "echo EIP2\\n", "print/x $eip",
+        "reverse-stepi", "echo BACK2\\n", "monitor when", "print/x $eip",
+    ])
+    stub.finish()
+    threads0 = out.split("THREADS0\n", 1)[1].split("Breakpoint 1 at", 1)[0]
+    assert "Thread 1 (CPU 0, running)" in threads0 and "Thread 2 (CPU 1, waiting for its STARTUP IPI)" in threads0
+    assert re.search(r"Thread 1 hit Breakpoint 1, smp_race_step", out), out
+    assert re.search(r"Thread 2 hit Breakpoint 2, smp_race_step", out), out
+    threads = out.split("THREADS\n", 1)[1]
+    assert re.search(r"1\s+Thread 1 \(CPU 0, \w+\)", threads) and re.search(r"\* 2\s+Thread 2 \(CPU 1, running\) smp_race_step", threads)
+    hit, cpu = when(out, "HIT")
+    assert cpu == 1
+    frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+)", out.split("BT1\n", 1)[1], re.M)
+    assert frames[0] == "smp_race", out                        # CPU 0 waits for CPU 1's part
+    eip1 = re.search(r"EIP1\n\$\d+ = (0x[0-9a-f]+)", out).group(1)
+    back1, cpu = when(out, "BACK1")
+    assert cpu == 0 and back1 < hit                            # before CPU 1's turn: CPU 0's last
+    assert re.search(r"FWD1\n\$\d+ = (0x[0-9a-f]+)", out).group(1) == eip1
+    back2, cpu = when(out, "BACK2")
+    assert cpu == 1 and back2 < hit
+    eip2 = re.search(r"EIP2\n\$\d+ = (0x[0-9a-f]+)", out).group(1)
+    eip2_back = re.search(r"BACK2\n.*\n\$\d+ = (0x[0-9a-f]+)", out).group(1)
+    assert eip2_back != eip2
+
+
+def test_xv6_on_two_cpus_under_gdb(gdb, xv6_dir, tmp_path):
+    """xv6 on two CPUs: `info threads` shows both, `break scheduler` stops once on each CPU (each
+    enters it once), and reverse-stepi on the thread gdb stepped goes back to that CPU's
+    previous instruction."""
+    trace = tmp_path / "xv6-smp.zst"
+    outcome, _ = run_session(SessionOptions(disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"], engine="emu",
+                                            script=b"echo hello\n", trace=trace, timeout_s=300, cpus=2,
+                                            virtual_clock=True), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    stub = Stub(trace)
+    out = run_gdb(gdb, xv6_dir / "kernel", stub.address, [
+        "set scheduler-locking step",
+        "break scheduler", "continue", "echo FIRST\\n", "monitor when", "continue",
+        "echo SECOND\\n", "monitor when", "echo THREADS\\n", "info threads", "delete",
+        "echo EIP\\n", "print/x $eip", "stepi", "reverse-stepi", "echo BACK\\n", "print/x $eip",
+        "reverse-stepi", "echo BEFORE\\n", "monitor when",
+    ])
+    stub.finish()
+    hits = re.findall(r"Thread (\d) hit Breakpoint 1, scheduler", out)
+    assert sorted(hits) == ["1", "2"], out
+    threads = out.split("THREADS\n", 1)[1]
+    assert "Thread 1 (CPU 0" in threads and "Thread 2 (CPU 1" in threads
+    first, _ = when(out, "FIRST")
+    second, cpu = when(out, "SECOND")
+    assert cpu == int(hits[1]) - 1 and second > first
+    eip = re.search(r"EIP\n\$\d+ = (0x[0-9a-f]+)", out).group(1)
+    assert re.search(r"BACK\n\$\d+ = (0x[0-9a-f]+)", out).group(1) == eip
+    before, cpu = when(out, "BEFORE")
+    assert cpu == int(hits[1]) - 1 and before < second
+
+
 class Client:
     """A bare remote-protocol client: what gdb sends, byte for byte, without gdb's tolerance."""
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OWN = {"replayvm"}                          # the package itself (guests/ installs as replayvm.guests)
 SOURCE_DIRS = ("replayvm", "guests")        # what `pip install .` ships
 DEVELOPER_DIRS = ("tests", "bench")         # run from a checkout with the test extra installed
-DEVELOPER_LOCAL = {"tests", "bench_figures"}   # bench scripts import their sibling bench_figures.py
+DEVELOPER_LOCAL = {"tests", "bench_figures", "bench_boot", "bench_usertests"}   # bench scripts import their siblings
 
 
 def requirement_name(requirement: str) -> str:

@@ -75,7 +75,12 @@ class _Timeline:
     def when(self) -> str:
         return f"instruction {self.position}"
 
-    def registers(self):
+    cpus = 1
+
+    def cpu_at(self, position: int) -> int:
+        return 0
+
+    def registers(self, cpu: int | None = None):
         return type("Registers", (), {"regs": {"rip": 0x7C00}})()
 
 

@@ -5,6 +5,7 @@ shows: the demo guest's SMP mode in CI, unmodified xv6 with REPLAYVM_XV6_DIR."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -16,10 +17,14 @@ from replayvm.clock import VirtualClock
 from replayvm.devices.ioapic import Ioapic
 from replayvm.devices.lapic import ApicBus, Lapic
 from replayvm.devices.uart import Uart16550
+from replayvm.record.live import replay_and_go_live
 from replayvm.record.session import SessionOptions, run_session
+from replayvm.replay import checkpoint_file
 from replayvm.replay.replayer import Divergence, Replayer, replay
+from replayvm.replay.timeline import Timeline
 from replayvm.trace import Kind, TraceReader
 from replayvm.trace.format import POSITIONED
+from replayvm.trace.records import DPOS_INDEX, SWITCH
 from replayvm.trace.summary import summarize
 
 DEMO_SMP_RACE = re.compile(rb"race: counter=(\d+) expected=(\d+) \(2 CPUs\)")
@@ -206,16 +211,143 @@ def test_cpus_out_of_range_and_kvm_with_several_cpus_are_one_line_errors():
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
-def test_seeking_and_going_live_on_several_cpus_are_refused_in_one_line(demo_smp_trace):
-    """Checkpoints hold one CPU for now: seeking (and gdb) and going live say so, no traceback."""
+def cpu_turns(trace: Path) -> list[tuple[int, int, int]]:
+    """(cpu, from, to): who ran when, from the trace's SWITCH records (the last turn ends at the
+    footer's position)."""
+    turns, cpu, start, position = [], 0, 0, 0
+    with TraceReader(trace) as reader:
+        for record in reader:
+            if record[0] in POSITIONED:
+                position += record[DPOS_INDEX]
+            if record[0] == Kind.SWITCH:
+                turns.append((cpu, start, position))
+                cpu, start = record[SWITCH.cpu], position
+        turns.append((cpu, start, int(reader.footer["position"])))
+    return [turn for turn in turns if turn[2] > turn[1]]
+
+
+def ap_turn(trace: Path) -> tuple[int, int]:
+    """The AP's longest turn (it runs the demo's race there)."""
+    _, start, end = max((turn for turn in cpu_turns(trace) if turn[0] == 1), key=lambda t: t[2] - t[1])
+    assert end - start > 1000
+    return start, end
+
+
+def test_seeking_a_two_cpu_replay_restores_every_cpu(demo_smp_trace):
+    """Checkpoints hold every CPU: one is taken inside the AP's turn (CPU 1 running, CPU 0 saved)
+    and one inside the BSP's; going back to positions on either side of switches through them
+    gives each CPU exactly the state the first pass had there, and which CPU runs."""
     trace, _ = demo_smp_trace
-    for args, fragment in ((["--seek", "i100000"], "several CPUs"),
-                           (["--seek", "5", "--live"], "several CPUs")):
-        result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(trace), *args],
-                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        assert result.returncode == 2, result
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
+    start, end = ap_turn(trace)
+    middle = (start + end) // 2
+    timeline = Timeline(trace, checkpoint_every=middle // 2)       # a checkpoint at `middle`
+    try:
+        targets = [middle + 1, end - 1, end, end + 5, start - 3, start + 1]
+        seen = {}
+        for position in sorted(targets):
+            assert timeline.seek(position).position == position
+            seen[position] = (timeline.replayer.machine.running_cpu, timeline.engine.cpu_states())
+        assert seen[middle + 1][0] == 1 and seen[end + 5][0] == 0 and seen[start - 3][0] == 0
+        at_middle = [c for c in timeline.checkpoints.checkpoints if c.position == middle]
+        assert at_middle and at_middle[0].cpu.cpus["current"] == 1
+        assert at_middle[0].cpu.cpus["contexts"][0] is not None          # CPU 0 saved, not running
+        timeline.seek(timeline.end)
+        for position in targets:                     # back, through the checkpoints
+            timeline.seek(position)
+            assert (timeline.replayer.machine.running_cpu, timeline.engine.cpu_states()) == seen[position]
+        assert "CPU 1 of 2 running" in (timeline.seek(middle + 1) and timeline.when())
+    finally:
+        timeline.close()
+
+
+def test_stepping_one_cpu_forward_and_back_across_the_others_turns(demo_smp_trace):
+    """A debugger's step of one CPU: from inside the BSP's turn, reverse_step(cpu=1) lands at the
+    AP's last instruction before (its previous turn), with the AP's registers as a forward pass
+    saw them there; step(cpu=1) from there executes that instruction; per-CPU registers of the CPU
+    not running come from its saved context."""
+    trace, _ = demo_smp_trace
+    start, end = ap_turn(trace)
+    timeline = Timeline(trace, checkpoint_every=1_000_000)
+    try:
+        timeline.seek(end - 1)
+        before = timeline.registers(1)
+        timeline.seek(end)
+        after = timeline.registers(1)
+        assert after.regs["rip"] != before.regs["rip"]
+        timeline.seek(end + 200)                    # the BSP runs; the AP's state is as it left it
+        assert timeline.cpu_at(timeline.position) == 0 and timeline.registers(1).to_dict() == after.to_dict()
+        stop = timeline.reverse_step(cpu=1)
+        assert (stop.position, stop.cpu) == (end - 1, 1)
+        assert timeline.registers(1).to_dict() == before.to_dict()
+        stop = timeline.step(cpu=1)
+        assert (stop.position, stop.cpu) == (end, 1) and timeline.registers(1).to_dict() == after.to_dict()
+        assert timeline.previous_on(1, start) < start and timeline.next_on(1, end) > end
+    finally:
+        timeline.close()
+
+
+def test_kept_checkpoints_of_two_cpus_restore_in_another_replay(demo_smp_trace, tmp_path, monkeypatch):
+    """The checkpoint file keeps every CPU's context (format 5): a new replay that adopts it seeks
+    into the AP's turn from the kept checkpoint and finds both CPUs as a plain replay has them."""
+    monkeypatch.setenv("REPLAYVM_CACHE", str(tmp_path))
+    trace, _ = demo_smp_trace
+    start, end = ap_turn(trace)
+    middle = (start + end) // 2
+    every = middle // 2
+    plain = Timeline(trace, checkpoint_every=every)
+    try:
+        plain.seek(middle + 7)
+        expected = (plain.replayer.machine.running_cpu, plain.engine.cpu_states())
+    finally:
+        plain.close()
+    first = Timeline(trace, checkpoint_every=every, keep_checkpoints=True)
+    try:
+        first.seek(first.end)
+        assert first.save_checkpoints()
+    finally:
+        first.close()
+    assert checkpoint_file.MAGIC == b"RVMCKPT\x05"
+    second = Timeline(trace, checkpoint_every=every, keep_checkpoints=True)
+    try:
+        assert second.checkpoints_loaded >= 2 and not second.checkpoint_file_note
+        second.seek(middle + 7)
+        assert second.checkpoints.stats.restores == 1                  # from the kept one, not a replay
+        assert (second.replayer.machine.running_cpu, second.engine.cpu_states()) == expected
+    finally:
+        second.close()
+
+
+def test_going_live_inside_the_aps_turn_records_a_branch_that_replays_verified(demo_smp_trace, tmp_path):
+    """replay --seek iN --live on two CPUs: the branch's header has every CPU (start_cpus, CPU 1
+    running), the live part runs the race on both CPUs again, and the branch replays verified."""
+    trace, _ = demo_smp_trace
+    start, end = ap_turn(trace)
+    branch = tmp_path / "branch.zst"
+    out = io.BytesIO()
+    outcome, position = replay_and_go_live(
+        trace, SessionOptions(engine="emu", script=b"race\necho after\n", trace=branch, timeout_s=300,
+                              virtual_clock=True), seek=f"i{start + 100}", output=out, keep_checkpoints=False)
+    assert outcome.reason == "script-done" and position == start + 100
+    live = out.getvalue()
+    # the race under way when it went live ends live, then the one typed live runs
+    assert len(DEMO_SMP_RACE.findall(live)) == 2 and live.endswith(b"after\n$ ")
+    version, header, records = records_of(branch)
+    assert header["cpus"] == 2 and header["start_cpus"]["current"] == 1
+    assert header["start_cpus"]["states"][0] is not None and header["start_cpus"]["states"][1] is None
+    assert [r[SWITCH.cpu] for r in records if r[0] == Kind.SWITCH][:1] == [0]
+    result = replay(branch)
+    assert result.verified, result.mismatches
+
+
+def test_cli_seek_and_live_on_two_cpus(demo_smp_trace, tmp_path):
+    """The command line: --seek names the CPU running; --live from there records a branch."""
+    trace, _ = demo_smp_trace
+    start, _ = ap_turn(trace)
+    env = {**os.environ, "REPLAYVM_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(trace), "--seek", f"i{start + 50}"],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"replay at instruction {start + 50} of" in result.stdout and "CPU 1 of 2 running" in result.stdout
 
 
 # ---------------------------------------------------------------- unmodified xv6
@@ -254,15 +386,17 @@ def test_xv6_boots_on_four_cpus(xv6_dir, tmp_path):
     assert replay(trace).verified
 
 
-def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
-    """The loader counts SWITCH records' positions (cpu columns are still to come): the rows of
-    a two-CPU trace sit where replay puts their events."""
+def test_sql_rows_carry_their_cpu_and_the_schedule_covers_the_run(demo_smp_trace, tmp_path):
+    """Every row of a two-CPU trace sits where replay puts its event and names the CPU that ran
+    (from the SWITCH records: the AP's `cpu1: started` line is CPU 1's, its LAPIC writes too);
+    `schedule` is the trace's turns, end to end without gaps; instructions_per_cpu sums them."""
     from replayvm.analyze.loader import load_trace
     from replayvm.analyze.sql import query
 
     trace, _ = demo_smp_trace
     database = tmp_path / "smp.db"
     load_trace(trace, database)
+    turns = cpu_turns(trace)
     with TraceReader(trace) as reader:
         position, halts = 0, []
         for record in reader:
@@ -270,7 +404,33 @@ def test_sql_positions_run_on_across_switches(demo_smp_trace, tmp_path):
                 position += record[1]
             if record[0] == Kind.HALT:
                 halts.append(position)
+        end = reader.footer["position"]
     assert [row[0] for row in query(database, "SELECT position FROM halts ORDER BY seq").rows] == halts
+    schedule = query(database, "SELECT cpu, from_position, to_position FROM schedule ORDER BY from_position").rows
+    assert [tuple(row) for row in schedule] == turns
+    assert schedule[0][1] == 0 and schedule[-1][2] == end
+    assert all(a[2] == b[1] for a, b in zip(schedule, schedule[1:]))          # no gaps
+    def cpu_at(position: int) -> int:
+        return next(cpu for cpu, start, stop in turns if start <= position < stop or position == stop == end)
+    for table in ("exits", "interrupts", "halts", "clock_reads", "inputs"):
+        rows = query(database, f"SELECT position, cpu FROM {table}").rows
+        assert rows and all(cpu == cpu_at(position) or any(p == position for _, p, _ in turns)
+                            for position, cpu in rows), table
+    assert query(database, "SELECT cpu FROM console WHERE text = 'cpu1: started'").rows == [(1,)]
+    assert query(database, "SELECT count(*) FROM exits WHERE cpu = 1 AND space = 'mmio'").rows[0][0] > 0
+    per_cpu = query(database, "SELECT cpu, instructions FROM instructions_per_cpu").rows
+    assert [row[1] for row in per_cpu] == summarize(trace)["cpu_instructions"]
+
+
+def test_sql_on_one_cpu_has_cpu_zero_and_one_turn(tmp_path):
+    """A one-CPU trace: every row's cpu is 0, and the schedule is one turn over the whole run."""
+    from replayvm.analyze.sql import query
+
+    trace = tmp_path / "one.zst"
+    demo_session(trace, b"echo one\n", cpus=1)
+    end = cpu_turns(trace)[-1][2]
+    assert query(trace, "SELECT DISTINCT cpu FROM exits").rows == [(0,)]
+    assert query(trace, "SELECT cpu, from_position, to_position FROM schedule").rows == [(0, 0, end)]
 
 
 @pytest.mark.slow

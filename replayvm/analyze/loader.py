@@ -3,8 +3,9 @@
 Tables (one trace or several, keyed by `trace_id`): `meta`, `exits` (every logged device access;
 a `rep ins/outs` run is one row with its `count`), `interrupts`, `inputs`, `clock_reads`, `halts`,
 `disk_io` (one row per sector, reconstructed from the IDE register sequence), `console` (the text
-the guest printed, a row per line with the position where it started), and `devices` (port and
-register names). Views answer common questions; indexes are built after the load. See
+the guest printed, a row per line with the position where it started), `schedule` (which CPU ran
+from where to where), and `devices` (port and register names). Rows of events carry the `cpu`
+that ran (the trace's SWITCH records; 0 with one CPU). Views answer common questions; indexes are built after the load. See
 docs/analysis.md.
 
 The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
@@ -112,30 +113,41 @@ VIEWS = {
         SELECT trace_id, seq, position,
                position - lag(position) OVER (PARTITION BY trace_id ORDER BY seq) AS since_previous
         FROM interrupts WHERE source = 'timer'""",
+    "instructions_per_cpu": """
+        SELECT trace_id, cpu, count(*) AS turns, sum(to_position - from_position) AS instructions
+        FROM schedule GROUP BY trace_id, cpu ORDER BY trace_id, cpu""",
     "disk_sectors_by_region": """
         SELECT trace_id, drive, direction, sector / 64 * 64 AS region_start, count(*) AS sectors
         FROM disk_io GROUP BY trace_id, drive, direction, region_start ORDER BY trace_id, region_start""",
 }
 INDEXES = {"exits": [["trace_id", "address"], ["trace_id", "symbol"], ["trace_id", "position"]],
            "interrupts": [["trace_id", "source"], ["trace_id", "position"]],
-           "disk_io": [["trace_id", "sector"]], "console": [["trace_id", "line_no"]]}
+           "disk_io": [["trace_id", "sector"]], "console": [["trace_id", "line_no"]],
+           "schedule": [["trace_id", "from_position"]]}
 
 
+# `cpu` (last, so that a database made before it gains the column: _add_cpu_columns) is the CPU
+# that ran when the row's event happened: the trace's SWITCH records say (0 on a 1-CPU trace).
 SCHEMA = {
     "meta": {"trace_id": int, "key": str, "value": str},
     "exits": {"trace_id": int, "seq": int, "position": int, "kind": str, "space": str, "address": int,
-              "size": int, "direction": str, "value": int, "count": int, "rip": int, "cpl": int, "symbol": str},
+              "size": int, "direction": str, "value": int, "count": int, "rip": int, "cpl": int, "symbol": str,
+              "cpu": int},
     "interrupts": {"trace_id": int, "seq": int, "position": int, "vector": int, "source": str, "rip": int,
-                   "cpl": int, "symbol": str, "landmark": str},
-    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str},
+                   "cpl": int, "symbol": str, "landmark": str, "cpu": int},
+    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str, "cpu": int},
     "clock_reads": {"trace_id": int, "seq": int, "position": int, "source": str, "value": int, "rip": int,
-                    "symbol": str},
-    "halts": {"trace_id": int, "seq": int, "position": int},
+                    "symbol": str, "cpu": int},
+    "halts": {"trace_id": int, "seq": int, "position": int, "cpu": int},
     "disk_io": {"trace_id": int, "seq": int, "position": int, "drive": int, "sector": int, "direction": str,
-                "count": int, "content_hash": str},
-    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int},
+                "count": int, "content_hash": str, "cpu": int},
+    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int, "cpu": int},
     "pure_reads": {"trace_id": int, "register": str, "rip": int, "count": int, "symbol": str},
+    # Who ran when: one row per turn, from_position up to (not including) to_position; the rows
+    # of a trace cover it from its start to its end without gaps (one row on one CPU).
+    "schedule": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int},
 }
+CPU_TABLES = ("exits", "interrupts", "inputs", "clock_reads", "halts", "disk_io", "console")
 
 # Settings for writing a new database in bulk: no rollback journal (a failed load deletes the
 # file), no fsync, one lock for the whole load, and up to 1 GiB of page cache (pages are only
@@ -238,6 +250,7 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
                             if "meta" in db.table_names() else 0)
             for name, columns in SCHEMA.items():
                 db[name].create(columns, if_not_exists=True)
+            _add_cpu_columns(db)
             counts = _load(reader, db, trace, trace_id, names, progress)
             if "devices" not in db.table_names():
                 db["devices"].insert_all(device_rows(), pk=("space", "address"))
@@ -256,6 +269,14 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
             raise
         db.close()
     return {"trace_id": trace_id, **counts}
+
+
+def _add_cpu_columns(db: sqlite_utils.Database) -> None:
+    """--append onto a database made before rows had their CPU: add the column (NULL for the
+    traces already there), so that rows go in in SCHEMA's order."""
+    for name in CPU_TABLES:
+        if "cpu" not in db[name].columns_dict:
+            db[name].add_column("cpu", int)
 
 
 def _claim_database(db_path: Path) -> tuple[bool, bool]:
@@ -310,7 +331,7 @@ def _row_batches(reader: TraceReader, trace: Path, trace_id: int,
     """(rows per table, events so far, trace bytes read) for every BATCH records. Past the first INLINE_BATCHES,
     the rest of the rows are built by a forked copy of this process (which carries on with the
     same reader and state), so that building rows overlaps inserting them."""
-    state = _LoadState(trace_id, names)
+    state = _LoadState(trace_id, names, int((reader.header.get("start_cpus") or {}).get("current", 0)))
     batches = _batches(reader, state, trace)
     for _ in range(INLINE_BATCHES):
         rows = next(batches, None)
@@ -430,7 +451,10 @@ def _batches(reader: TraceReader, state: "_LoadState", trace: Path) -> Iterator[
     for _, offset, batch in reader.chunks(BATCH, use_list=False):     # validated by the reader
         state.run(batch, offset)
         yield state.take()
-    state.finish()
+    footer_position = reader.footer.get("position") if reader.footer is not None else None
+    # rows count positions from the trace's start (a branch: from where it went live)
+    start = int(reader.header.get("start_position") or 0)
+    state.finish(int(footer_position) - start if footer_position is not None else None)
     meta = state.rows["meta"]
     if reader.footer is not None:
         for key in ("end", "instructions", "position", "guest_ns", "ram_sha256", "lapic_id_reads"):
@@ -445,11 +469,14 @@ class _LoadState:
     spans records: the position, the event number, the sector table, the IDE registers, the
     console line."""
 
-    def __init__(self, trace_id: int, names: Symbols) -> None:
+    def __init__(self, trace_id: int, names: Symbols, first_cpu: int = 0) -> None:
         self.trace_id = trace_id
         self.names = names
         self.rows: dict[str, list] = {name: [] for name in SCHEMA}
         self.position = 0
+        self.cpu = first_cpu                       # who runs (the trace's SWITCH records)
+        self.turn_start = 0                        # where its turn began
+        self.line_cpu = first_cpu
         self.seq = 0
         self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
@@ -477,6 +504,7 @@ class _LoadState:
         user, other = self.names.user, self.names.other
         kinds, spaces, directions, watched = _KIND, _SPACE, _DIRECTION, _WATCHED_PORTS
         line_append = self.line.append
+        cpu = self.cpu
         try:
             for record in records:
                 kind = record[0]
@@ -487,7 +515,7 @@ class _LoadState:
                     if rip > I63 or value > I63 or address > I63:
                         rip, value, address = _signed(rip), _signed(value), _signed(address)
                     exits((seq, pos, kinds[kind], spaces[kind], address, size, directions[kind], value, 1,
-                           rip, cpl, symbol))
+                           rip, cpl, symbol, cpu))
                     seq += 1
                     if kind == 2 and address in watched:
                         if address == DEBUG_CON or COM1 <= address < COM1 + hw.COM1_PORTS:
@@ -496,6 +524,7 @@ class _LoadState:
                             if byte is not None:
                                 if self.line_position is None:
                                     self.line_position = pos
+                                    self.line_cpu = cpu
                                 if byte == 0x0A:
                                     self._emit_line(True)
                                 else:
@@ -511,14 +540,14 @@ class _LoadState:
                         landmark = json.dumps(landmark)
                     pos += dpos
                     interrupts((seq, pos, vector, source, _signed(rip), cpl, (user if cpl == 3 else other)[rip],
-                                landmark))
+                                landmark, cpu))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
                     pos += dpos
                     exits((seq, pos, KIND_NAMES[kind], "pio", port, size,
                            "read" if kind == _PIO_READ_RUN else "write", None, count, _signed(rip), cpl,
-                           (user if cpl == 3 else other)[rip]))
+                           (user if cpl == 3 else other)[rip], cpu))
                     if port == IDE:
                         if self.ide.transfers(reading=kind == _PIO_READ_RUN):
                             self._ide_data(kind, payload, pos, seq)
@@ -533,22 +562,25 @@ class _LoadState:
                 elif kind == _INPUT:
                     _, dpos, source, data = record
                     pos += dpos
-                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"))
+                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"), cpu)
                     seq += 1
                 elif kind == _CLOCK:
                     _, dpos, source, value, rip, cpl = record
                     pos += dpos
                     rows["clock_reads"] += (seq, pos, source, value, _signed(rip),
-                                            (user if cpl == 3 else other)[rip])
+                                            (user if cpl == 3 else other)[rip], cpu)
                     seq += 1
                 elif kind == _HALT:
                     _, dpos = record
                     pos += dpos
-                    rows["halts"] += (seq, pos)
+                    rows["halts"] += (seq, pos, cpu)
                     seq += 1
-                elif kind == _SWITCH:          # several CPUs: positions (no rows: cpu columns to come)
-                    _, dpos, _cpu = record
+                elif kind == _SWITCH:          # several CPUs: the turn so far, then who runs now
+                    _, dpos, new_cpu = record
                     pos += dpos
+                    self.cpu = cpu
+                    self._turn(pos)
+                    cpu = self.cpu = new_cpu
                     seq += 1
                 elif kind == _SECTOR:
                     _, digest, data = record
@@ -560,7 +592,13 @@ class _LoadState:
                         pure_reads += (register, _signed(rip), count, other[rip])
                 # else: RAM pages and the footer, which make no rows
         finally:
-            self.position, self.seq = pos, seq
+            self.position, self.seq, self.cpu = pos, seq, cpu
+
+    def _turn(self, end: int) -> None:
+        """A schedule row for the turn of self.cpu that ends at `end` (none if it is empty)."""
+        if end > self.turn_start:
+            self.rows["schedule"] += (self.cpu, self.turn_start, end)
+        self.turn_start = end
 
     # ------------------------------------------------------------ derived tables
     def _ide_data(self, kind: int, payload, position: int, seq: int) -> None:
@@ -576,12 +614,13 @@ class _LoadState:
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
             disk_io += (seq, position, ide.drive, ide.take_sector(), direction, 1,
-                        hashlib.sha256(sector).hexdigest()[:32])
+                        hashlib.sha256(sector).hexdigest()[:32], self.cpu)
 
     def _console(self, data: bytes, position: int) -> None:
         for byte in data:
             if self.line_position is None:
                 self.line_position = position
+                self.line_cpu = self.cpu
             if byte == 0x0A:
                 self._emit_line(True)
             else:
@@ -590,13 +629,16 @@ class _LoadState:
     def _emit_line(self, newline: bool) -> None:
         self.line_no += 1
         self.rows["console"] += (self.line_no, self.line_position, self.line.decode("utf-8", "replace"),
-                                 int(newline))
+                                 int(newline), self.line_cpu)
         del self.line[:]                           # the same buffer: run() holds its append
         self.line_position = None
 
-    def finish(self) -> None:
+    def finish(self, end: int | None) -> None:
+        """The last line, and the last turn: to the footer's position (a trace cut short: its last
+        event's)."""
         if self.line:
             self._emit_line(False)
+        self._turn(max(self.position, end or 0))
 
 
 def console_text(db: sqlite_utils.Database, trace_id: int = 1) -> str:

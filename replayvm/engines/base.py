@@ -175,6 +175,14 @@ class EngineSnapshot:
     C-side state (`struct emu_state`: the instruction count, the current stop target, the
     interrupt-window and STI-shadow tracking, the LAPIC ID read tally), restored whole except
     the debugger's breakpoints and watchpoints, which belong to the debugger, not the guest.
+
+    Several CPUs (`cpus`, None with one): `context` and `counters` are those of the CPU running
+    at the snapshot; `cpus` holds the rest of the machine's CPUs, as plain lists indexed by CPU:
+    `current` (the CPU running), `contexts` (each other started CPU's saved context; None for the
+    running one and for a CPU not started), `modes` (running / waiting for its STARTUP IPI /
+    starting at `vectors`), `halted` and `halted_if` (in HLT, and whether it can be woken). The
+    schedule's place is the replay's place in the trace (its SWITCH records); the local APICs
+    are devices, which a checkpoint keeps with the others.
     """
 
     engine: str                                  # the engine that made it (and alone restores it)
@@ -184,6 +192,7 @@ class EngineSnapshot:
     halted: bool                                 # the guest was in HLT
     interrupts_delivered: int
     exceptions_delivered: int
+    cpus: dict | None = None                     # several CPUs: the others (see above)
 
     def to_dict(self) -> dict:
         """Named fields of plain types (msgpack-able): what a checkpoint file stores."""
@@ -207,12 +216,32 @@ class EngineSnapshot:
         snapshot = cls(engine=data["engine"], context=data["context"], counters=data["counters"],
                        pending_fault=fault, halted=data["halted"],
                        interrupts_delivered=data["interrupts_delivered"],
-                       exceptions_delivered=data["exceptions_delivered"])
+                       exceptions_delivered=data["exceptions_delivered"],
+                       cpus=_checked_cpus(data["cpus"]))
         for name, kind in (("engine", str), ("context", bytes), ("counters", bytes), ("halted", bool),
                            ("interrupts_delivered", int), ("exceptions_delivered", int)):
             if type(getattr(snapshot, name)) is not kind:
                 raise ValueError(f"snapshot's {name} is not {kind.__name__}")
         return snapshot
+
+
+def _checked_cpus(data: object) -> dict | None:
+    """EngineSnapshot.cpus read from a file: None, or lists of one length and of their types."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or type(data.get("current")) is not int:
+        raise ValueError("snapshot's cpus is not a map with the current CPU")
+    kinds = {"contexts": (bytes, type(None)), "modes": (int,), "vectors": (int,), "halted": (bool,),
+             "halted_if": (bool,)}
+    count = len(data.get("modes") or ())
+    for name, allowed in kinds.items():
+        values = data.get(name)
+        if not isinstance(values, list) or len(values) != count or \
+                not all(type(v) in allowed for v in values):
+            raise ValueError(f"snapshot's cpus.{name} is not a list of {count}")
+    if not 0 <= data["current"] < count:
+        raise ValueError("snapshot's current CPU is not one of its CPUs")
+    return {"current": data["current"], **{name: list(data[name]) for name in kinds}}
 
 
 class Engine(Protocol):

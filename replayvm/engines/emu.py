@@ -23,7 +23,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from replayvm import hw
 from replayvm.clock import VirtualClock
@@ -325,21 +326,76 @@ class EmuEngine:
         footer and its replay's check."""
         states: list[dict] = []
         for cpu in range(self.cpus):
-            if cpu == self.cpu:
-                states.append(self.get_state().to_dict())
-            elif self._cpu_mode[cpu] != CPU_RUNNING:
+            if cpu != self.cpu and self._cpu_mode[cpu] != CPU_RUNNING:
                 states.append({"error": "waiting for its STARTUP IPI"})
-            else:
-                _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[self.cpu]), "save a CPU")
-                _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._cpu_contexts[cpu]),
-                       "restore a CPU")
-                try:
-                    states.append(self.get_state().to_dict())
-                finally:
-                    _check(lib.replayvm_uc_context_restore(self.uc, self.state,
-                                                           self._cpu_contexts[self.cpu]), "restore a CPU")
-                    _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+                continue
+            with self.viewing_cpu(cpu):
+                states.append(self.get_state().to_dict())
         return states
+
+    @contextmanager
+    def viewing_cpu(self, cpu: int) -> Iterator[None]:
+        """Between runs (a debugger, the footer): Unicorn holds `cpu`'s context inside the block,
+        so that registers and guest-virtual memory (its page tables) are that CPU's; the running
+        CPU's is back after it. Nothing runs inside; `cpu` must have run (cpu_condition)."""
+        if cpu == self.cpu:
+            yield
+            return
+        if self._cpu_mode[cpu] != CPU_RUNNING:
+            raise ValueError(f"CPU {cpu} has not started")
+        running = self._cpu_contexts[self.cpu]
+        _check(lib.replayvm_uc_context_save(self.uc, running), "save a CPU")
+        _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._cpu_contexts[cpu]), "restore a CPU")
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        try:
+            yield
+        finally:
+            _check(lib.replayvm_uc_context_restore(self.uc, self.state, running), "restore a CPU")
+            _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+
+    def cpu_condition(self, cpu: int) -> str:
+        """What CPU `cpu` is doing, in words (a debugger's thread list): "running", "halted",
+        "waiting for its STARTUP IPI" or "starting" (its STARTUP IPI came, it has not run yet)."""
+        mode = self._cpu_mode[cpu] if self.cpus > 1 else CPU_RUNNING
+        if mode == CPU_WAIT_SIPI:
+            return "waiting for its STARTUP IPI"
+        if mode == CPU_STARTING:
+            return "starting"
+        halted = self._cpu_halted[cpu] if self.cpus > 1 else self.halted
+        return "halted" if halted else "running"
+
+    def start_cpus(self) -> dict:
+        """Several CPUs: what a branch trace (replay --live) starts its other CPUs from: which CPU
+        runs, each CPU's mode, STARTUP vector and halt, and each started CPU's CpuState (as for
+        the running CPU's `initial_state`: no x87/SSE registers or MSRs)."""
+        states = self.cpu_states()
+        return {"current": self.cpu, "modes": list(self._cpu_mode), "vectors": list(self._cpu_vector),
+                "halted": list(self._cpu_halted), "halted_if": list(self._cpu_halted_if),
+                "states": [state if cpu != self.cpu and "regs" in state else None
+                           for cpu, state in enumerate(states)]}
+
+    def load_start_cpus(self, start: dict) -> None:
+        """A branch trace's start_cpus (after set_state gave the running CPU its initial state):
+        each other started CPU's context is the power-on CPU with its CpuState loaded."""
+        if len(start["modes"]) != self.cpus or not 0 <= start["current"] < self.cpus:
+            raise ValueError(f"start_cpus is not of a machine with {self.cpus} CPUs")
+        current = self._cpu_contexts[start["current"]]
+        _check(lib.replayvm_uc_context_save(self.uc, current), "save a CPU")
+        for cpu, state in enumerate(start["states"]):
+            if state is None or cpu == start["current"]:
+                continue
+            _check(lib.replayvm_uc_context_restore(self.uc, self.state, self._reset_context), "reset a CPU")
+            self.set_state(CpuState.from_dict(state))
+            _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[cpu]), "save a CPU")
+        _check(lib.replayvm_uc_context_restore(self.uc, self.state, current), "restore a CPU")
+        _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
+        self._cpu_mode = [int(mode) for mode in start["modes"]]
+        self._cpu_vector = [int(vector) for vector in start["vectors"]]
+        self._cpu_halted = [bool(halted) for halted in start["halted"]]
+        self._cpu_halted_if = [bool(halted_if) for halted_if in start["halted_if"]]
+        self.cpu = start["current"]
+        self.machine.select_cpu(self.cpu)
+        self._refresh_lapic_id()
 
     @property
     def counting(self) -> str:
@@ -936,16 +992,44 @@ class EmuEngine:
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
-        if self.cpus > 1:
-            raise EngineUnavailable("checkpoints of a machine with several CPUs (seeking, gdb, "
-                                    "replay --live) are not supported yet")
         self._allocate_context()
         _check(lib.replayvm_uc_context_save(self.uc, self._context), "save context")
         return EngineSnapshot(engine=self.name,
                               context=bytes(ffi.buffer(self._context, self._context_size)),
                               counters=bytes(ffi.buffer(self.state)), pending_fault=self._pending_fault,
                               halted=self.halted, interrupts_delivered=self.interrupts_delivered,
-                              exceptions_delivered=self.exceptions_delivered)
+                              exceptions_delivered=self.exceptions_delivered,
+                              cpus=self._save_other_cpus() if self.cpus > 1 else None)
+
+    def _save_other_cpus(self) -> dict:
+        """Several CPUs: which runs, and every other one's context and state (EngineSnapshot.cpus).
+        A CPU's saved context is only meaningful once it runs; the running CPU's is `context`."""
+        contexts: list[bytes | None] = [
+            bytes(ffi.buffer(self._cpu_contexts[cpu], self._context_size))
+            if cpu != self.cpu and self._cpu_mode[cpu] == CPU_RUNNING else None
+            for cpu in range(self.cpus)]
+        return {"current": self.cpu, "contexts": contexts, "modes": list(self._cpu_mode),
+                "vectors": list(self._cpu_vector), "halted": list(self._cpu_halted),
+                "halted_if": list(self._cpu_halted_if)}
+
+    def _restore_other_cpus(self, saved: dict | None) -> None:
+        """The inverse of _save_other_cpus (before the running CPU's context is restored)."""
+        if (saved is None) != (self.cpus == 1) or \
+                (saved is not None and len(saved["modes"]) != self.cpus):
+            raise ValueError(f"not a snapshot of a machine with {self.cpus} CPU(s)")
+        if saved is None:
+            return
+        for cpu, context in enumerate(saved["contexts"]):
+            if context is not None:
+                if len(context) != self._context_size:
+                    raise ValueError("a vCPU context of another size")
+                ffi.memmove(self._cpu_contexts[cpu], context, self._context_size)
+        self._cpu_mode = list(saved["modes"])
+        self._cpu_vector = list(saved["vectors"])
+        self._cpu_halted = list(saved["halted"])
+        self._cpu_halted_if = list(saved["halted_if"])
+        self.cpu = saved["current"]
+        self.machine.select_cpu(self.cpu)
 
     def restore_cpu(self, snapshot: EngineSnapshot) -> None:
         """Undo to a save_cpu() point; RAM is the caller's. Translated code and the TLB are
@@ -955,6 +1039,7 @@ class EmuEngine:
         self._allocate_context()
         if len(snapshot.context) != self._context_size:
             raise ValueError("a vCPU context of another size")
+        self._restore_other_cpus(snapshot.cpus)
         counters = snapshot.counters
         self._pending_fault = snapshot.pending_fault
         self.halted = snapshot.halted

@@ -9,7 +9,8 @@ LAPIC's own timer fires again, and the disks hand out the sectors the trace show
 or, for sectors the recording never read, the image given with `--disk` (checked against the
 trace's hash). A new trace is recorded from there: a *branch*, whose header names its parent
 trace and the position it went live at, and carries the devices' state, so the branch replays on
-its own (`replayvm replay branch.zst`).
+its own (`replayvm replay branch.zst`). With several CPUs the header carries every CPU
+(`start_cpus`) and the live part takes its turns from a new scheduler from that position on.
 
 What the branch's first state does not carry: the x87/SSE registers and MSRs (CpuState has the
 general, segment and control registers), and the one-instruction interrupt shadow after `sti` or
@@ -76,6 +77,8 @@ def go_live(replayer: Replayer, options: SessionOptions, output: BinaryIO | None
                          "position": position, "event": event},
               "start_position": position, "devices": machine.save_devices(),
               "boot": replayer.header.get("boot", "disk"), "kernel": replayer.header.get("kernel")}
+    if machine.cpus > 1:                      # the other CPUs, as the branch's replay starts them
+        branch["start_cpus"] = machine.engine.start_cpus()      # type: ignore[attr-defined]
     session = replace(options, engine=machine.engine.name, chaos_seed=None)
     return run_machine(machine, session, branch=branch)
 
@@ -88,12 +91,9 @@ def replay_and_go_live(trace: Path, options: SessionOptions, seek: str | None = 
     from replayvm.replay.checkpoint_file import trace_digest
     from replayvm.replay.positions import parse_position
     from replayvm.replay.timeline import DEFAULT_CHECKPOINT_EVERY, Timeline
-    from replayvm.trace.reader import TraceReader, check_unaltered
+    from replayvm.trace.reader import check_unaltered
 
     check_unaltered(trace)
-    with TraceReader(trace) as reader:
-        if reader.header.get("cpus"):
-            raise UsageError(f"{trace}: going live from a trace with several CPUs is not supported yet")
     if options.trace is not None:
         check_trace_path(options.trace)              # before the replay, not after it
     point = None if seek is None else parse_position(seek, "--seek")

@@ -5,7 +5,7 @@ A file per trace, in the cache (`$REPLAYVM_CACHE/checkpoints/<trace sha256>.ckpt
 `~/.cache/replayvm`): "RVMCKPT" and a format byte, then one zstd stream of msgpack objects: a
 header (the trace's sha256, RAM size, checkpoint interval, Unicorn version, the vCPU context of
 position 0), then one map per checkpoint (position, the vCPU as a map of EngineSnapshot's
-fields, place in the trace, changed RAM pages), then the console and input the replay had produced.
+fields -- with several CPUs, every CPU's context and state --, place in the trace, changed RAM pages), then the console and input the replay had produced.
 
 Unicorn's vCPU context is a copy of QEMU's CPU state, and a few of its bytes are pointers into the
 process that saved it. They are found by comparing the position-0 context saved in the file with
@@ -30,7 +30,8 @@ from replayvm.replay.checkpoints import CheckpointStore
 from replayvm.replay.replayer import DueInput, Event, ReplayPlace, Replayer
 from replayvm.trace.format import Kind
 
-MAGIC = b"RVMCKPT\x04"               # 4: named vCPU fields (EngineSnapshot) and the device state
+# 4: named vCPU fields (EngineSnapshot) and the device state; 5: EngineSnapshot.cpus (several CPUs)
+MAGIC = b"RVMCKPT\x05"
 MAX_OBJECT = 512 << 20
 
 
@@ -129,6 +130,14 @@ def save(timeline: KeptTimeline, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _in_this_process(context: bytes, here: bytes, process_bytes: list[int]) -> bytes:
+    """A vCPU context from the file with this process's pointers (see the module docstring)."""
+    fixed = bytearray(context)
+    for i in process_bytes:
+        fixed[i] = here[i]
+    return bytes(fixed)
+
+
 class CheckpointFileError(Exception):
     pass
 
@@ -164,10 +173,15 @@ def load(timeline: KeptTimeline, path: Path) -> int:
                 cpu = EngineSnapshot.from_dict(item["cpu"])
                 if len(cpu.context) != len(here) or len(cpu.counters) != header["counters_size"]:
                     raise CheckpointFileError("a checkpoint of another size")
-                context = bytearray(cpu.context)
-                for i in process_bytes:
-                    context[i] = here[i]
-                loaded.append((item["position"], dataclasses.replace(cpu, context=bytes(context)),
+                others = cpu.cpus
+                if others is not None:           # the other CPUs' contexts: the same fix-up
+                    if any(c is not None and len(c) != len(here) for c in others["contexts"]):
+                        raise CheckpointFileError("a checkpoint of another size")
+                    others = {**others, "contexts": [None if c is None else _in_this_process(c, here, process_bytes)
+                                                     for c in others["contexts"]]}
+                loaded.append((item["position"],
+                               dataclasses.replace(cpu, context=_in_this_process(cpu.context, here, process_bytes),
+                                                   cpus=others),
                                _unreplay_state(item["replay"]), {p: d for p, d in item["delta"]}))
             if output is None:
                 raise CheckpointFileError("the file ends early")

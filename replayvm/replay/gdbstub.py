@@ -9,6 +9,10 @@ What a debugger may do here, and what it may not:
 - stepi, continue, Ctrl-C; reverse-stepi, reverse-continue (and what gdb builds on them:
   reverse-step, reverse-next, reverse-finish);
 - `monitor when`, `monitor seek N|iN`, `monitor regs`, `monitor checkpoints`, `monitor help`.
+- several CPUs: each CPU is a thread (thread N+1 is CPU N; `info threads`, `thread 2`), whose
+  registers and memory (its page tables) are its own even while another CPU runs; a stop names
+  the CPU it concerns; stepi on a thread steps that CPU (the others run until it runs again), and
+  reverse-stepi goes back to before that CPU's previous instruction, across other CPUs' turns.
 Writes to registers or memory are refused with an error reply: a replay must stay faithful to the
 recording, or it proves nothing.
 
@@ -227,12 +231,16 @@ class GdbStub:
         self.conn: Connection | None = None
         self.finished = False
         self.amd64 = timeline.x86_64            # a 64-bit guest: gdb's amd64 registers
+        self.general_cpu: int | None = None       # Hg: whose registers and memory (None: the stop's)
+        self.resume_cpu: int | None = None        # Hc: which CPU a step moves (None: the stop's)
+        self.stop_cpu = 0                         # the CPU the last stop named
 
     # ---------------------------------------------------------------- serving
     def serve(self, conn: Connection) -> None:
         self.conn = conn
         self.timeline.interrupt_check = conn.poll_interrupt
-        self.last_stop = self._stop_reply(Stop("begin", self.timeline.position), initial=True)
+        start = self.timeline.position
+        self.last_stop = self._stop_reply(Stop("begin", start, cpu=self.timeline.cpu_at(start)), initial=True)
         while not self.finished:
             try:
                 packet = conn.receive()
@@ -276,8 +284,7 @@ class GdbStub:
             if text == "vCont?":
                 return b"vCont;c;C;s;S"
             if text.startswith("vCont;"):
-                action = text[6:].split(";")[0]
-                return self._resume("s" if action[:1] in ("s", "S") else "c")
+                return self._vcont(text[6:].split(";"))
             if head in ("c", "C"):
                 return self._resume("c")
             if head in ("s", "S"):
@@ -286,14 +293,21 @@ class GdbStub:
                 return self._resume(text)
             if text.startswith("qRcmd,"):
                 return self._monitor(bytes.fromhex(text[6:]).decode("utf-8", "replace"))
-            if head == "H" or head == "T":
-                return b"OK"
+            if head == "H":
+                return self._select_thread(text[1:2], text[2:])
+            if head == "T":
+                return b"OK" if self._cpu_of_thread(text[1:]) is not None else b"E01"
             if text == "qC":
-                return b"QC%x" % THREAD
+                return b"QC%x" % (self.stop_cpu + THREAD)
             if text == "qfThreadInfo":
-                return b"m%x" % THREAD
+                return b"m" + b",".join(b"%x" % (cpu + THREAD) for cpu in range(self.timeline.cpus))
             if text == "qsThreadInfo":
                 return b"l"
+            if text.startswith("qThreadExtraInfo,"):
+                cpu = self._cpu_of_thread(text[17:])
+                if cpu is None:
+                    return b"E01"
+                return f"CPU {cpu}, {self.timeline.cpu_condition(cpu)}".encode().hex().encode()
             if text == "qAttached":
                 return b"1"
             if text.startswith("qSymbol"):
@@ -318,9 +332,41 @@ class GdbStub:
         chunk = document[offset:offset + length]
         return (b"l" if offset + length >= len(document) else b"m") + escape_binary(chunk)
 
+    # ---------------------------------------------------------------- threads (CPUs)
+    def _cpu_of_thread(self, thread: str) -> int | None:
+        """The CPU of a thread id (hex, 1 = CPU 0), None if there is none such."""
+        try:
+            cpu = int(thread, 16) - THREAD
+        except ValueError:
+            return None
+        return cpu if 0 <= cpu < self.timeline.cpus else None
+
+    def _select_thread(self, op: str, thread: str) -> bytes:
+        """Hg / Hc: 0 or -1 mean any thread (the one the last stop named)."""
+        if thread in ("0", "-1"):
+            cpu = None
+        else:
+            cpu = self._cpu_of_thread(thread)
+            if cpu is None:
+                return b"E01"
+        if op == "g":
+            self.general_cpu = cpu
+        elif op == "c":
+            self.resume_cpu = cpu
+        return b"OK"
+
+    def _viewed_cpu(self) -> int | None:
+        """Whose registers and memory gdb reads (None with one CPU: the running one)."""
+        if self.timeline.cpus == 1:
+            return None
+        return self.stop_cpu if self.general_cpu is None else self.general_cpu
+
     def _register_values(self) -> list[tuple[int | None, int]]:
         """(value or None when unavailable, size in bytes) in target description order."""
-        state = self.timeline.registers()
+        state = self.timeline.registers(self._viewed_cpu())
+        if state is None:                            # a CPU that has not run yet: nothing to show
+            return [(None, 4)] * len(CORE_REGISTERS) + [(None, bits // 8) for _, bits in X87_REGISTERS] + \
+                [(None, 4)] * len(CONTROL_REGISTERS)
         values: list[tuple[int | None, int]] = []
         if self.amd64:
             values += [(state.regs.get(name, 0), 8) for name in AMD64_CORE_REGISTERS]
@@ -359,7 +405,7 @@ class GdbStub:
         while length > 0:                            # page by page: return what is mapped
             piece = min(length, 0x1000 - (address & 0xFFF))
             try:
-                data += self.timeline.read_memory(address, piece)
+                data += self.timeline.read_memory(address, piece, self._viewed_cpu())
             except GuestAddressFault:
                 break
             address += piece
@@ -389,29 +435,48 @@ class GdbStub:
             return b"OK"
         return b""
 
-    def _resume(self, how: str) -> bytes:
+    def _vcont(self, actions: list[str]) -> bytes:
+        """vCont: a step action (`s` or `s:thread`) steps that thread's CPU; else continue."""
+        for action in actions:
+            verb, _, thread = action.partition(":")
+            if verb[:1] in ("s", "S"):
+                cpu = self._cpu_of_thread(thread) if thread and thread not in ("0", "-1") else None
+                return self._resume("s", cpu)
+        return self._resume("c")
+
+    def _resume(self, how: str, cpu: int | None = None) -> bytes:
+        """Step (`cpu`: that CPU's instruction; default Hc's, Hg's, else the last stop's),
+        continue, or their reverse."""
         timeline = self.timeline
         assert self.conn is not None
         self.conn.interrupted = False
+        if timeline.cpus > 1 and cpu is None:
+            # gdb resumes all threads with Hc0 (and `bs` names none): the thread it last read
+            # (Hg, the user's `thread N`) is the one to step, else the last stop's.
+            cpu = next(c for c in (self.resume_cpu, self.general_cpu, self.stop_cpu) if c is not None)
         if how == "s":
-            stop = timeline.step() if timeline.position < timeline.end else Stop("end", timeline.position)
+            stop = timeline.step(cpu=cpu) if timeline.position < timeline.end else Stop("end", timeline.position)
         elif how == "c":
             stop = timeline.cont()
         elif how == "bs":
-            stop = timeline.reverse_step()
+            stop = timeline.reverse_step(cpu=cpu)
         else:
             stop = timeline.reverse_continue()
         self.last_stop = self._stop_reply(stop)
         return self.last_stop.encode()
 
     def _stop_reply(self, stop: Stop, initial: bool = False) -> str:
-        pc = self.timeline.registers().regs.get("rip", 0)
+        self.stop_cpu = stop.cpu if self.timeline.cpus > 1 else 0
+        self.general_cpu = None                   # gdb takes a stop's thread as the general one
+        state = self.timeline.registers(self.stop_cpu if self.timeline.cpus > 1 else None)
         signal = SIGINT if stop.reason == "interrupted" else SIGTRAP
-        if self.amd64:
-            expedited = f"{AMD64_PC_REGNUM:02x}:{pc.to_bytes(8, 'little').hex()}"
-        else:
-            expedited = f"08:{(pc & 0xFFFFFFFF).to_bytes(4, 'little').hex()}"
-        reply = f"T{signal:02x}thread:{THREAD:x};{expedited};"
+        reply = f"T{signal:02x}thread:{self.stop_cpu + THREAD:x};"
+        if state is not None:
+            pc = state.regs.get("rip", 0)
+            if self.amd64:
+                reply += f"{AMD64_PC_REGNUM:02x}:{pc.to_bytes(8, 'little').hex()};"
+            else:
+                reply += f"08:{(pc & 0xFFFFFFFF).to_bytes(4, 'little').hex()};"
         if initial:
             return reply
         if stop.reason == "break":
@@ -452,11 +517,12 @@ class GdbStub:
             except UsageError as error:
                 return (str(error) + "\n").encode().hex().encode()
             self._seek_keeping_gdb_waiting(position)
-            self.last_stop = self._stop_reply(Stop("seek", timeline.position))
+            self.last_stop = self._stop_reply(Stop("seek", timeline.position, cpu=timeline.cpu_at(timeline.position)))
             text = (f"now at {timeline.when()}\n"
                     f"(gdb keeps its old register cache: run 'maint flush register-cache')\n")
         elif words[0] == "regs":
-            text = timeline.registers().describe() + "\n"
+            state = timeline.registers(self._viewed_cpu())
+            text = (state.describe() if state is not None else "this CPU has not run yet") + "\n"
         elif words[0] == "checkpoints":
             stats = timeline.checkpoints.stats
             text = (f"{stats.taken} checkpoints every {timeline.every:,} instructions, "

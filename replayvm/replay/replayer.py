@@ -311,6 +311,8 @@ class Replayer:
         self._advance()                           # loads initial RAM pages, finds the first event
         try:
             self.engine.set_state(self.machine.boot_state)
+            if header.get("start_cpus") is not None:        # a branch of a machine with several CPUs
+                self.engine.load_start_cpus(header["start_cpus"])     # type: ignore[attr-defined]
         except Exception as error:               # well typed, but not a state this CPU can be in
             self.close()
             raise TraceFormatError(f"{trace}: the header's initial_state cannot be loaded "

@@ -13,6 +13,7 @@ a divergence while moving along the timeline is raised as for a plain replay.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -23,9 +24,9 @@ from replayvm.errors import UsageError
 from replayvm.replay import checkpoint_file
 from replayvm.replay.checkpoints import FINE_EVERY, FINE_SPAN, CheckpointStore, FineTrail
 from replayvm.replay.replayer import Replayer
-from replayvm.trace.format import POSITIONED
+from replayvm.trace.format import POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import DPOS_INDEX
+from replayvm.trace.records import DPOS_INDEX, SWITCH
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000       # instructions between checkpoints
 INTERRUPT_CHUNK = 2_000_000                # how far a run goes between looks for Ctrl-C (or progress)
@@ -43,6 +44,7 @@ class Stop:
     reason: str
     position: int
     address: int | None = None            # breakpoint PC, or the data address a watchpoint saw
+    cpu: int = 0                          # the CPU it concerns (several CPUs: a debugger's thread)
 
 
 class Timeline:
@@ -70,7 +72,8 @@ class Timeline:
         self.watches: set[tuple[int, int, int]] = set()          # (address, length, access)
         self.interrupt_check: Callable[[], bool] | None = None
         self.progress: Callable[[], None] | None = None    # called between pieces of a long run
-        self._event_positions, self._end, self.complete = self._scan_events()
+        self._event_positions, self._end, self.complete, self._turns = self._scan_events()
+        self._turn_starts = [start for start, _ in self._turns]
         self.checkpoints = CheckpointStore(self.replayer)
         self.checkpoints.take()
         self._trail: FineTrail | None = None
@@ -120,20 +123,65 @@ class Timeline:
     def when(self) -> str:
         done = self.events_done
         last = f"after event {done - 1}" if done else "before event 0"
-        return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)})"
+        running = f", CPU {self.cpu_at(self.position)} of {self.cpus} running" if self.cpus > 1 else ""
+        return f"instruction {self.position} of {self.end}, {last} (of {len(self._event_positions)}){running}"
 
-    def _scan_events(self) -> tuple[list[int], int, bool]:
-        """One pass over the trace: every event's position, where the recording ended, and
-        whether it has its footer (False: the recorder was stopped before it finished)."""
+    def _scan_events(self) -> tuple[list[int], int, bool, list[tuple[int, int]]]:
+        """One pass over the trace: every event's position, where the recording ended, whether
+        it has its footer (False: the recorder was stopped before it finished), and the turns of
+        its CPUs, (start position, cpu), from its SWITCH records."""
         positions, position = [], 0
         with TraceReader(self.trace) as reader:
+            start = int(reader.header.get("start_position") or 0)
+            first = (reader.header.get("start_cpus") or {}).get("current", 0)
+            turns = [(start, int(first))]
+            position = start
             for record in reader:
                 if record[0] in POSITIONED:
                     position += record[DPOS_INDEX]
                     positions.append(position)
+                if record[0] == Kind.SWITCH:
+                    if turns[-1][0] == position:           # an empty turn: the later switch counts
+                        turns.pop()
+                    turns.append((position, record[SWITCH.cpu]))
             footer = reader.footer
         end = int(footer.get("position") or position) if footer else position
-        return positions, end, footer is not None
+        return positions, end, footer is not None, turns
+
+    # ---------------------------------------------------------------- several CPUs
+    @property
+    def cpus(self) -> int:
+        return self.replayer.machine.cpus
+
+    def cpu_at(self, position: int) -> int:
+        """The CPU that executes the instruction numbered `position` (the trace's turns; at the
+        end, the CPU that ran last)."""
+        return self._turns[max(0, bisect.bisect_right(self._turn_starts, position) - 1)][1]
+
+    def _turn_end(self, index: int) -> int:
+        return self._turns[index + 1][0] if index + 1 < len(self._turns) else self.end
+
+    def next_on(self, cpu: int, position: int) -> int | None:
+        """The first position at or after `position` where `cpu` executes an instruction."""
+        first = max(0, bisect.bisect_right(self._turn_starts, position) - 1)
+        for index in range(first, len(self._turns)):
+            start, turn_cpu = self._turns[index]
+            at = max(start, position)
+            if turn_cpu == cpu and at < self._turn_end(index):
+                return at
+        return None
+
+    def previous_on(self, cpu: int, position: int) -> int | None:
+        """The last position before `position` where `cpu` executed an instruction (which may be
+        before other CPUs' turns: a reverse step of that CPU)."""
+        index = bisect.bisect_right(self._turn_starts, position - 1) - 1
+        while index >= 0:
+            start, turn_cpu = self._turns[index]
+            last = min(position, self._turn_end(index)) - 1
+            if turn_cpu == cpu and last >= start:
+                return last
+            index -= 1
+        return None
 
     def event_position(self, index: int) -> int:
         """The position of event `index` (numbered from 0, as `replay --until` and analysis do)."""
@@ -147,10 +195,20 @@ class Timeline:
         self._arm(True, skip_current=True)
         return self._stop(self._forward(None, interruptible=True))
 
-    def step(self, count: int = 1) -> Stop:
-        """Execute `count` instructions (a watchpoint still stops a step early)."""
+    def step(self, count: int = 1, cpu: int | None = None) -> Stop:
+        """Execute `count` instructions (a watchpoint still stops a step early). Given `cpu`
+        (several CPUs), one instruction of that CPU: the others run until it runs again."""
         self._arm(True, skip_current=True)
-        return self._stop(self._forward(self.position + count, interruptible=False))
+        if cpu is None or self.cpus == 1:
+            return self._stop(self._forward(self.position + count, interruptible=False))
+        at = self.next_on(cpu, self.position)
+        if at is None:
+            self._forward(self.end, interruptible=False)
+            return Stop("end", self.position, cpu=cpu)
+        stop = self._stop(self._forward(at + 1, interruptible=True))
+        if stop.reason == "step":
+            stop.cpu = cpu
+        return stop
 
     def seek(self, position: int) -> Stop:
         """Go to `position` (clamped to the recording), backwards or forwards, breakpoints ignored."""
@@ -164,18 +222,25 @@ class Timeline:
         return Stop("seek", self.position)
 
     # ---------------------------------------------------------------- moving backward
-    def reverse_step(self) -> Stop:
+    def reverse_step(self, cpu: int | None = None) -> Stop:
         """Back one instruction: from a fine checkpoint just behind when there is one (the
-        second and later steps of a row of them), else from a checkpoint along a new trail."""
+        second and later steps of a row of them), else from a checkpoint along a new trail.
+        Given `cpu` (several CPUs): back to before that CPU's previous instruction, wherever it
+        was (perhaps before other CPUs' turns)."""
         if self.position == 0:
             return Stop("begin", 0)
         target = self.position - 1
+        if cpu is not None and self.cpus > 1:
+            found = self.previous_on(cpu, self.position)
+            if found is None:
+                return Stop("begin", self.position, cpu=cpu)
+            target = found
         in_a_row = self._reverse_stepped_to == self.position
         self._reverse_stepped_to = target
         if not in_a_row and (self._trail is None or self._trail.at_or_before(target) is self._trail.fines[0]):
             self.seek(target)                      # a lone step: a trail would cost more than it saves
             self._reverse_stepped_to = target
-            return Stop("step", self.position)
+            return Stop("step", self.position, cpu=self.cpu_at(self.position))
         index = self.checkpoints.at_or_before(target)
         trail = self._trail
         if trail is None or trail.base_index != index:
@@ -193,7 +258,7 @@ class Timeline:
             self._forward(grid, interruptible=False)
             if not trail.has(grid):
                 trail.take()
-        return Stop("step", self.position)
+        return Stop("step", self.position, cpu=self.cpu_at(self.position))
 
     def reverse_continue(self) -> Stop:
         """Go back to the latest breakpoint or watchpoint hit before here, or to the start."""
@@ -204,11 +269,11 @@ class Timeline:
             if hits:
                 position, reason, address = hits[-1]
                 self.seek(position)
-                return Stop(reason, self.position, address)
+                return Stop(reason, self.position, address, cpu=self.cpu_at(self.position))
             here = self.checkpoints.checkpoints[index].position
             index -= 1
         self.seek(0)
-        return Stop("begin", 0)
+        return Stop("begin", 0, cpu=self.cpu_at(0))
 
     def _hits(self, index: int, before: int) -> list[tuple[int, str, int]]:
         """Breakpoint and watchpoint hits from checkpoint `index` up to position `before`."""
@@ -262,14 +327,15 @@ class Timeline:
                 return "interrupted"
 
     def _stop(self, outcome: str) -> Stop:
+        position = self.position
         if outcome == "debug":
             hit = self.engine.take_debug_hit()
-            if hit.kind is DebugStop.WATCH:
-                return Stop("watch", self.position, hit.address)
-            return Stop("break", self.position, self.engine.linear_pc())
+            if hit.kind is DebugStop.WATCH:          # after the access: the CPU that made it
+                return Stop("watch", position, hit.address, cpu=self.cpu_at(max(0, position - 1)))
+            return Stop("break", position, self.engine.linear_pc(), cpu=self.cpu_at(position))
         if outcome == "limit":
-            return Stop("step", self.position)
-        return Stop(outcome, self.position)
+            return Stop("step", position, cpu=self.cpu_at(position))
+        return Stop(outcome, position, cpu=self.cpu_at(position))
 
     def _show_console(self) -> None:
         """Print console output the first time the replay produces it (not again after going back)."""
@@ -280,18 +346,31 @@ class Timeline:
             self._shown = len(console)
 
     # ---------------------------------------------------------------- state for the debugger
-    def registers(self):
-        return self.engine.get_state()
+    def registers(self, cpu: int | None = None):
+        """The CPU state (of `cpu`, several CPUs; None for a CPU that has not run yet)."""
+        if cpu is None or self.cpus == 1:
+            return self.engine.get_state()
+        if self.cpu_condition(cpu) in ("waiting for its STARTUP IPI", "starting"):
+            return None
+        with self.engine.viewing_cpu(cpu):               # type: ignore[attr-defined]
+            return self.engine.get_state()
 
     @property
     def x86_64(self) -> bool:
         """Whether the trace's guest is 64-bit (its header names the x86-64 feature)."""
         return self.replayer.machine.x86_64
 
-    def read_memory(self, address: int, length: int) -> bytes:
+    def read_memory(self, address: int, length: int, cpu: int | None = None) -> bytes:
         """Guest-virtual memory through the guest's page tables (GuestAddressFault where an
-        address does not translate to RAM)."""
-        return self.engine.read_memory(address, length)
+        address does not translate to RAM); of `cpu`'s address space, several CPUs."""
+        if cpu is None or self.cpus == 1 or self.registers(cpu) is None:
+            return self.engine.read_memory(address, length)
+        with self.engine.viewing_cpu(cpu):               # type: ignore[attr-defined]
+            return self.engine.read_memory(address, length)
+
+    def cpu_condition(self, cpu: int) -> str:
+        """What `cpu` is doing here, in words (running, halted, waiting for its STARTUP IPI)."""
+        return self.engine.cpu_condition(cpu)            # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.replayer.close()

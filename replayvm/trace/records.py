@@ -356,6 +356,19 @@ def _state_value_ok(v: Any, depth: int = 0) -> bool:
     return False
 
 
+def start_cpus_ok(v: Any) -> bool:
+    """A branch's other CPUs (EmuEngine.start_cpus): lists of one length, one per CPU."""
+    if type(v) is not dict or set(v) != {"current", "modes", "vectors", "halted", "halted_if", "states"}:
+        return False
+    count = len(v["modes"]) if type(v["modes"]) is list else 0
+    lists = all(type(v[name]) is list and len(v[name]) == count
+                for name in ("modes", "vectors", "halted", "halted_if", "states"))
+    return 2 <= count <= 8 and lists and _is_int(0, count - 1)(v["current"]) and \
+        all(_is_int(0, 2)(m) for m in v["modes"]) and all(_is_int(0, 255)(x) for x in v["vectors"]) and \
+        all(type(b) is bool for b in v["halted"] + v["halted_if"]) and \
+        all(s is None or cpu_state_ok(s) for s in v["states"])
+
+
 def devices_ok(v: Any) -> bool:
     return type(v) is dict and len(v) <= 64 and all(
         _is_text(MAX_NAME_LEN)(name) and type(state) is dict and _state_value_ok(state, 1)
@@ -390,6 +403,10 @@ HEADER_FIELDS = (
              "must know to replay it", _list_of(_is_text(MAX_NAME_LEN), 64), required=False),
     MapField("cpus", "int 2..8 (feature `smp`): CPUs in the machine; absent: one", _is_int(2, 8),
              required=False),
+    MapField("start_cpus", "a branch of a machine with several CPUs (feature `smp`): map of current "
+             "(the CPU running), and lists, one per CPU, of modes (0 running, 1 waiting for its STARTUP "
+             "IPI, 2 starting), vectors (STARTUP), halted, halted_if (bools) and states (CPU state, "
+             "null for the running CPU and for one not started)", start_cpus_ok, required=False),
 )
 _count_map = _map_of(_is_int(0, I63))
 FOOTER_FIELDS = (
