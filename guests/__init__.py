@@ -4,7 +4,8 @@ Each guest is a folder here with its sources and a `recipe.py` defining
 `build(src: Path, out: Path) -> None`, which compiles into `out`; a guest `replayvm record --guest`
 can boot also says how, in a `BOOT` dict: `kernel` (a multiboot artifact) and/or `disks`
 (artifacts in IDE order), `symbols` (the ELF for `analyze --symbols`), `long_mode` (a 64-bit
-guest, which the kvm engine here can run). Builds are cached under
+guest, which the kvm engine here can run), `machine` ("pc" for a guest that boots through
+replayvm's BIOS; default "mp"). Builds are cached under
 `$REPLAYVM_CACHE` (default `~/.cache/replayvm`) in a folder named by a hash of the sources, so
 editing a source rebuilds and an unchanged tree is built once.
 """
@@ -93,6 +94,7 @@ class GuestBoot:
     disks: list[Path] = field(default_factory=list)
     symbols: Path | None = None
     long_mode: bool = False
+    machine: str = "mp"
 
 
 def guest_boot(name: str) -> GuestBoot:
@@ -105,4 +107,5 @@ def guest_boot(name: str) -> GuestBoot:
     return GuestBoot(kernel=guest_file(name, kernel) if kernel else None,
                      disks=[guest_file(name, disk) for disk in boot.get("disks", ())],
                      symbols=guest_file(name, symbols) if symbols else None,
-                     long_mode=bool(boot.get("long_mode", False)))
+                     long_mode=bool(boot.get("long_mode", False)),
+                     machine=str(boot.get("machine", "mp")))

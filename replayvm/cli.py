@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Boot a guest with its serial console on the terminal. "
                                           "With no --guest, --disk or --kernel, the bundled demo guest.")
     record.add_argument("--guest", metavar="NAME",
-                        help="a bundled guest, built on first use: demo (the default) or rustos "
-                             "(the Rust teaching kernel, 64-bit)")
+                        help="a bundled guest, built on first use: demo (the default), rustos (the "
+                             "Rust teaching kernel, 64-bit), biosboot (boots through replayvm's BIOS "
+                             "on --machine pc), long64 (a 64-bit test kernel)")
     record.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
                         help="disk image, in IDE order (first: master, boot disk; second: slave)")
     record.add_argument("--kernel", type=Path, metavar="ELF", help="multiboot kernel to load directly")
@@ -65,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--cpus", type=int, default=1, metavar="N",
                         help=f"CPUs (1-{hw.MAX_CPUS}, default 1; xv6's `make qemu` runs 2): the emu "
                              "engine runs them in turns of instructions, each switch in the trace")
-    record.add_argument("--machine", choices=hw.MACHINE_KINDS, default="mp",
-                        help="mp: the MP-spec PC xv6 needs (MP table, APICs; no BIOS code runs); "
-                             "pc: a plain PC with replayvm's BIOS services and the 8254 timer, no "
-                             "MP table (pintos); its traces need format 3.0 readers")
+    record.add_argument("--machine", choices=hw.MACHINE_KINDS, default=None,
+                        help="mp (default; a bundled guest: its own): the MP-spec PC xv6 needs (MP "
+                             "table, APICs; no BIOS code runs); pc: a plain PC with replayvm's BIOS "
+                             "services and the 8254 timer, no MP table (pintos); its traces need "
+                             "format 3.0 readers")
     record.add_argument("--input", metavar="TEXT",
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
@@ -190,6 +192,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.is_dir():
         raise UsageError(f"trace path {args.output} is a folder")
     long_mode = False
+    machine = args.machine or "mp"
     if args.guest is not None:
         from replayvm.guests import guest_boot
 
@@ -197,6 +200,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             raise UsageError("--guest boots a bundled guest: give it without --disk and --kernel")
         boot = guest_boot(args.guest)
         args.kernel, args.disk, long_mode = boot.kernel, list(boot.disks), boot.long_mode
+        machine = args.machine or boot.machine
     if args.kernel is not None and not args.kernel.is_file():
         raise UsageError(f"kernel not found: {args.kernel}")
     for disk in args.disk:
@@ -228,7 +232,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-        chaos_seed=seed if args.chaos else None, cpus=args.cpus, machine=args.machine)
+        chaos_seed=seed if args.chaos else None, cpus=args.cpus, machine=machine)
     if args.until_fail is None:
         if args.chaos:
             _say(f"chaos seed {seed}")

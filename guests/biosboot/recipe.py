@@ -11,6 +11,7 @@ from pathlib import Path
 
 SECTOR = 512
 DISK_SECTORS = 16
+BOOT = {"disks": ["disk.img"], "machine": "pc"}      # how `record --guest biosboot` boots it
 
 
 def _run(command: list) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+BOOT = {"kernel": "kernel.elf", "symbols": "kernel.elf"}   # `record --guest long64` (emu: see kernel-pvm.elf)
+
 
 def _run(command: list) -> None:
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
