@@ -81,6 +81,7 @@ class MachineConfig:
     chaos_seed: int | None = None             # seeded CPU stalls and device latencies (chaos.py)
     ram_bytes: int | None = None              # replay: the recorded size exactly (else ram_mib MiB)
     cpus: int = 1                             # CPUs in the MP table, each with its own LAPIC
+    x86_64: bool = False                      # a 64-bit guest (replay: the trace's "x86-64" feature)
 
 
 @dataclass
@@ -151,6 +152,8 @@ class Machine:
 
             self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
                                     self.chaos_times.stall_gap_ns)
+        # A 64-bit guest: the emu engine opens a vCPU that can enter long mode (engines/emu.py).
+        self.x86_64 = config.x86_64 or (config.kernel is not None and firmware.kernel_is_64bit(config.kernel))
         self.engine = _create_engine(config.engine, self)
         if boot_state is None:
             self.boot_state = self._boot()

@@ -136,6 +136,41 @@ target2:
     out %eax, $0x84
     hlt
 """, {}, False),
+    "PAE paging with page faults delivered through it": ("""
+    SETGATE 14, pf_pae, 0
+    movl $0x6001, 0x5000      # PDPT[0] -> the page directory at 0x6000
+    movl $0, 0x5004
+    movl $0x87, 0x6000        # 0-2 MiB: a 2 MiB page; 2-6 MiB not present yet
+    movl $0, 0x6004
+    mov $0x20, %eax           # CR4.PAE
+    mov %eax, %cr4
+    mov $0x5000, %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80000000, %eax
+    mov %eax, %cr0
+    jmp 1f
+1:  inc %ebx
+    movl $5, 0x300000         # #PF (write, not present), mapped by the handler, done again
+    inc %ebx
+    mov 0x500010, %eax        # #PF (read)
+    out %eax, $0x84
+    hlt
+""", {14: """pf_pae:
+    pop %eax
+    out %eax, $0x84           # error code
+    mov %cr2, %eax
+    out %eax, $0x88
+    shr $21, %eax             # map the 2 MiB page: PD entry (8 bytes) = its address | P|RW|U|PS
+    mov %eax, %ecx
+    shl $21, %eax
+    or $0x87, %eax
+    mov %eax, 0x6000(,%ecx,8)
+    movl $0, 0x6004(,%ecx,8)
+    mov %cr3, %eax
+    mov %eax, %cr3
+    iret
+"""}, False),
     "rep outs in bulk, across a page and a short budget": ("""
     mov $0x20FE0, %edi
     mov $24, %ecx
@@ -315,3 +350,12 @@ def test_fast_blocks_are_the_engines_default(monkeypatch):
     engine.run(max_instructions=100_001)
     assert engine.icount == 100_001 and engine.reg("eax") == 50_001
     assert engine.counting_statistics()["fast_blocks"] > 10_000           # the loop ran mostly in fast blocks
+
+
+def test_pae_guests_take_page_faults(monkeypatch):
+    """Delivery walks PAE tables (the frame goes on the stack through them): a write and a read
+    page fault with their error codes and CR2, each handled and the access done again."""
+    engine, accesses, *_ = run_program(monkeypatch, "PAE paging with page faults delivered through it",
+                                       reference=False)
+    assert engine.exceptions_delivered == 2
+    assert [a[2:] for a in accesses] == [(4, 4, 2), (8, 4, 0x300000), (4, 4, 0), (8, 4, 0x500010), (4, 4, 0)]

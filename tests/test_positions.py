@@ -56,6 +56,8 @@ def test_counts_take_the_same_digit_groups():
 class _Timeline:
     """What `monitor seek` reads of a timeline."""
 
+    x86_64 = False                      # a 32-bit guest: gdb's i386 registers
+
     def __init__(self) -> None:
         self.position = 0
         self.sought: list[int] = []

@@ -5,7 +5,9 @@ Two boot methods:
 - multiboot: a multiboot kernel ELF's segments loaded at their physical addresses, or, when its
   header sets the address flag (the "a.out kludge" 64-bit kernels use, since a multiboot v1 loader
   reads only 32-bit ELF), the file copied to the addresses its header gives; 32-bit flat
-  protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure.
+  protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure. The ELF may be
+  64-bit (ELF64, x86-64: a kernel whose 32-bit entry switches to long mode, as Rust kernels and
+  64-bit xv6 ports do), which makes the machine a 64-bit one (`kernel_is_64bit`).
 Both fill the BIOS data area (EBDA pointer, base memory size) and the MP tables.
 """
 
@@ -79,6 +81,17 @@ def find_multiboot_header(image: bytes) -> int | None:
     return None
 
 
+def kernel_is_64bit(kernel: Path) -> bool:
+    """Whether a kernel file is an ELF64 for x86-64 (anything else, unreadable files included,
+    is left to boot_multiboot to judge)."""
+    try:
+        with kernel.open("rb") as f:
+            ident = f.read(20)
+    except OSError:
+        return False
+    return ident[:4] == b"\x7fELF" and ident[4] == 2 and ident[18:20] == b"\x3e\x00"
+
+
 def boot_multiboot(ram: memoryview, kernel: Path, cpus: int = 1) -> CpuState:
     """Load a multiboot kernel and return the state a multiboot loader hands it."""
     try:
@@ -92,7 +105,7 @@ def boot_multiboot(ram: memoryview, kernel: Path, cpus: int = 1) -> CpuState:
     if struct.unpack_from("<I", image, header + 4)[0] & MULTIBOOT_ADDRESS_FLAG:
         entry = _load_by_header_addresses(ram, kernel, image, header)
     else:
-        entry = _load_elf32(ram, kernel)
+        entry = _load_elf(ram, kernel)
     info = struct.pack("<III", MULTIBOOT_INFO_MEMORY, hw.BASE_MEM_KB, len(ram) // 1024 - 1024)
     ram[hw.MULTIBOOT_INFO_ADDR:hw.MULTIBOOT_INFO_ADDR + len(info)] = info
     state = CpuState()
@@ -123,13 +136,13 @@ def _load_by_header_addresses(ram: memoryview, kernel: Path, image: bytes, heade
     return entry
 
 
-def _load_elf32(ram: memoryview, kernel: Path) -> int:
-    """A 32-bit ELF's loadable segments at their physical addresses; returns the entry."""
+def _load_elf(ram: memoryview, kernel: Path) -> int:
+    """An ELF's (32-bit, or x86-64) loadable segments at their physical addresses; returns the entry."""
     try:
         with kernel.open("rb") as f:
             elf = ELFFile(f)
-            if elf.get_machine_arch() != "x86":
-                raise UsageError(f"{kernel} is not a 32-bit x86 ELF")
+            if elf.get_machine_arch() not in ("x86", "x64"):
+                raise UsageError(f"{kernel} is not an x86 ELF (32-bit or x86-64)")
             entry = elf.header.e_entry
             for segment in elf.iter_segments():
                 if segment["p_type"] != "PT_LOAD":

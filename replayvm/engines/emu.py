@@ -52,6 +52,7 @@ import unicorn.x86_const as ucx  # noqa: E402
 
 UC_ARCH_X86 = 4
 UC_MODE_32 = 4
+UC_MODE_64 = 8
 UC_PROT_ALL = 7
 UC_PROT_READ = 1
 UC_PROT_WRITE = 2
@@ -72,6 +73,34 @@ REG = {
     "ss": ucx.UC_X86_REG_SS, "cr0": ucx.UC_X86_REG_CR0, "cr2": ucx.UC_X86_REG_CR2,
     "cr3": ucx.UC_X86_REG_CR3, "cr4": ucx.UC_X86_REG_CR4,
 }
+# 64-bit names, read and written whole: only an engine opened in UC_MODE_64 has them (Unicorn
+# answers them by the mode given at uc_open, not by the guest's mode).
+REG64 = {
+    "rax": ucx.UC_X86_REG_RAX, "rbx": ucx.UC_X86_REG_RBX, "rcx": ucx.UC_X86_REG_RCX,
+    "rdx": ucx.UC_X86_REG_RDX, "rsi": ucx.UC_X86_REG_RSI, "rdi": ucx.UC_X86_REG_RDI,
+    "rsp": ucx.UC_X86_REG_RSP, "rbp": ucx.UC_X86_REG_RBP, "r8": ucx.UC_X86_REG_R8,
+    "r9": ucx.UC_X86_REG_R9, "r10": ucx.UC_X86_REG_R10, "r11": ucx.UC_X86_REG_R11,
+    "r12": ucx.UC_X86_REG_R12, "r13": ucx.UC_X86_REG_R13, "r14": ucx.UC_X86_REG_R14,
+    "r15": ucx.UC_X86_REG_R15, "rip": ucx.UC_X86_REG_RIP, "rflags": ucx.UC_X86_REG_RFLAGS,
+    "fs_base": ucx.UC_X86_REG_FS_BASE, "gs_base": ucx.UC_X86_REG_GS_BASE,
+}
+# The segment registers a UC_MODE_64 engine writes the selector of and nothing else (FS and GS
+# it loads fully): the engine loads them itself (EmuEngine._load_selector).
+LOADED_SEGMENTS = ("cs", "ss", "ds", "es")
+REAL_MODE_SEGMENT_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)    # present, data, writable, accessed
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4")
+MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081              # SYSCALL/SYSRET selectors (bits 32-47 / 48-63)
+MSR_LSTAR = 0xC0000082             # SYSCALL's 64-bit entry point
+MSR_FMASK = 0xC0000084             # RFLAGS bits SYSCALL clears
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFLAGS_RF = 1 << 16
+# The hidden flags SYSCALL gives CS and SS (Intel SDM: flat, DPL 0; CS 64-bit, SS 32-bit writable).
+SYSCALL_CS_FLAGS = (1 << 23) | (1 << 21) | (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
+SYSCALL_SS_FLAGS = (1 << 23) | (1 << 22) | (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
 TABLE_REG = {"gdtr": ucx.UC_X86_REG_GDTR, "idtr": ucx.UC_X86_REG_IDTR,
              "tr": ucx.UC_X86_REG_TR, "ldtr": ucx.UC_X86_REG_LDTR}
 GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
@@ -79,6 +108,10 @@ GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
 # The i386-class "qemu32" model: what xv6 targets, and it offers no RDRAND/RDSEED (Unicorn's
 # default model advertises RDRAND, whose values a trace could not reproduce).
 CPU_MODEL = ucx.UC_CPU_X86_QEMU32
+# A 64-bit guest needs a model with long mode in CPUID: QEMU's WRMSR ignores EFER.LME otherwise
+# (measured: under "qemu32" the far jump to a 64-bit segment then faults). "qemu64" has LM, NX
+# and SYSCALL, and no RDRAND/RDSEED either.
+CPU_MODEL_64 = ucx.UC_CPU_X86_QEMU64
 SLICE_INSTRUCTIONS = 200_000        # how long a run goes before the machine polls time again
 MIN_WALL_SLICE = 2_000              # shortest slice towards a wall-clock timer deadline
 EFLAGS_IF = 1 << 9
@@ -111,13 +144,33 @@ class EmuEngine:
 
     def __init__(self, machine: MachineView) -> None:
         self.machine = machine
+        # How Unicorn's mode at uc_open meets a guest that switches to long mode (measured with
+        # Unicorn 2.1.4, a 32-bit multiboot-style entry that sets PAE, EFER.LME, CR0.PG and far
+        # jumps to an L=1 code segment):
+        # - UC_MODE_32 with "qemu32": WRMSR drops EFER.LME (no LM in CPUID); the far jump faults.
+        # - UC_MODE_32 with "qemu64": long mode runs, but uc_reg_read answers only 32-bit names
+        #   (RAX, R15, RIP read as 0 with a deprecation warning): the VMM cannot see the guest.
+        # - UC_MODE_64: the vCPU starts *in* long mode (EFER.LMA set, CR0.PG clear, CS 64-bit);
+        #   32-bit entry code runs as 64-bit code and its `ljmp ptr16:32` is #UD. Writing EFER=0
+        #   keeps LMA (WRMSR never writes LMA); writing CR0 with PG and then without it leaves
+        #   long mode (QEMU's CR0 update clears LMA and the 64-bit CS flag), after which the same
+        #   entry runs in 32-bit protected mode, switches to long mode and reads back whole.
+        # So: a guest declared 64-bit (a kernel ELF64; a trace naming the "x86-64" feature) gets
+        # UC_MODE_64 + "qemu64" with the reset below; every other guest keeps UC_MODE_32 +
+        # "qemu32", exactly as before.
+        self.long_mode_capable = bool(getattr(machine, "x86_64", False))
+        self._cpu_model = CPU_MODEL_64 if self.long_mode_capable else CPU_MODEL
         handle = ffi.new("uc_engine **")
-        _check(lib.uc_open(UC_ARCH_X86, UC_MODE_32, handle), "uc_open")
+        _check(lib.uc_open(UC_ARCH_X86, UC_MODE_64 if self.long_mode_capable else UC_MODE_32, handle),
+               "uc_open")
         self.uc = handle[0]
         self.state = ffi.new("struct emu_state *")
         self.state.stop_at = 0
         self._owner = ffi.new_handle(self)
-        _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, CPU_MODEL), "hook setup")
+        self._u64 = ffi.new("uint64_t *")
+        self._cr_mask = 0xFFFFFFFFFFFFFFFF if self.long_mode_capable else 0xFFFFFFFF
+        self._msr = ffi.new("uint64_t[2]")          # struct uc_x86_msr {uint32_t rid; uint64_t value}
+        _check(lib.replayvm_uc_setup(self.uc, self.state, self._owner, self._cpu_model), "hook setup")
         # Take the pointer from the mmap itself, not the memoryview: a cffi buffer over a
         # memoryview crashes CPython's garbage collector at interpreter exit.
         self._ram = ffi.from_buffer(getattr(machine.ram, "obj", machine.ram))
@@ -133,6 +186,9 @@ class EmuEngine:
             self.state.env_state = lib.ENV_WRONG      # IF through uc_reg_read, as before
         if self.page_walk == "engine" and lib.replayvm_uc_use_page_walk(self.uc, self.state, 1) != 0:
             self.page_walk = "qemu"            # this Unicorn hides the fault address: QEMU walks
+        # A 64-bit vCPU: PAE and 4-level tables are walked in C too (a 32-bit one hands them to
+        # QEMU's walk, counting every instruction).
+        self.state.pae_walk = int(self.long_mode_capable)
         # "blocks": translated blocks without the per-instruction hook wherever nothing can stop
         # or observe the guest inside them (emu_build.py); "instructions": the hook everywhere.
         if not reference_mode():
@@ -147,6 +203,8 @@ class EmuEngine:
         self._mmr = ffi.new("uc_x86_mmr *")
         self._err = ffi.new("int *")
         self._is_int = ffi.new("int *")
+        if self.long_mode_capable:
+            self._leave_long_mode()
         self._stop_requested = False
         self._run_end: int | None = None          # the position the run under way ends at
         self._cpuid_table: list | None = None
@@ -288,7 +346,7 @@ class EmuEngine:
         """How instructions are counted now: "blocks" (translated blocks without the
         per-instruction hook wherever nothing can stop or observe the guest inside them; see
         emu_build.py) or "instructions" (the hook on every instruction: the reference mode, a
-        Unicorn whose internals were not as probed, or a guest that turned PAE on)."""
+        Unicorn whose internals were not as probed, or a 32-bit guest that turned PAE on)."""
         st = self.state
         return "blocks" if st.counting_blocks and not st.always_precise else "instructions"
 
@@ -309,7 +367,7 @@ class EmuEngine:
             from unicorn import Uc
 
             scratch = Uc(UC_ARCH_X86, UC_MODE_32)
-            scratch.ctl_set_cpu_model(CPU_MODEL)
+            scratch.ctl_set_cpu_model(self._cpu_model)
             scratch.mem_map(0x1000, 0x1000)
             scratch.mem_write(0x1000, b"\x0f\xa2")                # cpuid
             table = []
@@ -332,13 +390,62 @@ class EmuEngine:
 
     # ----------------------------------------------------------------- registers and memory
     def reg(self, name: str) -> int:
-        self._u32[0] = 0                        # segment registers are read as 16 bits
-        _check(lib.uc_reg_read(self.uc, REG[name], self._u32), f"read {name}")
-        return self._u32[0]
+        number = REG.get(name)
+        if number is None:
+            return self._reg64(name)
+        # One 8-byte buffer for every register: a UC_MODE_64 engine answers CR0-CR4 as 8 bytes
+        # (CR2 and CR3 may be wider than 32 bits there), a UC_MODE_32 one as 4, segment registers
+        # as 2 (into the zeroed low bytes).
+        self._u64[0] = 0
+        _check(lib.uc_reg_read(self.uc, number, self._u64), f"read {name}")
+        return self._u64[0] & (self._cr_mask if name in CONTROL_REGISTERS else 0xFFFFFFFF)
 
     def set_reg(self, name: str, value: int) -> None:
-        self._u32[0] = value & 0xFFFFFFFF
-        _check(lib.uc_reg_write(self.uc, REG[name], self._u32), f"write {name}")
+        number = REG.get(name)
+        if number is None:
+            self._set_reg64(name, value)
+            return
+        if self.long_mode_capable and name in LOADED_SEGMENTS:
+            self._load_selector(name, value & 0xFFFF)
+            return
+        self._u64[0] = value & (self._cr_mask if name in CONTROL_REGISTERS else 0xFFFFFFFF)
+        _check(lib.uc_reg_write(self.uc, number, self._u64), f"write {name}")
+
+    def _reg64(self, name: str) -> int:
+        """A 64-bit register, or EFER (0 on a 32-bit engine, which cannot enter long mode)."""
+        if name == "efer":
+            return self.msr(MSR_EFER) if self.long_mode_capable else 0
+        if not self.long_mode_capable:
+            raise UnicornError(f"{name}: a 64-bit register of a 32-bit engine")
+        self._u64[0] = 0
+        _check(lib.uc_reg_read(self.uc, REG64[name], self._u64), f"read {name}")
+        return self._u64[0]
+
+    def msr(self, number: int) -> int:
+        self._msr[0], self._msr[1] = number, 0
+        _check(lib.uc_reg_read(self.uc, ucx.UC_X86_REG_MSR, self._msr), f"read MSR {number:#x}")
+        return self._msr[1]
+
+    def _set_reg64(self, name: str, value: int) -> None:
+        if name == "efer":
+            self._msr[0], self._msr[1] = MSR_EFER, value
+            _check(lib.uc_reg_write(self.uc, ucx.UC_X86_REG_MSR, self._msr), "write EFER")
+            return
+        if not self.long_mode_capable:
+            raise UnicornError(f"{name}: a 64-bit register of a 32-bit engine")
+        self._u64[0] = value & 0xFFFFFFFFFFFFFFFF
+        _check(lib.uc_reg_write(self.uc, REG64[name], self._u64), f"write {name}")
+
+    def _pc(self) -> int:
+        """RIP (EIP on a 32-bit engine): where the guest executes next, as emu_start takes it."""
+        return self.reg("rip") if self.long_mode_capable else self.reg("eip")
+
+    def _leave_long_mode(self) -> None:
+        """A UC_MODE_64 vCPU starts in long mode; put it in real mode with EFER clear, as a PC
+        starts (see __init__: CR0.PG set then cleared is what clears EFER.LMA)."""
+        self.set_reg("cr0", self.reg("cr0") | CR0_PG | 1)
+        self.set_reg("cr0", 0x10)
+        self.set_reg("efer", 0)
 
     def table_register(self, name: str) -> tuple[int, int]:
         _check(lib.uc_reg_read(self.uc, TABLE_REG[name], self._mmr), f"read {name}")
@@ -364,12 +471,15 @@ class EmuEngine:
                 self.machine.ram[self.translate(addr + i, write=True)] = byte
 
     def translate(self, linear: int, write: bool = False) -> int:
-        """Linear to physical through the guest's 32-bit page tables (4 KiB and 4 MiB pages)."""
-        linear &= 0xFFFFFFFF
+        """Linear to physical through the guest's page tables: 32-bit (4 KiB and 4 MiB pages),
+        PAE and 4-level (4 KiB and 2 MiB pages; 1 GiB pages in long mode too)."""
         ram = self.machine.ram
         if not self.reg("cr0") & 0x80000000:
-            physical = linear
+            physical = linear & 0xFFFFFFFF
+        elif self.reg("cr4") & CR4_PAE:
+            physical = self._translate_pae(linear, write)
         else:
+            linear &= 0xFFFFFFFF
             cr3 = self.reg("cr3") & 0xFFFFF000
             pde = int.from_bytes(ram[cr3 + ((linear >> 22) << 2):][:4], "little")
             if not pde & 1:
@@ -389,6 +499,34 @@ class EmuEngine:
                                              f"address {linear:#x} is not RAM")
         return physical
 
+    def _translate_pae(self, linear: int, write: bool) -> int:
+        """PAE (3 levels from a 4-entry PDPT) or, with EFER.LMA, 4 levels from the PML4. Only
+        presence is checked: delivery and the debugger read with supervisor rights."""
+        ram = self.machine.ram
+        long_mode = bool(self.reg("efer") & x86_delivery.EFER_LMA)
+        if long_mode:
+            linear &= 0xFFFFFFFFFFFFFFFF
+            table, shifts = self.reg("cr3") & 0x000FFFFFFFFFF000, (39, 30, 21, 12)
+        else:
+            linear &= 0xFFFFFFFF
+            table, shifts = self.reg("cr3") & 0xFFFFFFE0, (30, 21, 12)
+        address_bits = 0x000FFFFFFFFFF000
+        for shift in shifts:
+            # PAE's PDPT has 4 entries and no large pages; a PS bit maps 2 MiB in a PD, 1 GiB in
+            # a long-mode PDPT.
+            pae_pdpt = not long_mode and shift == 30
+            at = table + ((linear >> shift) & (3 if pae_pdpt else 0x1FF)) * 8
+            if at + 8 > len(ram):
+                self._page_fault(linear, write)
+            entry = int.from_bytes(ram[at:at + 8], "little")
+            if not entry & 1:
+                self._page_fault(linear, write)
+            if shift == 12 or (entry & 0x80 and shift in (21, 30) and not pae_pdpt):
+                size = 1 << shift
+                return (entry & address_bits & ~(size - 1)) | (linear & (size - 1))
+            table = entry & address_bits
+        raise AssertionError("a page walk ends at its last level")
+
     @staticmethod
     def _page_fault(linear: int, write: bool) -> None:
         """No side effect: CR2 is loaded by x86_delivery if the fault reaches the guest (a
@@ -396,7 +534,33 @@ class EmuEngine:
         raise x86_delivery.DeliveryFault(x86_delivery.VECTOR_PAGE_FAULT, 2 if write else 0,
                                          f"page fault at {linear:#x} during delivery", address=linear)
 
+    def _load_segment(self, name: str, selector: int, base: int, limit: int, flags: int) -> None:
+        """Selector and hidden part together (a UC_MODE_64 engine: Unicorn writes only the
+        selector of CS/DS/ES/SS there; see replayvm_uc_load_segment)."""
+        index = ("es", "cs", "ss", "ds", "fs", "gs").index(name)
+        _check(lib.replayvm_uc_load_segment(self.uc, index, selector, base, limit, flags), f"load {name}")
+
+    def _load_from_gdt(self, name: str, selector: int) -> None:
+        base, limit, access = x86_delivery._descriptor(self, selector)
+        self._load_segment(name, selector, base, limit, access)
+
+    def _load_selector(self, name: str, selector: int) -> None:
+        """What a segment register write does on a UC_MODE_32 engine (QEMU's cpu_x86_load_seg,
+        without its privilege checks), done here on a UC_MODE_64 one, where Unicorn would write
+        the selector alone: real-mode style in real mode, else the GDT descriptor; a null
+        selector keeps its RPL as the DPL (SS: the CPL, as a 64-bit ring change leaves it)."""
+        if not self.reg("cr0") & 1:
+            self._load_segment(name, selector, selector << 4, 0xFFFF, REAL_MODE_SEGMENT_FLAGS)
+        elif not selector & ~3:
+            self._load_segment(name, selector, 0, 0, (selector & 3) << 13)
+        else:
+            self._load_from_gdt(name, selector)
+
     def load_segments_from_user_mode(self, cs: int, ss: int) -> None:
+        if self.long_mode_capable:               # the loads check no privilege here
+            self.set_reg("ss", ss)
+            self.set_reg("cs", cs)
+            return
         # Unicorn checks a selector write against the current privilege level like a MOV to a
         # segment register would, and refuses ring-0 selectors at CPL 3. Its CPL follows SS, and
         # with CR0.PE clear a segment load is real-mode style (DPL 0): so clear PE for one SS load
@@ -411,13 +575,27 @@ class EmuEngine:
     # ----------------------------------------------------------------- state transfer
     def set_state(self, state: CpuState) -> None:
         regs = state.regs
-        for name in GPR32:
-            self.set_reg(name, regs.get("r" + name[1:], 0))
-        self.set_reg("eflags", regs.get("rflags", 2))
+        if self.long_mode_capable:
+            self._leave_long_mode()               # CR0.PG with EFER.LME below enters it again
+            for name in CpuState.GPR_NAMES:
+                self.set_reg(name, regs.get(name, 0))
+            self.set_reg("rflags", regs.get("rflags", 2))
+        else:
+            for name in GPR32:
+                self.set_reg(name, regs.get("r" + name[1:], 0))
+            self.set_reg("eflags", regs.get("rflags", 2))
         self.set_table_register("gdtr", state.gdt[0], state.gdt[1])
         self.set_table_register("idtr", state.idt[0], state.idt[1])
         self.set_reg("cr4", state.cr4)
         self.set_reg("cr3", state.cr3)
+        if self.long_mode_capable:
+            self.set_reg("efer", state.efer)
+            self.set_reg("cr0", state.cr0)
+            for name in ("ds", "es", "fs", "gs", "ss", "cs"):
+                seg = getattr(state, name)
+                self._load_segment(name, seg.selector, seg.base, seg.limit, _segment_flags(seg))
+            self._finish_state(state)
+            return
         self.set_reg("cr0", state.cr0)
         protected = bool(state.cr0 & 1)
         if protected:
@@ -426,17 +604,34 @@ class EmuEngine:
             self.set_reg("cr0", state.cr0)
         for name in ("ss", "ds", "es", "fs", "gs", "cs"):
             self.set_reg(name, getattr(state, name).selector)
+        self._finish_state(state)
+
+    def _finish_state(self, state: CpuState) -> None:
+        regs = state.regs
         tr = state.tr
         self.set_table_register("tr", tr.base, tr.limit, tr.selector, _segment_flags(tr))
-        self.set_reg("eip", regs.get("rip", 0))
+        if self.long_mode_capable:
+            if state.efer & x86_delivery.EFER_LMA:    # FS/GS bases are MSRs in long mode
+                self.set_reg("fs_base", state.fs.base)
+                self.set_reg("gs_base", state.gs.base)
+            self.set_reg("rip", regs.get("rip", 0))
+        else:
+            self.set_reg("eip", regs.get("rip", 0))
 
     def get_state(self) -> CpuState:
         state = CpuState()
         state.regs = {name: 0 for name in CpuState.GPR_NAMES}
-        for name in GPR32:
-            state.regs["r" + name[1:]] = self.reg(name)
-        state.regs["rip"] = self.reg("eip")
-        state.regs["rflags"] = self.reg("eflags")
+        if self.long_mode_capable:
+            for name in CpuState.GPR_NAMES:
+                state.regs[name] = self.reg(name)
+            state.regs["rip"] = self.reg("rip")
+            state.regs["rflags"] = self.reg("rflags")
+            state.efer = self.reg("efer")
+        else:
+            for name in GPR32:
+                state.regs["r" + name[1:]] = self.reg(name)
+            state.regs["rip"] = self.reg("eip")
+            state.regs["rflags"] = self.reg("eflags")
         state.cr0, state.cr2, state.cr3, state.cr4 = (self.reg(n) for n in ("cr0", "cr2", "cr3", "cr4"))
         state.gdt = self.table_register("gdtr")
         state.idt = self.table_register("idtr")
@@ -445,6 +640,9 @@ class EmuEngine:
         _check(lib.uc_reg_read(self.uc, TABLE_REG["tr"], self._mmr), "read tr")
         state.tr = Segment(selector=self._mmr.selector, base=self._mmr.base, limit=self._mmr.limit,
                            type=0xB, s=0)
+        if state.efer & x86_delivery.EFER_LMA:
+            state.fs.base = self.reg("fs_base")
+            state.gs.base = self.reg("gs_base")
         return state
 
     def _segment(self, name: str, state: CpuState) -> Segment:
@@ -458,7 +656,8 @@ class EmuEngine:
             return Segment(selector=selector, unusable=1, present=0)
         return Segment(selector=selector, base=base, limit=limit, type=(access >> 8) & 0xF,
                        s=(access >> 12) & 1, dpl=(access >> 13) & 3, present=1,
-                       db=(access >> 22) & 1, g=(access >> 23) & 1, avl=(access >> 20) & 1)
+                       db=(access >> 22) & 1, g=(access >> 23) & 1, avl=(access >> 20) & 1,
+                       l=(access >> 21) & 1)
 
     # ----------------------------------------------------------------- running
     @property
@@ -498,7 +697,7 @@ class EmuEngine:
 
     def exit_context(self) -> tuple[int, int]:
         """(EIP, CPL) of the instruction being executed, for trace records."""
-        return self.reg("eip"), self.reg("cs") & 3
+        return self._pc(), self.reg("cs") & 3
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -578,7 +777,7 @@ class EmuEngine:
                         if self.on_interrupt is not None:
                             self.on_interrupt(vector, state.icount)
                         if not self._deliver(vector, software=False, error_code=None,
-                                             return_eip=self.reg("eip")):
+                                             return_eip=self._pc()):
                             return StopReason.SHUTDOWN
                         continue
                 state.prev_if = 0
@@ -646,7 +845,7 @@ class EmuEngine:
             state.stop_reason = lib.STOP_NONE
             state.fast_tb = ffi.NULL
             state.window_shadow = 0
-            err = lib.uc_emu_start(self.uc, self.reg("eip"), 0, 0, 0)
+            err = lib.uc_emu_start(self.uc, self._pc(), 0, 0, 0)
             if err or state.stop_reason != lib.STOP_RESUME or self._python_error is not None \
                     or self._shutdown_in_hook or state.fast_error:
                 return err
@@ -657,7 +856,7 @@ class EmuEngine:
         if len(addresses) > len(self.state.breaks):
             raise ValueError(f"at most {len(self.state.breaks)} breakpoints")
         for i, address in enumerate(addresses):
-            self.state.breaks[i] = address & 0xFFFFFFFF
+            self.state.breaks[i] = address & (0xFFFFFFFFFFFFFFFF if self.long_mode_capable else 0xFFFFFFFF)
         self.state.nbreak = len(addresses)
 
     def set_watchpoints(self, watches: list[tuple[int, int, int]]) -> None:
@@ -697,7 +896,9 @@ class EmuEngine:
         return hit
 
     def linear_pc(self) -> int:
-        """CS base + EIP: the address breakpoints compare with."""
+        """CS base + EIP: the address breakpoints compare with (RIP itself in long mode)."""
+        if self.long_mode_capable and self.reg("efer") & x86_delivery.EFER_LMA:
+            return self.reg("rip")
         eip = self.reg("eip")
         cs = self.reg("cs")
         if not self.reg("cr0") & 1:
@@ -731,7 +932,7 @@ class EmuEngine:
                         "counting_blocks", "always_precise", "env", "cpu", "code_hook", "icount_decr_offset",
                         "mem_io_pc_offset", "fast_blocks", "mode_switches", "fast_leaves", "precise_mode",
                         "fast_error", "bulk_io", "bulk_runs", "bulk_elements", "stos_in_bulk", "uc",
-                        "stos_runs", "stos_elements", "precise_blocks")
+                        "stos_runs", "stos_elements", "pae_walk", "precise_blocks")
 
     def save_cpu(self) -> EngineSnapshot:
         """The whole vCPU (QEMU's CPU state, our counters, faults in flight): for checkpoints."""
@@ -788,20 +989,23 @@ class EmuEngine:
         if state.pae_seen:
             _check(lib.replayvm_uc_use_page_walk(self.uc, state, 0), "switch to QEMU's page walk")
             self.page_walk = "qemu"
-            # Fast blocks rely on this walk to place data faults; with QEMU's, every instruction
-            # is hooked again.
-            state.always_precise = 1
+            # A 32-bit engine: fast blocks rely on this walk to place faults, so with QEMU's
+            # every instruction is hooked again. A 64-bit one keeps counting per block: a fault
+            # QEMU's walk raises inside a fast block is settled as any exception there is, and a
+            # refused fetch of the next block by its CR2 (settle_fast_block_for in emu_build.py).
+            if not self.long_mode_capable:
+                state.always_precise = 1
             if not state.fault_fetch:               # a data access: the instruction had begun
                 state.icount -= 1
             return
         address = ffi.new("uint64_t *")
         lib.replayvm_uc_fault_address(self.uc, state, address)
-        linear = address[0] & 0xFFFFFFFF
+        linear = address[0] & (0xFFFFFFFFFFFFFFFF if self.long_mode_capable else 0xFFFFFFFF)
         if linear >> 12 != state.fault_page >> 12:     # cannot happen; refuse to guess
             raise UnicornError(f"page walk: fault at {linear:#x}, refused page {state.fault_page:#x}")
         self.set_reg("cr2", linear)
         self.exceptions_delivered += 1
-        self._pending_fault = (x86_delivery.VECTOR_PAGE_FAULT, state.fault_error, self.reg("eip"))
+        self._pending_fault = (x86_delivery.VECTOR_PAGE_FAULT, state.fault_error, self._pc())
 
     def _learn_speed(self, instructions: int, elapsed_ns: int) -> None:
         """Keep a smoothed instructions-per-ns figure, to end slices near a wall-clock timer."""
@@ -838,7 +1042,7 @@ class EmuEngine:
             error_code = self._err[0] & 0xFFFFFFFF
         self.exceptions_delivered += 1
         if not self._deliver(intno, software=software, error_code=error_code,
-                             return_eip=self.reg("eip")):
+                             return_eip=self._pc()):
             self._shutdown_in_hook = True
             self._stop_now()
 
@@ -885,7 +1089,7 @@ class EmuEngine:
 
     def _fault_in_hook(self, vector: int, error_code: int) -> None:
         """An instruction must fault, but the hook cannot abort it: stop and deliver afterwards."""
-        self._pending_fault = (vector, error_code, self.reg("eip"))
+        self._pending_fault = (vector, error_code, self._pc())
         self._stop_now()
 
     def _on_mmio_read(self, addr: int, size: int) -> int:
@@ -907,9 +1111,27 @@ class EmuEngine:
 
     def _on_invalid(self) -> bool:
         """An undefined opcode: stop here (returning False) and deliver #UD after the run."""
-        self._pending_fault = (6, None, self.reg("eip"))   # #UD, no error code
+        self._pending_fault = (6, None, self._pc())   # #UD, no error code
         self._stop_now()
         return False
+
+    def _on_syscall(self) -> None:
+        """SYSCALL in 64-bit code (Intel SDM vol. 2B): RCX = the next RIP, R11 = RFLAGS, CS and
+        SS from STAR at ring 0, RFLAGS masked by FMASK, RIP = LSTAR. #UD unless EFER.SCE is set
+        and the CPU is in long mode. Unicorn adds the instruction's length to RIP after this
+        hook, so RIP is written that much short. (SYSRET is QEMU's own.)"""
+        if not self.long_mode_capable or not self.msr(MSR_EFER) & EFER_SCE \
+                or not self.reg("efer") & x86_delivery.EFER_LMA:
+            self._fault_in_hook(6, None)
+            return
+        rip, rflags = self.reg("rip"), self.reg("rflags")
+        self.set_reg("rcx", rip + 2)
+        self.set_reg("r11", rflags & ~EFLAGS_RF)
+        selector = (self.msr(MSR_STAR) >> 32) & 0xFFFC
+        self._load_segment("ss", (selector + 8) & 0xFFFC, 0, 0xFFFFFFFF, SYSCALL_SS_FLAGS)
+        self._load_segment("cs", selector, 0, 0xFFFFFFFF, SYSCALL_CS_FLAGS)
+        self.set_reg("rflags", rflags & ~self.msr(MSR_FMASK) & ~EFLAGS_RF)
+        self.set_reg("rip", self.msr(MSR_LSTAR) - 2)
 
     def _on_rdtsc(self) -> int:
         tsc = self.machine.read_tsc()
@@ -1024,6 +1246,13 @@ def replayvm_py_in_run(uc, port, size, data, count, owner):
         raise ValueError(f"a run of {count} reads of port {port:#x} came back {len(values)} bytes long")
     ffi.memmove(data, values, len(values))
     return 1
+
+
+@ffi.def_extern(onerror=_on_error)
+def replayvm_py_syscall(uc, owner):
+    engine = _engine(owner)
+    _current_error_target[0] = engine
+    engine._on_syscall()
 
 
 @ffi.def_extern(onerror=_on_error)

@@ -54,13 +54,13 @@ struct emu_state {
     int env_is_int_offset;
     int env_next_eip_offset;
     uint32_t nbreak;          /* debugger: stop before an instruction at one of these linear addresses */
-    uint32_t breaks[64];
+    uint64_t breaks[64];
     uint64_t skip_icount;     /* ... except the one at (skip_icount, skip_addr): where a run resumes */
     uint64_t skip_addr;
     uint32_t debug_hit;       /* DEBUG_* below: why the debugger stopped the run */
     uint64_t watch_addr;      /* the (virtual) address a watchpoint saw accessed */
     uint32_t nwatch;          /* watchpoints: guest-virtual ranges, checked against each access */
-    uint32_t watch_va[4];
+    uint64_t watch_va[4];
     uint32_t watch_len[4];
     uint32_t watch_access[4]; /* 1 read, 2 write, 3 both */
     uint8_t *ram;             /* guest RAM, for the page walks */
@@ -101,6 +101,7 @@ struct emu_state {
     uint64_t stos_runs;       /* rep stos iterations done at once at a block's start */
     uint64_t stos_elements;
     uint64_t precise_blocks;  /* blocks begun with the per-instruction hook (while counting blocks) */
+    uint32_t pae_walk;        /* 1: PAE and 4-level tables are walked here too (a 64-bit vCPU) */
 };
 """
 
@@ -162,6 +163,7 @@ int replayvm_uc_flush_tb(uc_engine *uc);
 void replayvm_uc_forget_code_pages(struct emu_state *s);
 int replayvm_uc_probe_env_layout(uc_engine *uc, struct emu_state *s);
 int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_code, int *is_int);
+int replayvm_uc_load_segment(uc_engine *uc, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags);
 int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out);
 int replayvm_uc_use_page_walk(uc_engine *uc, struct emu_state *s, int on);
 int replayvm_uc_fault_address(uc_engine *uc, struct emu_state *s, uint64_t *address);
@@ -180,6 +182,7 @@ extern "Python" void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64
 extern "Python" void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 extern "Python" bool replayvm_py_invalid(uc_engine *uc, void *owner);
 extern "Python" int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+extern "Python" void replayvm_py_syscall(uc_engine *uc, void *owner);
 extern "Python" void replayvm_py_io_refused(uc_engine *uc, void *owner);
 extern "Python" uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 extern "Python" void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
@@ -217,6 +220,7 @@ static void replayvm_py_mmio_write(uint64_t addr, unsigned size, uint64_t value,
 static void replayvm_py_intr(uc_engine *uc, uint32_t intno, void *owner);
 static bool replayvm_py_invalid(uc_engine *uc, void *owner);
 static int replayvm_py_rdtsc(uc_engine *uc, void *owner);
+static void replayvm_py_syscall(uc_engine *uc, void *owner);
 static void replayvm_py_io_refused(uc_engine *uc, void *owner);
 static uint32_t replayvm_py_out_budget(uc_engine *uc, uint32_t port, int size, uint32_t count, void *owner);
 static void replayvm_py_out_run(uc_engine *uc, uint32_t port, int size, const uint8_t *data, uint32_t count, void *owner);
@@ -251,6 +255,15 @@ static uint64_t env_word(const uint8_t *env, int offset)
     return v;
 }
 
+/* A control register, read whole: an engine opened in UC_MODE_64 (a 64-bit guest) answers CR0-CR4
+   as 8 bytes, one in UC_MODE_32 as 4 (into the low half here). */
+static uint64_t read_cr(uc_engine *uc, int regid)
+{
+    uint64_t v = 0;
+    uc_reg_read(uc, regid, &v);
+    return v;
+}
+
 static uint32_t interrupt_flag(uc_engine *uc, struct emu_state *s, const uint8_t *env)
 {
     uint32_t eflags = 0;
@@ -279,7 +292,7 @@ void replayvm_on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user
     if (s->nbreak && !(s->icount == s->skip_icount && address == s->skip_addr)) {
         uint32_t i;
         for (i = 0; i < s->nbreak; i++) {
-            if (s->breaks[i] == (uint32_t)address) {
+            if (s->breaks[i] == address) {
                 s->stop_reason = STOP_BREAK;
                 s->debug_hit = DEBUG_BREAK;
                 uc_emu_stop(uc);
@@ -429,7 +442,9 @@ static int insn_index(const struct tb_view *tb, uint64_t eip)
 
 static uint64_t env_eip(const struct emu_state *s)
 {
-    return env32(s->env, ENV_EIP_OFFSET);
+    uint64_t eip;                 /* target_ulong: RIP in 64-bit code, EIP (high half 0) otherwise */
+    memcpy(&eip, s->env + ENV_EIP_OFFSET, 8);
+    return eip;
 }
 
 static void set_hook_range(struct emu_state *s, int precise)
@@ -463,7 +478,9 @@ static int needs_precise(const struct emu_state *s, uint32_t icount)
 /* An exception inside the fast block under way, with EIP restored to the faulting instruction:
    count the instructions before it and the faulting one (which the per-instruction hook
    counts as begun). */
-static void settle_fast_block(struct emu_state *s)
+static int fetch_fault_at_eip(uc_engine *uc, const struct emu_state *s, const struct tb_view *tb);
+
+static void settle_fast_block_for(uc_engine *uc, struct emu_state *s, uint32_t intno)
 {
     const struct tb_view *tb = s->fast_tb;
     int i;
@@ -472,11 +489,28 @@ static void settle_fast_block(struct emu_state *s)
     i = insn_index(tb, env_eip(s));
     if (i < 0 && env_eip(s) == tb->pc + tb->size - tb->cs_base)
         i = tb->icount - 1;       /* INT n, INT3, INTO: Unicorn has moved EIP past the last one */
+    if (i < 0 && intno == 14 && fetch_fault_at_eip(uc, s, tb))
+        return;                   /* QEMU's walk refused the fetch of the next block: this one
+                                     ran whole, and the faulting instruction never began */
     if (i < 0) {
         s->fast_error = FAST_ERROR_NO_INSN;
         return;
     }
     s->icount = s->block_start + (uint64_t)i + 1;
+}
+
+static void settle_fast_block(struct emu_state *s)
+{
+    settle_fast_block_for(NULL, s, 0);
+}
+
+/* A page fault raised by QEMU's own walk (PAE, long mode) while translating the block after the
+   fast one that just ran: CR2 is in the instruction at EIP (its first byte, or the page its
+   later bytes are on). */
+static int fetch_fault_at_eip(uc_engine *uc, const struct emu_state *s, const struct tb_view *tb)
+{
+    uint64_t cr2 = read_cr(uc, UC_X86_REG_CR2), pc = tb->cs_base + env_eip(s);
+    return cr2 - pc < 16;
 }
 
 /* After a run stopped on a page walk fault of a data access (EIP at the faulting instruction). */
@@ -845,7 +879,7 @@ static void on_mmio_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_
 static int io_allowed(uc_engine *uc)
 {
     uint32_t cr0 = 0, cs = 0, eflags = 0;
-    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    cr0 = read_cr(uc, UC_X86_REG_CR0);
     if (!(cr0 & CR0_PE_BIT)) return 1;
     uc_reg_read(uc, UC_X86_REG_CS, &cs);
     uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
@@ -867,12 +901,13 @@ static int io_allowed(uc_engine *uc)
 #define SEG_CS 1
 #define SEG_DS 3
 #define HF_CS32 (1u << 4)
+#define HF_LMA (1u << 14)         /* long mode: 64-bit registers, which the bulk paths do not handle */
 #define BULK_UNCHECKED 0
 #define BULK_ON 1
 #define BULK_OFF 2
 #define BULK_MAX_BYTES 4096
 
-static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear);
+static int64_t walk(uc_engine *uc, struct emu_state *s, uint64_t linear);
 static int64_t writable_ram(uc_engine *uc, struct emu_state *s, uint32_t linear, int user,
                             uint32_t cr0, uint32_t cr3, uint32_t cr4);
 
@@ -911,7 +946,8 @@ static int rep_string_here(uc_engine *uc, struct emu_state *s, int size, uint8_t
     int64_t code_phys;
     const uint8_t *code;
     if (!env || s->nbreak || s->nwatch || !s->counting_blocks) return 0;
-    if (!(env32(env, ENV_HFLAGS_OFFSET) & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
+    if ((env32(env, ENV_HFLAGS_OFFSET) & (HF_CS32 | HF_LMA)) != HF_CS32
+        || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return 0;
     if (!bulk_layout_checked(uc, s)) return 0;
     eip_linear = (seg_base(env, SEG_CS) + env32(env, ENV_EIP_OFFSET)) & 0xFFFFFFFFu;
     if ((eip_linear & 0xFFF) > 0xFFE) return 0;                  /* two bytes in one page */
@@ -1003,9 +1039,9 @@ static uint32_t bulk_in_count(uc_engine *uc, struct emu_state *s, int size, uint
     uc_reg_read(uc, UC_X86_REG_EDI, &edi);
     dst_linear = (seg_base(env, SEG_ES) + edi) & 0xFFFFFFFFu;
     if (dst_linear & (size - 1)) return 0;
-    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
-    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
-    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    cr0 = read_cr(uc, UC_X86_REG_CR0);
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
+    cr4 = read_cr(uc, UC_X86_REG_CR4);
     dst_phys = writable_ram(uc, s, (uint32_t)dst_linear, (env32(env, ENV_HFLAGS_OFFSET) & 3) == 3, cr0, cr3, cr4);
     if (dst_phys < 0) return 0;
     room = (uint32_t)((0x1000 - (dst_linear & 0xFFF)) / size);
@@ -1055,7 +1091,7 @@ static void on_intr(uc_engine *uc, uint32_t intno, void *user_data)
 {
     struct hook_ctx *c = user_data;
     struct emu_state *s = c->s;
-    settle_fast_block(s);
+    settle_fast_block_for(uc, s, intno);
     replayvm_py_intr(uc, intno, c->owner);
     if (s->counting_blocks && s->stop_reason == STOP_NONE) {
         s->stop_reason = STOP_RESUME;
@@ -1075,6 +1111,20 @@ static int on_rdtsc(uc_engine *uc, void *user_data)
     struct hook_ctx *c = user_data;
     leave_fast_block_at_eip(c->s);
     return replayvm_py_rdtsc(uc, c->owner);
+}
+
+/* SYSCALL: Unicorn runs the UC_X86_INS_SYSCALL hooks instead of QEMU's transition (and then
+   moves RIP past the instruction); the engine does the transition (emu.py). Like an exception's
+   delivery it writes RIP, so in block-counting mode the run restarts (see on_intr). */
+static void on_syscall(uc_engine *uc, void *user_data)
+{
+    struct hook_ctx *c = user_data;
+    struct emu_state *s = c->s;
+    replayvm_py_syscall(uc, c->owner);
+    if (s->counting_blocks && s->stop_reason == STOP_NONE) {
+        s->stop_reason = STOP_RESUME;
+        uc_emu_stop(uc);
+    }
 }
 
 int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_model)
@@ -1110,6 +1160,8 @@ int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_m
     err = uc_hook_add(uc, &hh, UC_HOOK_INSN_INVALID, (void *)on_invalid, c, 1, 0);
     if (err) return err;
     err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_rdtsc, c, 1, 0, UC_X86_INS_RDTSC);
+    if (err) return err;
+    err = uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_syscall, c, 1, 0, UC_X86_INS_SYSCALL);
     if (err) return err;
     return UC_ERR_OK;
 }
@@ -1219,6 +1271,57 @@ uint32_t replayvm_uc_context_hflags(uc_engine *uc, uc_context *ctx)
     return hflags;
 }
 
+/* Load a segment register with its hidden part, as QEMU's cpu_x86_load_seg_cache does (and the
+   hidden flags it derives: CPL from SS, 32/64-bit code from CS, SS32, ADDSEG). Needed on an
+   engine opened in UC_MODE_64, where Unicorn writes CS/DS/SS/ES selectors only: the far
+   transfers delivery makes (ring 3 -> 0) and set_state go through here there. `flags` is the
+   descriptor's high dword, as QEMU keeps it. Done on a saved context, put back at once. */
+#define HF_CPL_MASK 3u
+#define HF_SS32 (1u << 5)
+#define HF_ADDSEG (1u << 6)
+#define HF_CS64 (1u << 15)
+#define SEG_SS 2
+#define DESC_B (1u << 22)
+#define DESC_L (1u << 21)
+int replayvm_uc_load_segment(uc_engine *uc, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags)
+{
+    static uc_context *ctx;
+    unsigned char *data, *sc;
+    uint32_t hflags, new_hflags, eflags = 0, ss_flags;
+    uint64_t cr0 = read_cr(uc, UC_X86_REG_CR0), ds_base, es_base, ss_base;
+    if (seg < 0 || seg > 5) return UC_ERR_ARG;
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    if (!ctx && uc_context_alloc(uc, &ctx)) return UC_ERR_NOMEM;
+    if (uc_context_save(uc, ctx)) return UC_ERR_EXCEPTION;
+    data = context_data(uc, ctx);
+    sc = data + ENV_SEGS_OFFSET + seg * SEG_CACHE_SIZE;
+    memcpy(sc, &selector, 4);
+    memcpy(sc + 8, &base, 8);
+    memcpy(sc + 16, &limit, 4);
+    memcpy(sc + 20, &flags, 4);
+    memcpy(&hflags, data + ENV_HFLAGS_OFFSET, 4);
+    if (seg == SEG_CS) {
+        if ((hflags & HF_LMA) && (flags & DESC_L)) hflags |= HF_CS32 | HF_SS32 | HF_CS64;
+        else hflags = (hflags & ~(HF_CS32 | HF_CS64)) | ((flags & DESC_B) >> (22 - 4));
+    }
+    if (seg == SEG_SS) hflags = (hflags & ~HF_CPL_MASK) | ((flags >> 13) & 3);
+    memcpy(&ss_flags, data + ENV_SEGS_OFFSET + SEG_SS * SEG_CACHE_SIZE + 20, 4);
+    new_hflags = (ss_flags & DESC_B) >> (22 - 5);
+    if (hflags & HF_CS64) {
+        /* zero bases assumed for DS, ES and SS in long mode */
+    } else if (!(cr0 & 1) || (eflags & 0x20000u) || !(hflags & HF_CS32)) {   /* VM */
+        new_hflags |= HF_ADDSEG;
+    } else {
+        memcpy(&ds_base, data + ENV_SEGS_OFFSET + SEG_DS * SEG_CACHE_SIZE + 8, 8);
+        memcpy(&es_base, data + ENV_SEGS_OFFSET + SEG_ES * SEG_CACHE_SIZE + 8, 8);
+        memcpy(&ss_base, data + ENV_SEGS_OFFSET + SEG_SS * SEG_CACHE_SIZE + 8, 8);
+        if (ds_base | es_base | ss_base) new_hflags |= HF_ADDSEG;
+    }
+    hflags = (hflags & ~(HF_SS32 | HF_ADDSEG)) | new_hflags;
+    memcpy(data + ENV_HFLAGS_OFFSET, &hflags, 4);
+    return uc_context_restore(uc, ctx);
+}
+
 /* Called from the interrupt hook: read the error code and whether the event came from an INT
    instruction, and mark the exception as delivered (old_exception = -1), which is what QEMU's own
    delivery would have done. Without this the second page fault of a session becomes a double
@@ -1243,14 +1346,18 @@ int replayvm_uc_take_exception(uc_engine *uc, struct emu_state *s, int *error_co
    watched range through the guest's page tables at the moment of the access. Only accesses whose
    page offset can overlap a watched range pay for the walk. The access completes; the run stops
    before the next instruction begins (a count stop: uc_emu_stop here would restart it). */
-static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear)
+static int64_t walk_pae(uc_engine *uc, struct emu_state *s, uint64_t linear, uint32_t cr4);
+
+static int64_t walk(uc_engine *uc, struct emu_state *s, uint64_t linear)
 {
     uint32_t cr0 = 0, cr3 = 0, cr4 = 0, pde, pte;
     uint64_t table;
-    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
-    if (!(cr0 & 0x80000000u)) return linear;
-    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
-    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    cr0 = read_cr(uc, UC_X86_REG_CR0);
+    if (!(cr0 & 0x80000000u)) return (uint32_t)linear;
+    cr4 = read_cr(uc, UC_X86_REG_CR4);
+    if (cr4 & 0x20u) return walk_pae(uc, s, linear, cr4);
+    linear = (uint32_t)linear;
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
     table = (cr3 & 0xFFFFF000u) + ((linear >> 22) << 2);
     if (table + 4 > s->ram_size) return -1;
     memcpy(&pde, s->ram + table, 4);
@@ -1263,12 +1370,46 @@ static int64_t walk(uc_engine *uc, struct emu_state *s, uint32_t linear)
     return (pte & 0xFFFFF000u) | (linear & 0xFFF);
 }
 
+/* PAE (a 4-entry PDPT, then PD and PT) or, in long mode, 4 levels from the PML4; 2 MiB pages in
+   a PD, 1 GiB pages in a long-mode PDPT. Presence only, as the 32-bit walk above. */
+static int64_t walk_pae(uc_engine *uc, struct emu_state *s, uint64_t linear, uint32_t cr4)
+{
+    uint64_t cr3 = 0, table, entry, efer_msr[2] = {0xC0000080u, 0};
+    int level, shift, long_mode;
+    (void)cr4;
+    uc_reg_read(uc, UC_X86_REG_MSR, efer_msr);
+    long_mode = (efer_msr[1] >> 10) & 1;                  /* EFER.LMA */
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
+    if (long_mode) {
+        table = cr3 & 0x000FFFFFFFFFF000ull;
+        shift = 39;
+    } else {
+        linear = (uint32_t)linear;
+        table = cr3 & 0xFFFFFFE0u;
+        shift = 30;
+    }
+    for (level = 0; shift >= 12; level++, shift -= 9) {
+        int pae_pdpt = !long_mode && shift == 30;
+        uint64_t at = table + ((linear >> shift) & (pae_pdpt ? 3 : 0x1FF)) * 8;
+        if (at + 8 > s->ram_size) return -1;
+        memcpy(&entry, s->ram + at, 8);
+        if (!(entry & 1)) return -1;
+        if (shift == 12 || ((entry & 0x80) && (shift == 21 || shift == 30) && !pae_pdpt)) {
+            uint64_t size = 1ull << shift;
+            return (int64_t)(((entry & 0x000FFFFFFFFFF000ull) & ~(size - 1)) | (linear & (size - 1)));
+        }
+        table = entry & 0x000FFFFFFFFFF000ull;
+    }
+    return -1;
+}
+
 static void on_watch(uc_engine *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
 {
     struct emu_state *s = user_data;
     uint32_t i, want = (type == UC_MEM_WRITE) ? 2 : 1;
     for (i = 0; i < s->nwatch; i++) {
-        uint32_t va = s->watch_va[i], len = s->watch_len[i], k;
+        uint64_t va = s->watch_va[i];
+        uint32_t len = s->watch_len[i], k;
         if (!(s->watch_access[i] & want)) continue;
         /* page offsets are the same virtual and physical: a cheap test first */
         if (len < 4096 && ((uint32_t)address - va) % 4096 >= len &&
@@ -1351,6 +1492,134 @@ static int in_system_table(uc_engine *uc, uint32_t linear)
     return 0;
 }
 
+/* PAE and 4-level paging as QEMU's walk does them (excp_helper.c, handle_mmu_fault): the
+   accessed bit set on each level on the way down (4-level: PML4E and PDPTE; then the PDE of a
+   4 KiB page), accessed/dirty on the leaf; reserved bits (above 40 physical address bits, NX
+   without EFER.NXE, PS in a PML4E, legacy PDPTE bits) a fault with RSVD; user/write/NX rights
+   combined over the levels, CR0.WP; 1 GiB, 2 MiB and 4 KiB pages; the I/D error bit for fetches
+   under EFER.NXE. Returns 1 (mapped: *paddr, *prot), 0 (a #PF: *error) or -1: left to QEMU's
+   walk (a non-canonical address, whose fault is #GP; SMEP/SMAP/PKE/LA57, which qemu64 lacks). */
+#define PG_NX (1ull << 63)
+#define PG_ADDRESS 0x000FFFFFFFFFF000ull
+#define PG_PSE_PAT (1ull << 12)
+#define PHYS_ADDR_BITS 40
+#define EFER_NXE (1u << 11)
+#define EFER_LMA (1u << 10)
+#define PF_INSN 0x10u
+#define CR4_SMEP (1u << 20)
+#define CR4_SMAP (1u << 21)
+#define CR4_PKE (1u << 22)
+#define CR4_LA57 (1u << 12)
+
+static uint64_t load_phys64(struct emu_state *s, uint64_t pa)
+{
+    uint64_t v = 0;
+    if (pa + 8 <= s->ram_size) memcpy(&v, s->ram + pa, 8);
+    return v;
+}
+
+static int in_system_table(uc_engine *uc, uint32_t linear);
+
+static int walk_pae_fill(uc_engine *uc, struct emu_state *s, uint64_t addr, int is_write, int is_fetch,
+                         uint32_t cr0, uint32_t cr4, uint64_t *paddr, int *prot_out, uint32_t *error_out)
+{
+    uint64_t efer_msr[2] = {0xC0000080u, 0}, cr3, rsvd, ptep, pte, pte_addr, entry, entry_addr, page_size;
+    uint32_t ss = 0, eflags = 0, error = 0;
+    int is_user, prot, lma;
+    if (cr4 & (CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_LA57)) return -1;
+    uc_reg_read(uc, UC_X86_REG_MSR, efer_msr);
+    lma = (efer_msr[1] & EFER_LMA) != 0;
+    if (lma) {
+        int64_t sext = (int64_t)addr >> 47;
+        if (sext != 0 && sext != -1) return -1;
+    } else {
+        addr = (uint32_t)addr;
+    }
+    uc_reg_read(uc, UC_X86_REG_SS, &ss);
+    uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
+    is_user = (eflags & EFLAGS_VM) || (cr0 & CR0_PE && (ss & 3) == 3);
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
+    rsvd = ~((1ull << PHYS_ADDR_BITS) - 1) & PG_ADDRESS;
+    if (!(efer_msr[1] & EFER_NXE)) rsvd |= PG_NX;
+    if (lma) {
+        entry_addr = (cr3 & PG_ADDRESS) + (((addr >> 39) & 0x1ff) << 3);
+        entry = load_phys64(s, entry_addr);                           /* PML4E */
+        if (!(entry & PG_PRESENT)) goto fault;
+        if (entry & (rsvd | PG_PSE)) goto fault_rsvd;
+        if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+        ptep = entry ^ PG_NX;
+        entry_addr = (entry & PG_ADDRESS) + (((addr >> 30) & 0x1ff) << 3);
+        entry = load_phys64(s, entry_addr);                           /* PDPTE */
+        if (!(entry & PG_PRESENT)) goto fault;
+        if (entry & rsvd) goto fault_rsvd;
+        ptep &= entry ^ PG_NX;
+        if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+        if (entry & PG_PSE) {
+            page_size = 1ull << 30;
+            pte_addr = entry_addr;
+            pte = entry;
+            goto check_protect;
+        }
+    } else {
+        entry_addr = (cr3 & ~0x1Full & 0xFFFFFFFFull) + ((addr >> 27) & 0x18);
+        entry = load_phys64(s, entry_addr);                           /* PDPTE (legacy PAE) */
+        if (!(entry & PG_PRESENT)) goto fault;
+        rsvd |= 0x7FF0000000000000ull;                          /* QEMU's PG_HI_USER_MASK */
+        if (entry & (rsvd | PG_NX)) goto fault_rsvd;
+        ptep = PG_NX | PG_USER | PG_RW;
+    }
+    entry_addr = (entry & PG_ADDRESS) + (((addr >> 21) & 0x1ff) << 3);
+    entry = load_phys64(s, entry_addr);                               /* PDE */
+    if (!(entry & PG_PRESENT)) goto fault;
+    if (entry & rsvd) goto fault_rsvd;
+    ptep &= entry ^ PG_NX;
+    if (entry & PG_PSE) {
+        page_size = 1ull << 21;
+        pte_addr = entry_addr;
+        pte = entry;
+        goto check_protect;
+    }
+    if (!(entry & PG_ACCESSED)) { entry |= PG_ACCESSED; store_phys32(s, entry_addr, (uint32_t)entry); }
+    pte_addr = (entry & PG_ADDRESS) + (((addr >> 12) & 0x1ff) << 3);
+    pte = load_phys64(s, pte_addr);                                   /* PTE */
+    if (!(pte & PG_PRESENT)) goto fault;
+    if (pte & rsvd) goto fault_rsvd;
+    ptep &= pte ^ PG_NX;
+    page_size = 4096;
+check_protect:
+    rsvd |= (page_size - 1) & PG_ADDRESS & ~PG_PSE_PAT;
+    if (pte & rsvd) goto fault_rsvd;
+    ptep ^= PG_NX;
+    if (is_user && !(ptep & PG_USER)) {
+        if (!in_system_table(uc, (uint32_t)addr) || (addr >> 32)) goto fault_protect;
+        is_user = 0;      /* a descriptor read QEMU makes with supervisor rights (MMU_KSMAP_IDX) */
+    }
+    prot = UC_PROT_READ;
+    if ((ptep & PG_RW) || (!is_user && !(cr0 & CR0_WP))) prot |= UC_PROT_WRITE;
+    if (!(ptep & PG_NX)) prot |= UC_PROT_EXEC;
+    if (is_fetch ? !(prot & UC_PROT_EXEC) : (is_write && !(prot & UC_PROT_WRITE))) goto fault_protect;
+    if (!(pte & PG_ACCESSED) || (is_write && !(pte & PG_DIRTY))) {
+        pte |= PG_ACCESSED;
+        if (is_write) pte |= PG_DIRTY;
+        store_phys32(s, pte_addr, (uint32_t)pte);
+    }
+    if (!(pte & PG_DIRTY)) prot &= ~UC_PROT_WRITE;     /* the first write comes back to set it */
+    prot &= ~UC_PROT_EXEC;                             /* given back below for code pages */
+    *paddr = (pte & PG_ADDRESS & ~(page_size - 1)) + (addr & ~0xFFFull & (page_size - 1));
+    *prot_out = prot;
+    return 1;
+fault_rsvd:
+    error |= PF_RSVD;
+fault_protect:
+    error |= PF_PROTECT;
+fault:
+    if (is_write) error |= PF_WRITE;
+    if (is_user) error |= PF_USER;
+    if (is_fetch && (efer_msr[1] & EFER_NXE)) error |= PF_INSN;
+    *error_out = error;
+    return 0;
+}
+
 static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *e, void *user_data)
 {
     struct emu_state *s = user_data;
@@ -1359,13 +1628,22 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
     int is_write = type == UC_MEM_WRITE, is_fetch = type == UC_MEM_FETCH, is_user, prot;
     uint32_t linear = (uint32_t)vaddr;
     s->tlb_fills++;
-    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
+    cr0 = read_cr(uc, UC_X86_REG_CR0);
     if (!(cr0 & CR0_PG)) {
         paddr = linear;
         prot = UC_PROT_READ | UC_PROT_WRITE;
         goto mapped;
     }
-    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    cr4 = read_cr(uc, UC_X86_REG_CR4);
+    if ((cr4 & CR4_PAE) && s->pae_walk) {
+        int walked = walk_pae_fill(uc, s, vaddr, is_write, is_fetch, cr0, cr4, &paddr, &prot, &error);
+        if (walked > 0) goto mapped;
+        if (walked == 0) {
+            linear = (uint32_t)vaddr;
+            goto fault_out;
+        }
+        /* else: a case this walk leaves to QEMU's (below) */
+    }
     if (cr4 & CR4_PAE) {
         s->pae_seen = 1;
         s->fault_pending = 1;
@@ -1374,7 +1652,7 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
         s->fault_page = linear;
         return false;
     }
-    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
     uc_reg_read(uc, UC_X86_REG_SS, &ss);
     uc_reg_read(uc, UC_X86_REG_EFLAGS, &eflags);
     /* QEMU's CPL follows SS (its DPL, which is its RPL once loaded) */
@@ -1436,10 +1714,11 @@ fault_protect:
 fault:
     if (is_write) error |= PF_WRITE;
     if (is_user) error |= PF_USER;
+fault_out:
     s->fault_pending = 1;
     s->fault_fetch = is_fetch;
     s->fault_error = error;
-    s->fault_page = linear;
+    s->fault_page = (cr4 & CR4_PAE) ? vaddr : linear;
     return false;
 }
 
@@ -1496,16 +1775,16 @@ static void rep_stos_in_bulk(struct emu_state *s, const struct tb_view *tb, uint
     else if (s->ram[code_phys + 1] == 0xAA) size = 1;
     else return;
     hflags = env32(env, ENV_HFLAGS_OFFSET);
-    if (!(hflags & HF_CS32) || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return;
+    if ((hflags & (HF_CS32 | HF_LMA)) != HF_CS32 || (int32_t)env32(env, ENV_DF_OFFSET) != 1) return;
     ecx = env32(env, 1 * 8);
     if (ecx < 2) return;
     left = s->stop_at - s->icount;                     /* instructions this run may still begin */
     if (left > ecx) left = ecx;
     if (left < 2) return;
     uc = s->uc;
-    uc_reg_read(uc, UC_X86_REG_CR0, &cr0);
-    uc_reg_read(uc, UC_X86_REG_CR3, &cr3);
-    uc_reg_read(uc, UC_X86_REG_CR4, &cr4);
+    cr0 = read_cr(uc, UC_X86_REG_CR0);
+    cr3 = read_cr(uc, UC_X86_REG_CR3);
+    cr4 = read_cr(uc, UC_X86_REG_CR4);
     user = (hflags & 3) == 3;
     edi = env32(env, 7 * 8);
     eax = env32(env, 0);

@@ -7,8 +7,11 @@ to the inner stack from the TSS when privilege changes, push the return frame (a
 and load CS:EIP with IF cleared for interrupt gates. Real mode uses the IVT.
 
 Supported: real mode; 32-bit protected mode with 32-bit interrupt/trap gates, rings 0 and 3, flat
-or based segments, paging. Not supported (reported as a shutdown with the reason): task gates,
-16-bit gates, virtual-8086 mode, long mode (64-bit guests run on the kvm engine).
+or based segments, paging; long mode (EFER.LMA) with 64-bit interrupt/trap gates (16 bytes), the
+stack switch through the 64-bit TSS (RSP0, or an IST entry whenever the gate names one), the
+16-byte aligned SS:RSP/RFLAGS/CS:RIP frame, rings 0 and 3. Not supported (reported as a shutdown
+with the reason): task gates, 16-bit gates, virtual-8086 mode, 32-bit compatibility-mode code
+segments as handlers (a 64-bit gate must lead to 64-bit code).
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 GATE_INTERRUPT_32 = 0xE
 GATE_TRAP_32 = 0xF
+GATE_INTERRUPT_64 = GATE_INTERRUPT_32    # the same type numbers name the 64-bit gates
+EFER_LMA = 1 << 10
+TSS64_RSP0 = 4                   # 64-bit TSS: RSP0..RSP2 at 4, 12, 20; IST1..IST7 at 0x24, 0x2C, ...
+TSS64_IST1 = 0x24
+DESCRIPTOR_L = 1 << 21           # the high dword's 64-bit code bit
 
 
 class CpuAccess(Protocol):
     """What delivery needs from an engine: registers by name and linear-address memory."""
 
-    def reg(self, name: str) -> int: ...
+    def reg(self, name: str) -> int:
+        """By name: 32-bit ones ("eip", "esp", "eflags", "cs", "cr0", ...), and in long mode the
+        64-bit "rip", "rsp", "rflags" and "efer"."""
+        ...
 
     def set_reg(self, name: str, value: int) -> None: ...
 
@@ -79,6 +90,15 @@ def _u32(data: bytes, offset: int = 0) -> int:
     return int.from_bytes(data[offset:offset + 4], "little")
 
 
+def _u64(data: bytes, offset: int = 0) -> int:
+    return int.from_bytes(data[offset:offset + 8], "little")
+
+
+def in_long_mode(cpu: CpuAccess) -> bool:
+    """EFER.LMA: the CPU runs with 4-level paging and 64-bit IDT gates."""
+    return bool(cpu.reg("efer") & EFER_LMA)
+
+
 def _descriptor(cpu: CpuAccess, selector: int) -> tuple[int, int, int]:
     """(base, limit, access-high-dword) of a GDT code/data descriptor."""
     gdt_base, gdt_limit = cpu.table_register("gdtr")
@@ -101,6 +121,8 @@ def deliver(cpu: CpuAccess, vector: int, *, software: bool, error_code: int | No
     """Deliver one vector; raises DeliveryFault when the delivery itself faults."""
     if not cpu.reg("cr0") & 1:
         _deliver_real_mode(cpu, vector, return_eip)
+    elif in_long_mode(cpu):
+        _deliver_long_mode(cpu, vector, software, error_code, return_eip)
     else:
         _deliver_protected_mode(cpu, vector, software, error_code, return_eip)
 
@@ -146,21 +168,12 @@ def _deliver_real_mode(cpu: CpuAccess, vector: int, return_ip: int) -> None:
     cpu.set_reg("eip", entry & 0xFFFF)
 
 
-def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
-                            error_code: int | None, return_eip: int) -> None:
-    gate_error = vector * 8 + 2 + (0 if software else 1)
-    idt_base, idt_limit = cpu.table_register("idtr")
-    if vector * 8 + 7 > idt_limit:
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
-    raw = cpu.read_linear(idt_base + vector * 8, 8)
-    lo, hi = _u32(raw, 0), _u32(raw, 4)
+def _checked_gate(cpu: CpuAccess, vector: int, software: bool, hi: int, gate_error: int) -> tuple[int, int]:
+    """(gate type, CPL) for a gate the vector may go through: an interrupt or trap gate (the
+    same type numbers in 32-bit and 64-bit IDTs), present, and for INT n of DPL >= CPL."""
     gate_type = (hi >> 8) & 0x1F
     gate_dpl = (hi >> 13) & 3
-    eflags = cpu.reg("eflags")
-    if eflags & EFLAGS_VM:
-        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, "virtual-8086 mode is not supported")
-    old_cs = cpu.reg("cs")
-    cpl = old_cs & 3
+    cpl = cpu.reg("cs") & 3
     if software and gate_dpl < cpl:
         raise DeliveryFault(VECTOR_GENERAL_PROTECTION, vector * 8 + 2,
                             f"int {vector:#x} from ring {cpl} through a DPL {gate_dpl} gate")
@@ -169,6 +182,22 @@ def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
                             f"vector {vector}: unsupported gate type {gate_type:#x}")
     if not hi & (1 << 15):
         raise DeliveryFault(VECTOR_SEGMENT_NOT_PRESENT, gate_error, f"vector {vector}: gate not present")
+    return gate_type, cpl
+
+
+def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
+                            error_code: int | None, return_eip: int) -> None:
+    gate_error = vector * 8 + 2 + (0 if software else 1)
+    idt_base, idt_limit = cpu.table_register("idtr")
+    if vector * 8 + 7 > idt_limit:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
+    raw = cpu.read_linear(idt_base + vector * 8, 8)
+    lo, hi = _u32(raw, 0), _u32(raw, 4)
+    eflags = cpu.reg("eflags")
+    if eflags & EFLAGS_VM:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, 0, "virtual-8086 mode is not supported")
+    old_cs = cpu.reg("cs")
+    gate_type, cpl = _checked_gate(cpu, vector, software, hi, gate_error)
     target_cs = lo >> 16
     target_eip = (lo & 0xFFFF) | (hi & 0xFFFF0000)
     _, _, cs_access = _descriptor(cpu, target_cs)
@@ -209,3 +238,58 @@ def _deliver_protected_mode(cpu: CpuAccess, vector: int, software: bool,
     cpu.set_reg("eflags", new_flags)
     cpu.set_reg("esp", new_esp)
     cpu.set_reg("eip", target_eip)
+
+
+def _deliver_long_mode(cpu: CpuAccess, vector: int, software: bool,
+                       error_code: int | None, return_eip: int) -> None:
+    """Intel SDM vol. 3, 6.14 "Exception and interrupt handling in 64-bit mode": 16-byte gates;
+    the new RSP comes from the TSS when the privilege changes (RSP0..2) or the gate names an IST
+    entry (always then); the stack is aligned to 16 bytes; SS:RSP is always pushed; a privilege
+    change loads SS with the null selector of the new ring."""
+    gate_error = vector * 8 + 2 + (0 if software else 1)
+    idt_base, idt_limit = cpu.table_register("idtr")
+    if vector * 16 + 15 > idt_limit:
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, gate_error, f"vector {vector} beyond the IDT limit")
+    raw = cpu.read_linear(idt_base + vector * 16, 16)
+    lo, hi, upper = _u32(raw, 0), _u32(raw, 4), _u32(raw, 8)
+    ist = hi & 7
+    old_cs = cpu.reg("cs")
+    gate_type, cpl = _checked_gate(cpu, vector, software, hi, gate_error)
+    target_cs = lo >> 16
+    target_rip = (lo & 0xFFFF) | (hi & 0xFFFF0000) | (upper << 32)
+    _, _, cs_access = _descriptor(cpu, target_cs)
+    if not cs_access & DESCRIPTOR_L or not cs_access & (1 << 11):
+        raise DeliveryFault(VECTOR_GENERAL_PROTECTION, target_cs & ~3,
+                            f"vector {vector}: the gate's CS {target_cs:#x} is not 64-bit code")
+    target_dpl = (cs_access >> 13) & 3
+    conforming = bool(cs_access & (1 << 10))
+    new_cpl = cpl if conforming or target_dpl >= cpl else target_dpl
+    rflags = cpu.reg("rflags")
+    old_rsp = cpu.reg("rsp")
+    if new_cpl != cpl or ist:
+        tss_base, tss_limit = cpu.table_register("tr")
+        offset = TSS64_IST1 + 8 * (ist - 1) if ist else TSS64_RSP0 + 8 * new_cpl
+        if tss_limit < offset + 7:
+            raise DeliveryFault(VECTOR_INVALID_TSS, cpu.reg("tr") & ~3, "TSS too small for the stack switch")
+        new_rsp = _u64(cpu.read_linear(tss_base + offset, 8))
+    else:
+        new_rsp = old_rsp
+    new_rsp &= ~0xF
+    frame = [cpu.reg("ss"), old_rsp, rflags, old_cs, return_eip]
+    if error_code is not None:
+        frame.append(error_code)
+    data = b"".join((v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for v in reversed(frame))
+    new_rsp = (new_rsp - len(data)) & 0xFFFFFFFFFFFFFFFF
+    cpu.write_linear(new_rsp, data)                 # may raise DeliveryFault (#PF on the stack)
+
+    # The frame is written: now commit the register changes (SS: the new ring's null selector).
+    if new_cpl != cpl:
+        cpu.load_segments_from_user_mode((target_cs & ~3) | new_cpl, new_cpl)
+    elif target_cs != old_cs:
+        cpu.set_reg("cs", (target_cs & ~3) | new_cpl)
+    new_flags = rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+    if gate_type == GATE_INTERRUPT_64:
+        new_flags &= ~EFLAGS_IF
+    cpu.set_reg("rflags", new_flags)
+    cpu.set_reg("rsp", new_rsp)
+    cpu.set_reg("rip", target_rip)

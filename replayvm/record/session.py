@@ -21,6 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
+from replayvm.trace.format import FEATURE_SMP, FEATURE_X86_64
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -157,9 +158,14 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
-    if machine.cpus > 1:                     # a 1-CPU trace stays as before (format 1.2)
-        header["features"] = ["smp"]
+    features = []
+    if machine.cpus > 1:                     # a 1-CPU 32-bit trace stays as before (format 1.2)
+        features.append(FEATURE_SMP)
         header["cpus"] = machine.cpus
+    if machine.x86_64:
+        features.append(FEATURE_X86_64)
+    if features:
+        header["features"] = features
     start_position = 0
     if branch is not None:
         header.update(branch)

@@ -1,5 +1,6 @@
 """A GDB remote serial protocol server on a replay: gdb (or any RSP client) debugs the recorded
-session as if it were a live 32-bit x86 machine, forwards and backwards.
+session as if it were a live 32-bit x86 machine, forwards and backwards (a 64-bit guest's trace,
+one naming the x86-64 feature: an amd64 machine, with gdb's amd64 registers throughout).
 
 What a debugger may do here, and what it may not:
 - read registers and memory (guest-virtual addresses, through the guest's page tables);
@@ -96,12 +97,37 @@ TARGET_XML = """<?xml version="1.0"?>
 """
 
 
-def target_xml() -> str:
+# A 64-bit guest's trace (the x86-64 feature): gdb's amd64 core feature, whose `g` order is
+# 16 64-bit general registers, RIP, a 32-bit EFLAGS and six 32-bit segment registers, then x87.
+# gdb fixes the architecture when it connects, so the whole replay is shown as amd64 (the 32-bit
+# entry code too, with the upper halves zero).
+AMD64_CORE_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")
+AMD64_PC_REGNUM = 16
+AMD64_CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "efer")
+
+
+def target_xml(amd64: bool = False) -> str:
     x87 = "\n".join(f'    <reg name="{name}" bitsize="{bits}" type="{"i387_ext" if bits == 80 else "int"}"'
                     f' group="float"/>' for name, bits in X87_REGISTERS)
-    control = "\n".join(f'    <reg name="{name}" bitsize="32" type="int32" group="system"/>'
-                        for name in CONTROL_REGISTERS)
-    return TARGET_XML % {"x87": x87, "control": control}
+    if not amd64:
+        control = "\n".join(f'    <reg name="{name}" bitsize="32" type="int32" group="system"/>'
+                            for name in CONTROL_REGISTERS)
+        return TARGET_XML % {"x87": x87, "control": control}
+    core_xml = TARGET_XML.split('    <reg name="eax"')[0].replace("<architecture>i386</architecture>",
+                                                                "<architecture>i386:x86-64</architecture>")
+    general = "\n".join(f'    <reg name="{name}" bitsize="64" type="{_amd64_type(name)}"/>'
+                        for name in AMD64_CORE_REGISTERS).replace('"/>', '" regnum="0"/>', 1)
+    rest = '    <reg name="eflags" bitsize="32" type="i386_eflags"/>\n' + "\n".join(
+        f'    <reg name="{name}" bitsize="32" type="int32"/>' for name in ("cs", "ss", "ds", "es", "fs", "gs"))
+    control = "\n".join(f'    <reg name="{name}" bitsize="64" type="int64" group="system"/>'
+                        for name in AMD64_CONTROL_REGISTERS)
+    return (core_xml + general + "\n" + rest + "\n" + x87 + "\n  </feature>\n"
+            '  <feature name="org.replayvm.x86.control">\n' + control + "\n  </feature>\n</target>\n")
+
+
+def _amd64_type(name: str) -> str:
+    return {"rip": "code_ptr", "rsp": "data_ptr", "rbp": "data_ptr"}.get(name, "int64")
 
 
 def checksum(data: bytes) -> bytes:
@@ -200,6 +226,7 @@ class GdbStub:
         self.last_stop = "S05"
         self.conn: Connection | None = None
         self.finished = False
+        self.amd64 = timeline.x86_64            # a 64-bit guest: gdb's amd64 registers
 
     # ---------------------------------------------------------------- serving
     def serve(self, conn: Connection) -> None:
@@ -232,7 +259,7 @@ class GdbStub:
                 self.conn.ack = False
                 return None
             if text.startswith("qXfer:features:read:target.xml:"):
-                return self._xfer(target_xml().encode(), text.rsplit(":", 1)[1])
+                return self._xfer(target_xml(self.amd64).encode(), text.rsplit(":", 1)[1])
             if text == "g":
                 return self._read_registers()
             if head in ("G", "P"):
@@ -295,6 +322,13 @@ class GdbStub:
         """(value or None when unavailable, size in bytes) in target description order."""
         state = self.timeline.registers()
         values: list[tuple[int | None, int]] = []
+        if self.amd64:
+            values += [(state.regs.get(name, 0), 8) for name in AMD64_CORE_REGISTERS]
+            values.append((state.regs.get("rflags", 0) & 0xFFFFFFFF, 4))
+            values += [(getattr(state, name).selector, 4) for name in ("cs", "ss", "ds", "es", "fs", "gs")]
+            values += [(None, bits // 8) for _, bits in X87_REGISTERS]
+            values += [(getattr(state, name), 8) for name in AMD64_CONTROL_REGISTERS]
+            return values
         for name in CORE_REGISTERS:
             if name in state.regs:
                 values.append((state.regs[name] & 0xFFFFFFFF, 4))
@@ -371,9 +405,13 @@ class GdbStub:
         return self.last_stop.encode()
 
     def _stop_reply(self, stop: Stop, initial: bool = False) -> str:
-        eip = self.timeline.registers().regs.get("rip", 0) & 0xFFFFFFFF
+        pc = self.timeline.registers().regs.get("rip", 0)
         signal = SIGINT if stop.reason == "interrupted" else SIGTRAP
-        reply = f"T{signal:02x}thread:{THREAD:x};08:{eip.to_bytes(4, 'little').hex()};"
+        if self.amd64:
+            expedited = f"{AMD64_PC_REGNUM:02x}:{pc.to_bytes(8, 'little').hex()}"
+        else:
+            expedited = f"08:{(pc & 0xFFFFFFFF).to_bytes(4, 'little').hex()}"
+        reply = f"T{signal:02x}thread:{THREAD:x};{expedited};"
         if initial:
             return reply
         if stop.reason == "break":

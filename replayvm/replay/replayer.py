@@ -42,7 +42,7 @@ from replayvm.engines.registry import engine_class
 from replayvm.engines.base import CpuState, StopReason
 from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
-from replayvm.trace.format import DISK_READ_MINOR, POSITIONED, Kind, TraceFormatError
+from replayvm.trace.format import DISK_READ_MINOR, FEATURE_X86_64, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
 from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY, INPUT,
                                     INTERRUPT, RAM_PAGE, RUN, SECTOR, SWITCH)
@@ -331,7 +331,8 @@ class Replayer:
         # kvm's kicker needs real time for the exit-free watch
         config = MachineConfig(ram_bytes=ram_bytes, engine=engine,
                                virtual_clock=engine_class(engine).exact_positions,
-                               cpus=int(header.get("cpus") or 1))
+                               cpus=int(header.get("cpus") or 1),
+                               x86_64=FEATURE_X86_64 in (header.get("features") or ()))
         try:
             boot_state = CpuState.from_dict(header["initial_state"])
             machine = Machine(config, self._trace_console, disks=disks, boot_state=boot_state)

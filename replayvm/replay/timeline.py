@@ -283,6 +283,11 @@ class Timeline:
     def registers(self):
         return self.engine.get_state()
 
+    @property
+    def x86_64(self) -> bool:
+        """Whether the trace's guest is 64-bit (its header names the x86-64 feature)."""
+        return self.replayer.machine.x86_64
+
     def read_memory(self, address: int, length: int) -> bytes:
         """Guest-virtual memory through the guest's page tables (GuestAddressFault where an
         address does not translate to RAM)."""

@@ -22,7 +22,13 @@ FEATURES_MINOR = 0               # (several CPUs, a plain PC, long mode...): its
 READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # The machine features this release replays: each one a trace may name in its header's `features`.
 # A feature is added here in the release that records it, never removed.
-KNOWN_FEATURES: frozenset[str] = frozenset({"smp"})   # smp: several CPUs (header `cpus`, SWITCH)
+# "smp": several CPUs (header `cpus`, SWITCH records).
+# "x86-64": a 64-bit guest (the kernel is an ELF64), which the emu engine runs on a vCPU that can
+# enter long mode; named whenever the recording's guest is 64-bit, since the header is written
+# before it runs (whether it did enter long mode is not known yet).
+FEATURE_SMP = "smp"
+FEATURE_X86_64 = "x86-64"
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_X86_64})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
