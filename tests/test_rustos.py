@@ -1,6 +1,8 @@
-"""rustos, the bundled Rust teaching kernel (guests/rustos), on the kvm engine: it boots by
+"""rustos, the bundled Rust teaching kernel (guests/rustos), on both engines: it boots by
 multiboot into long mode, takes timer and COM1 interrupts, runs preemptive tasks and a ring-3
 task with system calls, reads the IDE disk; its sessions replay verified from the trace alone.
+On emu the sessions run on the virtual clock (every count below is the same on every host), are
+counted exactly as the reference per-instruction counting counts them, and replay under gdb.
 
 The kernel is built with Debian's Rust packages (rustc-web, cargo-web, rust-web-src): without
 them these tests skip on a developer machine and fail on CI, which installs them (.ci/run).
@@ -8,11 +10,14 @@ them these tests skip on a developer machine and fail on CI, which installs them
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -25,16 +30,41 @@ from tests.conftest import ON_CI, kvm_usable
 
 XORSHIFT_SEED = 0x2545F4914F6CDD1D      # the ring-3 program's starting value (guests/rustos/src/user.rs)
 RUSTOS_RAM_MIB = 64
+TIMER_VECTOR = 32                       # guests/rustos/src/trap.rs
+
+
+def xorshift_step(x: int) -> int:
+    mask = (1 << 64) - 1
+    x ^= (x << 13) & mask
+    x ^= x >> 7
+    return x ^ ((x << 17) & mask)
 
 
 def xorshift(steps: int, x: int = XORSHIFT_SEED) -> int:
-    """What the ring-3 program computes: `steps` xorshift64 steps."""
-    mask = (1 << 64) - 1
-    for _ in range(steps):
-        x ^= (x << 13) & mask
-        x ^= x >> 7
-        x ^= (x << 17) & mask
+    """What the ring-3 program computes: `steps` xorshift64 steps. A step is linear over GF(2),
+    so `steps` of them are one 64x64 bit matrix (kept as the images of the 64 unit vectors),
+    raised to that power by squaring: a billion steps cost a few thousand operations."""
+    def apply(images: list[int], v: int) -> int:
+        out = 0
+        for bit in range(64):
+            if v >> bit & 1:
+                out ^= images[bit]
+        return out
+
+    power = [xorshift_step(1 << bit) for bit in range(64)]
+    while steps:
+        if steps & 1:
+            x = apply(power, x)
+        power = [apply(power, image) for image in power]
+        steps >>= 1
     return x
+
+
+def test_xorshift_by_matrix_powers_is_the_step_repeated():
+    x = XORSHIFT_SEED
+    for _ in range(1000):
+        x = xorshift_step(x)
+    assert xorshift(1000) == x and xorshift(0) == XORSHIFT_SEED
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +80,30 @@ def rustos() -> GuestBoot:
         raise
 
 
-def rustos_session(boot: GuestBoot, script: bytes, trace=None, **kwargs):
+ENGINES = ("kvm", "emu")
+# The ring-3 program's long run: on kvm 200 rounds of a million steps (~2 s of guest time); on emu,
+# on the virtual clock (1 ns per instruction, a tick every 10 M instructions), 20 rounds (~220 M
+# instructions, ~22 ticks) keep the test short.
+CPU_BOUND_ROUNDS = {"kvm": 200, "emu": 20}
+EMU_SESSION = {"virtual_clock": True}        # host timing never decides an emu verdict here
+
+
+def require_engine(engine: str) -> None:
+    """kvm needs /dev/kvm (a failure on CI without it); emu runs everywhere."""
+    if engine == "kvm":
+        ok, why = kvm_usable()
+        if not ok:
+            if ON_CI:
+                pytest.fail(f"CI requires KVM: {why}")
+            pytest.skip(why)
+
+
+def rustos_session(boot: GuestBoot, script: bytes, trace=None, engine: str = "kvm", **kwargs):
     out = io.BytesIO()
+    if engine == "emu":
+        kwargs = {**EMU_SESSION, **kwargs}
     outcome, machine = run_session(SessionOptions(
-        engine="kvm", kernel=boot.kernel, disks=list(boot.disks), script=script, trace=trace,
+        engine=engine, kernel=boot.kernel, disks=list(boot.disks), script=script, trace=trace,
         ram_mib=RUSTOS_RAM_MIB, timeout_s=120, **kwargs), output=out)
     return outcome, out.getvalue().decode(errors="replace").replace("\r\n", "\n"), machine
 
@@ -90,25 +140,50 @@ def test_guest_selection_refuses_unknown_guests_and_disks(tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-@pytest.fixture(scope="module")
-def recorded(rustos, tmp_path_factory):
-    """One kvm session of every feature: typed commands (COM1 input through the IOAPIC), the
-    disk, the ring-3 program computing (200 rounds of a million steps: many timer ticks), the
-    race, the task list."""
-    ok, why = kvm_usable()
-    if not ok:
-        if ON_CI:
-            pytest.fail(f"CI requires KVM: {why}")
-        pytest.skip(why)
-    trace = tmp_path_factory.mktemp("rustos") / "rustos.zst"
-    outcome, text, machine = rustos_session(
-        rustos, b"help\ndisk\nuser 3 1000\nuser 200 1000000\nrace\ntasks\nticks\n", trace=trace)
-    return outcome, text, machine, trace
+class Recorded(NamedTuple):
+    engine: str
+    outcome: object
+    text: str
+    machine: object
+    trace: Path
+    delivered: list[tuple[int, bool, int]]   # emu: (vector, raised by `int`, CPL before it)
 
 
-def test_rustos_boots_into_long_mode_and_runs_its_shell_on_kvm(recorded):
-    outcome, text, machine, _ = recorded
-    assert outcome.reason == "script-done", text
+def watch_deliveries(stack: contextlib.ExitStack) -> list[tuple[int, bool, int]]:
+    """Every vector the emu engine delivers, as it delivers it (observed, not replaced): which
+    vector, whether an `int` instruction raised it, and the ring it interrupted."""
+    from replayvm.engines import x86_delivery
+
+    delivered: list[tuple[int, bool, int]] = []
+    deliver = x86_delivery.deliver_with_escalation
+
+    def observed(cpu, vector: int, *, software: bool, error_code, return_eip: int) -> None:
+        delivered.append((vector, software, cpu.reg("cs") & 3))
+        deliver(cpu, vector, software=software, error_code=error_code, return_eip=return_eip)
+
+    stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+        x86_delivery, "deliver_with_escalation", observed)
+    return delivered
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def recorded(request, rustos, tmp_path_factory) -> Recorded:
+    """One session of every feature per engine: typed commands (COM1 input through the IOAPIC),
+    the disk, the ring-3 program computing (CPU_BOUND_ROUNDS rounds of a million steps: many
+    timer ticks), the race, the task list."""
+    engine = request.param
+    require_engine(engine)
+    trace = tmp_path_factory.mktemp(f"rustos-{engine}") / "rustos.zst"
+    script = f"help\ndisk\nuser 3 1000\nuser {CPU_BOUND_ROUNDS[engine]} 1000000\nrace\ntasks\nticks\n"
+    with contextlib.ExitStack() as stack:
+        delivered = watch_deliveries(stack) if engine == "emu" else []
+        outcome, text, machine = rustos_session(rustos, script.encode(), trace=trace, engine=engine)
+    return Recorded(engine, outcome, text, machine, trace, delivered)
+
+
+def test_rustos_boots_into_long_mode_and_runs_its_shell(recorded):
+    text, machine = recorded.text, recorded.machine
+    assert recorded.outcome.reason == "script-done", text
     assert "rustos: long mode, 64-bit" in text
     assert "$ help\ncommands: echo TEXT" in text                      # typed bytes echoed: COM1 RX
     assert "disk: sector 1: hello from the IDE disk, sector 1" in text   # IDE PIO
@@ -116,36 +191,51 @@ def test_rustos_boots_into_long_mode_and_runs_its_shell_on_kvm(recorded):
     assert re.search(r"task 0: shell \(preempted \d+ times\)", text)
     ticks = int(re.search(r"ticks: (\d+)", text).group(1))
     assert ticks > 0 and machine.lapic.timer_interrupts_raised >= ticks
+    assert machine.x86_64                           # emu: a UC_MODE_64 vCPU for the ELF64 kernel
 
 
 def test_ring3_task_computes_and_makes_system_calls(recorded):
-    """`int 0x80` from ring 3: a #UD on PVM, taken as the system call by the kernel."""
-    _, text, _, _ = recorded
+    """`int 0x80` from ring 3: a #UD on PVM, taken as the system call by the kernel; on emu the
+    instruction itself goes through the IDT's DPL-3 gate, and no #UD is ever raised."""
+    text = recorded.text
     assert text.count("user: hello from ring 3") == 2                  # SYS_WRITE
     # SYS_PROGRESS each round and SYS_EXIT with the value: the task ran in its own address space.
     assert f"exits with {xorshift(3 * 1000):#018x} after 3 rounds" in text
+    rounds = CPU_BOUND_ROUNDS[recorded.engine]
+    assert f"exits with {xorshift(rounds * 1_000_000):#018x} after {rounds} rounds" in text
+    if recorded.engine == "emu":
+        system_calls = (1 + 3 + 1) + (1 + rounds + 1)      # write, a progress per round, exit
+        assert recorded.delivered.count((0x80, True, 3)) == system_calls
+        assert not [d for d in recorded.delivered if d[0] == 6]            # no #UD
+        assert not [d for d in recorded.delivered if d[0] == 0x80 and d[2] != 3]
 
 
 def test_cpu_bound_ring3_task_is_preempted_by_the_timer_many_times(recorded):
     """PVM gives no debug exits in native ring-3 code: the kvm engine places each tick that
     arrives while the task computes at the task's next entry into the kernel (its next system
-    call), where replay can find it. The task is preempted there, many times."""
-    _, text, machine, trace = recorded
-    preempted = int(re.search(r"after 200 rounds, preempted (\d+) times", text).group(1))
+    call), where replay can find it. The task is preempted there, many times. The emu engine
+    stops ring-3 code at any instruction: the ticks interrupt the computation itself."""
+    text, machine = recorded.text, recorded.machine
+    rounds = CPU_BOUND_ROUNDS[recorded.engine]
+    found = re.search(rf"after {rounds} rounds, preempted (\d+) times \((\d+) in ring 3\)", text)
+    preempted, in_ring3 = int(found.group(1)), int(found.group(2))
     assert preempted >= 5, text
-    assert machine.engine.deferred_interrupts() >= 5          # ticks that came while ring 3 ran
-    summary = summarize(trace)
+    if recorded.engine == "kvm":
+        assert machine.engine.deferred_interrupts() >= 5          # ticks that came while ring 3 ran
+    else:
+        assert in_ring3 >= 5, text
+        assert recorded.delivered.count((TIMER_VECTOR, False, 3)) >= in_ring3
+    summary = summarize(recorded.trace)
     assert summary["interrupts_by_source"]["timer"] >= preempted and summary["interrupts_by_source"]["com1"] > 0
 
 
 def test_rustos_session_replays_verified_from_the_trace_alone(recorded, tmp_path):
-    _, text, _, trace = recorded
     moved = tmp_path / "moved.zst"                      # no disk image, no kernel: the trace only
-    moved.write_bytes(trace.read_bytes())
+    moved.write_bytes(recorded.trace.read_bytes())
     out = io.BytesIO()
     result = replay(moved, output=out)
     assert result.verified and not result.mismatches
-    assert out.getvalue().decode(errors="replace").replace("\r\n", "\n") == text
+    assert out.getvalue().decode(errors="replace").replace("\r\n", "\n") == recorded.text
 
 
 def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos, require_kvm, tmp_path):
@@ -192,6 +282,7 @@ def test_chaos_catches_the_race_and_replay_gives_the_same_wrong_counter(rustos, 
     assert replayed.group(1) == recorded.group(1)
 
 
+@pytest.mark.parametrize("recorded", ["kvm"], indirect=True)
 def test_kvm_places_interrupts_only_where_replay_can_find_them(recorded):
     """Every interrupt placed between exits has a landmark in kernel code (not in native ring-3
     code, where PVM gives no breakpoints) at an instruction's start (RF clear: not halfway
@@ -202,7 +293,7 @@ def test_kvm_places_interrupts_only_where_replay_can_find_them(recorded):
 
     user_base = 0x80_0000_0000                          # guests/rustos/src/memory.rs USER_BASE
     landmarks = []
-    with TraceReader(recorded[3]) as reader:
+    with TraceReader(recorded.trace) as reader:
         for record in reader:
             if record[0] == Kind.INTERRUPT and INTERRUPT.get(record, "landmark") is not None:
                 landmarks.append(INTERRUPT.get(record, "landmark"))
