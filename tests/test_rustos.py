@@ -238,7 +238,13 @@ def test_rustos_session_replays_verified_from_the_trace_alone(recorded, tmp_path
     assert out.getvalue().decode(errors="replace").replace("\r\n", "\n") == recorded.text
 
 
-def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos, require_kvm, tmp_path):
+# On the command line: kvm is what `auto` picks here (PVM runs long mode); emu is asked for.
+ENGINE_ARGS = {"kvm": [], "emu": ["--engine", "emu"]}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos, engine, tmp_path):
+    require_engine(engine)
     trace, db = tmp_path / "t.zst", tmp_path / "t.db"
 
     def cli(*args: str) -> str:
@@ -247,11 +253,13 @@ def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos,
         assert result.returncode == 0, result.stderr
         return result.stdout + result.stderr
 
-    text = cli("record", "--guest", "rustos", "--mem", str(RUSTOS_RAM_MIB), "--input", "disk\n",
-               "-o", str(trace))
-    assert "engine kvm: KVM runs 64-bit long-mode guests here" in text
+    text = cli("record", "--guest", "rustos", *ENGINE_ARGS[engine], "--mem", str(RUSTOS_RAM_MIB),
+               "--input", "disk\n", "-o", str(trace))
+    if engine == "kvm":
+        assert "engine kvm: KVM runs 64-bit long-mode guests here" in text
     assert "disk: sector 1: hello from the IDE disk" in text
-    assert "boot from multiboot" in cli("info", str(trace))
+    info = cli("info", str(trace))
+    assert "boot from multiboot" in info and f"engine {engine}," in info
     assert "replay verified" in cli("replay", str(trace), "--quiet")
     elf = cli("guest", "rustos").strip()
     assert elf == str(rustos.kernel)
@@ -267,10 +275,16 @@ def test_ci_installs_the_rust_toolchain():
     assert "apt-get install -y -qq rustc-web cargo-web rust-web-src" in ci
 
 
-def test_chaos_catches_the_race_and_replay_gives_the_same_wrong_counter(rustos, require_kvm, tmp_path):
+# emu on the virtual clock from seed 1: the same runs on every host.
+CHAOS_ARGS = {"kvm": [], "emu": ["--engine", "emu", "--virtual-clock", "--seed", "1"]}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_chaos_catches_the_race_and_replay_gives_the_same_wrong_counter(rustos, engine, tmp_path):
+    require_engine(engine)
     trace = tmp_path / "race.zst"
     result = subprocess.run([sys.executable, "-m", "replayvm.cli", "record", "--guest", "rustos",
-                             "--mem", str(RUSTOS_RAM_MIB), "--chaos", "--repeat", "5",
+                             *CHAOS_ARGS[engine], "--mem", str(RUSTOS_RAM_MIB), "--chaos", "--repeat", "5",
                              "--until-fail", "LOST UPDATES", "--input", "race\n", "-o", str(trace)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -322,3 +336,38 @@ def test_emu_counts_rustos_under_chaos_exactly_as_the_reference_counts(rustos, m
     events = check_same_sessions(monkeypatch, tmp_path, b"user 3 1000000\nrace\n", chaos_seed=5,
                                  kernel=rustos.kernel, disks=list(rustos.disks), ram_mib=RUSTOS_RAM_MIB)
     assert sum(1 for event in events if event[0] == Kind.INTERRUPT) > 1000
+
+
+RACE_SEEDS = range(1, 11)
+LOST = re.compile(r"race: counter=(\d+) expected=(\d+)\nrace: LOST UPDATES")
+RACE = re.compile(r"race: counter=(\d+) expected=(\d+)\nrace: (?:ok|LOST UPDATES)")
+
+
+def test_chaos_on_emu_makes_the_race_lose_updates_more_often_and_replays_the_wrong_counter(
+        rustos, tmp_path, capsys):
+    """On the virtual clock a session is a pure function of its script and seed, so these counts
+    are the same on every host. Without chaos, sessions of the same script are identical: the
+    plain side runs its races one after the other in one session instead, each starting at
+    another phase of the timer. With chaos, one race per seed."""
+    outcome, plain, _ = rustos_session(rustos, b"race\n" * len(RACE_SEEDS), engine="emu")
+    assert outcome.reason == "script-done", plain
+    plain_races = RACE.findall(plain)
+    plain_lost = sum(1 for counter, expected in plain_races if int(counter) < int(expected))
+    assert len(plain_races) == len(RACE_SEEDS)
+    chaotic_lost, failing = 0, []
+    for seed in RACE_SEEDS:
+        trace = tmp_path / f"chaos-{seed}.zst"
+        outcome, text, _ = rustos_session(rustos, b"race\n", trace=trace, engine="emu", chaos_seed=seed)
+        assert outcome.reason == "script-done", text
+        if LOST.search(text):
+            chaotic_lost += 1
+            failing.append((trace, LOST.findall(text)))
+    with capsys.disabled():
+        print(f"\nrustos on emu, virtual clock: the race lost updates in {chaotic_lost} of "
+              f"{len(RACE_SEEDS)} chaos sessions (seeds {RACE_SEEDS.start}-{RACE_SEEDS.stop - 1}), "
+              f"in {plain_lost} of {len(plain_races)} races without chaos")
+    assert chaotic_lost >= len(RACE_SEEDS) - 1 and chaotic_lost > plain_lost
+    for trace, wrong in failing[:3]:                  # replays are exact: the same wrong counters
+        out = io.BytesIO()
+        result = replay(trace, output=out)
+        assert result.verified and LOST.findall(out.getvalue().decode(errors="replace").replace("\r\n", "\n")) == wrong
