@@ -27,6 +27,7 @@ from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import replay
 from replayvm.trace.summary import summarize
 from tests.conftest import ON_CI, kvm_usable
+from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
 
 XORSHIFT_SEED = 0x2545F4914F6CDD1D      # the ring-3 program's starting value (guests/rustos/src/user.rs)
 RUSTOS_RAM_MIB = 64
@@ -371,3 +372,48 @@ def test_chaos_on_emu_makes_the_race_lose_updates_more_often_and_replays_the_wro
         out = io.BytesIO()
         result = replay(trace, output=out)
         assert result.verified and LOST.findall(out.getvalue().decode(errors="replace").replace("\r\n", "\n")) == wrong
+
+
+# The TrapFrame (guests/rustos/src/trap.rs) that `trap` gets in RDI: 15 registers, then these.
+FRAME_VECTOR, FRAME_RIP, FRAME_CS = 15 * 8, 17 * 8, 18 * 8
+USER_BASE = 0x80_0000_0000                              # guests/rustos/src/memory.rs
+
+
+def test_gdb_on_an_emu_replay_of_rustos(rustos, gdb, tmp_path):
+    """gdb with the amd64 description on an emu replay of rustos: a breakpoint at a Rust function
+    by its path, 64-bit registers, stepi and reverse-stepi back to identical registers, the
+    backtrace into the shell; the timer handler (`trap` for vector 32, a condition gdb evaluates
+    on the frame); and a breakpoint in the ring-3 program, in its own address space."""
+    from tests.test_long_mode import amd64_registers
+
+    trace = tmp_path / "rustos.zst"
+    outcome, _, _ = rustos_session(rustos, b"disk\nuser 2 1000\n", trace=trace, engine="emu")
+    assert outcome.reason == "script-done"
+    stub = Stub(trace)
+    out = run_gdb(gdb, rustos.kernel, stub.address, [
+        "show architecture", "break rustos::ide::read_sector", "continue",
+        "echo BEFORE\\n", "info registers",
+        "stepi", "echo STEPPED\\n", "info registers",
+        "reverse-stepi", "echo BACK\\n", "info registers", "bt 2",
+        "delete", f"break trap if *(long *)($rdi + {FRAME_VECTOR}) == {TIMER_VECTOR}", "continue",
+        "echo TICK\\n", f"print/x *(long *)($rdi + {FRAME_CS})", "monitor when",
+        "delete", f"break *{USER_BASE:#x}", "continue",
+        "echo RING3\\n", "info registers",
+        "stepi", "reverse-stepi", "echo RING3BACK\\n", "info registers",
+    ])
+    stub.finish()
+    assert 'currently "i386:x86-64"' in out, out
+    assert "Breakpoint 1, 0x" in out and "in rustos::ide::read_sector ()" in out, out
+    before, stepped, back = (amd64_registers(out, m) for m in ("BEFORE", "STEPPED", "BACK"))
+    assert re.search(r"^r15\s+0x", before, re.M), before
+    assert re.search(r"^rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <rustos::ide::read_sector>", before, re.M), before
+    assert re.search(r"^cs\s+0x8\b", before, re.M) and re.search(r"^efer\s+0x500\b", before, re.M)
+    assert stepped != before and back == before            # identical registers after reverse-stepi
+    assert re.search(r"^#1\s+0x[0-9a-f]+ in rustos::shell \(\)", out, re.M), out
+    tick = out.split("TICK\n", 1)[1]
+    assert re.match(r"\$\d+ = 0x(8|23)\n", tick), tick     # the timer interrupted ring 0 or ring 3
+    assert re.search(r"instruction \d+ of \d+, after event \d+", tick)
+    ring3, ring3_back = amd64_registers(out, "RING3"), amd64_registers(out, "RING3BACK")
+    assert re.search(rf"^rip\s+{USER_BASE:#x}\b", ring3, re.M) and re.search(r"^cs\s+0x23\b", ring3, re.M)
+    assert re.search(r"^rsp\s+0x80000\w{5}\b", ring3, re.M), ring3      # the user stack, 64-bit
+    assert ring3_back == ring3
