@@ -270,8 +270,6 @@ def test_record_guest_rustos_info_replay_and_analyze_on_the_command_line(rustos,
 
 
 def test_ci_installs_the_rust_toolchain():
-    from pathlib import Path
-
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "apt-get install -y -qq rustc-web cargo-web rust-web-src" in ci
 
@@ -417,3 +415,16 @@ def test_gdb_on_an_emu_replay_of_rustos(rustos, gdb, tmp_path):
     assert re.search(rf"^rip\s+{USER_BASE:#x}\b", ring3, re.M) and re.search(r"^cs\s+0x23\b", ring3, re.M)
     assert re.search(r"^rsp\s+0x80000\w{5}\b", ring3, re.M), ring3      # the user stack, 64-bit
     assert ring3_back == ring3
+
+
+def test_bench_rustos_prints_figures_for_the_engines_asked(rustos, tmp_path):
+    """bench/bench_rustos.py end to end in a tiny run on emu: the figures are there (never
+    compared with anything: they are the host's)."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_rustos.py"
+    result = subprocess.run([sys.executable, str(script), "--engines", "emu", "--rounds", "2",
+                             "--iterations", "1000", "--runs", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rustos on emu, median of 1" in result.stdout and "rustos on kvm" not in result.stdout
+    assert re.search(r"boot to the prompt\s+\d+\.\d+ s", result.stdout)
+    assert re.search(r"all instructions counted\s+[\d,]+: [\d,]+ MIPS recording", result.stdout)
