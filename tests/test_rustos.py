@@ -428,3 +428,16 @@ def test_bench_rustos_prints_figures_for_the_engines_asked(rustos, tmp_path):
     assert "rustos on emu, median of 1" in result.stdout and "rustos on kvm" not in result.stdout
     assert re.search(r"boot to the prompt\s+\d+\.\d+ s", result.stdout)
     assert re.search(r"all instructions counted\s+[\d,]+: [\d,]+ MIPS recording", result.stdout)
+
+
+@pytest.mark.parametrize("recorded", ["emu"], indirect=True)
+def test_replay_until_prints_a_long_mode_cpu_with_all_sixteen_registers(recorded):
+    """`replay --until` in the ring-3 program (the emu session is on the virtual clock: the same
+    instruction is there on every host): r8-r15 and EFER too, 64-bit values whole."""
+    result = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", str(recorded.trace),
+                             "--until", "i100,000,000", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    state = result.stdout + result.stderr
+    assert re.search(r"rip=0x80000000\w\w ", state) and "cs=0x0023" in state, state   # ring 3
+    assert re.search(r"r12=0x\w+ r13=0x\w+ r14=0x\w+ r15=0x0*f4240\b", state), state   # ITERATIONS
+    assert "efer=0x500" in state
