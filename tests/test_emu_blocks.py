@@ -56,6 +56,23 @@ class PositionLog(PortLog):
                                   int.from_bytes(data[k * size:(k + 1) * size], "little")))
 
 
+# PAE tables at 0x5000 (PDPT) and 0x6000 (page directory), 0-2 MiB as one 2 MiB page, and the
+# switch to them (CR4.PAE, CR3, CR0.PG), ending with a jump to the label `1:` that follows.
+PAE_FIRST_2MIB = """
+    movl $0x6001, 0x5000      # PDPT[0] -> the page directory at 0x6000
+    movl $0, 0x5004
+    movl $0x87, 0x6000        # 0-2 MiB: a 2 MiB page
+    movl $0, 0x6004"""
+PAE_ON = """
+    mov $0x20, %eax           # CR4.PAE
+    mov %eax, %cr4
+    mov $0x5000, %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80000000, %eax
+    mov %eax, %cr0
+    jmp 1f"""
+
 PROGRAMS = {
     "port I/O inside a block": ("""
     mov $3, %ecx
@@ -114,21 +131,10 @@ target2:
     out %eax, $0x84
     hlt
 """, {}, False),
-    "PAE paging switched on: QEMU's page walk takes over": ("""
-    movl $0x6001, 0x5000      # PDPT[0] -> the page directory at 0x6000
-    movl $0, 0x5004
-    movl $0x87, 0x6000        # 0-2 MiB and 2-4 MiB: 2 MiB pages
-    movl $0, 0x6004
-    movl $0x200087, 0x6008
+    "PAE paging switched on: QEMU's page walk takes over": (PAE_FIRST_2MIB + """
+    movl $0x200087, 0x6008    # and 2-4 MiB
     movl $0, 0x600c
-    mov $0x20, %eax           # CR4.PAE
-    mov %eax, %cr4
-    mov $0x5000, %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80000000, %eax
-    mov %eax, %cr0
-    jmp 1f
+""" + PAE_ON + """
 1:  inc %ebx
     movl $5, 0x300000         # a store through the PAE tables
     inc %ebx
@@ -137,20 +143,8 @@ target2:
     hlt
 """, {}, False),
     "PAE paging with page faults delivered through it": ("""
-    SETGATE 14, pf_pae, 0
-    movl $0x6001, 0x5000      # PDPT[0] -> the page directory at 0x6000
-    movl $0, 0x5004
-    movl $0x87, 0x6000        # 0-2 MiB: a 2 MiB page; 2-6 MiB not present yet
-    movl $0, 0x6004
-    mov $0x20, %eax           # CR4.PAE
-    mov %eax, %cr4
-    mov $0x5000, %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80000000, %eax
-    mov %eax, %cr0
-    jmp 1f
-1:  inc %ebx
+    SETGATE 14, pf_pae, 0""" + PAE_FIRST_2MIB + PAE_ON + """
+1:  inc %ebx                  # 2-6 MiB not present yet
     movl $5, 0x300000         # #PF (write, not present), mapped by the handler, done again
     inc %ebx
     mov 0x500010, %eax        # #PF (read)

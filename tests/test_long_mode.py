@@ -25,6 +25,7 @@ from replayvm.trace import format as trace_format
 from replayvm.trace.format import FEATURE_X86_64
 from tests import test_emu_blocks, test_emu_engine
 from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
+from tests.test_rustos import RUSTOS_RAM_MIB, rustos, xorshift  # noqa: F401  (rustos: the fixture)
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
 EFER_LMA = 1 << 10
@@ -263,3 +264,27 @@ def test_a_64bit_vcpu_walks_pae_tables_itself_as_qemu_does(monkeypatch, name):
     assert fast_engine.long_mode_capable and fast_engine.page_walk == "engine"
     assert fast_engine.counting == "blocks" and ref_engine.page_walk == "qemu"
     assert fast == ref
+
+
+def test_rustos_runs_on_emu_and_replays_verified(rustos, tmp_path, monkeypatch):
+    """The Rust teaching kernel (guests/rustos) on emu: its shell, the IDE disk, a ring-3 task
+    making system calls by `int $0x80` (on emu a real software interrupt through its DPL 3 gate)
+    and preempted by the timer while it computes in ring 3 -- each tick at its exact instruction
+    -- replayed verified from the trace alone."""
+    monkeypatch.delenv(REFERENCE, raising=False)
+    trace = tmp_path / "rustos-emu.zst"
+    out = io.BytesIO()
+    outcome, machine = run_session(SessionOptions(
+        engine="emu", kernel=rustos.kernel, disks=list(rustos.disks), trace=trace, virtual_clock=True,
+        script=b"disk\nuser 3 1000\nuser 40 1000000\nrace\n", ram_mib=RUSTOS_RAM_MIB, timeout_s=60),
+        output=out)
+    text = out.getvalue().decode(errors="replace").replace("\r\n", "\n")
+    assert outcome.reason == "script-done", text
+    assert machine.x86_64 and machine.engine.counting == "blocks" and machine.engine.page_walk == "engine"
+    assert "disk: sector 1: hello from the IDE disk, sector 1" in text
+    assert f"exits with {xorshift(3 * 1000):#018x} after 3 rounds" in text
+    ring3 = re.search(r"after 40 rounds, preempted (\d+) times \((\d+) in ring 3\)", text)
+    assert ring3 and int(ring3.group(2)) >= 5, text
+    assert re.search(r"race: counter=\d+ expected=\d+", text)
+    result = replay(trace, output=io.BytesIO())
+    assert result.verified and result.console.decode(errors="replace").replace("\r\n", "\n") == text

@@ -1441,7 +1441,8 @@ int replayvm_uc_add_watch_hook(uc_engine *uc, struct emu_state *s, uc_hook *out)
    user/supervisor and read/write checks with CR0.WP, 4 MiB pages under CR4.PSE, write access only
    once the dirty bit is set, the same #PF error codes -- with one difference in what it hands
    the TLB: a data access to a page no code was fetched from gets a non-executable entry.
-   PAE (and long mode) is not walked here: the engine falls back to QEMU's walk (pae_seen). */
+   PAE and long mode: on a 64-bit vCPU walk_pae_fill below; on a 32-bit one the engine falls
+   back to QEMU's walk (pae_seen). */
 #define PG_PRESENT 0x001u
 #define PG_RW 0x002u
 #define PG_USER 0x004u
