@@ -25,6 +25,8 @@ import enum
 from dataclasses import dataclass, field, asdict, fields
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
 
+from replayvm.engines.x86_delivery import EFER_LMA
+
 if TYPE_CHECKING:
     from replayvm.bus import Bus, PioBus
     from replayvm.clock import GuestClock
@@ -114,6 +116,10 @@ class CpuState:
             " ".join(f"{n}={getattr(self, n).selector:#06x}" for n in ("cs", "ds", "es", "ss", "fs", "gs")),
             f"gdt={self.gdt[0]:#x}/{self.gdt[1]:#x} idt={self.idt[0]:#x}/{self.idt[1]:#x}",
         ]
+        if self.efer & EFER_LMA:          # long mode: the other eight registers, and EFER
+            lines[3:3] = [" ".join(f"{n}={r.get(n, 0):#010x}" for n in ("r8", "r9", "r10", "r11")),
+                          " ".join(f"{n}={r.get(n, 0):#010x}" for n in ("r12", "r13", "r14", "r15"))]
+            lines[-1] += f" efer={self.efer:#x}"
         return "\n".join(lines)
 
 
