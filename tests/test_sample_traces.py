@@ -18,7 +18,11 @@ EXPECTED_CONSOLE = {
     "demo-race.zst": b"race: ok",
     "demo-chaos-race.zst": b"race: LOST UPDATES",
 }
-SINCE = {"demo-branch.zst": ((0, 3, 0), b"branch")}      # kinds of sample later releases added
+SINCE = {"demo-branch.zst": ((0, 3, 0), b"branch"),      # kinds of sample later releases added
+         "demo-smp-race.zst": ((0, 6, 0), b"(2 CPUs)"),           # format 3.0, feature smp
+         "biosboot.zst": ((0, 6, 0), b"biosboot: done"),           # feature pc
+         "long64.zst": ((0, 6, 0), b"long64: back in ring 0"),      # feature x86-64
+         "rustos.zst": ((0, 6, 0), b"user: hello from ring 3")}     # feature x86-64
 
 
 def sample_traces() -> list[Path]:
@@ -27,7 +31,7 @@ def sample_traces() -> list[Path]:
 
 def test_every_release_folder_has_a_sample_of_each_kind() -> None:
     releases = {path.parent.name for path in sample_traces()}
-    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"} <= releases
+    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"} <= releases
     for release in releases:
         names = {path.name for path in (TRACES / release).glob("*.zst")}
         version = tuple(int(part) for part in release.split("."))
