@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from replayvm.record.session import SessionOptions, run_session
-from replayvm.replay.replayer import Divergence, replay
+from replayvm.replay.replayer import replay
 from tests.conftest import local_build
 
 RAM_MIB = 512                        # its Makefile's `qemu -m 512`
@@ -127,13 +127,6 @@ def test_on_pvm_its_first_system_call_is_ud_and_the_workaround_records_and_repla
     assert outcome.reason == "script-done", (outcome, text[-2000:])
     assert_ls_listing(text)
     out = io.BytesIO()
-    try:
-        result = replay(trace, output=out)
-    except Divergence as error:
-        # An open kvm-engine bug, not this guest's: now and then a recording places a timer
-        # interrupt at an exit count the replayed guest passes without taking it ("expected
-        # interrupt vector 32 (timer) at position N; the guest did a pio_read at N+1", right after
-        # the IDE interrupt's EOI). Kept visible as an xfail until the engine is fixed.
-        pytest.xfail(f"known kvm replay divergence: {error}")
+    result = replay(trace, output=out)     # a tick right after a LAPIC ID read: by its landmark
     assert result.verified and not result.mismatches
     assert out.getvalue().decode(errors="replace").replace("\r\n", "\n") == text
