@@ -339,6 +339,33 @@ def test_kvm_trace_replays_on_kvm_including_an_interrupt_placed_by_landmark(requ
         replayer.close()
 
 
+def test_kvm_landmark_interrupt_right_after_a_lapic_id_read_is_taken(require_kvm, tmp_path):
+    """The last exit before a kicked tick is an unlogged read of the LAPIC ID (xv6 reads it on
+    every lock operation): that exit reaches the interrupt's position, so replay must stop there
+    and run to the landmark. It used to run on past it (swetland/xv6 on PVM: "expected interrupt
+    vector 32 (timer) at position N; the guest did a pio_read at N+1"); here: no exit follows."""
+    from replayvm.replay.replayer import Replayer
+    from tests.small_guests import multiboot_kernel, record as record_small
+
+    guest = LAPIC_TIMER_IN_A_BUSY_LOOP.replace(
+        "    sti\nbusy:", f"    sti\n    movl    {hw.LAPIC_ADDR + 0x20:#x}, %edx\nbusy:")
+    assert guest != LAPIC_TIMER_IN_A_BUSY_LOOP
+    trace = tmp_path / "kvm.zst"
+    reason, _ = record_small(trace, "kvm", kernel=multiboot_kernel(tmp_path, guest))
+    assert reason == "shutdown"
+    with TraceReader(trace) as reader:
+        records = list(reader)
+    landmarks = [rec for rec in records if rec[0] == Kind.INTERRUPT and len(rec) > 6]
+    assert len(landmarks) == 1
+    replayer = Replayer(trace)
+    try:
+        result = replayer.run()
+        assert result.verified, result
+        assert replayer.landmark_hits >= 1
+    finally:
+        replayer.close()
+
+
 def test_replay_engine_must_match_the_recording(demo_trace):
     same = cli("replay", "--quiet", "--engine", "emu", str(demo_trace))
     assert same.returncode == 0

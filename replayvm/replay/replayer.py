@@ -599,8 +599,9 @@ class Replayer:
         if mmio:
             if is_pure_id_read(addr, size):          # kvm (emu serves these in C): not logged
                 self._check_exit_in_bounds("a read of the LAPIC ID register")
-                if self.next is None and self._kvm_end_reached():
-                    self._stop_engine()
+                # This exit counts: it may reach the position of an interrupt placed by its
+                # landmark (the loop must take over here) or the recording's end.
+                self._bound_run()
                 return self._device_buses[1].read(addr, size)
             if is_lapic_time_read(addr):
                 self._device_buses[1].read(addr, size)                 # a time value: the trace's
