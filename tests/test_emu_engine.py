@@ -330,3 +330,20 @@ loop:
     assert counted.run(until_position=timed.position) is StopReason.BUDGET
     assert counted.position == timed.position
     assert timed.get_state().regs == counted.get_state().regs
+
+
+def test_setting_a_saved_state_leaves_the_gdt_in_ram_as_it_was():
+    """Loading a selector sets its descriptor's accessed bit in RAM, as a CPU does; restoring a
+    saved state (a replay or a branch starting from a checkpoint) is not such a load. Without
+    care, a branch that went live before the guest's first segment load ended with RAM its replay
+    did not have (one bit of xv6's per-CPU GDT)."""
+    for paging in (False, True):
+        m, engine = protected_machine("1: jmp 1b", paging=paging)
+        state = engine.get_state()
+        m.ram[GDT:GDT + 48] = bytes(m.ram[GDT:GDT + 48]).replace(b"\x9b", b"\x9a").replace(b"\x93", b"\x92")
+        before = bytes(m.ram[GDT:GDT + 48])
+        assert before[8 + 5] == 0x9A and before[16 + 5] == 0x92      # not accessed
+        engine.set_state(state)
+        assert bytes(m.ram[GDT:GDT + 48]) == before
+        assert engine.run(max_instructions=10) is StopReason.BUDGET   # and the state runs
+        assert engine.reg("eip") == CODE

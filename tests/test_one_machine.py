@@ -264,6 +264,23 @@ def test_xv6_goes_live_after_boot_and_reads_files_the_recording_never_read(xv6_d
     assert again.returncode == 0 and b"xv6 is a re-implementation" in again.stdout, again.stderr
 
 
+
+def test_an_xv6_branch_that_stops_at_a_missing_sector_during_boot_replays_verified(xv6_dir, tmp_path):
+    """Going live at instruction 50 M of an xv6 boot (before the kernel's first trap loads a
+    segment from its per-CPU GDT), the branch stops at the superblock it has no image for; the
+    branch kept up to there replays verified, RAM included (restoring the CPU state used to set
+    a GDT accessed bit the branch's recording never had)."""
+    parent = tmp_path / "xv6.zst"
+    recorded = cli("record", "--engine", "emu", "--virtual-clock", "--disk", str(xv6_dir / "xv6.img"),
+                   "--disk", str(xv6_dir / "fs.img"), "--input", r"echo booted\n", "-o", str(parent))
+    assert recorded.returncode == 0, recorded.stderr
+    branch = tmp_path / "branch.zst"
+    missing = cli("replay", "--quiet", str(parent), "--seek", "i50000000", "--live", "--virtual-clock",
+                  "--input", r"echo live\n", "-o", str(branch))
+    assert missing.returncode == 2 and b"sector 1 of disk1" in missing.stderr, missing.stderr
+    again = cli("replay", str(branch))
+    assert again.returncode == 0 and b"replay verified" in again.stdout, (again.stdout, again.stderr)
+
 # Event 0 is the prompt's writes (one run on kvm): the only event a kvm recording of any length
 # (its timeout is the host's time) is sure to have.
 @pytest.mark.parametrize("seek", [(), ("--seek", "0")], ids=["at-the-end", "after-event-0"])

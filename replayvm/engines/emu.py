@@ -654,13 +654,35 @@ class EmuEngine:
             return
         self.set_reg("cr0", state.cr0)
         protected = bool(state.cr0 & 1)
+        untouched = self._descriptor_access_bytes(state) if protected else {}
         if protected:
             self.set_reg("cr0", state.cr0 & ~1)        # load SS/CS as CPL 0 first (see above)
             self.set_reg("ss", 0)
             self.set_reg("cr0", state.cr0)
         for name in ("ss", "ds", "es", "fs", "gs", "cs"):
             self.set_reg(name, getattr(state, name).selector)
+        for physical, access in untouched.items():     # loading set their accessed bits: undo
+            self.machine.ram[physical] = access
         self._finish_state(state)
+
+    def _descriptor_access_bytes(self, state: CpuState) -> dict[int, int]:
+        """The access bytes (physical address: value) of the GDT descriptors `state`'s segment
+        selectors name. Loading a selector in protected mode sets its descriptor's accessed bit
+        in guest RAM, as a CPU does; restoring a saved state is not the guest loading a segment,
+        and must leave RAM as it was (a replay that starts from a saved state would otherwise
+        end with RAM the recording never had)."""
+        gdt_base, gdt_limit = state.gdt
+        found: dict[int, int] = {}
+        for name in ("ss", "ds", "es", "fs", "gs", "cs"):
+            selector = getattr(state, name).selector
+            if selector & ~3 == 0 or selector & 4 or (selector & ~7) + 7 > gdt_limit:
+                continue                                # null, LDT or outside the GDT: no load
+            try:
+                physical = self.translate(gdt_base + (selector & ~7) + 5)
+            except x86_delivery.DeliveryFault:
+                continue
+            found[physical] = self.machine.ram[physical]
+        return found
 
     def _finish_state(self, state: CpuState) -> None:
         regs = state.regs
