@@ -5,7 +5,8 @@ With a seed, the machine
   `mean_gap_ns` of guest time the CPU is busy, not halted, with the timer running and unmasked):
   guest time jumps ahead to the timer's next programmed deadline, so that tick lands right
   there, at whatever instruction the guest was at -- as on a host that deschedules a virtual
-  CPU. A halted CPU is never stalled (idle time would only fly by). A tick
+  CPU. The timer is whichever is due first: the local APIC's (xv6) or, on the plain PC, the
+  8254's (pintos). A halted CPU is never stalled (idle time would only fly by). A tick
   then interrupts the guest, on average, every `mean_gap_ns` of its work instead of every timer
   period: a kernel with a race around preemption points meets it far more often;
 - gives the IDE disk and the UART transmitter random completion latencies (`DeviceLatency`):
@@ -42,10 +43,15 @@ from __future__ import annotations
 
 import random
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from replayvm import hw
 from replayvm.clock import GuestClock
 from replayvm.devices.lapic import LVT_TIMER, Lapic
+from replayvm.devices.pic import Pic8259
+from replayvm.devices.pit import Pit8254
 
 DEFAULT_MEAN_GAP_NS = 150_000            # a tick every ~150 us of guest work: ~60 per 10 ms period
 MAX_STALL_NS = 20_000_000                # the longest stall: two periods of a 100 Hz timer
@@ -81,13 +87,51 @@ class ChaosTimes:
                    UART_MEAN_LATENCY_NS // VIRTUAL_CLOCK_SCALE)
 
 
+class LapicTimerSource:
+    """The local APIC's timer, as chaos sees it (xv6, the demo, the 64-bit guests)."""
+
+    def __init__(self, lapic: Lapic) -> None:
+        self.lapic = lapic
+
+    def next_deadline_ns(self) -> int | None:
+        return self.lapic.next_deadline_ns()             # None while masked
+
+    def tick_waiting(self) -> bool:
+        return bool(self.lapic.irr >> (self.lapic.lvt[LVT_TIMER] & 0xFF) & 1)
+
+
+class PitTimerSource:
+    """The 8254's channel 0 behind the master 8259's IRQ 0, as chaos sees it (the plain PC:
+    pintos ticks with it and never starts its local APIC's timer)."""
+
+    IRQ_BIT = 1 << hw.IRQ_TIMER
+
+    def __init__(self, pit: Pit8254, pic: Pic8259) -> None:
+        self.pit = pit
+        self.pic = pic
+
+    def next_deadline_ns(self) -> int | None:
+        if self.pic.imr & self.IRQ_BIT:                   # masked: a tick brought forward shows nothing
+            return None
+        return self.pit.next_deadline_ns()
+
+    def tick_waiting(self) -> bool:
+        return bool(self.pic.irr & self.IRQ_BIT)
+
+
+class TimerSource(Protocol):
+    def next_deadline_ns(self) -> int | None: ...
+    def tick_waiting(self) -> bool: ...
+
+
 class TimerChaos:
     """Seeded CPU stalls that bring the next programmed timer tick forward in the guest's work
-    (see the module docstring)."""
+    (see the module docstring). With several timers (the plain PC has the 8254 and a local
+    APIC), a stall brings forward whichever tick is due first."""
 
-    def __init__(self, lapic: Lapic, clock: GuestClock, seed: int,
+    def __init__(self, timers: Sequence[TimerSource], clock: GuestClock, seed: int,
                  mean_gap_ns: int = DEFAULT_MEAN_GAP_NS) -> None:
-        self.lapic = lapic
+        self.timers = list(timers)
         self.clock = clock
         self.seed = seed
         self.random = random.Random(seed)
@@ -96,19 +140,24 @@ class TimerChaos:
         self.stalls = 0
         self.stalled_ns = 0
 
+    def _next_tick(self) -> tuple[int, TimerSource] | None:
+        due = [(deadline, timer) for timer in self.timers
+               if (deadline := timer.next_deadline_ns()) is not None]
+        return min(due, key=lambda pair: pair[0]) if due else None
+
     def poll(self, now_ns: int) -> int | None:
         """Stall if one is due (the clock jumps to the next tick); return ns until the next
-        stall (None: the timer is off or masked, nothing to bring forward)."""
-        deadline = self.lapic.next_deadline_ns()
-        if deadline is None:
+        stall (None: every timer is off or masked, nothing to bring forward)."""
+        next_tick = self._next_tick()
+        if next_tick is None:
             self.next_ns = None
             return None
+        deadline, timer = next_tick
         if self.next_ns is None:
             self.next_ns = now_ns + self._gap()
         if now_ns >= self.next_ns:
             stall = deadline - now_ns
-            tick_waiting = self.lapic.irr >> (self.lapic.lvt[LVT_TIMER] & 0xFF) & 1
-            if 0 < stall <= MAX_STALL_NS and not tick_waiting:
+            if 0 < stall <= MAX_STALL_NS and not timer.tick_waiting():
                 self.clock.advance(stall)
                 self.stalls += 1
                 self.stalled_ns += stall

@@ -159,10 +159,12 @@ class Machine:
             self.scheduler = QuantumScheduler(self.cpus, chaos_seed=config.chaos_seed)
         self.chaos = None
         if self.chaos_times is not None:
-            from replayvm.chaos import TimerChaos
+            from replayvm.chaos import LapicTimerSource, PitTimerSource, TimerChaos
 
-            self.chaos = TimerChaos(self.lapic, self.clock, config.chaos_seed,
-                                    self.chaos_times.stall_gap_ns)
+            timers = [LapicTimerSource(self.lapic)]
+            if self.pit is not None:
+                timers.append(PitTimerSource(self.pit, self.pic.master))
+            self.chaos = TimerChaos(timers, self.clock, config.chaos_seed, self.chaos_times.stall_gap_ns)
         # A 64-bit guest: the emu engine opens a vCPU that can enter long mode (engines/emu.py).
         self.x86_64 = config.x86_64 or (config.kernel is not None and firmware.kernel_is_64bit(config.kernel))
         self.engine = _create_engine(config.engine, self)

@@ -6,8 +6,10 @@ import io
 import os
 import re
 
+from replayvm import hw
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import replay
+from tests.small_guests import SHUTDOWN, boot_disk
 
 SEEDS = range(1000, 1010)
 LOST = re.compile(rb"race: counter=(\d+) expected=(\d+)\nrace: LOST UPDATES")
@@ -166,3 +168,70 @@ def test_a_chaos_run_given_no_seed_draws_one_short_enough_to_type_back():
     seeds = {new_seed() for _ in range(64)}
     assert all(0 <= seed < 1 << SEED_BITS for seed in seeds)
     assert len(seeds) > 1          # 64 draws of 32 bits all equal: probability 2**-2016
+
+
+# A plain-PC boot sector (`--machine pc`, as pintos runs) that ticks with the 8254 alone: IRQ0 at
+# 100 Hz through the 8259, a busy loop of 2 M instructions with interrupts on, then the ticks it
+# counted, and the debug exit. On the virtual clock (an instruction a ns) the loop is 2 ms of guest
+# time: no tick of a 10 ms period falls inside it, unless chaos brings ticks forward.
+PIT_TICKS_WHILE_BUSY = f"""
+    cli
+    xorw    %ax, %ax
+    movw    %ax, %ds
+    movw    %ax, %ss
+    movw    $0x7000, %sp
+    movw    $tick, 0x08*4           # IRQ0 at the BIOS's vector 8
+    movw    $0, 0x08*4+2
+    movb    $0xFE, %al              # only IRQ0
+    outb    %al, $0x21
+    movb    $0x34, %al              # channel 0, mode 2, 11932 counts (100 Hz)
+    outb    %al, $0x43
+    movw    $11932, %ax
+    outb    %al, $0x40
+    movb    %ah, %al
+    outb    %al, $0x40
+    sti
+    movl    $1000000, %ecx
+1:  decl    %ecx
+    jnz     1b
+    cli
+    movw    ticks, %ax
+    movb    $'0', %bl
+    addb    %al, %bl                # the tick count as one character (at most 9 expected, or ':'...)
+    cmpw    $9, %ax
+    jbe     2f
+    movb    $'+', %bl               # ten or more
+2:  movb    %bl, %al
+    outb    %al, ${hw.DEBUG_CON_PORT:#x}
+    {SHUTDOWN}
+tick:
+    incw    %cs:ticks
+    pushw   %ax
+    movb    $0x20, %al              # EOI
+    outb    %al, $0x20
+    popw    %ax
+    iret
+ticks: .word 0
+"""
+
+
+def test_chaos_brings_the_8254s_ticks_forward_on_the_plain_pc(tmp_path):
+    # Pintos ticks with the 8254, never with its local APIC's timer: chaos stalls aim at whichever
+    # timer's tick is due first. On the virtual clock each run is a function of its seed.
+    disk = boot_disk(tmp_path, PIT_TICKS_WHILE_BUSY)
+    shown = {}
+    for seed in (None, 1, 2):
+        trace = tmp_path / f"pit-{seed}.zst"
+        out = io.BytesIO()
+        outcome, machine = run_session(SessionOptions(engine="emu", disks=[disk], machine="pc", ram_mib=4,
+                                                      trace=trace, timeout_s=10, virtual_clock=True,
+                                                      chaos_seed=seed), output=out)
+        assert outcome.reason == "shutdown", outcome
+        shown[seed] = out.getvalue()
+        if seed is not None:
+            assert machine.chaos.stalls >= 10, machine.chaos.stalls
+            replayed = io.BytesIO()
+            result = replay(trace, output=replayed)
+            assert result.verified and replayed.getvalue() == shown[seed], result.mismatches
+    assert shown[None] == b"0"                       # without chaos the busy loop sees no tick
+    assert shown[1] == shown[2] == b"+", shown      # with it, ten or more each time

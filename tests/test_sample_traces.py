@@ -47,3 +47,14 @@ def test_sample_trace_replays_verified(trace: Path) -> None:
     assert result.verified and not result.truncated and not result.mismatches
     expected = EXPECTED_CONSOLE.get(trace.name) or SINCE[trace.name][1]
     assert expected in result.console
+
+
+def test_info_names_the_machine_kind_and_a_64_bit_cpu() -> None:
+    from replayvm.trace.summary import format_summary, summarize
+
+    folder = TRACES / "0.6.0"
+    lines = {name: format_summary(summarize(folder / name)).splitlines()[1]
+             for name in ("biosboot.zst", "long64.zst", "demo-shell.zst")}
+    assert lines["biosboot.zst"].startswith("machine      pc (plain PC with a BIOS), engine emu")
+    assert lines["long64.zst"].startswith("machine      mp (MP-table PC), x86-64 CPU, engine emu")
+    assert lines["demo-shell.zst"].startswith("machine      mp (MP-table PC), engine emu")

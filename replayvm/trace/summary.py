@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from replayvm.trace.format import EVENT_KINDS, POSITIONED, Kind
+from replayvm.trace.format import EVENT_KINDS, FEATURE_PC, FEATURE_X86_64, POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
 from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS, SWITCH
 
@@ -55,10 +55,12 @@ def summarize(path: Path) -> dict[str, Any]:
         frames = reader.frames_read
     size = os.path.getsize(path)
     events = sum(by_kind.values())
+    features = header.get("features") or []
     summary = {
         "path": str(path), "format": f"{reader.major}.{reader.minor}",
         "replayvm": header.get("replayvm"), "engine": header.get("engine"),
         "position_unit": header.get("position_unit"), "ram_bytes": header.get("ram_bytes"),
+        "machine": "pc" if FEATURE_PC in features else "mp", "x86_64": FEATURE_X86_64 in features,
         "boot": header.get("boot"), "clock": header.get("clock"), "chaos_seed": header.get("chaos_seed"),
         "disks": [{k: d.get(k) for k in ("name", "path", "sha256", "sectors")} for d in header.get("disks", [])],
         "command_line": header.get("command_line"), "start_time": header.get("start_time"),
@@ -88,9 +90,13 @@ def summarize(path: Path) -> dict[str, Any]:
     return summary
 
 
+MACHINE_DESCRIPTIONS = {"mp": "mp (MP-table PC)", "pc": "pc (plain PC with a BIOS)"}   # hw.MACHINE_KINDS
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"trace        {s['path']} (format {s['format']}, replayvm {s['replayvm']})",
-             f"machine      engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
+             f"machine      {MACHINE_DESCRIPTIONS[s['machine']]}{', x86-64 CPU' if s['x86_64'] else ''}, "
+             f"engine {s['engine']}, {s['ram_bytes'] // (1 << 20) if s['ram_bytes'] else '?'} MiB RAM, "
              f"boot from {s['boot']}, {s['clock']} clock"
              + (f", chaos on (seed {s['chaos_seed']})" if s.get("chaos_seed") is not None else "")]
     if s.get("cpus"):
