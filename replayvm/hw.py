@@ -12,6 +12,7 @@ BDA_BASE_MEM_KB = 0x413            # word: base memory size in KiB
 EBDA_ADDR = 0x9FC00                # extended BIOS data area (last KiB of 639 KiB base memory)
 BASE_MEM_KB = 639
 MPTABLE_ADDR = EBDA_ADDR           # MP floating pointer + config table live in the EBDA's first KiB
+ACPI_TABLES_ADDR = 0xE0000         # RSDP, RSDT, MADT (the mp machine): where the RSDP search begins
 CGA_TEXT_ADDR = 0xB8000
 CGA_TEXT_SIZE = 0x8000
 BIOS_ROM_ADDR = 0xF0000            # 64 KiB of "ROM" (RAM here; the plain PC keeps its BIOS stubs in it)

@@ -127,3 +127,54 @@ def test_multiboot_address_flag_loads_the_file_where_its_header_says(tmp_path):
     kernel.write_bytes(bytes(bad))
     with pytest.raises(UsageError, match="load addresses are not valid"):
         firmware.boot_multiboot(fresh_ram(), kernel)
+
+
+def find_rsdp(ram: memoryview) -> int:
+    """The 64-bit xv6 port's find_rdsp: the EBDA's first KiB, then 0xE0000-0xFFFFF, in steps of 4,
+    "RSD PTR " with the first 20 bytes summing to zero."""
+    ebda = struct.unpack_from("<H", ram, 0x40E)[0] << 4
+    for start, length in ((ebda, 1024), (0xE0000, 0x20000)):
+        for addr in range(start, start + length - 20, 4):
+            if bytes(ram[addr:addr + 8]) == b"RSD PTR " and sum(ram[addr:addr + 20]) % 256 == 0:
+                return addr
+    raise AssertionError("no RSDP where kernels look")
+
+
+def test_acpi_madt_lists_every_cpu_and_the_ioapic_where_kernels_look():
+    for cpus in (1, 2, 8):
+        ram = fresh_ram()
+        firmware.fill_bios_data_area(ram, cpus=cpus)
+        rsdp = find_rsdp(ram)
+        assert rsdp % 16 == 0 and ram[rsdp + 15] == 0          # 16-byte aligned, ACPI 1.0
+        rsdt = struct.unpack_from("<I", ram, rsdp + 16)[0]
+        assert bytes(ram[rsdt:rsdt + 4]) == b"RSDT"
+        length = struct.unpack_from("<I", ram, rsdt + 4)[0]
+        assert sum(ram[rsdt:rsdt + length]) % 256 == 0
+        tables = struct.unpack_from(f"<{(length - 36) // 4}I", ram, rsdt + 36)
+        madts = [t for t in tables if bytes(ram[t:t + 4]) == b"APIC"]
+        assert len(madts) == 1
+        madt = madts[0]
+        length = struct.unpack_from("<I", ram, madt + 4)[0]
+        assert sum(ram[madt:madt + length]) % 256 == 0
+        lapic_addr, flags = struct.unpack_from("<II", ram, madt + 36)
+        assert lapic_addr == hw.LAPIC_ADDR and flags & 1
+        apic_ids, ioapics, at = [], [], madt + 44
+        while at < madt + length:
+            kind, size = ram[at], ram[at + 1]
+            assert size >= 2 and at + size <= madt + length
+            if kind == 0:
+                _, _, _, apic_id, enabled = struct.unpack_from("<BBBBI", ram, at)
+                assert enabled & 1
+                apic_ids.append(apic_id)
+            elif kind == 1:
+                _, _, ioapic_id, _, address, base = struct.unpack_from("<BBBBII", ram, at)
+                ioapics.append((ioapic_id, address, base))
+            at += size
+        assert apic_ids == list(range(cpus))                  # the BSP first, as in the MP table
+        assert ioapics == [(hw.IOAPIC_ID, hw.IOAPIC_ADDR, 0)]
+
+
+def test_the_plain_pc_has_neither_mp_nor_acpi_tables():
+    ram = fresh_ram()
+    firmware.fill_bios_data_area(ram, mp_tables=False)
+    assert b"RSD PTR " not in bytes(ram[0xE0000:0x100000]) and b"_MP_" not in bytes(ram[0x9FC00:0xA0000])

@@ -2,16 +2,14 @@
 REPLAYVM_XV6_64_DIR, never committed; README says how to build it) on both engines.
 
 It boots by multiboot v1 with the a.out kludge (an ELF64 kernel: a 64-bit vCPU), finds its CPUs
-through ACPI with an MP-table fallback, and uses the LAPIC timer, IOAPIC, IDE PIO (fs on disk 1)
-and COM1. Two facts of the guest, not of replayvm, shape these tests:
-- Its MP fallback never runs: acpiinit() dereferences find_rdsp()'s NULL when there is no RSDP
-  (QEMU always has one; our MP-spec machine has an MP table and no ACPI). The tests build a copy
-  with the missing `if (!rdsp) return -1;`, then its own mpinit() configures the machine.
-- On PVM (this machine's /dev/kvm) an `int` from ring 3 arrives as #UD, so the unmodified port's
-  first system call kills init. The kvm copy also carries the documented workaround (a #UD on
-  `cd 40` is the system call; RIP += 2) and PHYSTOP 32 MiB (PVM emulates kernel code one
-  instruction at a time, and kinit fills every free page).
-Each copy is made in a temp folder, patched there and built with the port's own Makefile.
+through ACPI (the `mp` machine's RSDP and MADT; its MP-table fallback dereferences NULL when there
+is no RSDP), and uses the LAPIC timer, IOAPIC, IDE PIO (fs on disk 1) and COM1. It runs
+unmodified on emu, with one CPU and with two. One fact of PVM (this machine's /dev/kvm), not of
+replayvm, shapes the kvm test: an `int` from ring 3 arrives as #UD, so the unmodified port's first
+system call kills init. The kvm copy carries the documented workaround (a #UD on `cd 40` is the
+system call; RIP += 2) and PHYSTOP 32 MiB (PVM emulates kernel code one instruction at a time, and
+kinit fills every free page); it is made in a temp folder, patched there and built with the port's
+own Makefile.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +26,6 @@ from replayvm.replay.replayer import replay
 from tests.conftest import local_build
 
 RAM_MIB = 512                        # its Makefile's `qemu -m 512`
-NO_RSDP_FIX = ("kernel/acpi.c", "  rdsp = find_rdsp();\n",
-               "  rdsp = find_rdsp();\n  if (!rdsp)\n    return -1;\n")
 INT_AS_UD_FIX = ("kernel/trap.c", "  if(tf->trapno == T_SYSCALL){\n",
                  "  if(tf->trapno == T_ILLOP && (tf->cs & 3) == 3 &&\n"
                  "     ((uchar*)tf->eip)[0] == 0xcd && ((uchar*)tf->eip)[1] == T_SYSCALL){\n"
@@ -65,11 +60,6 @@ def patched_build(source: Path, dest: Path, *patches: tuple[str, str, str]) -> P
     return dest
 
 
-@pytest.fixture(scope="session")
-def emu_tree(xv6_64_dir, tmp_path_factory) -> Path:
-    return patched_build(xv6_64_dir, tmp_path_factory.mktemp("xv6-64") / "emu", NO_RSDP_FIX)
-
-
 def session(tree: Path, script: bytes, engine: str, trace: Path | None = None, until: bytes | None = None,
             timeout_s: float = 300):
     out = io.BytesIO()
@@ -87,25 +77,12 @@ def assert_ls_listing(text: str) -> None:
     assert {"cat", "ls", "sh", "usertests", "zombie"} <= rows.keys(), rows
 
 
-def test_unmodified_port_stops_at_its_acpi_lookup_with_a_one_line_report(xv6_64_dir):
-    """No RSDP on our machine: the unmodified kernel reads through find_rdsp()'s NULL, with no
-    IDT yet, and the CPU triple-faults; replayvm says so in one line, not a traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "replayvm.cli", "record", "--engine", "emu", "--kernel",
-         str(xv6_64_dir / "out/kernel.elf"), "--disk", str(xv6_64_dir / "xv6.img"), "--disk",
-         str(xv6_64_dir / "fs.img"), "--mem", str(RAM_MIB), "--timeout", "30"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert "xv6..." in result.stdout                         # its 64-bit C code ran and printed
-    assert result.stderr.lstrip().startswith("replayvm: guest shut down: triple fault"), result.stderr
-
-
-def test_port_boots_to_its_shell_runs_ls_and_replays_verified_on_emu(emu_tree, tmp_path):
+def test_unmodified_port_boots_through_acpi_runs_ls_and_replays_verified_on_emu(xv6_64_dir, tmp_path):
     trace = tmp_path / "xv6-64.zst"
-    outcome, text = session(emu_tree, b"ls\n", "emu", trace=trace)
+    outcome, text = session(xv6_64_dir, b"ls\n", "emu", trace=trace)
     assert outcome.reason == "script-done", (outcome, text[-2000:])
-    assert "mpinit" in text                                  # its MP-table fallback configured it
+    assert "acpi: cpu#0 apicid 0\nacpi: ioapic#0 @fec00000 id=1 base=0\n" in text, text[:500]
+    assert "mpinit" not in text                              # the MADT, not the fallback
     assert_ls_listing(text)
     moved = tmp_path / "moved.zst"                           # the trace alone: no kernel, no disks
     moved.write_bytes(trace.read_bytes())
@@ -115,13 +92,30 @@ def test_port_boots_to_its_shell_runs_ls_and_replays_verified_on_emu(emu_tree, t
     assert out.getvalue().decode(errors="replace").replace("\r\n", "\n") == text
 
 
+def test_unmodified_port_starts_its_second_cpu_from_the_madt_and_replays_verified(xv6_64_dir, tmp_path):
+    trace = tmp_path / "xv6-64-smp.zst"
+    out = io.BytesIO()
+    outcome, _ = run_session(SessionOptions(
+        kernel=xv6_64_dir / "out/kernel.elf", disks=[xv6_64_dir / "xv6.img", xv6_64_dir / "fs.img"],
+        engine="emu", ram_mib=RAM_MIB, script=b"echo hi\n", trace=trace, timeout_s=300, cpus=2,
+        virtual_clock=True), output=out)
+    text = out.getvalue().decode(errors="replace").replace("\r\n", "\n")
+    assert outcome.reason == "script-done", (outcome, text[-2000:])
+    assert "acpi: cpu#1 apicid 1\n" in text and "cpu1: starting" in text, text[:500]
+    assert "$ echo hi\nhi\n" in text
+    replayed = io.BytesIO()
+    result = replay(trace, output=replayed)
+    assert result.verified and not result.mismatches
+    assert replayed.getvalue() == out.getvalue()
+
+
 def test_on_pvm_its_first_system_call_is_ud_and_the_workaround_records_and_replays(
-        xv6_64_dir, emu_tree, require_kvm, tmp_path):
-    outcome, text = session(emu_tree, b"ls\n", "kvm", until=b"init exiting", timeout_s=120)
+        xv6_64_dir, require_kvm, tmp_path):
+    outcome, text = session(xv6_64_dir, b"ls\n", "kvm", until=b"init exiting", timeout_s=120)
     assert outcome.reason == "until", (outcome, text[-2000:])
     assert "initcode: trap 6 " in text, text[-2000:]         # T_ILLOP on initcode's `int $64`
 
-    tree = patched_build(xv6_64_dir, tmp_path / "kvm", NO_RSDP_FIX, INT_AS_UD_FIX, SMALL_PHYSTOP)
+    tree = patched_build(xv6_64_dir, tmp_path / "kvm", INT_AS_UD_FIX, SMALL_PHYSTOP)
     trace = tmp_path / "xv6-64-kvm.zst"
     outcome, text = session(tree, b"ls\n", "kvm", trace=trace)
     assert outcome.reason == "script-done", (outcome, text[-2000:])

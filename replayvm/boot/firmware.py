@@ -9,7 +9,8 @@ Two boot methods:
   protected mode, EAX = 0x2BADB002, EBX = the multiboot information structure. The ELF may be
   64-bit (ELF64, x86-64: a kernel whose 32-bit entry switches to long mode, as Rust kernels and
   64-bit xv6 ports do), which makes the machine a 64-bit one (`kernel_is_64bit`).
-Both fill the BIOS data area (EBDA pointer, base memory size) and the MP tables.
+Both fill the BIOS data area (EBDA pointer, base memory size), the MP tables and the ACPI tables
+(RSDP, RSDT, MADT: `replayvm.boot.acpi`) of the `mp` machine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.common.exceptions import ELFError
 
 from replayvm import hw
+from replayvm.boot.acpi import write_acpi_tables
 from replayvm.boot.mptable import write_mp_tables
 from replayvm.engines.base import CpuState, Segment, real_mode_state
 from replayvm.errors import UsageError
@@ -40,11 +42,13 @@ FLAT_DATA_SELECTOR = 0x10
 
 def fill_bios_data_area(ram: memoryview, cpus: int = 1, mp_tables: bool = True) -> None:
     """EBDA segment at 0x40E and base memory size (KiB) at 0x413, as xv6's MP search reads them;
-    the MP tables listing `cpus` processors, unless the machine is a plain PC (`mp_tables=False`)."""
+    the MP tables and the ACPI MADT listing `cpus` processors, unless the machine is a plain PC
+    (`mp_tables=False`)."""
     ram[hw.BDA_EBDA_SEGMENT:hw.BDA_EBDA_SEGMENT + 2] = struct.pack("<H", hw.EBDA_ADDR >> 4)
     ram[hw.BDA_BASE_MEM_KB:hw.BDA_BASE_MEM_KB + 2] = struct.pack("<H", hw.BASE_MEM_KB)
     if mp_tables:
         write_mp_tables(ram, cpu_count=cpus)
+        write_acpi_tables(ram, cpu_count=cpus)
 
 
 def check_boot_sector(first_sector: bytes) -> None:
