@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "table, APICs; no BIOS code runs); pc: a plain PC with replayvm's BIOS "
                              "services and the 8254 timer, no MP table (pintos); its traces need "
                              "format 3.0 readers")
+    record.add_argument("--x86-64", dest="x86_64", action="store_true",
+                        help="a 64-bit guest that boots from disk and enters long mode itself (a "
+                             "64-bit kernel ELF is recognised without it): the emu engine opens a "
+                             "vCPU that can enter long mode")
     record.add_argument("--input", metavar="TEXT",
                         help=r"type these lines (C escapes \n \t \\ \xNN), each when the prompt shows")
     record.add_argument("--prompt", default="$ ", help="prompt that --input waits for (default '$ ')")
@@ -232,7 +236,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         prompt=prompt, until=until,
         timeout_s=args.timeout, interactive=script is None and sys.stdin.isatty(),
         virtual_clock=args.virtual_clock, trace=args.output, command_line=sys.argv[:],
-        chaos_seed=seed if args.chaos else None, cpus=args.cpus, machine=machine)
+        chaos_seed=seed if args.chaos else None, cpus=args.cpus, machine=machine, x86_64=args.x86_64)
     if args.until_fail is None:
         if args.chaos:
             _say(f"chaos seed {seed}")

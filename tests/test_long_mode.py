@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from replayvm import hw
 from replayvm.engines.emu import EmuEngine
 from replayvm.guests import guest_file
 from replayvm.record.session import SessionOptions, run_session
@@ -25,6 +26,7 @@ from replayvm.trace import format as trace_format
 from replayvm.trace.format import FEATURE_X86_64
 from tests import test_emu_blocks, test_emu_engine
 from tests.test_gdb import Stub, gdb, run_gdb  # noqa: F401  (gdb: the fixture)
+from tests.small_guests import SHUTDOWN
 from tests.test_rustos import RUSTOS_RAM_MIB, rustos, xorshift  # noqa: F401  (rustos: the fixture)
 
 REFERENCE = "REPLAYVM_EMU_REFERENCE"
@@ -288,3 +290,92 @@ def test_rustos_runs_on_emu_and_replays_verified(rustos, tmp_path, monkeypatch):
     assert re.search(r"race: counter=\d+ expected=\d+", text)
     result = replay(trace, output=io.BytesIO())
     assert result.verified and result.console.decode(errors="replace").replace("\r\n", "\n") == text
+
+
+
+# A boot sector that goes from real mode straight to long mode (PAE, EFER.LME, then CR0.PE and
+# CR0.PG at once, a far jump to a 64-bit code segment), as disk bootloaders of 64-bit kernels do,
+# and prints "46" from 64-bit code ('4' from the upper half of RAX). Nothing in a boot sector says
+# it is a 64-bit guest: `record --x86-64` says so.
+REAL_TO_LONG_MODE = f"""
+    cli
+    xorw    %ax, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    movw    $0x7000, %sp
+    movw    $0x1000, %di            # PML4, PDPT, PD at 0x1000-0x3FFF: zero them
+    movw    $0x0C00, %cx
+    xorl    %eax, %eax
+    cld
+    rep stosl
+    movl    $0x2003, 0x1000         # PML4[0] -> PDPT
+    movl    $0x3003, 0x2000         # PDPT[0] -> PD
+    movl    $0x83, 0x3000           # PD[0]: 2 MiB at 0, writable
+    lgdtl   gdtr
+    movl    %cr4, %eax
+    orl     $0x20, %eax             # PAE
+    movl    %eax, %cr4
+    movl    $0x1000, %eax
+    movl    %eax, %cr3
+    movl    $0xC0000080, %ecx       # EFER.LME
+    rdmsr
+    orl     $0x100, %eax
+    wrmsr
+    movl    %cr0, %eax
+    orl     $0x80000001, %eax       # PE and PG at once: real mode to long mode
+    movl    %eax, %cr0
+    ljmpl   $0x08, $long_mode
+.code64
+long_mode:
+    movw    $0x10, %ax
+    movw    %ax, %ds
+    movw    %ax, %ss
+    movabsq $0x3400000000, %rax     # only a 64-bit register holds it
+    shrq    $32, %rax               # '4'
+    outb    %al, ${hw.DEBUG_CON_PORT:#x}
+    movb    $'6', %al
+    outb    %al, ${hw.DEBUG_CON_PORT:#x}
+    {SHUTDOWN}
+.align 8
+gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF        # 64-bit code
+    .quad 0x00CF92000000FFFF        # data
+gdtr:
+    .word 23
+    .long gdt
+"""
+
+
+def test_a_disk_that_enters_long_mode_itself_runs_with_x86_64_and_replays_verified(tmp_path):
+    from replayvm.errors import GuestFault
+    from tests.small_guests import boot_disk
+
+    disk = boot_disk(tmp_path, REAL_TO_LONG_MODE)
+    trace = tmp_path / "disk64.zst"
+    out = io.BytesIO()
+    outcome, machine = run_session(SessionOptions(engine="emu", disks=[disk], trace=trace, ram_mib=4,
+                                                  timeout_s=1, virtual_clock=True, x86_64=True), output=out)
+    assert outcome.reason == "shutdown" and out.getvalue() == b"46", (outcome, out.getvalue())
+    with TraceReader(trace) as reader:
+        assert reader.header["features"] == [FEATURE_X86_64] and reader.header["boot"] == "disk"
+    replayed = io.BytesIO()
+    result = replay(trace, output=replayed)
+    assert result.verified and replayed.getvalue() == b"46"
+    from tests.test_one_machine import cli
+    on_the_command_line = cli("record", "--x86-64", "--engine", "emu", "--virtual-clock", "--disk", str(disk),
+                              "--timeout", "1", "-o", str(tmp_path / "cli.zst"))
+    assert on_the_command_line.stdout.startswith(b"46"), on_the_command_line.stderr
+    with pytest.raises(GuestFault, match="triple fault"):     # the 32-bit vCPU cannot enter long mode
+        run_session(SessionOptions(engine="emu", disks=[disk], ram_mib=4, timeout_s=1, virtual_clock=True),
+                    output=io.BytesIO())
+
+
+def test_a_disk_that_enters_long_mode_itself_runs_on_kvm(tmp_path, require_kvm):
+    from tests.small_guests import boot_disk, record as record_small
+
+    disk = boot_disk(tmp_path, REAL_TO_LONG_MODE)
+    reason, shown = record_small(tmp_path / "disk64-kvm.zst", "kvm", disk)
+    assert reason == "shutdown" and shown == b"46", (reason, shown)
+    assert replay(tmp_path / "disk64-kvm.zst").verified

@@ -43,6 +43,7 @@ class SessionOptions:
     chaos_seed: int | None = None
     cpus: int = 1                        # several: the trace is format 3.0 with feature "smp"
     machine: str = "mp"                  # hw.MACHINE_KINDS
+    x86_64: bool = False                 # a 64-bit guest booted from disk (an ELF64 kernel says so itself)
 
 
 def bundled_demo_disk() -> Path:
@@ -63,7 +64,8 @@ def run_session(options: SessionOptions, output: BinaryIO | None = None) -> tupl
         disks = [bundled_demo_disk()]
     config = MachineConfig(disks=disks, kernel=options.kernel, ram_mib=options.ram_mib,
                            engine=options.engine, virtual_clock=options.virtual_clock,
-                           chaos_seed=options.chaos_seed, cpus=options.cpus, machine=options.machine)
+                           chaos_seed=options.chaos_seed, cpus=options.cpus, machine=options.machine,
+                           x86_64=options.x86_64)
     try:
         machine = Machine(config, console)
     except BaseException:
