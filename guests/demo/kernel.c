@@ -510,6 +510,11 @@ void ap_main(void)
     LAPIC[0x80 / 4] = 0;
     u32 id = LAPIC[0x20 / 4] >> 24;
     puts("cpu"); putu(id); puts(": started\n");
+    u32 eax = 1, ebx, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (ebx >> 24 != id) {                /* a kernel may take its CPU's number from CPUID */
+        puts("cpu"); putu(id); puts(": CPUID leaf 1 says APIC ID "); putu(ebx >> 24); putc('\n');
+    }
     aps_started++;
     u32 seen = 0;
     for (;;) {

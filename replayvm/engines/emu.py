@@ -235,6 +235,11 @@ class EmuEngine:
             self._cpu_vector = [0] * self.cpus
             self._cpu_halted = [False] * self.cpus
             self._cpu_halted_if = [False] * self.cpus
+            # CPUID leaf 1's APIC ID is the running CPU's (Unicorn's single vCPU says 0).
+            leaf1 = next(entry for entry in self.cpuid_table if entry[:2] == (1, 0))
+            self.state.cpuid1 = list(leaf1[2:6])
+            self.state.cpuid_long = 1 if self.long_mode_capable else 0
+            _check(lib.replayvm_uc_hook_cpuid(self.uc, self.state, self._owner), "hook CPUID")
 
     # ----------------------------------------------------------------- several CPUs
     def _new_context(self):

@@ -102,6 +102,8 @@ struct emu_state {
     uint64_t stos_elements;
     uint64_t precise_blocks;  /* blocks begun with the per-instruction hook (while counting blocks) */
     uint32_t pae_walk;        /* 1: PAE and 4-level tables are walked here too (a 64-bit vCPU) */
+    uint32_t cpuid1[4];       /* several CPUs: CPUID leaf 1 (EAX..EDX) but for the APIC ID byte */
+    uint32_t cpuid_long;      /* 1: a 64-bit vCPU (CPUID writes RAX..RDX whole) */
 };
 """
 
@@ -156,6 +158,7 @@ size_t uc_context_size(uc_engine *uc);
 uc_err uc_context_free(uc_context *context);
 
 int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_model);
+int replayvm_uc_hook_cpuid(uc_engine *uc, struct emu_state *s, void *owner);
 int replayvm_uc_map_mmio(uc_engine *uc, struct emu_state *s, uint64_t base, size_t size, void *owner);
 int replayvm_uc_remove_cache(uc_engine *uc, uint64_t begin, uint64_t end);
 int replayvm_uc_flush_tlb(uc_engine *uc);
@@ -1125,6 +1128,45 @@ static void on_syscall(uc_engine *uc, void *user_data)
         s->stop_reason = STOP_RESUME;
         uc_emu_stop(uc);
     }
+}
+
+/* Several CPUs share one Unicorn vCPU, whose CPUID leaf 1 says APIC ID 0 on every one of them:
+   leaf 1 is answered here with the running CPU's ID in EBX[31:24] (the ID the LAPIC window
+   serves, lapic_id_value, which the engine keeps to the running CPU). Other leaves are QEMU's. */
+static int on_cpuid(uc_engine *uc, void *user_data)
+{
+    struct hook_ctx *c = user_data;
+    struct emu_state *s = c->s;
+    uint64_t leaf = 0, values[4];
+    int i;
+    static const int regs32[4] = {UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX, UC_X86_REG_EDX};
+    static const int regs64[4] = {UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX};
+    uc_reg_read(uc, s->cpuid_long ? UC_X86_REG_RAX : UC_X86_REG_EAX, &leaf);
+    if ((uint32_t)leaf != 1)
+        return 0;
+    values[0] = s->cpuid1[0];
+    values[1] = (s->cpuid1[1] & 0x00FFFFFFu) | (s->lapic_id_value & 0xFF000000u);
+    values[2] = s->cpuid1[2];
+    values[3] = s->cpuid1[3];
+    for (i = 0; i < 4; i++) {
+        if (s->cpuid_long)
+            uc_reg_write(uc, regs64[i], &values[i]);
+        else {
+            uint32_t v = (uint32_t)values[i];
+            uc_reg_write(uc, regs32[i], &v);
+        }
+    }
+    return 1;
+}
+
+int replayvm_uc_hook_cpuid(uc_engine *uc, struct emu_state *s, void *owner)
+{
+    uc_hook hh;
+    struct hook_ctx *c = malloc(sizeof *c);
+    if (!c) return UC_ERR_NOMEM;
+    c->s = s;
+    c->owner = owner;
+    return uc_hook_add(uc, &hh, UC_HOOK_INSN, (void *)on_cpuid, c, 1, 0, UC_X86_INS_CPUID);
 }
 
 int replayvm_uc_setup(uc_engine *uc, struct emu_state *s, void *owner, int cpu_model)
