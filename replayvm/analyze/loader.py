@@ -74,7 +74,7 @@ _INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without i
 check_unpacking((Kind.INPUT,), "dpos", "source", "data")
 check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
-check_unpacking((Kind.SWITCH,), "dpos", "cpu")
+check_unpacking((Kind.SWITCH,), "dpos", "cpu", optional=("landmark",))
 _SWITCH = int(Kind.SWITCH)
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
@@ -576,7 +576,7 @@ class _LoadState:
                     rows["halts"] += (seq, pos, cpu)
                     seq += 1
                 elif kind == _SWITCH:          # several CPUs: the turn so far, then who runs now
-                    _, dpos, new_cpu = record
+                    _, dpos, new_cpu = record[:3]         # (a kvm switch between exits: + landmark)
                     pos += dpos
                     self.cpu = cpu
                     self._turn(pos)
