@@ -33,7 +33,7 @@ engine. The machine's scheduler (replayvm.schedule; on replay the trace's SWITCH
 between KVM_RUNs; a switch is just running another vCPU's file descriptor. While recording, a CPU
 changes turns at a synchronous exit once its turn of exits is over, when it halts and another CPU
 can run, and -- so that a CPU spinning on a lock in memory, with no exit at all, does not starve
-the one holding it -- after TURN_TIME_NS of running while another CPU could run: the kicker
+the one holding it -- after TURN_TIME_NS without an exit while another CPU could run: the kicker
 interrupts KVM_RUN and the switch lands at a placeable point, with a landmark, exactly as an
 interrupt between exits does (the SWITCH record carries it; replay runs the CPU to it by
 breakpoint and registers before switching).
@@ -57,9 +57,11 @@ from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, Cpu
                                    StopReason, real_mode_state)
 from replayvm.errors import EngineUnavailable, UsageError
 
-# A CPU that runs this long (guest time) without reaching the end of its turn, while another CPU
-# could run, is switched away between exits (see the module docstring): a spinlock's waiter
-# wastes at most this much of the lock holder's time (plus a kick's latency, 35-90 us on PVM).
+# A CPU that runs this long (guest time) without a synchronous exit, while another CPU could run,
+# is switched away between exits (see the module docstring): a spinlock's waiter wastes at most
+# this much of the lock holder's time (plus a kick's latency, 35-90 us on PVM). Only exit-free
+# stretches count, so a CPU that exits ends its turns by its count of exits alone: the schedule
+# of such code does not depend on host timing.
 TURN_TIME_NS = 2_000_000
 WAITING_FOR_STARTUP = "waiting for its STARTUP IPI"
 
@@ -273,8 +275,9 @@ class KvmEngine:
         self._cpu_vector = [0] * self.cpus
         self._cpu_halted = [False] * self.cpus
         self._cpu_halted_if = [False] * self.cpus
-        self._turn_started_ns = 0            # recording: when the running CPU's turn began ...
-        self._turn_deadline_ns: int | None = None   # ... and when time ends it (another CPU waits)
+        self._quiet_since_ns = 0             # recording: since when the running CPU made no exit ...
+        self._quiet_position = -1            # ... (the position it has been at since then) ...
+        self._turn_deadline_ns: int | None = None   # ... and when time ends its turn (another CPU waits)
         self._switch_landmark: dict | None = None   # where a switch between exits lands
         self.switch_landmarks = 0            # switches made between exits (after a kick)
 
@@ -423,15 +426,18 @@ class KvmEngine:
         return False
 
     def _end_turn_by_time(self, now: int, scheduler) -> None:
-        """Recording: the running CPU has run TURN_TIME_NS while another CPU could run (a spin on
-        a lock without exits): its turn ends here -- at this exit, or after a kick at a point
-        replay can find again (its landmark; single-stepping on to one first if need be, as for
-        an interrupt). `_turn_deadline_ns` tells the kicker when to look."""
+        """Recording: the running CPU has run TURN_TIME_NS without a synchronous exit while
+        another CPU could run (a spin on a lock in memory): its turn ends here, after the kick,
+        at a point replay can find again (its landmark; single-stepping on to one first if need
+        be, as for an interrupt). `_turn_deadline_ns` tells the kicker when to look."""
+        position = self.position
+        if position != self._quiet_position:
+            self._quiet_position, self._quiet_since_ns = position, now
         if not self._other_runnable():
-            self._turn_started_ns = now
+            self._quiet_since_ns = now
             self._turn_deadline_ns = None
             return
-        self._turn_deadline_ns = self._turn_started_ns + TURN_TIME_NS
+        self._turn_deadline_ns = self._quiet_since_ns + TURN_TIME_NS
         if now < self._turn_deadline_ns:
             return
         if self._kicked:
@@ -459,7 +465,7 @@ class KvmEngine:
         self._kicked = False          # the CPU resumes exactly where it stopped: no landmark needed
         self._landmark = None
         self._switch_landmark = None
-        self._turn_started_ns = now
+        self._quiet_since_ns = now
         self._turn_deadline_ns = None
         self.machine.select_cpu(cpu)              # type: ignore[attr-defined]
         if self.on_switch is not None:
@@ -667,6 +673,10 @@ class KvmEngine:
                 wake_ns = end_ns if wake_ns is None else min(wake_ns, end_ns)
             if several and self._turn_deadline_ns is not None:       # another CPU waits
                 wake_ns = self._turn_deadline_ns if wake_ns is None else min(wake_ns, self._turn_deadline_ns)
+            if self._stop_requested:             # by a replayed switch or interrupt just taken
+                self._stop_requested = False
+                self._kicker.arm(None)
+                return StopReason.STOP_REQUESTED
             self._kicker.arm(wake_ns)
             result = lib.replayvm_ioctl_int(vcpu, KVM_RUN, 0)
             if result < 0:

@@ -163,7 +163,7 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
     if machine.cpus > 1:                     # a 1-CPU 32-bit mp trace stays as before (format 1.2)
         features.append(FEATURE_SMP)
         header["cpus"] = machine.cpus
-        if machine.engine.name == "kvm":     # SWITCH records with landmarks
+        if not machine.engine.exact_positions:   # kvm: SWITCH records may carry landmarks
             features.append(FEATURE_KVM_SMP)
     if machine.config.machine == "pc":
         features.append(FEATURE_PC)
