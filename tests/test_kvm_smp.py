@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from replayvm.guests import guest_file
+from replayvm.record.live import replay_and_go_live
 from replayvm.record.session import SessionOptions, run_session
 from replayvm.replay.replayer import Divergence, Replayer, replay
 from replayvm.schedule import KVM_QUANTUM
@@ -201,3 +202,48 @@ def test_a_kvm_smp_trace_does_not_replay_on_emu(kvm_smp):
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result
     assert "recorded on kvm" in result.stderr
+
+
+def test_going_live_on_kvm_with_two_cpus_records_a_branch_that_replays_verified(kvm_smp, tmp_path):
+    """replay --seek N --live on a kvm trace of two CPUs: the branch starts every CPU where the
+    replay had it (start_cpus), runs the rest of the guest live on both, and replays verified."""
+    trace, console, _ = kvm_smp
+    seek = next(i for i, (position, cpu, _) in enumerate(switches(trace)) if cpu == 1 and i > 2)
+    event = _event_of_switch(trace, seek)
+    branch = tmp_path / "branch.zst"
+    out = io.BytesIO()
+    outcome, _ = replay_and_go_live(trace, SessionOptions(engine="kvm", trace=branch, timeout_s=120),
+                                    seek=str(event), output=out, keep_checkpoints=False)
+    assert outcome.reason == "shutdown", outcome
+    live = out.getvalue()
+    assert b"smp64: cpu1 done\n" in live and b"locked counter 80" in live   # (new turns: not console's)
+    with TraceReader(branch) as reader:
+        start = reader.header["start_cpus"]
+    assert start["current"] == 1 and start["states"][0] is not None
+    result = replay(branch)
+    assert result.verified, result.mismatches
+
+
+def _event_of_switch(trace: Path, nth: int) -> int:
+    """The event index of the trace's nth SWITCH record."""
+    event, seen = 0, 0
+    with TraceReader(trace) as reader:
+        for record in reader:
+            if record[0] in POSITIONED:
+                if record[0] == Kind.SWITCH:
+                    if seen == nth:
+                        return event
+                    seen += 1
+                event += 1
+    raise AssertionError("no such switch")
+
+
+def test_sql_rows_of_a_kvm_smp_trace_carry_their_cpu(kvm_smp, tmp_path):
+    from replayvm.analyze import query
+    from replayvm.analyze.loader import load_trace
+
+    trace, _, _ = kvm_smp
+    database = tmp_path / "smp64.db"
+    load_trace(trace, database)
+    rows = dict(query(database, "SELECT cpu, count(*) FROM exits GROUP BY cpu").rows)
+    assert set(rows) == {0, 1} and all(rows.values())
