@@ -179,10 +179,10 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _resolve_engine(requested: str, long_mode: bool = False) -> str:
+def _resolve_engine(requested: str, long_mode: bool = False, cpus: int = 1) -> str:
     from replayvm.engines.probe import choose_engine
 
-    name, reason = choose_engine(requested, long_mode)
+    name, reason = choose_engine(requested, long_mode, cpus)
     if requested == "auto":
         sys.stderr.write(f"replayvm: engine {name}: {reason}\n")
     return name
@@ -215,11 +215,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     until = decode_escapes(args.until, "--until") if args.until else None
     if not 1 <= args.cpus <= hw.MAX_CPUS:
         raise UsageError(f"--cpus must be between 1 and {hw.MAX_CPUS}")
-    if args.cpus > 1 and args.engine == "kvm":
-        from replayvm.engines.kvm import SMP_REFUSED
-
-        raise UsageError(SMP_REFUSED)
-    engine = _resolve_engine(args.engine if args.cpus == 1 else "emu", long_mode)
+    engine = _resolve_engine(args.engine, long_mode, args.cpus)
     if args.virtual_clock and not engine_class(engine).exact_positions:
         raise UsageError("--virtual-clock needs the emu engine (guest time from its instruction count)")
     if args.until_fail is not None and script is None:

@@ -154,9 +154,7 @@ class Machine:
             self.chaos_times = ChaosTimes.for_clock(config.virtual_clock)
         self._wire_devices()
         if self.cpus > 1:                         # the world's side of the schedule (replay: the trace's)
-            from replayvm.schedule import QuantumScheduler
-
-            self.scheduler = QuantumScheduler(self.cpus, chaos_seed=config.chaos_seed)
+            self.scheduler = self._new_scheduler(0)
         self.chaos = None
         if self.chaos_times is not None:
             from replayvm.chaos import LapicTimerSource, PitTimerSource, TimerChaos
@@ -270,8 +268,16 @@ class Machine:
         if self.lapic_window is not None:
             self.lapic_window.select(cpu)
 
+    def _new_scheduler(self, start_position: int):
+        """The recording's turns (schedule.py): in instructions on emu, in exits on kvm."""
+        from replayvm.schedule import DEFAULT_QUANTUM, KVM_QUANTUM, QuantumScheduler
+
+        quantum = KVM_QUANTUM if self.config.engine == "kvm" else DEFAULT_QUANTUM
+        return QuantumScheduler(self.cpus, quantum=quantum, chaos_seed=self.config.chaos_seed,
+                                start_position=start_position)
+
     def _on_init_ipi(self, cpu: int) -> None:
-        self.engine.cpu_init(cpu)            # type: ignore[attr-defined]  (emu only: kvm refuses --cpus)
+        self.engine.cpu_init(cpu)            # type: ignore[attr-defined]  (both engines have it)
 
     def _on_startup_ipi(self, cpu: int, vector: int) -> None:
         self.engine.cpu_startup(cpu, vector)  # type: ignore[attr-defined]
@@ -331,10 +337,7 @@ class Machine:
         if self.pit is not None:
             self.pit.follows_trace = False
         if self.cpus > 1:                         # turns from here on, as a recording's
-            from replayvm.schedule import QuantumScheduler
-
-            self.scheduler = QuantumScheduler(self.cpus, chaos_seed=self.config.chaos_seed,
-                                              start_position=self.engine.position)
+            self.scheduler = self._new_scheduler(self.engine.position)
         self._engine_places_interrupts(True)
 
     def _engine_places_interrupts(self, on: bool) -> None:

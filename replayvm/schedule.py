@@ -1,5 +1,6 @@
-"""Which CPU runs when, on a machine with several (`--cpus N`): turns of a fixed number of
-instructions while recording; on replay the trace's SWITCH records say it instead.
+"""Which CPU runs when, on a machine with several (`--cpus N`): turns of a fixed length in
+positions (instructions on emu, synchronous exits on kvm) while recording; on replay the trace's
+SWITCH records say it instead.
 
 The engine runs one CPU at a time (the vCPUs share one emulator and its translated code) and asks
 its machine's scheduler, between runs, whether to switch: `choose(position, current, runnable)`
@@ -14,6 +15,12 @@ loading the CPU context and flushing the TLB: some 10-30 us here) costs a few pe
 time the quantum runs at the engine's 100-500 MIPS. A halted CPU is skipped until an interrupt
 can wake it; a CPU waiting for its STARTUP IPI is not runnable.
 
+The kvm engine's positions count exits, not instructions: its quantum is KVM_QUANTUM exits. A
+switch there costs next to nothing (each vCPU keeps its own state in the kernel: the engine just
+runs another vCPU's file descriptor), while one exit costs ~10 us of Python, so 50 exits is about
+a millisecond of a guest that exits often. A CPU that runs without exits (a spinlock's waiter)
+ends its turn by time instead (engines/kvm.py, TURN_TIME_NS): the engine then asks `expire()`.
+
 Under `--chaos` the quanta are drawn from the seed, as rr's chaos mode does for threads: mostly
 normal slices, some very short ones (a switch right inside a critical section), and now and then
 a long one that starves the other CPUs (a CPU that holds a lock while the others wait for it).
@@ -25,7 +32,8 @@ import random
 from collections.abc import Callable
 
 DEFAULT_QUANTUM = 50_000
-SHORT_SLICE_MAX = 2_000              # a "very short" slice: 1..this many instructions
+KVM_QUANTUM = 50                     # the kvm engine's turns, in synchronous exits
+SHORT_SLICE_DIVISOR = 25             # a "very short" slice: 1..quantum/25 (2,000 instructions on emu)
 STARVE_FACTOR = 10                   # a starving slice: this many quanta
 SHORT_CHANCE = 0.5
 STARVE_CHANCE = 0.05
@@ -33,7 +41,7 @@ CHAOS_SALT = 0x5C4ED                  # the schedule's random stream differs fro
 
 
 class QuantumScheduler:
-    """Round robin over the runnable CPUs, each for a quantum of instructions (see the module
+    """Round robin over the runnable CPUs, each for a quantum of positions (see the module
     docstring); under chaos, quanta drawn from `chaos_seed`."""
 
     def __init__(self, cpus: int, quantum: int = DEFAULT_QUANTUM, chaos_seed: int | None = None,
@@ -48,7 +56,7 @@ class QuantumScheduler:
             return self.quantum
         draw = self._random.random()
         if draw < SHORT_CHANCE:
-            return self._random.randint(1, SHORT_SLICE_MAX)
+            return self._random.randint(1, max(1, self.quantum // SHORT_SLICE_DIVISOR))
         if draw < SHORT_CHANCE + STARVE_CHANCE:
             return self.quantum * STARVE_FACTOR
         return self._random.randint(self.quantum // 2, self.quantum * 3 // 2)
@@ -61,6 +69,11 @@ class QuantumScheduler:
         if self._random is not None:
             self.end = position + self._slice()
         return self.end
+
+    def expire(self, position: int) -> None:
+        """The current turn is over at `position`, whatever its length (kvm: the CPU ran its
+        time without an exit while another CPU waited); the next `choose` picks the next CPU."""
+        self.end = position
 
     def next_switch_position(self) -> int | None:
         """Where the current turn ends (the engine stops its run there)."""

@@ -44,7 +44,7 @@ from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutput
 from replayvm.errors import UsageError
 from replayvm.trace.format import Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import I63, INTERRUPT, check_unpacking
+from replayvm.trace.records import I63, INTERRUPT, SWITCH, check_unpacking
 
 BATCH = 50_000                  # records turned into rows and inserted together
 INLINE_BATCHES = 2              # batches built here before a second process takes over
@@ -74,8 +74,9 @@ _INTERRUPT_ARITY = INTERRUPT.arity        # the length of an interrupt without i
 check_unpacking((Kind.INPUT,), "dpos", "source", "data")
 check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
-check_unpacking((Kind.SWITCH,), "dpos", "cpu")
+check_unpacking((Kind.SWITCH,), "dpos", "cpu", optional=("landmark",))
 _SWITCH = int(Kind.SWITCH)
+_SWITCH_ARITY = SWITCH.arity              # the length of a switch without its (kvm) landmark
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
 
@@ -576,7 +577,10 @@ class _LoadState:
                     rows["halts"] += (seq, pos, cpu)
                     seq += 1
                 elif kind == _SWITCH:          # several CPUs: the turn so far, then who runs now
-                    _, dpos, new_cpu = record
+                    if len(record) == _SWITCH_ARITY:
+                        _, dpos, new_cpu = record
+                    else:                               # a kvm switch between exits: its landmark
+                        _, dpos, new_cpu, _ = record
                     pos += dpos
                     self.cpu = cpu
                     self._turn(pos)

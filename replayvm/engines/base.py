@@ -33,6 +33,13 @@ if TYPE_CHECKING:
     from replayvm.devices.base import InterruptSource
 
 
+# What a CPU of several is doing (both engines' `_cpu_mode`, EngineSnapshot.cpus, a branch
+# trace's start_cpus `modes`).
+CPU_RUNNING = 0
+CPU_WAIT_SIPI = 1                   # after reset or INIT: nothing runs until a STARTUP IPI
+CPU_STARTING = 2                    # a STARTUP IPI came: starts at its vector when next switched to
+
+
 class StopReason(enum.Enum):
     HALT = "halt"                  # HLT with nothing to do: the machine waits for the next event
     SHUTDOWN = "shutdown"          # triple fault / shutdown: the guest is dead

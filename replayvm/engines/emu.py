@@ -28,8 +28,9 @@ from typing import Callable, Iterator
 
 from replayvm import hw
 from replayvm.clock import VirtualClock
-from replayvm.engines.base import (CpuState, DebugHit, DebugStop, EngineSnapshot, GuestAddressFault,
-                                   MachineView, Segment, StopReason, real_mode_state)
+from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuState, DebugHit, DebugStop,
+                                   EngineSnapshot, GuestAddressFault, MachineView, Segment, StopReason,
+                                   real_mode_state)
 from replayvm.engines import x86_delivery
 from replayvm.errors import EngineUnavailable
 
@@ -119,10 +120,6 @@ EFLAGS_IF = 1 << 9
 OPCODE_STI = 0xFB
 NO_SKIP = (1 << 64) - 1             # skip_icount when no instruction is exempt from breakpoints
 HF_INHIBIT_IRQ = 0x8                # QEMU's hflags: the instruction just done was STI (its shadow)
-# What a CPU of several is doing (EmuEngine._cpu_mode).
-CPU_RUNNING = 0
-CPU_WAIT_SIPI = 1                   # after reset or INIT: nothing runs until a STARTUP IPI
-CPU_STARTING = 2                    # a STARTUP IPI came: starts at its vector when next switched to
 
 
 class UnicornError(Exception):

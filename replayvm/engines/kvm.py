@@ -23,6 +23,20 @@ whichever comes first. An interrupt that arrives while a
 ring-3 task computes is thus delivered at the task's next entry into the kernel: exact, with a
 latency bounded by how often the task enters the kernel (a task that never does is not
 preempted while recording on PVM; hardware KVM has the same landmark limits but real debug exits).
+
+Several CPUs (`--cpus N`, at most the host's KVM_CAP_NR_VCPUS): one KVM vCPU per CPU, each with
+its own kvm_run page and its own initial APIC ID in CPUID, all run by the one engine thread, one at
+a time (serialised), so positions stay one count of synchronous exits over all CPUs and the
+interleaving is the engine's to choose and the trace's to repeat. The APs wait for their STARTUP
+IPI (their vCPU is not run at all) and then start in real mode at its vector, as on the emu
+engine. The machine's scheduler (replayvm.schedule; on replay the trace's SWITCH records) is asked
+between KVM_RUNs; a switch is just running another vCPU's file descriptor. While recording, a CPU
+changes turns at a synchronous exit once its turn of exits is over, when it halts and another CPU
+can run, and -- so that a CPU spinning on a lock in memory, with no exit at all, does not starve
+the one holding it -- after TURN_TIME_NS without an exit while another CPU could run: the kicker
+interrupts KVM_RUN and the switch lands at a placeable point, with a landmark, exactly as an
+interrupt between exits does (the SWITCH record carries it; replay runs the CPU to it by
+breakpoint and registers before switching).
 """
 
 from __future__ import annotations
@@ -35,11 +49,21 @@ import struct
 import threading
 from collections import Counter
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 from replayvm.engines._kvm import ffi, lib
-from replayvm.engines.base import CpuState, MachineView, Segment, StopReason
+from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuState, MachineView, Segment,
+                                   StopReason, real_mode_state)
 from replayvm.errors import EngineUnavailable, UsageError
 
-SMP_REFUSED = "--cpus above 1 needs --engine emu (the kvm engine runs one CPU for now)"
+# A CPU that runs this long (guest time) without a synchronous exit, while another CPU could run,
+# is switched away between exits (see the module docstring): a spinlock's waiter wastes at most
+# this much of the lock holder's time (plus a kick's latency, 35-90 us on PVM). Only exit-free
+# stretches count, so a CPU that exits ends its turns by its count of exits alone: the schedule
+# of such code does not depend on host timing.
+TURN_TIME_NS = 2_000_000
+WAITING_FOR_STARTUP = "waiting for its STARTUP IPI"
 
 KVM_API_VERSION = 12
 KICK_SIGNAL = signal.SIGUSR1
@@ -89,6 +113,17 @@ def open_kvm() -> int:
     return fd
 
 
+def vcpu_limit(kvm_fd: int) -> int:
+    """How many vCPUs this host's KVM recommends for one VM (KVM_CAP_NR_VCPUS; at least 1)."""
+    return max(1, lib.replayvm_ioctl_int(kvm_fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_NR_VCPUS))
+
+
+def too_many_cpus(cpus: int, limit: int) -> str:
+    """The one-line refusal of --cpus above the host's limit."""
+    return (f"--cpus {cpus} is more than this host's KVM runs ({limit} vCPUs, KVM_CAP_NR_VCPUS): "
+            f"give --cpus {limit} or fewer, or --engine emu")
+
+
 def _ioctl(fd: int, request: int, arg=None, what: str = "ioctl") -> int:
     if arg is None or isinstance(arg, int):
         result = lib.replayvm_ioctl_int(fd, request, arg or 0)
@@ -132,6 +167,10 @@ class _Kicker:
             if current is None or deadline_ns < current:
                 self._cond.notify()
 
+    def use_run(self, run) -> None:
+        """Several CPUs: the vCPU whose kvm_run page a kick marks from now on (the one running)."""
+        self._run = run
+
     def kick_now(self) -> None:
         self._run.immediate_exit = 1
         self.kicks += 1
@@ -157,8 +196,18 @@ class _Kicker:
             self._cond.notify()
 
 
+class _Vcpu:
+    """One KVM vCPU: its file descriptor and its kvm_run page (mapped, and as a cffi struct)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_buffer = ffi.from_buffer(self.run_map)
+        self.run = ffi.cast("struct kvm_run *", self.run_buffer)
+
+
 class KvmEngine:
-    """One vCPU under KVM: an `Engine` and a `HardwareDebugEngine` (replayvm.engines.base).
+    """The vCPUs under KVM: an `Engine` and a `HardwareDebugEngine` (replayvm.engines.base).
 
     Positions are exit counts (see `position`), so this engine has no checkpoints and no exact
     breakpoints: the timeline and gdb need a trace recorded on emu."""
@@ -168,10 +217,13 @@ class KvmEngine:
     position_unit = "exits"
 
     def __init__(self, machine: MachineView) -> None:
-        if getattr(machine, "cpus", 1) > 1:
-            raise UsageError(SMP_REFUSED)
         self.machine = machine
+        self.cpus: int = getattr(machine, "cpus", 1)
         self.kvm_fd = open_kvm()
+        limit = vcpu_limit(self.kvm_fd)
+        if self.cpus > limit:
+            os.close(self.kvm_fd)
+            raise UsageError(too_many_cpus(self.cpus, limit))
         self.exit_counts: Counter[str] = Counter()
         self._position_base = 0
         self.last_error = ""
@@ -199,39 +251,61 @@ class KvmEngine:
                 "slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": len(machine.ram),
                 "userspace_addr": int(ffi.cast("uintptr_t", self._ram))})
             _ioctl(self.vm_fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
-            self.vcpu_fd = _ioctl(self.vm_fd, lib.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
             size = _ioctl(self.kvm_fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-            self._run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self._run_buffer = ffi.from_buffer(self._run_map)
-            self.run_struct = ffi.cast("struct kvm_run *", self._run_buffer)
-            self._set_cpuid()
+            self._vcpus: list[_Vcpu] = []
+            for cpu in range(self.cpus):             # vCPU id = APIC ID = the CPU's index
+                vcpu = _Vcpu(_ioctl(self.vm_fd, lib.KVM_CREATE_VCPU, cpu, "KVM_CREATE_VCPU"), size)
+                self._vcpus.append(vcpu)
+                self._set_cpuid(vcpu.fd, apic_id=cpu)
         except OSError as error:
             raise EngineUnavailable(f"KVM refused to set up the VM: {error}") from None
         self._regs = ffi.new("struct kvm_regs *")
         self._sregs = ffi.new("struct kvm_sregs *")
         self._irq = ffi.new("struct kvm_interrupt *")
+        # The CPU running now (its vCPU's fd and kvm_run page are the engine's: _use_vcpu).
+        self.cpu = 0
+        vcpu = self._vcpus[0]
+        self.vcpu_fd, self._run_map, self._run_buffer, self.run_struct = (
+            vcpu.fd, vcpu.run_map, vcpu.run_buffer, vcpu.run)
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)   # a no-op handler: EINTR, no death
         self._kicker = _Kicker(self.run_struct, threading.get_ident(), machine.clock)
+        # Several CPUs (see the module docstring): what each is doing, as on the emu engine.
+        self.on_switch: Callable[[int, int, dict | None], None] | None = None  # (cpu, position, landmark)
+        self._cpu_mode = [CPU_RUNNING] + [CPU_WAIT_SIPI] * (self.cpus - 1)
+        self._cpu_vector = [0] * self.cpus
+        self._cpu_halted = [False] * self.cpus
+        self._cpu_halted_if = [False] * self.cpus
+        self._quiet_since_ns = 0             # recording: since when the running CPU made no exit ...
+        self._quiet_position = -1            # ... (the position it has been at since then) ...
+        self._turn_deadline_ns: int | None = None   # ... and when time ends its turn (another CPU waits)
+        self._switch_landmark: dict | None = None   # where a switch between exits lands
+        self.switch_landmarks = 0            # switches made between exits (after a kick)
 
     # ---------------------------------------------------------------- setup
-    def _set_cpuid(self) -> None:
+    def _set_cpuid(self, vcpu_fd: int, apic_id: int) -> None:
+        """What CPUID says on one vCPU: the host's supported leaves, without hardware randomness
+        and x2APIC, with `apic_id` as the initial APIC ID (leaf 1 EBX[31:24]; leaves 0xB and 0x1F
+        EDX). `cpuid_table` (for the trace header) is the BSP's."""
         count = lib.KVM_MAX_CPUID_ENTRIES
         cpuid_with_entries = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
                                      + count * ffi.sizeof("struct kvm_cpuid_entry2"))
         cpuid = ffi.cast("struct kvm_cpuid2 *", cpuid_with_entries)
         cpuid.nent = count
         _ioctl(self.kvm_fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID")
-        self.cpuid_table = []
+        table = []
         for i in range(cpuid.nent):
             entry = cpuid.entries[i]
             if entry.function == 1:
                 entry.ecx &= ~(CPUID_ECX_RDRAND | CPUID_ECX_X2APIC)   # no hardware randomness
-                entry.ebx &= 0x00FFFFFF                               # initial APIC id 0
+                entry.ebx = (entry.ebx & 0x00FFFFFF) | apic_id << 24  # the initial APIC id
             elif entry.function == 7 and entry.index == 0:
                 entry.ebx &= ~CPUID_EBX_RDSEED
-            self.cpuid_table.append((entry.function, entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx))
-        _ioctl(self.vcpu_fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
-        self._cpuid_buffer = cpuid_with_entries
+            elif entry.function in (0xB, 0x1F):
+                entry.edx = apic_id                                   # the x2APIC id
+            table.append((entry.function, entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx))
+        _ioctl(vcpu_fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        if apic_id == 0:
+            self.cpuid_table = table
 
     # ---------------------------------------------------------------- state
     def set_state(self, state: CpuState) -> None:
@@ -285,6 +359,192 @@ class KvmEngine:
         setattr(self._regs, self._GPR32[name], value & 0xFFFFFFFF)
         _ioctl(self.vcpu_fd, lib.KVM_SET_REGS, self._regs, "KVM_SET_REGS")
 
+    # ---------------------------------------------------------------- several CPUs
+    def cpu_init(self, cpu: int) -> None:
+        """An INIT IPI (from inside a device access): the CPU waits for a STARTUP IPI; its vCPU
+        is not run until then."""
+        self._cpu_mode[cpu] = CPU_WAIT_SIPI
+        self._cpu_halted[cpu] = False
+
+    def cpu_startup(self, cpu: int, vector: int) -> None:
+        """A STARTUP IPI: a CPU waiting for one starts in real mode at vector * 4096 when it is
+        next switched to (a second one finds it started and is ignored, as on hardware)."""
+        if self._cpu_mode[cpu] == CPU_WAIT_SIPI:
+            self._cpu_mode[cpu] = CPU_STARTING
+            self._cpu_vector[cpu] = vector & 0xFF
+
+    def cpu_started(self, cpu: int) -> bool:
+        """Whether `cpu` runs (or is about to: a STARTUP IPI came), rather than waiting for one."""
+        return self.cpus == 1 or self._cpu_mode[cpu] != CPU_WAIT_SIPI
+
+    def _runnable(self, cpu: int) -> bool:
+        mode = self._cpu_mode[cpu]
+        if mode != CPU_RUNNING:
+            return mode == CPU_STARTING
+        if not self._cpu_halted[cpu]:
+            return True
+        return self._cpu_halted_if[cpu] and self.machine.lapics[cpu].has_pending()  # type: ignore[attr-defined]
+
+    def any_cpu_runnable(self) -> bool:
+        """Several CPUs: can any of them run (one halted waits for an interrupt it can take)?"""
+        return any(self._runnable(cpu) for cpu in range(self.cpus))
+
+    def _other_runnable(self) -> bool:
+        return any(self._runnable(cpu) for cpu in range(self.cpus) if cpu != self.cpu)
+
+    def end_turn_by(self, position: int) -> None:
+        """The scheduler moved the current turn's end (a woken CPU, under chaos): nothing to do
+        here, the scheduler is asked at every exit anyway."""
+
+    def _use_vcpu(self, cpu: int) -> None:
+        """The engine's vCPU fd and kvm_run page are `cpu`'s from now on (no ioctl: each vCPU
+        keeps its own state in the kernel)."""
+        vcpu = self._vcpus[cpu]
+        self.vcpu_fd, self._run_map, self._run_buffer, self.run_struct = (
+            vcpu.fd, vcpu.run_map, vcpu.run_buffer, vcpu.run)
+        self._kicker.use_run(vcpu.run)
+
+    def _schedule(self, now: int) -> bool:
+        """Several CPUs, between KVM_RUNs: switch if the scheduler says so (recording: also when
+        the running CPU's time is up, see _end_turn_by_time). True when the CPU to run is halted
+        with nothing to wake it (the machine halts)."""
+        scheduler = self.machine.scheduler       # type: ignore[attr-defined]
+        if scheduler is not None:
+            if self.places_interrupts:
+                self._end_turn_by_time(now, scheduler)
+            target = scheduler.choose(self.position, self.cpu, self._runnable)
+            if target is not None and target != self.cpu:
+                if not 0 <= target < self.cpus:
+                    raise ValueError(f"a switch to CPU {target} of a machine with {self.cpus}")
+                self._switch(target, now)
+            self._switch_landmark = None
+        cpu = self.cpu
+        if self._cpu_halted[cpu]:
+            if not (self._cpu_halted_if[cpu] and self.machine.interrupts.has_pending()):
+                return True
+            self._cpu_halted[cpu] = False
+        return False
+
+    def _end_turn_by_time(self, now: int, scheduler) -> None:
+        """Recording: the running CPU has run TURN_TIME_NS without a synchronous exit while
+        another CPU could run (a spin on a lock in memory): its turn ends here, after the kick,
+        at a point replay can find again (its landmark; single-stepping on to one first if need
+        be, as for an interrupt). `_turn_deadline_ns` tells the kicker when to look."""
+        position = self.position
+        if position != self._quiet_position:
+            self._quiet_position, self._quiet_since_ns = position, now
+        if not self._other_runnable():
+            self._quiet_since_ns = now
+            self._turn_deadline_ns = None
+            return
+        self._turn_deadline_ns = self._quiet_since_ns + TURN_TIME_NS
+        if now < self._turn_deadline_ns:
+            return
+        if self._kicked:
+            landmark = self._placeable_landmark(for_switch=True)
+            if landmark is None:
+                return                          # stepping on to a placeable point
+            self._switch_landmark = landmark
+        scheduler.expire(self.position)
+
+    def _switch(self, cpu: int, now: int) -> None:
+        """`cpu` runs from now on (a CPU started by a STARTUP IPI begins in real mode)."""
+        landmark = self._switch_landmark
+        if landmark is None and self._kicked and self.places_interrupts:
+            landmark = self._current_landmark()   # between exits: where this CPU stopped
+        if landmark is not None:
+            self.switch_landmarks += 1
+        if self._stepping:                        # (its debug state is its vCPU's own)
+            self._set_debug()
+            self._stepping = ""
+        self._use_vcpu(cpu)
+        if self._cpu_mode[cpu] == CPU_STARTING:
+            self.set_state(real_mode_state(self._cpu_vector[cpu] << 8, 0))
+            self._cpu_mode[cpu] = CPU_RUNNING
+        self.cpu = cpu
+        self._kicked = False          # the CPU resumes exactly where it stopped: no landmark needed
+        self._landmark = None
+        self._switch_landmark = None
+        self._quiet_since_ns = now
+        self._turn_deadline_ns = None
+        self.machine.select_cpu(cpu)              # type: ignore[attr-defined]
+        if self.on_switch is not None:
+            self.on_switch(cpu, self.position, landmark)
+
+    def _halt_current(self) -> None:
+        """Several CPUs: the running CPU executed HLT; it waits (the scheduler skips it) until an
+        interrupt it can take (IF=1) is pending at its local APIC."""
+        _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
+        self._cpu_halted[self.cpu] = True
+        self._cpu_halted_if[self.cpu] = bool(self._regs.rflags & EFLAGS_IF)
+
+    @contextmanager
+    def viewing_cpu(self, cpu: int) -> Iterator[None]:
+        """Between runs: get_state/set_state inside the block are `cpu`'s (its vCPU)."""
+        if cpu == self.cpu:
+            yield
+            return
+        running = self.vcpu_fd
+        self.vcpu_fd = self._vcpus[cpu].fd
+        try:
+            yield
+        finally:
+            self.vcpu_fd = running
+
+    def cpu_states(self) -> list[dict]:
+        """Every CPU's state (one still waiting for its STARTUP IPI: {error: ...}), for the
+        footer and its replay's check."""
+        states: list[dict] = []
+        for cpu in range(self.cpus):
+            if cpu != self.cpu and self._cpu_mode[cpu] != CPU_RUNNING:
+                states.append({"error": WAITING_FOR_STARTUP})
+                continue
+            with self.viewing_cpu(cpu):
+                states.append(self.get_state().to_dict())
+        return states
+
+    def cpu_condition(self, cpu: int) -> str:
+        """What CPU `cpu` is doing, in words: "running", "halted", "waiting for its STARTUP IPI"
+        or "starting"."""
+        mode = self._cpu_mode[cpu]
+        if mode == CPU_WAIT_SIPI:
+            return WAITING_FOR_STARTUP
+        if mode == CPU_STARTING:
+            return "starting"
+        return "halted" if self._cpu_halted[cpu] else "running"
+
+    def start_cpus(self) -> dict:
+        """Several CPUs: what a branch trace (replay --live) starts its other CPUs from, as on
+        the emu engine (EmuEngine.start_cpus)."""
+        states = self.cpu_states()
+        return {"current": self.cpu, "modes": list(self._cpu_mode), "vectors": list(self._cpu_vector),
+                "halted": list(self._cpu_halted), "halted_if": list(self._cpu_halted_if),
+                "states": [state if cpu != self.cpu and "regs" in state else None
+                           for cpu, state in enumerate(states)]}
+
+    def load_start_cpus(self, start: dict) -> None:
+        """A branch trace's start_cpus, after set_state gave the running vCPU (CPU 0's, until
+        now) the branch's initial state: that state is the current CPU's, each other started
+        CPU gets its own."""
+        if len(start["modes"]) != self.cpus or not 0 <= start["current"] < self.cpus:
+            raise ValueError(f"start_cpus is not of a machine with {self.cpus} CPUs")
+        initial = self.get_state()
+        current = start["current"]
+        for cpu, state in enumerate(start["states"]):
+            if cpu == current:
+                with self.viewing_cpu(cpu):
+                    self.set_state(initial)
+            elif state is not None:
+                with self.viewing_cpu(cpu):
+                    self.set_state(CpuState.from_dict(state))
+        self._cpu_mode = [int(mode) for mode in start["modes"]]
+        self._cpu_vector = [int(vector) for vector in start["vectors"]]
+        self._cpu_halted = [bool(halted) for halted in start["halted"]]
+        self._cpu_halted_if = [bool(halted_if) for halted_if in start["halted_if"]]
+        self.cpu = current
+        self._use_vcpu(current)
+        self.machine.select_cpu(current)          # type: ignore[attr-defined]
+
     # ---------------------------------------------------------------- positions
     SYNCHRONOUS_EXITS = ("io", "mmio", "hlt")
 
@@ -326,6 +586,10 @@ class KvmEngine:
             return self._landmark
         if not self._kicked:
             return None
+        return self._current_landmark()
+
+    def _current_landmark(self) -> dict:
+        """The running vCPU's general registers, RIP, RFLAGS and CR3 now."""
         _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
         _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
         landmark = {name: getattr(self._regs, name) for name in CpuState.GPR_NAMES}
@@ -365,6 +629,7 @@ class KvmEngine:
         vcpu = self.vcpu_fd
         KVM_RUN = lib.KVM_RUN
         run_map = self._run_map
+        several = self.cpus > 1
         while True:
             if self._stop_requested:
                 self._stop_requested = False
@@ -378,6 +643,12 @@ class KvmEngine:
             if end_ns is not None and now >= end_ns:
                 self._kicker.arm(None)
                 return StopReason.BUDGET
+            if several:
+                if self._schedule(now):
+                    self._kicker.arm(None)
+                    return StopReason.HALT
+                interrupts = machine.interrupts          # the CPU's own LAPIC (or the trace)
+                run, vcpu, run_map = self.run_struct, self.vcpu_fd, self._run_map
             if interrupts.has_pending():
                 if run.ready_for_interrupt_injection and run.if_flag and self._kicked and \
                         self.places_interrupts:
@@ -400,6 +671,12 @@ class KvmEngine:
             wake_ns = None if until_timer is None else now + until_timer
             if end_ns is not None:
                 wake_ns = end_ns if wake_ns is None else min(wake_ns, end_ns)
+            if several and self._turn_deadline_ns is not None:       # another CPU waits
+                wake_ns = self._turn_deadline_ns if wake_ns is None else min(wake_ns, self._turn_deadline_ns)
+            if self._stop_requested:             # by a replayed switch or interrupt just taken
+                self._stop_requested = False
+                self._kicker.arm(None)
+                return StopReason.STOP_REQUESTED
             self._kicker.arm(wake_ns)
             result = lib.replayvm_ioctl_int(vcpu, KVM_RUN, 0)
             if result < 0:
@@ -431,6 +708,9 @@ class KvmEngine:
                 self._kicked = True
             elif reason == lib.KVM_EXIT_HLT:
                 self.exit_counts["hlt"] += 1
+                if several:                      # another CPU may run: the scheduler decides
+                    self._halt_current()
+                    continue
                 return StopReason.HALT
             elif reason == lib.KVM_EXIT_SHUTDOWN:
                 self.exit_counts["shutdown"] += 1
@@ -450,14 +730,16 @@ class KvmEngine:
                 self.last_error = self._describe_failure(run, reason)
                 return StopReason.UNSUPPORTED
 
-    def _placeable_landmark(self) -> dict | None:
+    def _placeable_landmark(self, for_switch: bool = False) -> dict | None:
         """The landmark of the point the guest is at, if replay can find it again; otherwise
-        None, with single-stepping on to the next point that may be (see the module docstring)."""
+        None, with single-stepping on to the next point that may be (see the module docstring).
+        For an interrupt or, `for_switch`, a change of CPUs between exits."""
         _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
         _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
         if self._sregs.cs.selector & 3 == 3:
             if self._stepping != "entries":
-                self.interrupts_deferred += 1
+                if not for_switch:
+                    self.interrupts_deferred += 1
                 self._set_debug(hw_breakpoints=self._kernel_entries())
                 self._stepping = "entries"
             return None
@@ -649,7 +931,13 @@ class KvmEngine:
 
     def close(self) -> None:
         self._kicker.close()
-        for fd in ("vcpu_fd", "vm_fd", "kvm_fd"):
+        for vcpu in getattr(self, "_vcpus", ()):
+            try:
+                os.close(vcpu.fd)
+            except OSError:
+                pass
+        self.vcpu_fd = None
+        for fd in ("vm_fd", "kvm_fd"):
             value = getattr(self, fd, None)
             if value is not None:
                 try:

@@ -142,9 +142,21 @@ def kvm_runs_paged32() -> bool:
     return answer
 
 
-def choose_engine(requested: str, long_mode: bool = False) -> tuple[str, str]:
+def kvm_vcpu_limit() -> int:
+    """How many vCPUs the host's KVM runs in one VM (KVM_CAP_NR_VCPUS)."""
+    from replayvm.engines.kvm import open_kvm, vcpu_limit
+
+    fd = open_kvm()
+    try:
+        return vcpu_limit(fd)
+    finally:
+        os.close(fd)
+
+
+def choose_engine(requested: str, long_mode: bool = False, cpus: int = 1) -> tuple[str, str]:
     """(engine, reason) for 'auto', 'kvm' or 'emu'; raises EngineUnavailable for an impossible kvm.
-    A `long_mode` guest (64-bit, paged only in long mode) runs on any usable KVM, PVM included."""
+    A `long_mode` guest (64-bit, paged only in long mode) runs on any usable KVM, PVM included;
+    `cpus` above the host's vCPU limit need emu (an explicit kvm is refused by the engine)."""
     if requested == "emu":
         return "emu", "requested"
     usable, detail = kvm_usable()
@@ -156,6 +168,8 @@ def choose_engine(requested: str, long_mode: bool = False) -> tuple[str, str]:
         raise EngineUnavailable(f"unknown engine {requested!r} (choose auto, kvm or emu)")
     if not usable:
         return "emu", f"no usable KVM ({detail})"
+    if cpus > 1 and cpus > (limit := kvm_vcpu_limit()):
+        return "emu", f"KVM here runs at most {limit} vCPUs, the guest gets {cpus} CPUs"
     if long_mode:
         return "kvm", "KVM runs 64-bit long-mode guests here"
     if not kvm_runs_paged32():

@@ -283,12 +283,15 @@ class Recorder:
         self.counts["interrupt"] += 1
         self.interrupt_sources[source] += 1
 
-    def switch(self, cpu: int, position: int) -> None:
+    def switch(self, cpu: int, position: int, landmark: dict | None = None) -> None:
         """Several CPUs: from `position` on, `cpu` runs (every record up to the next SWITCH is
-        that CPU's)."""
+        that CPU's). `landmark`: kvm switched between exits, where the CPU it left had these
+        registers (replay runs that CPU to them first)."""
         self._flush_run()
-        self._emit(SWITCH.build(self._position_delta(position), cpu))
+        self._emit(SWITCH.build(self._position_delta(position), cpu, landmark))
         self.counts["switch"] += 1
+        if landmark is not None:
+            self.counts["switch_landmarks"] += 1
 
     def input(self, source: str, data: bytes) -> None:
         self._flush_run()

@@ -21,7 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
-from replayvm.trace.format import FEATURE_PC, FEATURE_SMP, FEATURE_X86_64
+from replayvm.trace.format import FEATURE_KVM_SMP, FEATURE_PC, FEATURE_SMP, FEATURE_X86_64
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -165,6 +165,8 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
     if machine.cpus > 1:                     # a 1-CPU 32-bit mp trace stays as before (format 1.2)
         features.append(FEATURE_SMP)
         header["cpus"] = machine.cpus
+        if not machine.engine.exact_positions:   # kvm: SWITCH records may carry landmarks
+            features.append(FEATURE_KVM_SMP)
     if machine.config.machine == "pc":
         features.append(FEATURE_PC)
     if machine.x86_64:

@@ -66,6 +66,8 @@ KVM_WATCH_TICK_NS = 1_000_000_000
 LATENCY_REGISTERS = {"ide0": (ide.STATUS_COMMAND,), "ide0.control": (0,), "com1": (uart.LSR, uart.IIR_FCR)}
 
 
+# The events a kvm recording may place between exits, by a landmark.
+LANDMARK_KINDS = (Kind.INTERRUPT, Kind.SWITCH)
 # The events the replay stops at, by kind number (Kind(n) would cost a call through the enum
 # machinery per event); typed INPUT is positioned too, but handed to the UART on the way.
 EVENT_KINDS_BUT_INPUT: dict[int, Kind] = {int(kind): kind for kind in POSITIONED if kind != Kind.INPUT}
@@ -106,6 +108,8 @@ class Event:
             return f"clock read {r[CLOCK.source]} value {r[CLOCK.value]}"
         if self.kind == Kind.INPUT:
             return f"input {bytes(r[INPUT.data])!r}"
+        if self.kind == Kind.SWITCH:
+            return f"switch to CPU {r[SWITCH.cpu]}" + (" between exits" if SWITCH.get(r, "landmark") else "")
         return name
 
 
@@ -116,9 +120,20 @@ def _landmark_value(name: str, value: int | None) -> int | None:
     return value & ~RFLAGS_RF if name == "rflags" and value is not None else value
 
 
+def event_landmark(event: Event) -> dict | None:
+    """Where a kvm interrupt injected between exits, or a kvm switch of CPUs made between exits,
+    happened: the registers of its landmark (INTERRUPT's or SWITCH's `landmark`); None when its
+    position alone says where."""
+    if event.kind == Kind.INTERRUPT:
+        return INTERRUPT.get(event.record, "landmark")
+    if event.kind == Kind.SWITCH:
+        return SWITCH.get(event.record, "landmark")
+    return None
+
+
 def has_landmark(event: Event) -> bool:
-    """A kvm interrupt injected between exits: placed by its registers (INTERRUPT's `landmark`)."""
-    return INTERRUPT.get(event.record, "landmark") is not None
+    """An event placed by its registers between exits (see event_landmark)."""
+    return event_landmark(event) is not None
 
 
 @dataclass
@@ -508,7 +523,7 @@ class Replayer:
         if event is None:
             if self._run_data is None and self._kvm_end_reached():
                 self._stop_engine()
-        elif event.kind == Kind.INTERRUPT and has_landmark(event) and \
+        elif event.kind in LANDMARK_KINDS and has_landmark(event) and \
                 event.position == self.engine.position:
             self._stop_engine()
 
@@ -535,7 +550,7 @@ class Replayer:
             if end is not None and position > end:
                 self._diverge(f"the guest went on past the end of the trace at position {position} "
                               f"(the recording ended at {end}): {what}", None)
-        elif position > event.position or (position == event.position and event.kind != Kind.INTERRUPT):
+        elif position > event.position or (position == event.position and event.kind not in LANDMARK_KINDS):
             self._diverge(f"expected {event.describe()} at position {event.position}; the guest did "
                           f"{what} at position {position}", event)
 
@@ -877,6 +892,10 @@ class Replayer:
         event = self.next
         if event is None or event.kind != Kind.SWITCH or event.position != position:
             return None
+        if has_landmark(event):                  # kvm, between exits: once the CPU is there
+            if not self._landmark_reached:
+                return None
+            self._landmark_reached = False
         event = self._take(Kind.SWITCH)
         cpu = event.record[SWITCH.cpu]
         if cpu >= self.machine.cpus or not self.engine.cpu_started(cpu):
@@ -890,8 +909,11 @@ class Replayer:
         return None
 
     def _seek_landmark(self, event: Event) -> None:
-        """kvm: the interrupt was injected between exits: find where (see _run_to_landmark)."""
-        self._run_to_landmark(event.record[INTERRUPT.landmark], event.describe(), event)
+        """kvm: the interrupt was injected, or the CPUs switched, between exits: find where (see
+        _run_to_landmark)."""
+        landmark = event_landmark(event)
+        assert landmark is not None
+        self._run_to_landmark(landmark, event.describe(), event)
         self._landmark_reached = True
 
     def _run_to_landmark(self, landmark: dict, what: str, event: Event | None,
@@ -1016,7 +1038,7 @@ class Replayer:
                     if self.footer is not None:
                         self._settle_kvm_end()
                     return "end"
-                if event is not None and event.kind == Kind.INTERRUPT and has_landmark(event) and \
+                if event is not None and event.kind in LANDMARK_KINDS and has_landmark(event) and \
                         event.position == engine.position and not self._landmark_reached:
                     self._seek_landmark(event)
                 try:

@@ -27,10 +27,13 @@ READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # "x86-64": a 64-bit guest (the kernel is an ELF64), which the emu engine runs on a vCPU that can
 # enter long mode; named whenever the recording's guest is 64-bit, since the header is written
 # before it runs (whether it did enter long mode is not known yet).
+# "kvm-smp": several CPUs recorded on the kvm engine, whose SWITCH records may carry a landmark
+# (a switch between exits, after a CPU ran its time without one); named with "smp".
 FEATURE_SMP = "smp"
+FEATURE_KVM_SMP = "kvm-smp"
 FEATURE_X86_64 = "x86-64"
 FEATURE_PC = "pc"
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64})
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64, FEATURE_KVM_SMP})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
@@ -71,7 +74,8 @@ class Kind(enum.IntEnum):
     FOOTER = 12           # [12, {footer fields}]
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
-    SWITCH = 15           # [15, dpos, cpu]   from here on CPU `cpu` runs (feature "smp", format 3.0)
+    SWITCH = 15           # [15, dpos, cpu, (landmark)]   from here on CPU `cpu` runs (feature "smp",
+                          # format 3.0; a landmark only with the feature "kvm-smp")
     DISK_READ = 64        # [64, disk index, lba, sha256-16 bytes]   a sector a disk handed out (1.2)
 
 

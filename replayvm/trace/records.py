@@ -225,7 +225,9 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
            "the end (several records when there are more than 2^20 sites)"),
     Layout(Kind.SWITCH, (("dpos", DPOS), ("cpu", CPU_INDEX)),
            "from this position on CPU `cpu` runs (traces with the feature `smp`): every record up to "
-           "the next SWITCH is that CPU's; positions stay one count over all CPUs"),
+           "the next SWITCH is that CPU's; positions stay one count over all CPUs; `landmark` (feature "
+           "`kvm-smp`): the kvm engine switched between exits, where the CPU it left had those registers",
+           optional=(("landmark", LANDMARK),)),
     Layout(Kind.DISK_READ, (("disk", DISK_INDEX), ("lba", LBA), ("digest", STORED_HASH)),
            "a sector a disk handed to its controller (format 1.2), in the order the controller "
            "asked: replay's disk input (replay needs no image)"),

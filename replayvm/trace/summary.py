@@ -101,7 +101,8 @@ def format_summary(s: dict[str, Any]) -> str:
              + (f", chaos on (seed {s['chaos_seed']})" if s.get("chaos_seed") is not None else "")]
     if s.get("cpus"):
         lines.append(f"cpus         {s['cpus']}: " + ", ".join(
-            f"cpu{n} {count:,}" for n, count in enumerate(s["cpu_instructions"])) + " instructions each ran")
+            f"cpu{n} {count:,}" for n, count in enumerate(s["cpu_instructions"]))
+            + f" {s.get('position_unit') or 'instructions'} each ran")     # (kvm: exits; the key stays)
     parent = s.get("parent")
     if parent:
         lines.append(f"branch       went live from {parent['trace']} at position {parent['position']:,} "
