@@ -247,3 +247,20 @@ def test_sql_rows_of_a_kvm_smp_trace_carry_their_cpu(kvm_smp, tmp_path):
     load_trace(trace, database)
     rows = dict(query(database, "SELECT cpu, count(*) FROM exits GROUP BY cpu").rows)
     assert set(rows) == {0, 1} and all(rows.values())
+
+
+def test_the_same_guest_on_emu_gives_each_cpu_its_own_cpuid_apic_id_and_replays(tmp_path):
+    """One machine, two engines: on emu the CPUs share one Unicorn vCPU, whose CPUID would say
+    APIC ID 0 on both; leaf 1 is answered with the running CPU's ID."""
+    trace = tmp_path / "smp64-emu.zst"
+    out = io.BytesIO()
+    outcome, _ = run_session(SessionOptions(engine="emu", kernel=guest_file("smp64", "kernel.elf"), ram_mib=16,
+                                            trace=trace, timeout_s=120, cpus=2, virtual_clock=True), output=out)
+    text = out.getvalue().decode()
+    assert outcome.reason == "shutdown", (outcome, text)
+    assert "smp64: cpu0 up (apic id 0, cpuid apic id 0)\n" in text
+    assert "smp64: cpu1 up (apic id 1, cpuid apic id 1)\n" in text
+    match = re.search(r"locked counter (\d+), racy counter (\d+), of (\d+)", text)
+    assert match and int(match.group(1)) == 2 * ROUNDS
+    replayed = io.BytesIO()
+    assert replay(trace, output=replayed).verified and replayed.getvalue() == out.getvalue()
