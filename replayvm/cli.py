@@ -407,17 +407,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         output.write(b"\n")
     sys.stdout.flush()
     if result.stopped_early:
-        print(f"replay stopped at event {result.events - 1}, instruction {result.instructions}")
+        print(f"replay stopped at event {result.events - 1}, {result.position_unit.rstrip('s')} {result.instructions}")
         print(result.cpu)
         return 0
     if result.truncated:
         print(f"replay not verified: the trace ended early (recorder stopped before its footer); "
-              f"{result.events} events, {result.instructions} instructions replayed up to there")
+              f"{result.events} events, {result.instructions} {result.position_unit} replayed up to there")
         return 1
     if result.mismatches:
         print(f"replay finished with {len(result.mismatches)} mismatches: {result.mismatches[0]}")
         return 1
-    print(f"replay verified: {result.events} events, {result.instructions} instructions, "
+    print(f"replay verified: {result.events} events, {result.instructions} {result.position_unit}, "
           f"state hash {result.state_hash}")
     if result.guest_end:
         print(f"the guest's end, replayed as recorded: {result.guest_end}")

@@ -202,6 +202,9 @@ def test_a_kvm_smp_trace_does_not_replay_on_emu(kvm_smp):
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result
     assert "recorded on kvm" in result.stderr
+    on_kvm = subprocess.run([sys.executable, "-m", "replayvm.cli", "replay", "--quiet", str(trace)],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert re.search(r"replay verified: \d+ events, \d+ exits, state hash", on_kvm.stdout), on_kvm.stdout
 
 
 def test_going_live_on_kvm_with_two_cpus_records_a_branch_that_replays_verified(kvm_smp, tmp_path):

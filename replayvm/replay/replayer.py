@@ -148,6 +148,7 @@ class ReplayResult:
     stopped_early: bool = False
     cpu: str = ""
     guest_end: str = ""        # how the guest ended the recording itself (fault, shutdown), replayed
+    position_unit: str = "instructions"    # what `instructions` counts: exits on the kvm engine
 
 
 class CheckingBus:
@@ -1098,6 +1099,7 @@ class Replayer:
             self.stopped_early = True
         if self.stopped_early:
             return ReplayResult(events=self._index, instructions=engine.position, state_hash="",
+                                position_unit=engine.position_unit,
                                 verified=False, truncated=False, console=bytes(self.console),
                                 mismatches=self.mismatches, stopped_early=True)
         truncated = self.footer is None
@@ -1108,6 +1110,7 @@ class Replayer:
                 guest_end = str(self.footer.get("detail") or self.footer.get("end"))
         digest = self._ram_digest()
         return ReplayResult(events=self._index, instructions=engine.position, state_hash=digest[:16],
+                            position_unit=engine.position_unit,
                             verified=not truncated and not self.mismatches, truncated=truncated,
                             console=bytes(self.console), mismatches=self.mismatches,
                             guest_end=guest_end)
