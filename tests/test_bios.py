@@ -241,15 +241,15 @@ def test_biosboot_boots_through_the_same_stubs_on_kvm(tmp_path, require_kvm):
     check_biosboot(tmp_path / "biosboot.zst", "kvm")
 
 
-def test_the_mp_machine_keeps_format_1_2_and_has_no_bios(demo_trace):
+def test_the_mp_machine_names_no_machine_feature_and_has_no_bios(demo_trace):
     from replayvm.guests import guest_file
     from replayvm.console import Console
     from replayvm.machine import Machine, MachineConfig
 
     with demo_trace.open("rb") as f:
-        assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1:] == (1, 2)
+        assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1:] == (3, 0)
     with TraceReader(demo_trace) as reader:
-        assert "features" not in reader.header
+        assert reader.header["features"] == ["aspace"]          # no "pc": the MP machine
     machine = Machine(MachineConfig(disks=[guest_file("biosboot", "disk.img")], ram_mib=4),
                       Console(io.BytesIO()))
     try:

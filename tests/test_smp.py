@@ -169,8 +169,8 @@ def test_a_one_cpu_trace_is_as_before(tmp_path):
     console = demo_session(trace, b"echo one\n", cpus=1)
     assert b"cpu1" not in console and b"cpus:" not in console
     version, header, records = records_of(trace)
-    assert version == (1, 2)
-    assert "features" not in header and "cpus" not in header
+    assert version == (3, 0)                                  # every recording names "aspace"
+    assert header["features"] == ["aspace"] and "cpus" not in header
     assert not any(record[0] == Kind.SWITCH for record in records)
     assert "cpu_states" not in records[-1][1]
     assert replay(trace).verified

@@ -27,10 +27,14 @@ READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # "x86-64": a 64-bit guest (the kernel is an ELF64), which the emu engine runs on a vCPU that can
 # enter long mode; named whenever the recording's guest is 64-bit, since the header is written
 # before it runs (whether it did enter long mode is not known yet).
+# "aspace": every event's address space: ASPACE records give the CR3 of the CPU making the next
+# event whenever it differs from the last one given for that CPU (replay checks them, analysis
+# puts them on every row). Named by every recording since replayvm 0.7.0.
 FEATURE_SMP = "smp"
 FEATURE_X86_64 = "x86-64"
 FEATURE_PC = "pc"
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64})
+FEATURE_ASPACE = "aspace"
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64, FEATURE_ASPACE})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
@@ -72,6 +76,7 @@ class Kind(enum.IntEnum):
     PIO_WRITE_RUN = 13    # [13, dpos, port, size, count, data, rip, cpl]
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
     SWITCH = 15           # [15, dpos, cpu]   from here on CPU `cpu` runs (feature "smp", format 3.0)
+    ASPACE = 16           # [16, cr3]   the running CPU's CR3 from its next event on (feature "aspace")
     DISK_READ = 64        # [64, disk index, lba, sha256-16 bytes]   a sector a disk handed out (1.2)
 
 
