@@ -76,6 +76,8 @@ check_unpacking((Kind.CLOCK,), "dpos", "source", "value", "rip", "cpl")
 check_unpacking((Kind.HALT,), "dpos")
 check_unpacking((Kind.SWITCH,), "dpos", "cpu")
 _SWITCH = int(Kind.SWITCH)
+check_unpacking((Kind.ASPACE,), "cr3")
+_ASPACE = int(Kind.ASPACE)
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
 
@@ -126,22 +128,25 @@ INDEXES = {"exits": [["trace_id", "address"], ["trace_id", "symbol"], ["trace_id
            "schedule": [["trace_id", "from_position"]]}
 
 
-# `cpu` (last, so that a database made before it gains the column: _add_cpu_columns) is the CPU
-# that ran when the row's event happened: the trace's SWITCH records say (0 on a 1-CPU trace).
+# `cpu` (last but one, so that a database made before it gains the column: _add_cpu_columns) is
+# the CPU that ran when the row's event happened: the trace's SWITCH records say (0 on a 1-CPU
+# trace). `cr3` (last) is that CPU's CR3 at the event: its address space (the ASPACE records of
+# traces with the feature "aspace"; NULL for older traces).
 SCHEMA = {
     "meta": {"trace_id": int, "key": str, "value": str},
     "exits": {"trace_id": int, "seq": int, "position": int, "kind": str, "space": str, "address": int,
               "size": int, "direction": str, "value": int, "count": int, "rip": int, "cpl": int, "symbol": str,
-              "cpu": int},
+              "cpu": int, "cr3": int},
     "interrupts": {"trace_id": int, "seq": int, "position": int, "vector": int, "source": str, "rip": int,
-                   "cpl": int, "symbol": str, "landmark": str, "cpu": int},
-    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str, "cpu": int},
+                   "cpl": int, "symbol": str, "landmark": str, "cpu": int, "cr3": int},
+    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str, "cpu": int, "cr3": int},
     "clock_reads": {"trace_id": int, "seq": int, "position": int, "source": str, "value": int, "rip": int,
-                    "symbol": str, "cpu": int},
-    "halts": {"trace_id": int, "seq": int, "position": int, "cpu": int},
+                    "symbol": str, "cpu": int, "cr3": int},
+    "halts": {"trace_id": int, "seq": int, "position": int, "cpu": int, "cr3": int},
     "disk_io": {"trace_id": int, "seq": int, "position": int, "drive": int, "sector": int, "direction": str,
-                "count": int, "content_hash": str, "cpu": int},
-    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int, "cpu": int},
+                "count": int, "content_hash": str, "cpu": int, "cr3": int},
+    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int, "cpu": int,
+                "cr3": int},
     "pure_reads": {"trace_id": int, "register": str, "rip": int, "count": int, "symbol": str},
     # Who ran when: one row per turn, from_position up to (not including) to_position; the rows
     # of a trace cover it from its start to its end without gaps (one row on one CPU).
@@ -272,11 +277,12 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
 
 
 def _add_cpu_columns(db: sqlite_utils.Database) -> None:
-    """--append onto a database made before rows had their CPU: add the column (NULL for the
-    traces already there), so that rows go in in SCHEMA's order."""
+    """--append onto a database made before rows had their CPU or address space: add the columns
+    (NULL for the traces already there), so that rows go in in SCHEMA's order."""
     for name in CPU_TABLES:
-        if "cpu" not in db[name].columns_dict:
-            db[name].add_column("cpu", int)
+        for column in ("cpu", "cr3"):
+            if column not in db[name].columns_dict:
+                db[name].add_column(column, int)
 
 
 def _claim_database(db_path: Path) -> tuple[bool, bool]:
@@ -475,8 +481,11 @@ class _LoadState:
         self.rows: dict[str, list] = {name: [] for name in SCHEMA}
         self.position = 0
         self.cpu = first_cpu                       # who runs (the trace's SWITCH records)
+        self.cr3: int | None = None                # its CR3 (the trace's ASPACE records)
+        self.cr3_by_cpu: dict[int, int] = {}
         self.turn_start = 0                        # where its turn began
         self.line_cpu = first_cpu
+        self.line_cr3: int | None = None
         self.seq = 0
         self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
@@ -505,6 +514,7 @@ class _LoadState:
         kinds, spaces, directions, watched = _KIND, _SPACE, _DIRECTION, _WATCHED_PORTS
         line_append = self.line.append
         cpu = self.cpu
+        cr3 = self.cr3
         try:
             for record in records:
                 kind = record[0]
@@ -515,7 +525,7 @@ class _LoadState:
                     if rip > I63 or value > I63 or address > I63:
                         rip, value, address = _signed(rip), _signed(value), _signed(address)
                     exits((seq, pos, kinds[kind], spaces[kind], address, size, directions[kind], value, 1,
-                           rip, cpl, symbol, cpu))
+                           rip, cpl, symbol, cpu, cr3))
                     seq += 1
                     if kind == 2 and address in watched:
                         if address == DEBUG_CON or COM1 <= address < COM1 + hw.COM1_PORTS:
@@ -525,6 +535,7 @@ class _LoadState:
                                 if self.line_position is None:
                                     self.line_position = pos
                                     self.line_cpu = cpu
+                                    self.line_cr3 = cr3
                                 if byte == 0x0A:
                                     self._emit_line(True)
                                 else:
@@ -540,14 +551,14 @@ class _LoadState:
                         landmark = json.dumps(landmark)
                     pos += dpos
                     interrupts((seq, pos, vector, source, _signed(rip), cpl, (user if cpl == 3 else other)[rip],
-                                landmark, cpu))
+                                landmark, cpu, cr3))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
                     pos += dpos
                     exits((seq, pos, KIND_NAMES[kind], "pio", port, size,
                            "read" if kind == _PIO_READ_RUN else "write", None, count, _signed(rip), cpl,
-                           (user if cpl == 3 else other)[rip], cpu))
+                           (user if cpl == 3 else other)[rip], cpu, cr3))
                     if port == IDE:
                         if self.ide.transfers(reading=kind == _PIO_READ_RUN):
                             self._ide_data(kind, payload, pos, seq)
@@ -562,18 +573,18 @@ class _LoadState:
                 elif kind == _INPUT:
                     _, dpos, source, data = record
                     pos += dpos
-                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"), cpu)
+                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"), cpu, cr3)
                     seq += 1
                 elif kind == _CLOCK:
                     _, dpos, source, value, rip, cpl = record
                     pos += dpos
                     rows["clock_reads"] += (seq, pos, source, value, _signed(rip),
-                                            (user if cpl == 3 else other)[rip], cpu)
+                                            (user if cpl == 3 else other)[rip], cpu, cr3)
                     seq += 1
                 elif kind == _HALT:
                     _, dpos = record
                     pos += dpos
-                    rows["halts"] += (seq, pos, cpu)
+                    rows["halts"] += (seq, pos, cpu, cr3)
                     seq += 1
                 elif kind == _SWITCH:          # several CPUs: the turn so far, then who runs now
                     _, dpos, new_cpu = record
@@ -581,7 +592,10 @@ class _LoadState:
                     self.cpu = cpu
                     self._turn(pos)
                     cpu = self.cpu = new_cpu
+                    cr3 = self.cr3 = self.cr3_by_cpu.get(cpu)
                     seq += 1
+                elif kind == _ASPACE:          # the running CPU's CR3 from its next event on
+                    cr3 = self.cr3 = self.cr3_by_cpu[cpu] = _signed(record[1])
                 elif kind == _SECTOR:
                     _, digest, data = record
                     self.sectors[bytes(digest)] = bytes(data)
@@ -592,7 +606,7 @@ class _LoadState:
                         pure_reads += (register, _signed(rip), count, other[rip])
                 # else: RAM pages and the footer, which make no rows
         finally:
-            self.position, self.seq, self.cpu = pos, seq, cpu
+            self.position, self.seq, self.cpu, self.cr3 = pos, seq, cpu, cr3
 
     def _turn(self, end: int) -> None:
         """A schedule row for the turn of self.cpu that ends at `end` (none if it is empty)."""
@@ -614,13 +628,14 @@ class _LoadState:
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
             disk_io += (seq, position, ide.drive, ide.take_sector(), direction, 1,
-                        hashlib.sha256(sector).hexdigest()[:32], self.cpu)
+                        hashlib.sha256(sector).hexdigest()[:32], self.cpu, self.cr3)
 
     def _console(self, data: bytes, position: int) -> None:
         for byte in data:
             if self.line_position is None:
                 self.line_position = position
                 self.line_cpu = self.cpu
+                self.line_cr3 = self.cr3
             if byte == 0x0A:
                 self._emit_line(True)
             else:
@@ -629,7 +644,7 @@ class _LoadState:
     def _emit_line(self, newline: bool) -> None:
         self.line_no += 1
         self.rows["console"] += (self.line_no, self.line_position, self.line.decode("utf-8", "replace"),
-                                 int(newline), self.line_cpu)
+                                 int(newline), self.line_cpu, self.line_cr3)
         del self.line[:]                           # the same buffer: run() holds its append
         self.line_position = None
 
