@@ -38,6 +38,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.analyze.processes import check_processes_trace, find_processes, xv6_layout
 from replayvm.boot.firmware import MULTIBOOT_SEARCH_BYTES, find_multiboot_header
 from replayvm.devices.ide import LBA_LOW, STATUS_COMMAND, IdeCommandDecoder
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
@@ -118,6 +119,11 @@ VIEWS = {
     "instructions_per_cpu": """
         SELECT trace_id, cpu, count(*) AS turns, sum(to_position - from_position) AS instructions
         FROM schedule GROUP BY trace_id, cpu ORDER BY trace_id, cpu""",
+    "processes_per_cpu": """
+        SELECT trace_id, cpu, pid, name, count(*) AS stretches, sum(to_seq - from_seq) AS events,
+               min(from_position) AS first_position, max(to_position) AS last_position
+        FROM processes WHERE pid IS NOT NULL
+        GROUP BY trace_id, cpu, pid, name ORDER BY trace_id, min(from_position), cpu""",
     "disk_sectors_by_region": """
         SELECT trace_id, drive, direction, sector / 64 * 64 AS region_start, count(*) AS sectors
         FROM disk_io GROUP BY trace_id, drive, direction, region_start ORDER BY trace_id, region_start""",
@@ -125,7 +131,8 @@ VIEWS = {
 INDEXES = {"exits": [["trace_id", "address"], ["trace_id", "symbol"], ["trace_id", "position"]],
            "interrupts": [["trace_id", "source"], ["trace_id", "position"]],
            "disk_io": [["trace_id", "sector"]], "console": [["trace_id", "line_no"]],
-           "schedule": [["trace_id", "from_position"]]}
+           "schedule": [["trace_id", "from_position"]],
+           "processes": [["trace_id", "cpu", "from_seq"]], "event_processes": [["trace_id", "seq"]]}
 
 
 # `cpu` (last but one, so that a database made before it gains the column: _add_cpu_columns) is
@@ -151,6 +158,15 @@ SCHEMA = {
     # Who ran when: one row per turn, from_position up to (not including) to_position; the rows
     # of a trace cover it from its start to its end without gaps (one row on one CPU).
     "schedule": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int},
+    # Which xv6 process each CPU ran (analyze --processes, replayvm.analyze.processes): one row per
+    # stretch of a CPU in one address space, from its first event there (from_seq, from_position)
+    # to its first event in the next (to_seq, to_position, not included) or the trace's end;
+    # pid and name NULL where no process owns the address space (the scheduler, boot).
+    "processes": {"trace_id": int, "cpu": int, "from_seq": int, "from_position": int, "to_seq": int,
+                  "to_position": int, "cr3": int, "pid": int, "name": str},
+    # ... and which process made each event: join any row table on (trace_id, seq) (disk_io rows
+    # share the seq of the run that moved their sectors). Filled with processes, in one pass.
+    "event_processes": {"trace_id": int, "seq": int, "pid": int, "name": str},
 }
 CPU_TABLES = ("exits", "interrupts", "inputs", "clock_reads", "halts", "disk_io", "console")
 
@@ -187,6 +203,8 @@ class Symbols:
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._tables: list[tuple[list[int], list[tuple[int, int, str]], bool]] = []
+        # user programs by the name a process running them has (xv6: `_ls` is the program `ls`)
+        self.programs: dict[str, int] = {}
         for path in paths:
             try:
                 with Path(path).open("rb") as f:
@@ -206,12 +224,30 @@ class Symbols:
                         user = False          # a kernel a loader boots, wherever it is linked
             except (OSError, ELFError) as error:
                 raise UsageError(f"cannot read symbols from {path}: {error}") from None
+            if user:
+                stem = Path(path).name
+                for name in (stem, stem.removeprefix("_")):
+                    self.programs.setdefault(name, len(self._tables))
             self._tables.append(([f[0] for f in functions], functions, user))
         self.user = _Names(self, True)
         self.other = _Names(self, False)
 
     def lookup(self, address: int | None, cpl: int | None) -> str | None:
         return (self.user if cpl == 3 else self.other)[address]
+
+    def program_symbol(self, program: str | None, address: int) -> str | None:
+        """The function at `address` in the user program a process named `program` runs (None:
+        no such program among the symbols, or no function there)."""
+        index = self.programs.get(program) if program is not None else None
+        if index is None:
+            return None
+        starts, functions, _ = self._tables[index]
+        i = bisect.bisect_right(starts, address) - 1
+        if i >= 0:
+            start, end, name = functions[i]
+            if start <= address < end:
+                return name
+        return None
 
     def _lookup(self, address: int, user_mode: bool) -> str | None:
         for starts, functions, user in self._tables:
@@ -226,8 +262,13 @@ class Symbols:
 
 
 def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append: bool = False,
-               progress=None) -> dict[str, int]:
+               progress=None, processes: bool = False) -> dict[str, int]:
     """Load `trace` into the SQLite database at `db_path`; returns rows per table.
+
+    `processes`: also fill the `processes` table, by replaying the trace (see
+    replayvm.analyze.processes); xv6's kernel must be among `symbols`. CPL 3 rows then take their
+    `symbol` from the user program the process runs (`_ls` for a process named `ls`), not from
+    whichever program has a function at that address.
 
     `progress(events, bytes_read)` is called after each batch: events loaded so far, and how far
     into the trace file (in bytes) the loading has read (for a bar's percentage).
@@ -236,9 +277,18 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
     empty file someone made, or anything else) is never deleted: only a file created here, with
     O_EXCL, is ours to remove.
     """
+    symbols = list(symbols)
     names = Symbols(symbols)
     db_path = Path(db_path)
+    layout = None
+    if processes:
+        layout = xv6_layout(symbols)
+        if layout is None:
+            raise UsageError("--processes needs xv6's kernel among --symbols (an ELF with the symbols "
+                             "cpus and ptable)")
     with TraceReader(trace) as reader:             # refuse an unreadable trace before touching the db
+        if layout is not None:
+            check_processes_trace(reader.header, trace)
         created, new = _claim_database(db_path)
         try:
             db = sqlite_utils.Database(db_path)
@@ -257,6 +307,8 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
                 db[name].create(columns, if_not_exists=True)
             _add_cpu_columns(db)
             counts = _load(reader, db, trace, trace_id, names, progress)
+            if layout is not None:
+                counts.update(_load_processes(db, trace, trace_id, layout, names))
             if "devices" not in db.table_names():
                 db["devices"].insert_all(device_rows(), pk=("space", "address"))
             for table, indexes in INDEXES.items():
@@ -274,6 +326,33 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
             raise
         db.close()
     return {"trace_id": trace_id, **counts}
+
+
+def _load_processes(db: sqlite_utils.Database, trace: Path, trace_id: int, layout,
+                    names: "Symbols") -> dict[str, int]:
+    """The `processes` rows (a replay of the trace), and CPL 3 symbols by the process's program."""
+    stretches, event_stretch = find_processes(trace, layout)
+    owners = [(s.pid, s.name) for s in stretches]
+    events = [(trace_id, seq, *owners[index]) for seq, index in enumerate(event_stretch) if index >= 0]
+    with db.conn:
+        db.conn.executemany(
+            "INSERT INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(trace_id, s.cpu, s.from_seq, s.from_position, s.to_seq, s.to_position, _signed(s.cr3), s.pid, s.name)
+             for s in stretches])
+        db.conn.executemany("INSERT INTO event_processes VALUES (?, ?, ?, ?)", events)
+        db.conn.execute("INSERT INTO meta VALUES (?, ?, ?)", (trace_id, "processes.layout", layout.source))
+        if names.programs:
+            for table in ("exits", "interrupts"):
+                rows = db.conn.execute(
+                    f"SELECT t.rowid, t.rip, p.name FROM [{table}] t JOIN event_processes p "
+                    f"ON p.trace_id = t.trace_id AND p.seq = t.seq WHERE t.trace_id = ? AND t.cpl = 3",
+                    [trace_id]).fetchall()
+                db.conn.executemany(f"UPDATE [{table}] SET symbol = ? WHERE rowid = ?",
+                                    [(names.program_symbol(name, rip & U64_MASK), rowid) for rowid, rip, name in rows])
+    return {"processes": len(stretches), "event_processes": len(events)}
+
+
+U64_MASK = (1 << 64) - 1
 
 
 def _add_cpu_columns(db: sqlite_utils.Database) -> None:
