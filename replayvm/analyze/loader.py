@@ -5,7 +5,9 @@ a `rep ins/outs` run is one row with its `count`), `interrupts`, `inputs`, `cloc
 `disk_io` (one row per sector, reconstructed from the IDE register sequence), `console` (the text
 the guest printed, a row per line with the position where it started), `schedule` (which CPU ran
 from where to where), and `devices` (port and register names). Rows of events carry the `cpu`
-that ran (the trace's SWITCH records; 0 with one CPU). Views answer common questions; indexes are built after the load. See
+that ran (the trace's SWITCH records; 0 with one CPU) and its `cr3` (the ASPACE records); with
+`processes` (an xv6 kernel among the symbols) a replay pass adds `processes` and
+`event_processes` (replayvm.analyze.processes). Views answer common questions; indexes are built after the load. See
 docs/analysis.md.
 
 The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
@@ -121,7 +123,7 @@ VIEWS = {
         FROM schedule GROUP BY trace_id, cpu ORDER BY trace_id, cpu""",
     "processes_per_cpu": """
         SELECT trace_id, cpu, pid, name, count(*) AS stretches, sum(to_seq - from_seq) AS events,
-               min(from_position) AS first_position, max(to_position) AS last_position
+               min(from_position) AS first_position, max(last_position) AS last_position
         FROM processes WHERE pid IS NOT NULL
         GROUP BY trace_id, cpu, pid, name ORDER BY trace_id, min(from_position), cpu""",
     "disk_sectors_by_region": """
@@ -160,10 +162,11 @@ SCHEMA = {
     "schedule": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int},
     # Which xv6 process each CPU ran (analyze --processes, replayvm.analyze.processes): one row per
     # stretch of a CPU in one address space, from its first event there (from_seq, from_position)
-    # to its first event in the next (to_seq, to_position, not included) or the trace's end;
+    # to its first event in the next (to_seq, to_position, not included) or the trace's end, its last
+# event at last_position;
     # pid and name NULL where no process owns the address space (the scheduler, boot).
     "processes": {"trace_id": int, "cpu": int, "from_seq": int, "from_position": int, "to_seq": int,
-                  "to_position": int, "cr3": int, "pid": int, "name": str},
+                  "to_position": int, "last_position": int, "cr3": int, "pid": int, "name": str},
     # ... and which process made each event: join any row table on (trace_id, seq) (disk_io rows
     # share the seq of the run that moved their sectors). Filled with processes, in one pass.
     "event_processes": {"trace_id": int, "seq": int, "pid": int, "name": str},
@@ -336,8 +339,9 @@ def _load_processes(db: sqlite_utils.Database, trace: Path, trace_id: int, layou
     events = [(trace_id, seq, *owners[index]) for seq, index in enumerate(event_stretch) if index >= 0]
     with db.conn:
         db.conn.executemany(
-            "INSERT INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(trace_id, s.cpu, s.from_seq, s.from_position, s.to_seq, s.to_position, _signed(s.cr3), s.pid, s.name)
+            "INSERT INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(trace_id, s.cpu, s.from_seq, s.from_position, s.to_seq, s.to_position, s.last_position,
+              _signed(s.cr3), s.pid, s.name)
              for s in stretches])
         db.conn.executemany("INSERT INTO event_processes VALUES (?, ?, ?, ?)", events)
         db.conn.execute("INSERT INTO meta VALUES (?, ?, ?)", (trace_id, "processes.layout", layout.source))

@@ -11,9 +11,10 @@ directory, on which the scheduler runs; the boot page directory) gives NULL pid 
 
 Each row is one stretch of one CPU in one address space: from the first event in it
 (`from_seq`, `from_position`) to the CPU's first event in the next (`to_seq`, `to_position`, not
-included), or the trace's end. The context switch itself happened between the CPU's previous
-event and `from_position` (a CR3 write is an instruction, not an event: the trace cannot place it
-more exactly). The stretches of one CPU cover all its events; a CPU's other turns interleave
+included), or the trace's end; `last_position` is its last event's. The context switches
+themselves happened between the CPU's previous event and `from_position`, and between
+`last_position` and `to_position` (a CR3 write is an instruction, not an event: the trace places
+it no more exactly; a CPU idling in xv6's scheduler makes no event until its next timer tick). The stretches of one CPU cover all its events; a CPU's other turns interleave
 with other CPUs' events (`schedule` says who ran when).
 
 Where the layouts come from: the kernel ELF's DWARF (xv6's Makefile builds with -ggdb): `struct
@@ -151,6 +152,7 @@ class Stretch:
     from_position: int
     to_seq: int | None = None
     to_position: int | None = None
+    last_position: int = 0           # of its last event: the CPU was in this space at least until then
     pid: int | None = None
     name: str | None = None
 
@@ -210,7 +212,7 @@ def address_space_stretches(trace: Path) -> tuple[list[Stretch], list[int]]:
                 previous = open_by_cpu.get(pending[0])
                 if previous is not None:
                     previous.to_seq, previous.to_position = seq, position
-                stretch = Stretch(pending[0], pending[1], seq, position)
+                stretch = Stretch(pending[0], pending[1], seq, position, last_position=position)
                 current[pending[0]] = len(stretches)
                 stretches.append(stretch)
                 open_by_cpu[pending[0]] = stretch
@@ -219,7 +221,10 @@ def address_space_stretches(trace: Path) -> tuple[list[Stretch], list[int]]:
                 cpu = record[SWITCH.cpu]
                 event_stretch.append(-1)
             else:
-                event_stretch.append(current.get(cpu, -1))
+                index = current.get(cpu, -1)
+                event_stretch.append(index)
+                if index >= 0:
+                    stretches[index].last_position = position
             seq += 1
         footer = reader.footer or {}
         end = int(footer.get("position", position))
