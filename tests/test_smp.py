@@ -125,7 +125,7 @@ def test_the_demo_guest_starts_its_ap_and_races_across_two_cpus(demo_smp_trace):
     assert len(DEMO_SMP_RACE.findall(console)) == 2
     version, header, records = records_of(trace)
     assert version == (3, 0)
-    assert header["features"] == ["smp"] and header["cpus"] == 2
+    assert header["features"] == ["aspace", "smp"] and header["cpus"] == 2
     switches = [record for record in records if record[0] == Kind.SWITCH]
     assert len(switches) >= 4                  # the AP starts, then runs once per race (else halted)
     assert {record[2] for record in switches} == {0, 1}
