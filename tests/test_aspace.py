@@ -274,3 +274,11 @@ def test_processes_refuses_what_it_cannot_read_in_one_line(tmp_path):
         load_trace(SAMPLES / "0.6.0" / "demo-shell.zst", tmp_path / "b.db", processes=True,
                    symbols=[fake_xv6_kernel(tmp_path, True)])
     assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
+
+
+def test_info_counts_the_address_spaces(demo_trace):
+    from replayvm.trace.summary import format_summary, summarize
+
+    summary = summarize(demo_trace)
+    assert (summary["address_spaces"], summary["address_space_changes"]) == (2, 2)
+    assert "address      2 address spaces (CR3), 2 changes seen at events" in format_summary(summary)

@@ -306,7 +306,7 @@ def test_kept_checkpoints_of_two_cpus_restore_in_another_replay(demo_smp_trace, 
         assert first.save_checkpoints()
     finally:
         first.close()
-    assert checkpoint_file.MAGIC == b"RVMCKPT\x05"
+    assert checkpoint_file.MAGIC == b"RVMCKPT\x06"        # 6: with the trace reading's address spaces
     second = Timeline(trace, checkpoint_every=every, keep_checkpoints=True)
     try:
         assert second.checkpoints_loaded >= 2 and not second.checkpoint_file_note

@@ -678,7 +678,8 @@ class _LoadState:
                     cr3 = self.cr3 = self.cr3_by_cpu.get(cpu)
                     seq += 1
                 elif kind == _ASPACE:          # the running CPU's CR3 from its next event on
-                    cr3 = self.cr3 = self.cr3_by_cpu[cpu] = _signed(record[1])
+                    _, cr3 = record
+                    cr3 = self.cr3 = self.cr3_by_cpu[cpu] = _signed(cr3)
                 elif kind == _SECTOR:
                     _, digest, data = record
                     self.sectors[bytes(digest)] = bytes(data)

@@ -111,7 +111,7 @@ class Recorder:
         self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next, cr3]
         # The address space of each event (ASPACE records): the CR3 last written for each CPU.
         self._address_space = self.engine.address_space
-        self._cpu = int(getattr(self.engine, "cpu", 0))
+        self._cpu = int(getattr(machine, "running_cpu", 0))     # a branch may start on another
         self._cr3 = -1                      # the running CPU's last written (-1: none yet)
         self._cr3_by_cpu: dict[int, int] = {}
         # kvm positions count exits: a run of accesses in consecutive exits may span a context
