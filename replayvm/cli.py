@@ -144,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = verbs.add_parser("analyze", help="load a trace into SQLite for SQL questions",
                                description="Load a trace into an SQLite database (tables exits, "
                                            "interrupts, inputs, clock_reads, disk_io, console, "
-                                           "schedule, devices, meta; rows carry their cpu; see "
+                                           "schedule, devices, meta; rows carry their cpu and "
+                                           "address space, cr3; --processes adds processes; see "
                                            "docs/analysis.md).")
     analyze.add_argument("trace", type=Path, metavar="TRACE")
     analyze.add_argument("-o", "--output", type=Path, metavar="DB", help="database (default TRACE.db)")
     analyze.add_argument("--symbols", type=Path, action="append", default=[], metavar="ELF",
                          help="ELF with symbols (kernel; user programs for CPL 3); repeatable")
     analyze.add_argument("--append", action="store_true", help="add to a database holding other traces")
+    analyze.add_argument("--processes", action="store_true",
+                         help="also the table processes: which xv6 process (pid, name) each CPU ran "
+                              "where, read from guest memory by replaying the trace (xv6's kernel "
+                              "among --symbols)")
 
     sql = verbs.add_parser("sql", help="run SQL on an analysed database (or a trace)",
                            description="Run a query on a database made by analyze (opened read-only), "
@@ -438,7 +443,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         bar = ProgressBar(sys.stderr, args.trace.stat().st_size if args.trace.is_file() else 0)
     try:
         counts = load_trace(args.trace, db_path, symbols=args.symbols, append=args.append,
-                            progress=bar.update if bar is not None else None)
+                            progress=bar.update if bar is not None else None, processes=args.processes)
     except BaseException:
         if bar is not None:
             bar.close(finished=False)
@@ -450,6 +455,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     tables = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "trace_id")
     print(f"{db_path}: trace {counts['trace_id']}: {tables}; {rows:,} rows in {elapsed:.2f} s "
           f"({rows / elapsed:,.0f} rows/s)")
+    if not args.processes and args.symbols:
+        from replayvm.analyze.processes import xv6_kernel_among
+
+        if xv6_kernel_among(args.symbols):
+            print("(xv6's kernel is among the symbols: --processes adds which process each CPU ran, "
+                  "by replaying the trace)")
     return 0
 
 

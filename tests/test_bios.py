@@ -222,7 +222,7 @@ def check_biosboot(trace: Path, engine: str, **kwargs) -> None:
     with trace.open("rb") as f:
         assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1] == FEATURES_MAJOR
     with TraceReader(trace) as reader:
-        assert reader.header["features"] == ["pc"]
+        assert reader.header["features"] == ["aspace", "pc"]
         disk_reads = [r for r in reader if r[0] == Kind.DISK_READ]
     lbas = [r[DISK_READ.lba] for r in disk_reads]                   # stage 2, read by int 0x13 AH=0x42
     assert lbas and lbas == list(range(1, len(lbas) + 1))
@@ -241,15 +241,15 @@ def test_biosboot_boots_through_the_same_stubs_on_kvm(tmp_path, require_kvm):
     check_biosboot(tmp_path / "biosboot.zst", "kvm")
 
 
-def test_the_mp_machine_keeps_format_1_2_and_has_no_bios(demo_trace):
+def test_the_mp_machine_names_no_machine_feature_and_has_no_bios(demo_trace):
     from replayvm.guests import guest_file
     from replayvm.console import Console
     from replayvm.machine import Machine, MachineConfig
 
     with demo_trace.open("rb") as f:
-        assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1:] == (1, 2)
+        assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1:] == (3, 0)
     with TraceReader(demo_trace) as reader:
-        assert "features" not in reader.header
+        assert reader.header["features"] == ["aspace"]          # no "pc": the MP machine
     machine = Machine(MachineConfig(disks=[guest_file("biosboot", "disk.img")], ram_mib=4),
                       Console(io.BytesIO()))
     try:
@@ -284,7 +284,7 @@ def test_a_pc_trace_goes_live_midway_and_its_branch_replays_verified(tmp_path):
                                     seek="100", output=io.BytesIO(), keep_checkpoints=False)
     assert outcome.reason == "poweroff"
     with TraceReader(branch) as reader:
-        assert reader.header["features"] == ["pc"]
+        assert reader.header["features"] == ["aspace", "pc"]
     assert replay(branch, output=io.BytesIO()).verified
 
 

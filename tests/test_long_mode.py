@@ -86,7 +86,7 @@ def test_long64_records_and_replays_verified_on_emu(tmp_path, kernel, monkeypatc
     events, end, header = events_and_end(trace)
     final = end["final_state"]
     assert final["efer"] & EFER_LMA and final["cs"]["l"] == 1      # it ended in 64-bit code
-    assert header["features"] == [FEATURE_X86_64]
+    assert header["features"] == ["aspace", FEATURE_X86_64]
     interrupts = [e for e in events if e[0] == Kind.INTERRUPT]
     assert len(interrupts) >= 6                                # 3 in ring 0, 3 more in ring 3
     result = replay(trace, output=io.BytesIO())

@@ -126,7 +126,7 @@ def test_the_demo_guest_starts_its_ap_and_races_across_two_cpus(demo_smp_trace):
     assert len(DEMO_SMP_RACE.findall(console)) == 2
     version, header, records = records_of(trace)
     assert version == (3, 0)
-    assert header["features"] == ["smp"] and header["cpus"] == 2
+    assert header["features"] == ["aspace", "smp"] and header["cpus"] == 2
     switches = [record for record in records if record[0] == Kind.SWITCH]
     assert len(switches) >= 4                  # the AP starts, then runs once per race (else halted)
     assert {record[2] for record in switches} == {0, 1}
@@ -170,8 +170,8 @@ def test_a_one_cpu_trace_is_as_before(tmp_path):
     console = demo_session(trace, b"echo one\n", cpus=1)
     assert b"cpu1" not in console and b"cpus:" not in console
     version, header, records = records_of(trace)
-    assert version == (1, 2)
-    assert "features" not in header and "cpus" not in header
+    assert version == (3, 0)                                  # every recording names "aspace"
+    assert header["features"] == ["aspace"] and "cpus" not in header
     assert not any(record[0] == Kind.SWITCH for record in records)
     assert "cpu_states" not in records[-1][1]
     assert replay(trace).verified
@@ -307,7 +307,7 @@ def test_kept_checkpoints_of_two_cpus_restore_in_another_replay(demo_smp_trace, 
         assert first.save_checkpoints()
     finally:
         first.close()
-    assert checkpoint_file.MAGIC == b"RVMCKPT\x05"
+    assert checkpoint_file.MAGIC == b"RVMCKPT\x06"        # 6: with the trace reading's address spaces
     second = Timeline(trace, checkpoint_every=every, keep_checkpoints=True)
     try:
         assert second.checkpoints_loaded >= 2 and not second.checkpoint_file_note

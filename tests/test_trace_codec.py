@@ -39,6 +39,7 @@ SAMPLE: dict[str, Any] = {
     "header": {"format": "replayvm-trace", "engine": "emu"}, "footer": {"end": "script-done"},
     "disk": 0, "lba": 1234,                  # DISK_READ (format 1.2, being added)
     "cpu": 1,                                # SWITCH (feature smp, format 3.0)
+    "cr3": 0x0DFB_E000,                      # ASPACE (feature aspace)
 }
 SAMPLE_DATA = {Kind.PIO_READ_RUN: [SECTOR_DIGEST], Kind.PIO_WRITE_RUN: SECTOR_BYTES, Kind.INPUT: b"ls\n",
                Kind.SECTOR: SECTOR_BYTES, Kind.RAM_PAGE: bytes(codec.PAGE_SIZE)}

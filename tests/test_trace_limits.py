@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from replayvm.trace.format import FORMAT_MAJOR, FORMAT_MINOR
+from replayvm.trace.format import FEATURES_MAJOR, FEATURES_MINOR, FORMAT_MAJOR, FORMAT_MINOR
 import zstandard
 
 from replayvm.analyze.loader import load_trace
@@ -62,9 +62,13 @@ class FakeEngine:
 
     name = "emu"
     position = 0
+    exact_positions = True
 
     def exit_context(self) -> tuple[int, int]:
         return 0x7C00, 0
+
+    def address_space(self) -> int:
+        return 0
 
     def interrupt_landmark(self) -> None:
         return None
@@ -91,7 +95,7 @@ def test_a_read_run_at_the_byte_limit_is_one_record_and_one_more_byte_starts_the
     start = 1000
     engine.position = start + MAX_BIN_LEN - 1
     recorder._run = [Kind.PIO_READ_RUN, start, 0x60, 1, bytearray(b"\xAA" * (MAX_BIN_LEN - 1)), 0x7C00, 0,
-                     engine.position]                       # the run so far: one byte short of the limit
+                     engine.position, 0]                    # the run so far: one byte short of the limit
     for value in (0xBB, 0xCC, 0xDD):                         # the last byte that fits, then two more
         recorder.read(False, 0x60, 1, value)
         engine.position += 1
@@ -394,7 +398,8 @@ def test_a_footer_digest_dropped_from_a_format_1_1_trace_is_altered(tmp_path, de
 
 def test_info_says_whether_the_records_are_intact(demo_trace_11):
     summary = summarize(demo_trace_11)
-    assert summary["record_digest"] == "verified" and summary["format"] == f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+    # every recording names the feature "aspace" (format 3.0)
+    assert summary["record_digest"] == "verified" and summary["format"] == f"{FEATURES_MAJOR}.{FEATURES_MINOR}"
     assert "records      intact" in format_summary(summary)
     old = summarize(SAMPLES / "demo-shell.zst")
     assert old["record_digest"] == "absent" and old["format"] == "1.0"

@@ -5,7 +5,9 @@ a `rep ins/outs` run is one row with its `count`), `interrupts`, `inputs`, `cloc
 `disk_io` (one row per sector, reconstructed from the IDE register sequence), `console` (the text
 the guest printed, a row per line with the position where it started), `schedule` (which CPU ran
 from where to where), and `devices` (port and register names). Rows of events carry the `cpu`
-that ran (the trace's SWITCH records; 0 with one CPU). Views answer common questions; indexes are built after the load. See
+that ran (the trace's SWITCH records; 0 with one CPU) and its `cr3` (the ASPACE records); with
+`processes` (an xv6 kernel among the symbols) a replay pass adds `processes` and
+`event_processes` (replayvm.analyze.processes). Views answer common questions; indexes are built after the load. See
 docs/analysis.md.
 
 The load is the hot path (a long session has millions of events; see BENCHMARKS.md). Records
@@ -38,6 +40,7 @@ from elftools.elf.elffile import ELFFile
 
 from replayvm import hw
 from replayvm.analyze.devices import device_rows
+from replayvm.analyze.processes import check_processes_trace, find_processes, xv6_layout
 from replayvm.boot.firmware import MULTIBOOT_SEARCH_BYTES, find_multiboot_header
 from replayvm.devices.ide import LBA_LOW, STATUS_COMMAND, IdeCommandDecoder
 from replayvm.devices.uart import LCR as UART_LCR, MCR as UART_MCR, SerialOutputDecoder
@@ -77,6 +80,8 @@ check_unpacking((Kind.HALT,), "dpos")
 check_unpacking((Kind.SWITCH,), "dpos", "cpu", optional=("landmark",))
 _SWITCH = int(Kind.SWITCH)
 _SWITCH_ARITY = SWITCH.arity              # the length of a switch without its (kvm) landmark
+check_unpacking((Kind.ASPACE,), "cr3")
+_ASPACE = int(Kind.ASPACE)
 check_unpacking((Kind.SECTOR,), "digest", "data")
 check_unpacking((Kind.PURE_READS,), "register", "sites")
 
@@ -117,6 +122,11 @@ VIEWS = {
     "instructions_per_cpu": """
         SELECT trace_id, cpu, count(*) AS turns, sum(to_position - from_position) AS instructions
         FROM schedule GROUP BY trace_id, cpu ORDER BY trace_id, cpu""",
+    "processes_per_cpu": """
+        SELECT trace_id, cpu, pid, name, count(*) AS stretches, sum(to_seq - from_seq) AS events,
+               min(from_position) AS first_position, max(last_position) AS last_position
+        FROM processes WHERE pid IS NOT NULL
+        GROUP BY trace_id, cpu, pid, name ORDER BY trace_id, min(from_position), cpu""",
     "disk_sectors_by_region": """
         SELECT trace_id, drive, direction, sector / 64 * 64 AS region_start, count(*) AS sectors
         FROM disk_io GROUP BY trace_id, drive, direction, region_start ORDER BY trace_id, region_start""",
@@ -124,29 +134,43 @@ VIEWS = {
 INDEXES = {"exits": [["trace_id", "address"], ["trace_id", "symbol"], ["trace_id", "position"]],
            "interrupts": [["trace_id", "source"], ["trace_id", "position"]],
            "disk_io": [["trace_id", "sector"]], "console": [["trace_id", "line_no"]],
-           "schedule": [["trace_id", "from_position"]]}
+           "schedule": [["trace_id", "from_position"]],
+           "processes": [["trace_id", "cpu", "from_seq"]], "event_processes": [["trace_id", "seq"]]}
 
 
-# `cpu` (last, so that a database made before it gains the column: _add_cpu_columns) is the CPU
-# that ran when the row's event happened: the trace's SWITCH records say (0 on a 1-CPU trace).
+# `cpu` (last but one, so that a database made before it gains the column: _add_cpu_columns) is
+# the CPU that ran when the row's event happened: the trace's SWITCH records say (0 on a 1-CPU
+# trace). `cr3` (last) is that CPU's CR3 at the event: its address space (the ASPACE records of
+# traces with the feature "aspace"; NULL for older traces).
 SCHEMA = {
     "meta": {"trace_id": int, "key": str, "value": str},
     "exits": {"trace_id": int, "seq": int, "position": int, "kind": str, "space": str, "address": int,
               "size": int, "direction": str, "value": int, "count": int, "rip": int, "cpl": int, "symbol": str,
-              "cpu": int},
+              "cpu": int, "cr3": int},
     "interrupts": {"trace_id": int, "seq": int, "position": int, "vector": int, "source": str, "rip": int,
-                   "cpl": int, "symbol": str, "landmark": str, "cpu": int},
-    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str, "cpu": int},
+                   "cpl": int, "symbol": str, "landmark": str, "cpu": int, "cr3": int},
+    "inputs": {"trace_id": int, "seq": int, "position": int, "source": str, "text": str, "cpu": int, "cr3": int},
     "clock_reads": {"trace_id": int, "seq": int, "position": int, "source": str, "value": int, "rip": int,
-                    "symbol": str, "cpu": int},
-    "halts": {"trace_id": int, "seq": int, "position": int, "cpu": int},
+                    "symbol": str, "cpu": int, "cr3": int},
+    "halts": {"trace_id": int, "seq": int, "position": int, "cpu": int, "cr3": int},
     "disk_io": {"trace_id": int, "seq": int, "position": int, "drive": int, "sector": int, "direction": str,
-                "count": int, "content_hash": str, "cpu": int},
-    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int, "cpu": int},
+                "count": int, "content_hash": str, "cpu": int, "cr3": int},
+    "console": {"trace_id": int, "line_no": int, "position": int, "text": str, "newline": int, "cpu": int,
+                "cr3": int},
     "pure_reads": {"trace_id": int, "register": str, "rip": int, "count": int, "symbol": str},
     # Who ran when: one row per turn, from_position up to (not including) to_position; the rows
     # of a trace cover it from its start to its end without gaps (one row on one CPU).
     "schedule": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int},
+    # Which xv6 process each CPU ran (analyze --processes, replayvm.analyze.processes): one row per
+    # stretch of a CPU in one address space, from its first event there (from_seq, from_position)
+    # to its first event in the next (to_seq, to_position, not included) or the trace's end, its last
+# event at last_position;
+    # pid and name NULL where no process owns the address space (the scheduler, boot).
+    "processes": {"trace_id": int, "cpu": int, "from_seq": int, "from_position": int, "to_seq": int,
+                  "to_position": int, "last_position": int, "cr3": int, "pid": int, "name": str},
+    # ... and which process made each event: join any row table on (trace_id, seq) (disk_io rows
+    # share the seq of the run that moved their sectors). Filled with processes, in one pass.
+    "event_processes": {"trace_id": int, "seq": int, "pid": int, "name": str},
 }
 CPU_TABLES = ("exits", "interrupts", "inputs", "clock_reads", "halts", "disk_io", "console")
 
@@ -183,6 +207,8 @@ class Symbols:
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._tables: list[tuple[list[int], list[tuple[int, int, str]], bool]] = []
+        # user programs by the name a process running them has (xv6: `_ls` is the program `ls`)
+        self.programs: dict[str, int] = {}
         for path in paths:
             try:
                 with Path(path).open("rb") as f:
@@ -202,12 +228,30 @@ class Symbols:
                         user = False          # a kernel a loader boots, wherever it is linked
             except (OSError, ELFError) as error:
                 raise UsageError(f"cannot read symbols from {path}: {error}") from None
+            if user:
+                stem = Path(path).name
+                for name in (stem, stem.removeprefix("_")):
+                    self.programs.setdefault(name, len(self._tables))
             self._tables.append(([f[0] for f in functions], functions, user))
         self.user = _Names(self, True)
         self.other = _Names(self, False)
 
     def lookup(self, address: int | None, cpl: int | None) -> str | None:
         return (self.user if cpl == 3 else self.other)[address]
+
+    def program_symbol(self, program: str | None, address: int) -> str | None:
+        """The function at `address` in the user program a process named `program` runs (None:
+        no such program among the symbols, or no function there)."""
+        index = self.programs.get(program) if program is not None else None
+        if index is None:
+            return None
+        starts, functions, _ = self._tables[index]
+        i = bisect.bisect_right(starts, address) - 1
+        if i >= 0:
+            start, end, name = functions[i]
+            if start <= address < end:
+                return name
+        return None
 
     def _lookup(self, address: int, user_mode: bool) -> str | None:
         for starts, functions, user in self._tables:
@@ -222,8 +266,13 @@ class Symbols:
 
 
 def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append: bool = False,
-               progress=None) -> dict[str, int]:
+               progress=None, processes: bool = False) -> dict[str, int]:
     """Load `trace` into the SQLite database at `db_path`; returns rows per table.
+
+    `processes`: also fill the `processes` table, by replaying the trace (see
+    replayvm.analyze.processes); xv6's kernel must be among `symbols`. CPL 3 rows then take their
+    `symbol` from the user program the process runs (`_ls` for a process named `ls`), not from
+    whichever program has a function at that address.
 
     `progress(events, bytes_read)` is called after each batch: events loaded so far, and how far
     into the trace file (in bytes) the loading has read (for a bar's percentage).
@@ -232,9 +281,18 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
     empty file someone made, or anything else) is never deleted: only a file created here, with
     O_EXCL, is ours to remove.
     """
+    symbols = list(symbols)
     names = Symbols(symbols)
     db_path = Path(db_path)
+    layout = None
+    if processes:
+        layout = xv6_layout(symbols)
+        if layout is None:
+            raise UsageError("--processes needs xv6's kernel among --symbols (an ELF with the symbols "
+                             "cpus and ptable)")
     with TraceReader(trace) as reader:             # refuse an unreadable trace before touching the db
+        if layout is not None:
+            check_processes_trace(reader.header, trace)
         created, new = _claim_database(db_path)
         try:
             db = sqlite_utils.Database(db_path)
@@ -253,6 +311,8 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
                 db[name].create(columns, if_not_exists=True)
             _add_cpu_columns(db)
             counts = _load(reader, db, trace, trace_id, names, progress)
+            if layout is not None:
+                counts.update(_load_processes(db, trace, trace_id, layout, names))
             if "devices" not in db.table_names():
                 db["devices"].insert_all(device_rows(), pk=("space", "address"))
             for table, indexes in INDEXES.items():
@@ -272,12 +332,41 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
     return {"trace_id": trace_id, **counts}
 
 
+def _load_processes(db: sqlite_utils.Database, trace: Path, trace_id: int, layout,
+                    names: "Symbols") -> dict[str, int]:
+    """The `processes` rows (a replay of the trace), and CPL 3 symbols by the process's program."""
+    stretches, event_stretch = find_processes(trace, layout)
+    owners = [(s.pid, s.name) for s in stretches]
+    events = [(trace_id, seq, *owners[index]) for seq, index in enumerate(event_stretch) if index >= 0]
+    with db.conn:
+        db.conn.executemany(
+            "INSERT INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(trace_id, s.cpu, s.from_seq, s.from_position, s.to_seq, s.to_position, s.last_position,
+              _signed(s.cr3), s.pid, s.name)
+             for s in stretches])
+        db.conn.executemany("INSERT INTO event_processes VALUES (?, ?, ?, ?)", events)
+        db.conn.execute("INSERT INTO meta VALUES (?, ?, ?)", (trace_id, "processes.layout", layout.source))
+        if names.programs:
+            for table in ("exits", "interrupts"):
+                rows = db.conn.execute(
+                    f"SELECT t.rowid, t.rip, p.name FROM [{table}] t JOIN event_processes p "
+                    f"ON p.trace_id = t.trace_id AND p.seq = t.seq WHERE t.trace_id = ? AND t.cpl = 3",
+                    [trace_id]).fetchall()
+                db.conn.executemany(f"UPDATE [{table}] SET symbol = ? WHERE rowid = ?",
+                                    [(names.program_symbol(name, rip & U64_MASK), rowid) for rowid, rip, name in rows])
+    return {"processes": len(stretches), "event_processes": len(events)}
+
+
+U64_MASK = (1 << 64) - 1
+
+
 def _add_cpu_columns(db: sqlite_utils.Database) -> None:
-    """--append onto a database made before rows had their CPU: add the column (NULL for the
-    traces already there), so that rows go in in SCHEMA's order."""
+    """--append onto a database made before rows had their CPU or address space: add the columns
+    (NULL for the traces already there), so that rows go in in SCHEMA's order."""
     for name in CPU_TABLES:
-        if "cpu" not in db[name].columns_dict:
-            db[name].add_column("cpu", int)
+        for column in ("cpu", "cr3"):
+            if column not in db[name].columns_dict:
+                db[name].add_column(column, int)
 
 
 def _claim_database(db_path: Path) -> tuple[bool, bool]:
@@ -476,8 +565,11 @@ class _LoadState:
         self.rows: dict[str, list] = {name: [] for name in SCHEMA}
         self.position = 0
         self.cpu = first_cpu                       # who runs (the trace's SWITCH records)
+        self.cr3: int | None = None                # its CR3 (the trace's ASPACE records)
+        self.cr3_by_cpu: dict[int, int] = {}
         self.turn_start = 0                        # where its turn began
         self.line_cpu = first_cpu
+        self.line_cr3: int | None = None
         self.seq = 0
         self.bytes_read = 0               # where in the trace file the records being loaded start
         self.sectors: dict[bytes, bytes] = {}
@@ -506,6 +598,7 @@ class _LoadState:
         kinds, spaces, directions, watched = _KIND, _SPACE, _DIRECTION, _WATCHED_PORTS
         line_append = self.line.append
         cpu = self.cpu
+        cr3 = self.cr3
         try:
             for record in records:
                 kind = record[0]
@@ -516,7 +609,7 @@ class _LoadState:
                     if rip > I63 or value > I63 or address > I63:
                         rip, value, address = _signed(rip), _signed(value), _signed(address)
                     exits((seq, pos, kinds[kind], spaces[kind], address, size, directions[kind], value, 1,
-                           rip, cpl, symbol, cpu))
+                           rip, cpl, symbol, cpu, cr3))
                     seq += 1
                     if kind == 2 and address in watched:
                         if address == DEBUG_CON or COM1 <= address < COM1 + hw.COM1_PORTS:
@@ -526,6 +619,7 @@ class _LoadState:
                                 if self.line_position is None:
                                     self.line_position = pos
                                     self.line_cpu = cpu
+                                    self.line_cr3 = cr3
                                 if byte == 0x0A:
                                     self._emit_line(True)
                                 else:
@@ -541,14 +635,14 @@ class _LoadState:
                         landmark = json.dumps(landmark)
                     pos += dpos
                     interrupts((seq, pos, vector, source, _signed(rip), cpl, (user if cpl == 3 else other)[rip],
-                                landmark, cpu))
+                                landmark, cpu, cr3))
                     seq += 1
                 elif kind == _PIO_READ_RUN or kind == _PIO_WRITE_RUN:
                     _, dpos, port, size, count, payload, rip, cpl = record
                     pos += dpos
                     exits((seq, pos, KIND_NAMES[kind], "pio", port, size,
                            "read" if kind == _PIO_READ_RUN else "write", None, count, _signed(rip), cpl,
-                           (user if cpl == 3 else other)[rip], cpu))
+                           (user if cpl == 3 else other)[rip], cpu, cr3))
                     if port == IDE:
                         if self.ide.transfers(reading=kind == _PIO_READ_RUN):
                             self._ide_data(kind, payload, pos, seq)
@@ -563,18 +657,18 @@ class _LoadState:
                 elif kind == _INPUT:
                     _, dpos, source, data = record
                     pos += dpos
-                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"), cpu)
+                    rows["inputs"] += (seq, pos, source, bytes(data).decode("utf-8", "replace"), cpu, cr3)
                     seq += 1
                 elif kind == _CLOCK:
                     _, dpos, source, value, rip, cpl = record
                     pos += dpos
                     rows["clock_reads"] += (seq, pos, source, value, _signed(rip),
-                                            (user if cpl == 3 else other)[rip], cpu)
+                                            (user if cpl == 3 else other)[rip], cpu, cr3)
                     seq += 1
                 elif kind == _HALT:
                     _, dpos = record
                     pos += dpos
-                    rows["halts"] += (seq, pos, cpu)
+                    rows["halts"] += (seq, pos, cpu, cr3)
                     seq += 1
                 elif kind == _SWITCH:          # several CPUs: the turn so far, then who runs now
                     if len(record) == _SWITCH_ARITY:
@@ -585,7 +679,11 @@ class _LoadState:
                     self.cpu = cpu
                     self._turn(pos)
                     cpu = self.cpu = new_cpu
+                    cr3 = self.cr3 = self.cr3_by_cpu.get(cpu)
                     seq += 1
+                elif kind == _ASPACE:          # the running CPU's CR3 from its next event on
+                    _, cr3 = record
+                    cr3 = self.cr3 = self.cr3_by_cpu[cpu] = _signed(cr3)
                 elif kind == _SECTOR:
                     _, digest, data = record
                     self.sectors[bytes(digest)] = bytes(data)
@@ -596,7 +694,7 @@ class _LoadState:
                         pure_reads += (register, _signed(rip), count, other[rip])
                 # else: RAM pages and the footer, which make no rows
         finally:
-            self.position, self.seq, self.cpu = pos, seq, cpu
+            self.position, self.seq, self.cpu, self.cr3 = pos, seq, cpu, cr3
 
     def _turn(self, end: int) -> None:
         """A schedule row for the turn of self.cpu that ends at `end` (none if it is empty)."""
@@ -618,13 +716,14 @@ class _LoadState:
         for i in range(0, len(data) - 511, 512):
             sector = data[i:i + 512]
             disk_io += (seq, position, ide.drive, ide.take_sector(), direction, 1,
-                        hashlib.sha256(sector).hexdigest()[:32], self.cpu)
+                        hashlib.sha256(sector).hexdigest()[:32], self.cpu, self.cr3)
 
     def _console(self, data: bytes, position: int) -> None:
         for byte in data:
             if self.line_position is None:
                 self.line_position = position
                 self.line_cpu = self.cpu
+                self.line_cr3 = self.cr3
             if byte == 0x0A:
                 self._emit_line(True)
             else:
@@ -633,7 +732,7 @@ class _LoadState:
     def _emit_line(self, newline: bool) -> None:
         self.line_no += 1
         self.rows["console"] += (self.line_no, self.line_position, self.line.decode("utf-8", "replace"),
-                                 int(newline), self.line_cpu)
+                                 int(newline), self.line_cpu, self.line_cr3)
         del self.line[:]                           # the same buffer: run() holds its append
         self.line_position = None
 

@@ -347,6 +347,12 @@ class Engine(Protocol):
         kvm gives CPL -1 (not fetched: it would cost a KVM_GET_SREGS per exit)."""
         ...
 
+    def address_space(self) -> int:
+        """The running CPU's CR3 now (during a device access: at the instruction or exit making
+        it), for the trace's ASPACE records. Cheap, since the recorder asks at every event: emu
+        reads it from Unicorn; kvm from the registers KVM copies into the run page at each exit."""
+        ...
+
     def interrupt_landmark(self) -> dict | None:
         """Where the interrupt being injected lands, when its position alone does not say (kvm,
         after a kick between exits): the general registers, RIP, RFLAGS and CR3. None when the

@@ -91,6 +91,7 @@ REG64 = {
 LOADED_SEGMENTS = ("cs", "ss", "ds", "es")
 REAL_MODE_SEGMENT_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)    # present, data, writable, accessed
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4")
+CR3_REG = ucx.UC_X86_REG_CR3
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081              # SYSCALL/SYSRET selectors (bits 32-47 / 48-63)
 MSR_LSTAR = 0xC0000082             # SYSCALL's 64-bit entry point
@@ -778,6 +779,13 @@ class EmuEngine:
     def exit_context(self) -> tuple[int, int]:
         """(EIP, CPL) of the instruction being executed, for trace records."""
         return self._pc(), self.reg("cs") & 3
+
+    def address_space(self) -> int:
+        """CR3 of the CPU Unicorn holds (one register read: the recorder asks at every event)."""
+        u64 = self._u64
+        u64[0] = 0
+        _check(lib.uc_reg_read(self.uc, CR3_REG, u64), "read cr3")
+        return u64[0] & self._cr_mask
 
     def request_stop(self) -> None:
         self._stop_requested = True

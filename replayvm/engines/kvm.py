@@ -280,6 +280,8 @@ class KvmEngine:
         self._turn_deadline_ns: int | None = None   # ... and when time ends its turn (another CPU waits)
         self._switch_landmark: dict | None = None   # where a switch between exits lands
         self.switch_landmarks = 0            # switches made between exits (after a kick)
+        # CR3 at each event (address_space): from the registers KVM copies into each run page
+        self._cr3_synced = all([bool(lib.replayvm_sync_sregs(self.kvm_fd, vcpu.run)) for vcpu in self._vcpus])
 
     # ---------------------------------------------------------------- setup
     def _set_cpuid(self, vcpu_fd: int, apic_id: int) -> None:
@@ -324,6 +326,7 @@ class KvmEngine:
             state.cr0, state.cr2, state.cr3, state.cr4, state.efer)
         _ioctl(self.vcpu_fd, lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
         _ioctl(self.vcpu_fd, lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
+        lib.replayvm_set_synced_cr3(self.run_struct, state.cr3)
 
     def get_state(self) -> CpuState:
         regs, sregs = self._regs, self._sregs
@@ -600,6 +603,14 @@ class KvmEngine:
         """(RIP, CPL) at the current exit; CPL is -1 (not fetched: it costs a KVM_GET_SREGS)."""
         _ioctl(self.vcpu_fd, lib.KVM_GET_REGS, self._regs, "KVM_GET_REGS")
         return self._regs.rip, -1
+
+    def address_space(self) -> int:
+        """CR3 at the current exit: KVM's copy in the run page (KVM_CAP_SYNC_REGS), else a
+        KVM_GET_SREGS (~5 us on PVM)."""
+        if self._cr3_synced:
+            return lib.replayvm_synced_cr3(self.run_struct)
+        _ioctl(self.vcpu_fd, lib.KVM_GET_SREGS, self._sregs, "KVM_GET_SREGS")
+        return self._sregs.cr3
 
     # ---------------------------------------------------------------- running
     def request_stop(self) -> None:

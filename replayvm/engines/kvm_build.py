@@ -124,6 +124,9 @@ struct kvm_run {
 
 int replayvm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int replayvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
+int replayvm_sync_sregs(int kvm_fd, struct kvm_run *run);
+uint64_t replayvm_synced_cr3(struct kvm_run *run);
+void replayvm_set_synced_cr3(struct kvm_run *run, uint64_t cr3);
 """
 
 SOURCE = r"""
@@ -143,6 +146,29 @@ int replayvm_ioctl_int(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+/* KVM copies the special registers into the run page at every exit when asked (KVM_CAP_SYNC_REGS):
+   CR3 at an exit is then a memory read instead of a KVM_GET_SREGS. 1 if asked, 0 if the host
+   cannot. */
+int replayvm_sync_sregs(int kvm_fd, struct kvm_run *run)
+{
+    int caps = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+    if (caps <= 0 || !(caps & KVM_SYNC_X86_SREGS))
+        return 0;
+    run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    return 1;
+}
+
+uint64_t replayvm_synced_cr3(struct kvm_run *run)
+{
+    return run->s.regs.sregs.cr3;
+}
+
+/* KVM_SET_SREGS does not touch the copy: keep it true until the next exit rewrites it. */
+void replayvm_set_synced_cr3(struct kvm_run *run, uint64_t cr3)
+{
+    run->s.regs.sregs.cr3 = cr3;
 }
 """
 

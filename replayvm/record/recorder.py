@@ -11,7 +11,11 @@ interrupt the engine injects and every byte the console types, and appends compa
   MAX_BIN_LEN (16 MiB) bytes into consecutive runs, because the reader refuses longer bytes
   fields: on emu each element is one instruction, so a continuation run's position delta is the
   element count of the run before it (kvm string exits are one record each, at most a page);
-- interrupts with their exact position and source; console input with its position.
+- interrupts with their exact position and source; console input with its position;
+- the address space of every event: an ASPACE record (the CR3 of the CPU making it) just before
+  an event whose CPU's CR3 differs from the last one written for that CPU. CR3 changes are not
+  events (a context switch is an ordinary instruction), so the CR3 is read at each event (a
+  register read on emu, a look at the run page on kvm) and compared: one record per change seen.
 Deliberately not logged: 4-byte reads of the LAPIC ID register, a pure function of the machine
 (xv6 does ~470,000 a second); they are counted in the footer.
 """
@@ -26,8 +30,8 @@ from replayvm import hw
 from replayvm.devices import cmos, lapic, pit
 from replayvm.devices.lapic import is_pure_id_read
 from replayvm.trace.format import MAX_ARRAY_LEN, MAX_BIN_LEN, Kind
-from replayvm.trace.records import (CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS, SECTOR,
-                                    SWITCH)
+from replayvm.trace.records import (ASPACE, CLOCK, DISK_READ, HALT, INPUT, INTERRUPT, LAYOUTS, PURE_READS,
+                                    SECTOR, SWITCH)
 from replayvm.trace.writer import TraceWriter
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ CMOS_DATA_PORT = hw.CMOS_PORT + cmos.DATA
 _build_mmio_read = LAYOUTS[Kind.MMIO_READ].build
 _build_mmio_write = LAYOUTS[Kind.MMIO_WRITE].build
 _build_clock = CLOCK.build
+_build_aspace = ASPACE.build
 _BUILD_RUN = {Kind.PIO_READ_RUN: LAYOUTS[Kind.PIO_READ_RUN].build,
               Kind.PIO_WRITE_RUN: LAYOUTS[Kind.PIO_WRITE_RUN].build}
 # A run of one element is written as the plain access: its kind and constructor.
@@ -103,7 +108,15 @@ class Recorder:
         self._id_read_sites: Counter[int] = Counter()     # kvm: where the bus saw ID reads
         self._last_position = start_position      # a branch trace starts inside its parent
         self._sectors_stored: set[bytes] = set()
-        self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next]
+        self._run: list | None = None       # [kind, start position, port, size, bytearray, rip, cpl, next, cr3]
+        # The address space of each event (ASPACE records): the CR3 last written for each CPU.
+        self._address_space = self.engine.address_space
+        self._cpu = int(getattr(machine, "running_cpu", 0))     # a branch may start on another
+        self._cr3 = -1                      # the running CPU's last written (-1: none yet)
+        self._cr3_by_cpu: dict[int, int] = {}
+        # kvm positions count exits: a run of accesses in consecutive exits may span a context
+        # switch, so there each element's CR3 is compared (emu runs are consecutive instructions)
+        self._runs_span_code = not self.engine.exact_positions
         self._pit = getattr(machine, "pit", None)        # the plain PC's 8254: its counters are time
         self._appends = 0
         machine.pio = RecordingBus(machine.pio, self, mmio=False)
@@ -138,26 +151,40 @@ class Recorder:
         if self._appends & 0x3FFF == 0:
             self.writer.maybe_wake()
 
+    def _event(self, record: tuple, cr3: int) -> None:
+        """Emit an event of the running CPU made in address space `cr3`: after an ASPACE record
+        when that differs from the CPU's last one written."""
+        if cr3 != self._cr3:
+            self._cr3 = cr3
+            self._cr3_by_cpu[self._cpu] = cr3
+            self.append(_build_aspace(cr3))
+            self.counts["aspace"] += 1
+        self.append(record)
+        self._appends += 1
+        if self._appends & 0x3FFF == 0:
+            self.writer.maybe_wake()
+
     def _flush_run(self) -> None:
         run = self._run
         if run is None:
             return
         self._run = None
-        kind, start, port, size, data, rip, cpl, _ = run
+        kind, start, port, size, data, rip, cpl, _, cr3 = run
         if len(data) == size:                       # a run of one is a plain access
             simple, build = _SINGLE_ACCESS[kind]
-            self._emit(build(self._position_delta(start), port, size, int.from_bytes(data, "little"), rip, cpl))
+            self._event(build(self._position_delta(start), port, size, int.from_bytes(data, "little"), rip, cpl),
+                        cr3)
             self.counts[simple.name.lower()] += 1
             return
-        self._emit_string(kind, start, port, size, bytes(data), rip, cpl)
+        self._emit_string(kind, start, port, size, bytes(data), rip, cpl, cr3)
 
     def _emit_string(self, kind: Kind, position: int, port: int, size: int, data: bytes,
-                     rip: int, cpl: int) -> None:
+                     rip: int, cpl: int, cr3: int) -> None:
         payload: Any = data
         if kind == Kind.PIO_READ_RUN and len(data) % SECTOR_SIZE == 0:
             payload = [self._store_sector(data[i:i + SECTOR_SIZE]) for i in range(0, len(data), SECTOR_SIZE)]
-        self._emit(_BUILD_RUN[kind](self._position_delta(position), port, size, len(data) // size, payload,
-                                    rip, cpl))
+        self._event(_BUILD_RUN[kind](self._position_delta(position), port, size, len(data) // size, payload,
+                                     rip, cpl), cr3)
         self.counts[kind.name.lower()] += 1
 
     # ---------------------------------------------------------------- what the bus reports
@@ -172,7 +199,8 @@ class Recorder:
                 self._clock(lapic.CLOCK_SOURCE, value)
                 return
             rip, cpl = self._context()
-            self._emit(_build_mmio_read(self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self._event(_build_mmio_read(self._position_delta(self.engine.position), addr, size, value, rip, cpl),
+                        self._address_space())
             self.counts["mmio_read"] += 1
             return
         if addr == CMOS_DATA_PORT and self.machine.cmos.time_register_selected:
@@ -188,7 +216,8 @@ class Recorder:
         if mmio:
             self._flush_run()
             rip, cpl = self._context()
-            self._emit(_build_mmio_write(self._position_delta(self.engine.position), addr, size, value, rip, cpl))
+            self._event(_build_mmio_write(self._position_delta(self.engine.position), addr, size, value, rip, cpl),
+                        self._address_space())
             self.counts["mmio_write"] += 1
             return
         self._port_access(Kind.PIO_WRITE_RUN, addr, size, value)
@@ -199,14 +228,15 @@ class Recorder:
         position = self.engine.position
         run = self._run
         if run is not None and run[0] == run_kind and run[2] == port and run[3] == size \
-                and position == run[7] and len(run[4]) + size <= self.max_run_bytes:
+                and position == run[7] and len(run[4]) + size <= self.max_run_bytes \
+                and (not self._runs_span_code or run[8] == self._address_space()):
             run[4] += value.to_bytes(size, "little")
             run[7] = position + 1
             return
         self._flush_run()
         rip, cpl = self._context()
         self._run = [run_kind, position, port, size, bytearray(value.to_bytes(size, "little")),
-                     rip, cpl, position + 1]
+                     rip, cpl, position + 1, self._address_space()]
 
     def port_run(self, run_kind: Kind, port: int, size: int, data: bytes) -> None:
         """The accesses of len(data) // size consecutive instructions, the first at the engine's
@@ -226,7 +256,7 @@ class Recorder:
                 self._flush_run()
                 rip, cpl = self._context()
                 run = self._run = [run_kind, position, port, size, bytearray(data[:size]), rip, cpl,
-                                   position + 1]
+                                   position + 1, run[8]]       # consecutive instructions: one CR3
                 data = data[size:]
                 position += 1
                 count -= 1
@@ -245,12 +275,13 @@ class Recorder:
             raise ValueError(f"a string access of {len(data)} bytes is more than a trace record holds")
         self._flush_run()
         rip, cpl = self._context()
-        self._emit_string(kind, self.engine.position, port, size, data, rip, cpl)
+        self._emit_string(kind, self.engine.position, port, size, data, rip, cpl, self._address_space())
 
     def _clock(self, source: str, value: int) -> None:
         self._flush_run()
         rip, cpl = self._context()
-        self._emit(_build_clock(self._position_delta(self.engine.position), source, value, rip, cpl))
+        self._event(_build_clock(self._position_delta(self.engine.position), source, value, rip, cpl),
+                    self._address_space())
         self.counts["clock"] += 1
 
     def _store_sector(self, sector: bytes) -> bytes:
@@ -277,7 +308,8 @@ class Recorder:
         source = self.machine.interrupt_source(vector)
         rip, cpl = self._context()
         landmark = self.engine.interrupt_landmark()
-        self._emit(INTERRUPT.build(self._position_delta(position), vector, source, rip, cpl, landmark))
+        self._event(INTERRUPT.build(self._position_delta(position), vector, source, rip, cpl, landmark),
+                    self._address_space())
         if landmark is not None:
             self.counts["interrupt_landmarks"] += 1
         self.counts["interrupt"] += 1
@@ -292,18 +324,22 @@ class Recorder:
         self.counts["switch"] += 1
         if landmark is not None:
             self.counts["switch_landmarks"] += 1
+        self._cpu = cpu
+        self._cr3 = self._cr3_by_cpu.get(cpu, -1)
 
     def input(self, source: str, data: bytes) -> None:
         self._flush_run()
         position = self.engine.position
+        cr3 = self._address_space()
         for start in range(0, len(data), MAX_BIN_LEN):       # all at one position
-            self._emit(INPUT.build(self._position_delta(position), source, data[start:start + MAX_BIN_LEN]))
+            self._event(INPUT.build(self._position_delta(position), source, data[start:start + MAX_BIN_LEN]),
+                        cr3)
             self.counts["input"] += 1
         self.counts["input_bytes"] += len(data)
 
     def halted(self) -> None:
         self._flush_run()
-        self._emit(HALT.build(self._position_delta(self.engine.position)))
+        self._event(HALT.build(self._position_delta(self.engine.position)), self._address_space())
         self.counts["halt"] += 1
 
     def finish(self) -> None:

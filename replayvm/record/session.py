@@ -21,7 +21,7 @@ from replayvm.devices.disk import MISSING_SECTOR_END, MissingSector
 from replayvm.errors import GuestFault, TraceWriteError, UsageError
 from replayvm.machine import Machine, MachineConfig, RunOutcome
 from replayvm.record.recorder import Recorder, initial_ram_pages, ram_digest
-from replayvm.trace.format import FEATURE_KVM_SMP, FEATURE_PC, FEATURE_SMP, FEATURE_X86_64
+from replayvm.trace.format import FEATURE_ASPACE, FEATURE_KVM_SMP, FEATURE_PC, FEATURE_SMP, FEATURE_X86_64
 from replayvm.trace.records import RAM_PAGE
 from replayvm.trace.writer import TraceWriter
 
@@ -161,8 +161,10 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         "chaos_seed": options.chaos_seed,
         "initial_state": machine.boot_state.to_dict(),
     }
-    features = []
-    if machine.cpus > 1:                     # a 1-CPU 32-bit mp trace stays as before (format 1.2)
+    # Every recording gives each event's address space (ASPACE records), so every trace names a
+    # feature (format 3.0): a reader that does not know ASPACE refuses it in one line.
+    features = [FEATURE_ASPACE]
+    if machine.cpus > 1:
         features.append(FEATURE_SMP)
         header["cpus"] = machine.cpus
         if not machine.engine.exact_positions:   # kvm: SWITCH records may carry landmarks
@@ -171,8 +173,7 @@ def start_recording(machine: Machine, options: SessionOptions, branch: dict | No
         features.append(FEATURE_PC)
     if machine.x86_64:
         features.append(FEATURE_X86_64)
-    if features:                             # older readers must refuse it (format 3.0)
-        header["features"] = features
+    header["features"] = features            # older readers must refuse it (format 3.0)
     start_position = 0
     if branch is not None:
         header.update(branch)

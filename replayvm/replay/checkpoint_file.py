@@ -30,8 +30,9 @@ from replayvm.replay.checkpoints import CheckpointStore
 from replayvm.replay.replayer import DueInput, Event, ReplayPlace, Replayer
 from replayvm.trace.format import Kind
 
-# 4: named vCPU fields (EngineSnapshot) and the device state; 5: EngineSnapshot.cpus (several CPUs)
-MAGIC = b"RVMCKPT\x05"
+# 4: named vCPU fields (EngineSnapshot) and the device state; 5: EngineSnapshot.cpus (several CPUs);
+# 6: the events' address spaces and the trace reading's CPU and CR3s (feature "aspace")
+MAGIC = b"RVMCKPT\x06"
 MAX_OBJECT = 512 << 20
 
 
@@ -65,11 +66,11 @@ def cache_path(digest: str) -> Path:
 
 
 def _event(event: Event | None) -> list | None:
-    return None if event is None else [event.index, int(event.kind), event.position, event.record]
+    return None if event is None else [event.index, int(event.kind), event.position, event.record, event.cr3]
 
 
 def _unevent(data: list | None) -> Event | None:
-    return None if data is None else Event(data[0], Kind(data[1]), data[2], data[3])
+    return None if data is None else Event(data[0], Kind(data[1]), data[2], data[3], data[4])
 
 
 def _replay_state(place: ReplayPlace) -> dict:
@@ -80,7 +81,8 @@ def _replay_state(place: ReplayPlace) -> dict:
             "landmark_reached": place.landmark_reached, "stopped_early": place.stopped_early,
             "due_inputs": [[d.index, d.position, d.data] for d in place.due_inputs],
             "disk_reads": [list(r) for r in place.disk_reads], "latest_tsc": place.latest_tsc,
-            "devices": place.devices}
+            "devices": place.devices, "trace_cpu": place.trace_cpu,
+            "trace_cr3": [list(pair) for pair in place.trace_cr3]}
 
 
 def _unreplay_state(data: dict) -> ReplayPlace:
@@ -92,7 +94,8 @@ def _unreplay_state(data: dict) -> ReplayPlace:
         stopped_early=data["stopped_early"],
         due_inputs=tuple(DueInput(i, p, bytes(d)) for i, p, d in data["due_inputs"]),
         disk_reads=tuple((disk, lba, bytes(digest)) for disk, lba, digest in data["disk_reads"]),
-        latest_tsc=data["latest_tsc"], devices=data["devices"])
+        latest_tsc=data["latest_tsc"], devices=data["devices"], trace_cpu=data["trace_cpu"],
+        trace_cr3=tuple((cpu, cr3) for cpu, cr3 in data["trace_cr3"]))
 
 
 def _header(timeline: KeptTimeline) -> dict:

@@ -45,8 +45,8 @@ from replayvm.errors import ReplayVMError
 from replayvm.machine import Machine, MachineConfig, engine_stop_end, is_engine_stop_end
 from replayvm.trace.format import DISK_READ_MINOR, FEATURE_PC, FEATURE_X86_64, POSITIONED, Kind, TraceFormatError
 from replayvm.trace.reader import TraceReader, check_unaltered
-from replayvm.trace.records import (ACCESS, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY, INPUT,
-                                    INTERRUPT, RAM_PAGE, RUN, SECTOR, SWITCH)
+from replayvm.trace.records import (ACCESS, ASPACE, CLOCK, DISK_READ, DPOS_INDEX, FOOTER, FOOTER_VERIFIED_BY,
+                                    INPUT, INTERRUPT, RAM_PAGE, RUN, SECTOR, SWITCH)
 
 TYPED_SOURCE = "com1"            # the only device console input reaches (replayvm.machine)
 COMPARED_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
@@ -90,6 +90,7 @@ class Event:
     kind: Kind
     position: int
     record: list
+    cr3: int | None = None      # the address space the recording made it in (ASPACE), if it says
 
     def describe(self) -> str:
         r = self.record
@@ -255,6 +256,8 @@ class ReplayPlace:
     disk_reads: tuple[tuple[int, int, bytes], ...]
     latest_tsc: int
     devices: dict
+    trace_cpu: int = 0                              # the CPU whose records the cursor reads
+    trace_cr3: tuple[tuple[int, int], ...] = ()     # (cpu, CR3) the ASPACE records read gave
 
 
 class Replayer:
@@ -324,6 +327,11 @@ class Replayer:
         self.latest_tsc = 0                       # the last TSC value the guest read (going live)
         self._run_limit: int | None = None        # the limit of the run_to under way
         self._engine_stopped = False              # the engine stopped as the recording's did
+        # Address spaces (feature "aspace"): while reading, the CPU whose records these are and
+        # the CR3 the ASPACE records last gave each CPU; every event's CR3 is checked (_take).
+        self._trace_cpu = int((header.get("start_cpus") or {}).get("current", 0))
+        self._trace_cr3: dict[int, int] = {}
+        self._address_space = self.engine.address_space
         self._advance()                           # loads initial RAM pages, finds the first event
         try:
             self.engine.set_state(self.machine.boot_state)
@@ -412,9 +420,17 @@ class Replayer:
             event_kind = events.get(kind)
             if event_kind is not None:                  # the common case first: one lookup
                 self._position += record[DPOS_INDEX]
-                self.next = Event(self._index, event_kind, self._position, record)
+                if event_kind is Kind.SWITCH:           # what follows is the new CPU's
+                    self._trace_cpu = record[SWITCH.cpu]
+                    self.next = Event(self._index, event_kind, self._position, record)
+                else:
+                    self.next = Event(self._index, event_kind, self._position, record,
+                                      self._trace_cr3.get(self._trace_cpu))
                 self._index += 1
                 return
+            if kind == Kind.ASPACE:
+                self._trace_cr3[self._trace_cpu] = record[ASPACE.cr3]
+                continue
             if kind == Kind.RAM_PAGE:
                 start = record[RAM_PAGE.page] * 4096
                 self.ram[start:start + 4096] = record[RAM_PAGE.data]
@@ -487,6 +503,11 @@ class Replayer:
             wanted = "/".join(k.name.lower() for k in kinds)
             self._diverge(f"expected {event.describe()} at position {event.position}; the guest did a "
                           f"{wanted} at position {position} (rip {self.engine.exit_context()[0]:#x})", event)
+        if event.cr3 is not None:
+            cr3 = self._address_space()
+            if cr3 != event.cr3:
+                self._mismatch(f"the recording made {event.describe()} in address space cr3 {event.cr3:#x}; "
+                               f"the replayed guest is in cr3 {cr3:#x}", event)
         self._recent.append(event)
         self._advance()
         if self.until_event is not None and event.index >= self.until_event:
@@ -984,13 +1005,15 @@ class Replayer:
             mismatches=len(self.mismatches), landmark_reached=self._landmark_reached,
             stopped_early=self.stopped_early, due_inputs=tuple(self._due_inputs),
             disk_reads=tuple(self._disk_reads), latest_tsc=self.latest_tsc,
-            devices=self.machine.save_devices())
+            devices=self.machine.save_devices(), trace_cpu=self._trace_cpu,
+            trace_cr3=tuple(self._trace_cr3.items()))
 
     def restore_state(self, saved: "ReplayPlace") -> None:
         self._position, self._index, self.next = saved.position, saved.index, saved.next
         self._run_data, self._run_offset, self._run_event = saved.run_data, saved.run_offset, saved.run_event
         self._landmark_reached, self.stopped_early = saved.landmark_reached, saved.stopped_early
         self.latest_tsc = saved.latest_tsc
+        self._trace_cpu, self._trace_cr3 = saved.trace_cpu, dict(saved.trace_cr3)
         self._engine_stopped = False
         self._due_inputs = deque(saved.due_inputs)
         self._disk_reads = deque(saved.disk_reads)

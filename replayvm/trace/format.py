@@ -29,11 +29,16 @@ READABLE_MAJORS = (FORMAT_MAJOR, BRANCH_MAJOR, FEATURES_MAJOR)
 # before it runs (whether it did enter long mode is not known yet).
 # "kvm-smp": several CPUs recorded on the kvm engine, whose SWITCH records may carry a landmark
 # (a switch between exits, after a CPU ran its time without one); named with "smp".
+# "aspace": every event's address space: ASPACE records give the CR3 of the CPU making the next
+# event whenever it differs from the last one given for that CPU (replay checks them, analysis
+# puts them on every row). Named by every recording since replayvm 0.7.0.
 FEATURE_SMP = "smp"
 FEATURE_KVM_SMP = "kvm-smp"
 FEATURE_X86_64 = "x86-64"
 FEATURE_PC = "pc"
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64, FEATURE_KVM_SMP})
+FEATURE_ASPACE = "aspace"
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_SMP, FEATURE_PC, FEATURE_X86_64, FEATURE_KVM_SMP,
+                                            FEATURE_ASPACE})
 DIGEST_MINOR = 1                 # the first minor whose footer must carry the digest
 DISK_READ_MINOR = 2              # the first minor that logs every sector the disks hand out
 FILE_HEADER = struct.Struct("<8sHH")          # magic, major, minor
@@ -76,6 +81,7 @@ class Kind(enum.IntEnum):
     PURE_READS = 14       # [14, register name, [[rip, count], ...]]  reads not logged one by one
     SWITCH = 15           # [15, dpos, cpu, (landmark)]   from here on CPU `cpu` runs (feature "smp",
                           # format 3.0; a landmark only with the feature "kvm-smp")
+    ASPACE = 16           # [16, cr3]   the running CPU's CR3 from its next event on (feature "aspace")
     DISK_READ = 64        # [64, disk index, lba, sha256-16 bytes]   a sector a disk handed out (1.2)
 
 

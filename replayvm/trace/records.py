@@ -173,6 +173,7 @@ LANDMARK = FieldType("map of register name to int 0..2^64-1 (kvm only)", "landma
 HASH = FieldType("16 bytes", f"type(v) is bytes and len(v) == {HASH_SIZE}")
 STORED_HASH = FieldType("16 bytes: the hash of a sector stored before",
                         f"type(v) is bytes and len(v) == {HASH_SIZE} and v in sectors")
+CR3 = _int(0, U64, "int 0..2^64-1 (the CR3 register)")
 CPU_INDEX = _int(0, 7, "int 0..7 (the CPU's place in the MP table; its APIC ID)")
 DISK_INDEX = _int(0, 63, "int 0..63 (the disk's place in the header's `disks`)")
 LBA = _int(0, I63, "int 0..2^63-1")
@@ -228,6 +229,11 @@ LAYOUTS: dict[Kind, Layout] = {layout.kind: layout for layout in (
            "the next SWITCH is that CPU's; positions stay one count over all CPUs; `landmark` (feature "
            "`kvm-smp`): the kvm engine switched between exits, where the CPU it left had those registers",
            optional=(("landmark", LANDMARK),)),
+    Layout(Kind.ASPACE, (("cr3", CR3),),
+           "the address space of the CPU running (the last SWITCH's; CPU 0 without one) from its "
+           "next event on (feature `aspace`): written just before an event whenever its CPU's CR3 "
+           "differs from the last one written for that CPU (before its first event too); not an "
+           "event, so positions and event numbers are those of a trace without it"),
     Layout(Kind.DISK_READ, (("disk", DISK_INDEX), ("lba", LBA), ("digest", STORED_HASH)),
            "a sector a disk handed to its controller (format 1.2), in the order the controller "
            "asked: replay's disk input (replay needs no image)"),
@@ -249,6 +255,7 @@ PURE_READS = LAYOUTS[Kind.PURE_READS]
 DISK_READ = LAYOUTS[Kind.DISK_READ]
 HALT = LAYOUTS[Kind.HALT]
 SWITCH = LAYOUTS[Kind.SWITCH]
+ASPACE = LAYOUTS[Kind.ASPACE]
 KIND_INDEX = 0                           # every record's kind
 DPOS_INDEX = 1                           # every positioned record's position delta
 assert all(LAYOUTS[k].positioned == (k in POSITIONED) for k in Kind), "POSITIONED agrees with the layouts"
@@ -534,7 +541,7 @@ def _tests(fields: tuple[tuple[str, FieldType], ...], names: list[str]) -> list[
 # with checks on where they stand) go to the reader's `irregular` callback, as do unknown kinds.
 FAST_KINDS = (Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_WRITE, Kind.MMIO_READ, Kind.INTERRUPT, Kind.CLOCK,
               Kind.PIO_READ_RUN, Kind.PIO_WRITE_RUN, Kind.HALT, Kind.INPUT, Kind.SECTOR, Kind.RAM_PAGE,
-              Kind.PURE_READS, Kind.DISK_READ, Kind.SWITCH)
+              Kind.PURE_READS, Kind.DISK_READ, Kind.SWITCH, Kind.ASPACE)
 
 Validator = Callable[[list, set, int, int, Callable[[Any], bool]], tuple[int, list]]
 

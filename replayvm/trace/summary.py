@@ -9,7 +9,7 @@ from typing import Any
 
 from replayvm.trace.format import EVENT_KINDS, FEATURE_PC, FEATURE_X86_64, POSITIONED, Kind
 from replayvm.trace.reader import TraceReader
-from replayvm.trace.records import CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS, SWITCH
+from replayvm.trace.records import ASPACE, CLOCK, DPOS_INDEX, INPUT, INTERRUPT, KIND_INDEX, PURE_READS, SWITCH
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -25,6 +25,8 @@ def summarize(path: Path) -> dict[str, Any]:
     cpu = 0                                     # several CPUs: who runs since turn_start
     turn_start = 0
     cpu_instructions: Counter[int] = Counter()
+    aspace_changes = 0                          # ASPACE records (feature aspace), and their CR3s
+    address_spaces: set[int] = set()
     with TraceReader(path) as reader:
         header = reader.header
         for record in reader:                   # validated by the reader against its layout
@@ -45,6 +47,9 @@ def summarize(path: Path) -> dict[str, Any]:
                 sectors += 1
             elif kind == Kind.PURE_READS:
                 pure_sites += len(record[PURE_READS.sites])
+            elif kind == Kind.ASPACE:
+                aspace_changes += 1
+                address_spaces.add(record[ASPACE.cr3])
             elif kind == Kind.SWITCH:           # each CPU's own count: the sum of its turns
                 cpu_instructions[cpu] += position - turn_start
                 cpu, turn_start = record[SWITCH.cpu], position
@@ -69,6 +74,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "clock_reads_by_source": dict(clocks), "input_bytes": input_bytes,
         "initial_ram_pages": ram_pages, "distinct_sectors": sectors, "frames": frames,
         "pure_read_sites": pure_sites,
+        "address_space_changes": aspace_changes, "address_spaces": len(address_spaces),
         "final_position": position, "last_event_position": position, "file_bytes": size,
         "bytes_per_event": round(size / events, 2) if events else None,
         "truncated": truncated, "readable_bytes": truncated_at if reader.truncated else size,
@@ -131,6 +137,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["clock_reads_by_source"]:
         lines.append("clock reads  " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["clock_reads_by_source"].items())))
     lines.append(f"input        {s['input_bytes']:,} bytes typed")
+    if s.get("address_space_changes"):
+        lines.append(f"address      {s['address_spaces']:,} address spaces (CR3), "
+                     f"{s['address_space_changes']:,} changes seen at events")
     if s.get("lapic_id_reads_not_logged") is not None:
         lines.append(f"not logged   {s['lapic_id_reads_not_logged']:,} LAPIC ID reads (pure register), "
                      f"counted at {s['pure_read_sites']:,} call sites")
