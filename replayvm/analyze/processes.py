@@ -296,7 +296,7 @@ def cr3_write_sites(kernel: Path) -> list[int]:
     except (OSError, ELFError, CsError) as error:
         raise UsageError(f"cannot read {kernel}: {error}") from None
     twins = [site - vaddr + paddr for site in sites for vaddr, size, paddr in segments
-             if vaddr <= site < vaddr + size]
+             if vaddr < site <= vaddr + size]          # the mov itself is in the segment
     return sorted(set(sites + twins))
 
 
