@@ -2,20 +2,32 @@
 
 A trace says which address space (CR3) every event was made in (ASPACE records, feature
 `aspace`), but not whose it is: that is in the guest's memory, which only a replay has. So this
-pass replays the trace (verified, as `replayvm replay` does) and stops wherever the trace says a
-CPU's CR3 changed -- at the first event the CPU made in its new address space -- and reads there,
-in xv6's kernel: `cpus[cpu].proc`, that process's `pid`, `name` and `pgdir`. The process is the
-owner of the address space when `V2P(proc->pgdir)` is the CR3 (otherwise xv6's process table is
-searched for the one whose page directory it is); a CR3 no process owns (the kernel's own page
-directory, on which the scheduler runs; the boot page directory) gives NULL pid and name.
+pass replays the trace (verified against its footer, as `replayvm replay` does) and stops right
+after every CR3 write: it finds each `mov %reg, %cr3` in the kernel ELF's executable sections
+(capstone) and puts an emu breakpoint on the instruction after it, at its link address and, when
+its segment is loaded elsewhere, at its load address too (xv6's `entry` runs there, before
+paging). A stop there is one CPU's first instruction in the address space it just loaded: the
+running CPU, at an exact position. There it reads, in xv6's kernel: `cpus[cpu].proc`, that
+process's `pid`, `name` and `pgdir`. The process is the owner of the address space when
+`V2P(proc->pgdir)` is the CR3 (otherwise xv6's process table is searched for the one whose page
+directory it is); a CR3 no process owns (the kernel's own page directory, on which the scheduler
+runs; the boot page directory) gives NULL pid and name.
 
-Each row is one stretch of one CPU in one address space: from the first event in it
-(`from_seq`, `from_position`) to the CPU's first event in the next (`to_seq`, `to_position`, not
-included), or the trace's end; `last_position` is its last event's. The context switches
-themselves happened between the CPU's previous event and `from_position`, and between
-`last_position` and `to_position` (a CR3 write is an instruction, not an event: the trace places
-it no more exactly; a CPU idling in xv6's scheduler makes no event until its next timer tick). The stretches of one CPU cover all its events; a CPU's other turns interleave
-with other CPUs' events (`schedule` says who ran when).
+Each row is one stretch of one CPU in one address space, from its first instruction there
+(`from_position`) to where the CPU's next stretch begins (`to_position`, not included), or the
+trace's end. What "ran" means with several CPUs: a stretch goes on across the turns the machine
+gives the other CPUs (SWITCH records), since the descheduled CPU still holds that address space
+and that process; its `instructions` are its CPU's own. xv6 switches a CPU to the kernel's page
+directory before another CPU may take its process, so one process's stretches on different CPUs
+never overlap. Each event belongs to its CPU's stretch holding its position.
+
+A CR3 write the breakpoints miss (code outside the kernel's sections, such as xv6's entryother,
+copied to 0x7000 at run time) shows at the CPU's next event, made in another address space than
+its stretch's: a stretch begins there, at that event, not exactly (`exact` 0). A kernel with no
+CR3 write found (or more than the engine's breakpoints) gets only such stretches, the way the pass
+worked before breakpoints: each from the first event seen in its address space, and a CPU that
+leaves a process and comes back with no event in between shows one stretch. `meta` says which
+method was used (`processes.method`) and whether the replay was verified (`processes.replay`).
 
 Where the layouts come from: the kernel ELF's DWARF (xv6's Makefile builds with -ggdb): `struct
 cpu` (its size, `proc`, `apicid`), `struct proc` (`pid`, `name`, `pgdir`, `state`) and the `ptable`
