@@ -333,7 +333,8 @@ void replayvm_on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user
    the one running is the wrong kind it sets hflags and the hook range and leaves through
    cpu_loop_exit_noexc, so that QEMU looks the block up again: nothing of it has run yet.
    A fast block is only right when nothing can stop or observe the guest inside it:
-   - no stop target inside the block (a count, debugger breakpoints or watchpoints);
+   - no stop target inside the block (a count, a debugger breakpoint on one of its
+     instructions, any watchpoint);
    - no device access: IN/OUT/RDTSC/MMIO in a fast block send the guest back to the start of
      that instruction, counted up to it, and it runs again in a precise block. Unicorn has
      already synced EIP for IN/OUT/RDTSC; MMIO is restored from cpu->mem_io_pc.
