@@ -154,6 +154,18 @@ def test_a_reader_without_the_feature_refuses_the_trace_in_one_line(demo_trace, 
 
 
 # ---------------------------------------------------------------- xv6 (REPLAYVM_XV6_DIR)
+def xv6_recorded(xv6_dir, tmp_path, script: bytes, cpus: int = 1, chaos_seed: int | None = None):
+    """An xv6 session on the virtual clock (the same instructions every run)."""
+    from replayvm.record.session import SessionOptions, run_session
+
+    trace = tmp_path / f"xv6-{cpus}.zst"
+    outcome, _ = run_session(SessionOptions(engine="emu", disks=[xv6_dir / "xv6.img", xv6_dir / "fs.img"],
+                                            script=script, trace=trace, timeout_s=600, virtual_clock=True,
+                                            cpus=cpus, chaos_seed=chaos_seed), output=io.BytesIO())
+    assert outcome.reason == "script-done"
+    return trace
+
+
 def xv6_analysed(xv6_dir, tmp_path, script: bytes, cpus: int = 1, chaos_seed: int | None = None,
                  programs: tuple[str, ...] = ()):
     """An xv6 session on the virtual clock (the same instructions every run), analysed with
@@ -186,8 +198,11 @@ def test_two_ls_processes_are_told_apart_by_their_address_space(xv6_dir, tmp_pat
     assert (1, "initcode") in names and (1, "init") in names and (2, "sh") in names
     ls = sorted(pid for pid, name in names if name == "ls")
     assert len(ls) == 2 and all((pid, "sh") in names for pid in ls)        # forked from sh, then exec
-    layout = query(db, "SELECT value FROM meta WHERE key = 'processes.layout'").rows
-    assert layout == [("DWARF of kernel",)]
+    meta = dict(query(db, "SELECT key, value FROM meta WHERE key LIKE 'processes.%'").rows)
+    assert meta["processes.layout"] == "DWARF of kernel"
+    assert meta["processes.method"].startswith("breakpoints: after each of the 8 CR3 writes of kernel")
+    assert meta["processes.replay"] == "verified"
+    assert query(db, "SELECT count(*) FROM processes WHERE NOT exact").rows == [(0,)]
     # every event of a process is one of its CPU's stretch in the process's address space
     assert query(db, "SELECT count(*) FROM exits e JOIN event_processes p USING (trace_id, seq) JOIN processes s "
                      "ON s.trace_id = e.trace_id AND s.cpu = e.cpu AND e.seq >= s.from_seq AND e.seq < s.to_seq "
@@ -206,10 +221,126 @@ def test_the_process_view_on_two_cpus_names_each_cpus_processes(xv6_dir, tmp_pat
     wrong = query(db, "SELECT count(*) FROM interrupts i JOIN event_processes p USING (trace_id, seq) "
                       "WHERE i.cpl = 3 AND i.symbol IS NOT NULL AND p.name IS NOT 'ls'").rows
     assert wrong == [(0,)]
-    # the stretches of a CPU do not overlap and cover its events from its first ASPACE on
-    rows = query(db, "SELECT cpu, from_seq, to_seq FROM processes ORDER BY cpu, from_seq").rows
+    # the stretches of a CPU follow one another from the trace's start to its end
+    rows = query(db, "SELECT cpu, from_position, to_position FROM processes ORDER BY cpu, from_position").rows
     for (cpu, _, end), (next_cpu, start, _) in zip(rows, rows[1:]):
         assert cpu != next_cpu or end == start
+
+
+# Exact stretches (breakpoints after every CR3 write): two CPUs, `ls` and `echo hi`, recorded and
+# analysed once for the tests below.
+@pytest.fixture(scope="module")
+def xv6_two_cpus(xv6_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("xv6-two-cpus")
+    trace = xv6_recorded(xv6_dir, tmp_path, b"ls\necho hi\n", cpus=2)
+    db = tmp_path / "two.db"
+    load_trace(trace, db, symbols=[xv6_dir / "kernel"], processes=True)
+    stretches = query(db, "SELECT cpu, from_position, to_position, cr3, pid, name, exact FROM processes "
+                          "ORDER BY from_position, cpu").rows
+    return trace, db, stretches
+
+
+def test_on_two_cpus_a_process_runs_on_one_cpu_at_a_time(xv6_two_cpus):
+    """A process's stretches on different CPUs never overlap (xv6 leaves a process's page
+    directory, for the kernel's, before another CPU can take it), and processes do move between
+    the CPUs here (else the check would prove nothing)."""
+    _, db, stretches = xv6_two_cpus
+    by_pid: dict[int, list] = {}
+    for cpu, start, end, _, pid, _, _ in stretches:
+        if pid is not None:
+            by_pid.setdefault(pid, []).append((start, end, cpu))
+    moved = [pid for pid, spans in by_pid.items() if len({cpu for _, _, cpu in spans}) == 2]
+    assert 1 in moved and len(moved) >= 2
+    for pid, spans in by_pid.items():
+        spans.sort()
+        for (start, end, cpu), (next_start, _, next_cpu) in zip(spans, spans[1:]):
+            assert cpu == next_cpu or end <= next_start, f"pid {pid} on CPUs {cpu} and {next_cpu} at once"
+    assert all(exact for *_, exact in stretches)
+    meta = dict(query(db, "SELECT key, value FROM meta WHERE key LIKE 'processes.%'").rows)
+    assert meta["processes.method"].startswith("breakpoints") and meta["processes.replay"] == "verified"
+    # the view counts each CPU's own instructions and events, which add up to the trace's
+    totals = query(db, "SELECT sum(instructions), sum(events) FROM processes").rows[0]
+    turns = query(db, "SELECT sum(to_position - from_position) FROM schedule").rows[0][0]
+    events = query(db, "SELECT count(*) FROM event_processes").rows[0][0]
+    assert totals == (turns, events)
+
+
+def test_every_stretch_begins_right_after_its_cpus_cr3_write(xv6_two_cpus):
+    """Seeking the replay to each stretch's CPU's instruction before from_position finds a
+    `mov %reg, %cr3` there writing the stretch's CR3 (the first stretch of each CPU starts with
+    the CPU: at the trace's start, or from reset)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
+    from replayvm.replay.timeline import Timeline
+
+    trace, _, stretches = xv6_two_cpus
+    firsts = {}
+    for cpu, start, *_ in stretches:
+        firsts.setdefault(cpu, start)
+    timeline = Timeline(trace)
+    md = Cs(CS_ARCH_X86, CS_MODE_32)
+    registers = {"eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi", "edi": "rdi",
+                 "ebp": "rbp", "esp": "rsp"}
+    checked = 0
+    try:
+        targets = sorted((timeline.previous_on(cpu, start), cpu, start, cr3)
+                         for cpu, start, _, cr3, *_ in stretches if start != firsts[cpu])
+        for before, cpu, start, cr3 in targets:
+            timeline.seek(before)
+            state = timeline.registers(cpu)
+            eip = state.regs["rip"]
+            insn = next(md.disasm(timeline.read_memory(eip, 15, cpu), eip))
+            assert (insn.mnemonic, insn.op_str.split(", ")[0]) == ("mov", "cr3"), (cpu, start, insn)
+            assert state.regs[registers[insn.op_str.split(", ")[1]]] == cr3 & 0xFFFFFFFF
+            # ... and the CPU's next instruction after it is at from_position
+            assert timeline.next_on(cpu, before + 1) == start
+            checked += 1
+    finally:
+        timeline.close()
+    assert checked > 100
+
+
+def test_every_event_lies_in_its_cpus_stretch_in_its_address_space(xv6_two_cpus):
+    _, db, stretches = xv6_two_cpus
+    import bisect
+
+    end = max(to for _, _, to, *_ in stretches)
+    starts: dict[int, list] = {}
+    for row in stretches:
+        starts.setdefault(row[0], []).append(row)
+    owners = dict(query(db, "SELECT seq, pid FROM event_processes").rows)
+    seen = 0
+    for table in ("exits", "interrupts", "clock_reads", "halts", "inputs"):
+        for seq, position, cpu, cr3 in query(db, f"SELECT seq, position, cpu, cr3 FROM [{table}]").rows:
+            rows = starts[cpu]
+            at = bisect.bisect_right([r[1] for r in rows], position) - 1
+            _, start, to, stretch_cr3, pid, _, _ = rows[at]
+            assert start <= position < to or position == to == end
+            assert (stretch_cr3, pid) == (cr3, owners[seq])
+            seen += 1
+    assert seen > 5000
+
+
+def test_without_cr3_writes_found_stretches_begin_at_events(xv6_two_cpus, xv6_dir, monkeypatch):
+    """The fallback (a kernel whose CR3 writes are not found): each stretch begins at the first
+    event in its address space, inside the exact stretch of the same process, which began earlier
+    or there."""
+    import bisect
+    from replayvm.analyze import processes
+
+    trace, _, stretches = xv6_two_cpus
+    monkeypatch.setattr(processes, "cr3_write_sites", lambda kernel: [])
+    found = processes.find_processes(trace, processes.xv6_layout([xv6_dir / "kernel"]))
+    assert found.method.startswith("events: no CR3 write found in kernel") and found.replay == "verified"
+    assert found.stretches and not any(s.exact for s in found.stretches)
+    exact: dict[int, list] = {}
+    for row in stretches:
+        exact.setdefault(row[0], []).append(row)
+    for stretch in found.stretches:
+        rows = exact[stretch.cpu]
+        _, start, _, cr3, pid, name, _ = rows[bisect.bisect_right([r[1] for r in rows], stretch.from_position) - 1]
+        assert start <= stretch.from_position
+        assert (cr3 & 0xFFFFFFFF, pid, name) == (stretch.cr3, stretch.pid, stretch.name)
 
 
 # ---------------------------------------------------------------- --processes without xv6
@@ -263,6 +394,26 @@ def test_the_xv6_layout_comes_from_dwarf_or_is_xv6_publics(tmp_path, debug):
              "proc_size": layout.proc_size, "proc_pgdir": layout.proc_pgdir, "proc_state": layout.proc_state,
              "proc_pid": layout.proc_pid, "proc_name": layout.proc_name}
     assert found == XV6_PUBLIC_LAYOUT          # gcc -m32 lays xv6's structs out as the fallback says
+
+
+def test_the_cr3_writes_are_found_at_their_link_and_load_addresses(tmp_path):
+    """Only `mov %reg, %cr3` counts (not a read of CR3, nor a write of CR0 or CR4), at the
+    address after it, and again where the segment is loaded when that differs."""
+    import subprocess
+
+    from replayvm.analyze.processes import cr3_write_sites
+
+    source = tmp_path / "entry.S"
+    source.write_text(".text\n.globl _start\n_start:\n mov %cr3, %eax\n mov %eax, %cr0\n mov %ebx, %cr4\n"
+                      " nop\n mov %edx, %cr3\n ret\n mov %eax, %cr3\n")
+    kernel = tmp_path / "kernel"
+    subprocess.run(["gcc", "-m32", "-nostdlib", "-static", "-Wl,-Ttext=0x80100000", "-Wl,--build-id=none",
+                    "-o", kernel, source], check=True)
+    linked = [0x80100000 + 3 + 3 + 3 + 1 + 3, 0x80100000 + 3 + 3 + 3 + 1 + 3 + 1 + 3]
+    assert cr3_write_sites(kernel) == linked
+    loaded = tmp_path / "kernel-low"                    # linked high, loaded at 1 MiB, as xv6
+    subprocess.run(["objcopy", "--change-section-lma", ".text-0x80000000", kernel, loaded], check=True)
+    assert cr3_write_sites(loaded) == [site - 0x80000000 for site in linked] + linked
 
 
 def test_processes_refuses_what_it_cannot_read_in_one_line(tmp_path):

@@ -238,3 +238,35 @@ def test_cli_seek_on_a_trace_cut_short_says_where_it_ends(demo_trace, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "was cut short" in result.stderr and "the recording ends at instruction" in result.stderr
     assert "replay at instruction" in result.stdout
+
+
+def test_a_breakpoint_inside_a_block_stops_there_and_other_blocks_still_run_fast(demo_trace, monkeypatch):
+    """Only a translated block holding a breakpoint counts instruction by instruction: the stops
+    are those of the reference engine (every instruction hooked), on an instruction inside a
+    block, while the rest of the guest runs in fast blocks (analyze --processes keeps up to 8
+    breakpoints set for a whole replay)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
+    start = symbol("race_task")
+    with open(guest_file("demo", "kernel.elf"), "rb") as f:
+        elf = ELFFile(f)
+        text = next(s for s in elf.iter_sections() if s["sh_addr"] <= start < s["sh_addr"] + s["sh_size"])
+        code = text.data()[start - text["sh_addr"]:][:64]
+    inside = [insn.address for insn in Cs(CS_ARCH_X86, CS_MODE_32).disasm(code, start)][2]
+
+    def hits(reference: bool) -> tuple[list[int], int]:
+        monkeypatch.setenv("REPLAYVM_EMU_REFERENCE", "1" if reference else "0")
+        timeline = Timeline(demo_trace, checkpoint_every=EVERY)
+        timeline.breakpoints.add(inside)
+        found = []
+        while (stop := timeline.cont()).reason == "break":
+            assert stop.address == inside == timeline.registers().regs["rip"]
+            found.append(stop.position)
+        fast = timeline.engine.counting_statistics()["fast_blocks"]
+        timeline.close()
+        return found, fast
+
+    reference, _ = hits(True)
+    found, fast_blocks = hits(False)
+    assert found == reference and len(found) == 4
+    assert fast_blocks > 10_000

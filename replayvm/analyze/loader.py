@@ -123,8 +123,8 @@ VIEWS = {
         SELECT trace_id, cpu, count(*) AS turns, sum(to_position - from_position) AS instructions
         FROM schedule GROUP BY trace_id, cpu ORDER BY trace_id, cpu""",
     "processes_per_cpu": """
-        SELECT trace_id, cpu, pid, name, count(*) AS stretches, sum(to_seq - from_seq) AS events,
-               min(from_position) AS first_position, max(last_position) AS last_position
+        SELECT trace_id, cpu, pid, name, count(*) AS stretches, sum(instructions) AS instructions,
+               sum(events) AS events, min(from_position) AS first_position, max(to_position) AS to_position
         FROM processes WHERE pid IS NOT NULL
         GROUP BY trace_id, cpu, pid, name ORDER BY trace_id, min(from_position), cpu""",
     "disk_sectors_by_region": """
@@ -135,7 +135,7 @@ INDEXES = {"exits": [["trace_id", "address"], ["trace_id", "symbol"], ["trace_id
            "interrupts": [["trace_id", "source"], ["trace_id", "position"]],
            "disk_io": [["trace_id", "sector"]], "console": [["trace_id", "line_no"]],
            "schedule": [["trace_id", "from_position"]],
-           "processes": [["trace_id", "cpu", "from_seq"]], "event_processes": [["trace_id", "seq"]]}
+           "processes": [["trace_id", "cpu", "from_position"]], "event_processes": [["trace_id", "seq"]]}
 
 
 # `cpu` (last but one, so that a database made before it gains the column: _add_cpu_columns) is
@@ -162,12 +162,16 @@ SCHEMA = {
     # of a trace cover it from its start to its end without gaps (one row on one CPU).
     "schedule": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int},
     # Which xv6 process each CPU ran (analyze --processes, replayvm.analyze.processes): one row per
-    # stretch of a CPU in one address space, from its first event there (from_seq, from_position)
-    # to its first event in the next (to_seq, to_position, not included) or the trace's end, its last
-# event at last_position;
-    # pid and name NULL where no process owns the address space (the scheduler, boot).
-    "processes": {"trace_id": int, "cpu": int, "from_seq": int, "from_position": int, "to_seq": int,
-                  "to_position": int, "last_position": int, "cr3": int, "pid": int, "name": str},
+    # stretch of a CPU in one address space, from_position up to to_position (not included: where
+    # the CPU's next stretch begins, or the trace's end). exact 1: from_position is the CPU's first
+    # instruction in the space (right after its CR3 write); 0: the first event seen in it.
+    # instructions: the CPU's own in it (a stretch goes on across other CPUs' turns: the CPU still
+    # holds the space); from_seq..to_seq: the trace's events at those positions, `events` of them
+    # its CPU's, the last at last_position. pid and name NULL where no process owns the address
+    # space (the scheduler, boot).
+    "processes": {"trace_id": int, "cpu": int, "from_position": int, "to_position": int, "instructions": int,
+                  "from_seq": int, "to_seq": int, "events": int, "last_position": int, "cr3": int, "pid": int,
+                  "name": str, "exact": int},
     # ... and which process made each event: join any row table on (trace_id, seq) (disk_io rows
     # share the seq of the run that moved their sectors). Filled with processes, in one pass.
     "event_processes": {"trace_id": int, "seq": int, "pid": int, "name": str},
@@ -335,17 +339,21 @@ def load_trace(trace: Path, db_path: Path, symbols: Iterable[Path] = (), append:
 def _load_processes(db: sqlite_utils.Database, trace: Path, trace_id: int, layout,
                     names: "Symbols") -> dict[str, int]:
     """The `processes` rows (a replay of the trace), and CPL 3 symbols by the process's program."""
-    stretches, event_stretch = find_processes(trace, layout)
+    found = find_processes(trace, layout)
+    stretches = found.stretches
     owners = [(s.pid, s.name) for s in stretches]
-    events = [(trace_id, seq, *owners[index]) for seq, index in enumerate(event_stretch) if index >= 0]
+    events = [(trace_id, seq, *owners[index]) for seq, index in enumerate(found.event_stretch) if index >= 0]
     with db.conn:
         db.conn.executemany(
-            "INSERT INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(trace_id, s.cpu, s.from_seq, s.from_position, s.to_seq, s.to_position, s.last_position,
-              _signed(s.cr3), s.pid, s.name)
+            f"INSERT INTO processes VALUES ({', '.join('?' * 13)})",
+            [(trace_id, s.cpu, s.from_position, s.to_position, s.instructions, s.from_seq, s.to_seq, s.events,
+              s.last_position, _signed(s.cr3), s.pid, s.name, int(s.exact))
              for s in stretches])
         db.conn.executemany("INSERT INTO event_processes VALUES (?, ?, ?, ?)", events)
-        db.conn.execute("INSERT INTO meta VALUES (?, ?, ?)", (trace_id, "processes.layout", layout.source))
+        db.conn.executemany("INSERT INTO meta VALUES (?, ?, ?)",
+                            [(trace_id, "processes.layout", layout.source),
+                             (trace_id, "processes.method", found.method),
+                             (trace_id, "processes.replay", found.replay)])
         if names.programs:
             for table in ("exits", "interrupts"):
                 rows = db.conn.execute(

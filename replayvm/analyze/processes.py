@@ -2,20 +2,32 @@
 
 A trace says which address space (CR3) every event was made in (ASPACE records, feature
 `aspace`), but not whose it is: that is in the guest's memory, which only a replay has. So this
-pass replays the trace (verified, as `replayvm replay` does) and stops wherever the trace says a
-CPU's CR3 changed -- at the first event the CPU made in its new address space -- and reads there,
-in xv6's kernel: `cpus[cpu].proc`, that process's `pid`, `name` and `pgdir`. The process is the
-owner of the address space when `V2P(proc->pgdir)` is the CR3 (otherwise xv6's process table is
-searched for the one whose page directory it is); a CR3 no process owns (the kernel's own page
-directory, on which the scheduler runs; the boot page directory) gives NULL pid and name.
+pass replays the trace (verified against its footer, as `replayvm replay` does) and stops right
+after every CR3 write: it finds each `mov %reg, %cr3` in the kernel ELF's executable sections
+(capstone) and puts an emu breakpoint on the instruction after it, at its link address and, when
+its segment is loaded elsewhere, at its load address too (xv6's `entry` runs there, before
+paging). A stop there is one CPU's first instruction in the address space it just loaded: the
+running CPU, at an exact position. There it reads, in xv6's kernel: `cpus[cpu].proc`, that
+process's `pid`, `name` and `pgdir`. The process is the owner of the address space when
+`V2P(proc->pgdir)` is the CR3 (otherwise xv6's process table is searched for the one whose page
+directory it is); a CR3 no process owns (the kernel's own page directory, on which the scheduler
+runs; the boot page directory) gives NULL pid and name.
 
-Each row is one stretch of one CPU in one address space: from the first event in it
-(`from_seq`, `from_position`) to the CPU's first event in the next (`to_seq`, `to_position`, not
-included), or the trace's end; `last_position` is its last event's. The context switches
-themselves happened between the CPU's previous event and `from_position`, and between
-`last_position` and `to_position` (a CR3 write is an instruction, not an event: the trace places
-it no more exactly; a CPU idling in xv6's scheduler makes no event until its next timer tick). The stretches of one CPU cover all its events; a CPU's other turns interleave
-with other CPUs' events (`schedule` says who ran when).
+Each row is one stretch of one CPU in one address space, from its first instruction there
+(`from_position`) to where the CPU's next stretch begins (`to_position`, not included), or the
+trace's end. What "ran" means with several CPUs: a stretch goes on across the turns the machine
+gives the other CPUs (SWITCH records), since the descheduled CPU still holds that address space
+and that process; its `instructions` are its CPU's own. xv6 switches a CPU to the kernel's page
+directory before another CPU may take its process, so one process's stretches on different CPUs
+never overlap. Each event belongs to its CPU's stretch holding its position.
+
+A CR3 write the breakpoints miss (code outside the kernel's sections, such as xv6's entryother,
+copied to 0x7000 at run time) shows at the CPU's next event, made in another address space than
+its stretch's: a stretch begins there, at that event, not exactly (`exact` 0). A kernel with no
+CR3 write found (or more than the engine's breakpoints) gets only such stretches, the way the pass
+worked before breakpoints: each from the first event seen in its address space, and a CPU that
+leaves a process and comes back with no event in between shows one stretch. `meta` says which
+method was used (`processes.method`) and whether the replay was verified (`processes.replay`).
 
 Where the layouts come from: the kernel ELF's DWARF (xv6's Makefile builds with -ggdb): `struct
 cpu` (its size, `proc`, `apicid`), `struct proc` (`pid`, `name`, `pgdir`, `state`) and the `ptable`
@@ -26,12 +38,14 @@ variable's type (where its `proc` array starts). A kernel without DWARF but with
 
 from __future__ import annotations
 
+import bisect
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from elftools.common.exceptions import DWARFError, ELFError
+from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
@@ -60,6 +74,7 @@ class Xv6Layout:
     proc_pid: int
     proc_name: int
     source: str               # "DWARF of <kernel>" or "xv6-public's layout (<kernel> has no DWARF)"
+    kernel: Path | None = None    # the ELF they come from (where the CR3 writes are looked for)
 
 
 # xv6-public (x86), `struct cpu` and `struct proc` of proc.h, and `ptable` of proc.c, as gcc lays
@@ -98,7 +113,8 @@ def xv6_layout(paths: Iterable[Path]) -> Xv6Layout | None:
                          nproc=max(0, (ptable_size - fields["ptable_proc"]) // fields["proc_size"]),
                          proc_size=fields["proc_size"], proc_pgdir=fields["proc_pgdir"],
                          proc_state=fields["proc_state"],
-                         proc_pid=fields["proc_pid"], proc_name=fields["proc_name"], source=source)
+                         proc_pid=fields["proc_pid"], proc_name=fields["proc_name"], source=source,
+                         kernel=Path(path))
     return None
 
 
@@ -144,17 +160,49 @@ def _members(die) -> dict[str, int]:
 
 @dataclass
 class Stretch:
-    """One CPU in one address space, from its first event there (see the module docstring)."""
+    """One CPU in one address space (see the module docstring), from `from_position` up to
+    `to_position` (not included: where the CPU's next stretch begins, or the trace's end)."""
 
     cpu: int
     cr3: int
-    from_seq: int
     from_position: int
-    to_seq: int | None = None
-    to_position: int | None = None
-    last_position: int = 0           # of its last event: the CPU was in this space at least until then
+    exact: bool                      # from the CPU's first instruction there (else its first event)
+    to_position: int = 0
     pid: int | None = None
     name: str | None = None
+    instructions: int = 0            # of its CPU, in its turns between from_ and to_position
+    from_seq: int = 0                # the trace's events at positions from_position..to_position
+    to_seq: int = 0
+    events: int = 0                  # ... of which its CPU's
+    last_position: int | None = None     # of its CPU's last event in it
+
+
+@dataclass
+class TraceOutline:
+    """What the pass needs of a trace besides its replay (one read of the records): for every
+    event (by seq) its position, CPU (-1: a SWITCH) and address space (the ASPACE in force for
+    its CPU; None before the CPU's first), the CPUs' turns, and each CPU's CR3 at the start."""
+
+    start: int
+    end: int
+    positions: list[int] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)
+    cr3s: list[int | None] = field(default_factory=list)
+    opens: list[bool] = field(default_factory=list)     # an ASPACE record came just before it
+    turns: list[tuple[int, int]] = field(default_factory=list)     # (first position, cpu)
+    initial_cr3: dict[int, int] = field(default_factory=dict)   # CPUs started at the start
+
+
+@dataclass
+class ProcessesFound:
+    """The pass's answer: the stretches (by from_position), each event's stretch (an index into
+    `stretches`; -1: a SWITCH, or an event before its CPU has one), how the stretches were
+    delimited and whether the replay was verified (for `meta`)."""
+
+    stretches: list[Stretch]
+    event_stretch: list[int]
+    method: str
+    replay: str
 
 
 def check_processes_trace(header: dict, trace: Path) -> None:
@@ -185,56 +233,83 @@ def xv6_kernel_among(paths: Iterable[Path]) -> bool:
     return False
 
 
-def address_space_stretches(trace: Path) -> tuple[list[Stretch], list[int]]:
-    """The stretches of the trace (without pid and name), and for each event (by seq) the index
-    of its stretch (-1: a SWITCH, or an event before its CPU's first ASPACE). An ASPACE record
-    opens a stretch at the next event (the recorder writes it just before)."""
-    stretches: list[Stretch] = []
-    event_stretch: list[int] = []
-    current: dict[int, int] = {}                       # cpu -> index of its open stretch
-    open_by_cpu: dict[int, Stretch] = {}
+def trace_outline(trace: Path) -> TraceOutline:
+    """One pass over the records (no replay): see TraceOutline."""
     with TraceReader(trace) as reader:
-        check_processes_trace(reader.header, trace)
-        start = int(reader.header.get("start_position") or 0)
-        cpu = int((reader.header.get("start_cpus") or {}).get("current", 0))
-        position, seq = start, 0
-        pending: tuple[int, int] | None = None          # (cpu, cr3) of an ASPACE record just read
-        positioned = {int(kind) for kind in Kind if kind in _POSITIONED}
+        header = reader.header
+        check_processes_trace(header, trace)
+        start = int(header.get("start_position") or 0)
+        start_cpus = header.get("start_cpus") or {}
+        cpu = int(start_cpus.get("current", 0))
+        outline = TraceOutline(start=start, end=start, turns=[(start, cpu)])
+        outline.initial_cr3[cpu] = int((header.get("initial_state") or {}).get("cr3", 0))
+        for other, state in enumerate(start_cpus.get("states") or ()):
+            if state is not None and other != cpu:           # a branch: CPUs running already
+                outline.initial_cr3[other] = int(state.get("cr3", 0))
+        position = start
+        cr3: dict[int, int] = {}
+        pending = False
+        positions, cpus, cr3s, opens = outline.positions, outline.cpus, outline.cr3s, outline.opens
         for record in reader:
             kind = record[0]
             if kind == Kind.ASPACE:
-                pending = (cpu, record[ASPACE.cr3])
+                cr3[cpu] = record[ASPACE.cr3]
+                pending = True
                 continue
-            if kind not in positioned:
+            if kind not in _POSITIONED:
                 continue
             position += record[DPOS_INDEX]
-            if pending is not None and kind != Kind.SWITCH:
-                previous = open_by_cpu.get(pending[0])
-                if previous is not None:
-                    previous.to_seq, previous.to_position = seq, position
-                stretch = Stretch(pending[0], pending[1], seq, position, last_position=position)
-                current[pending[0]] = len(stretches)
-                stretches.append(stretch)
-                open_by_cpu[pending[0]] = stretch
-                pending = None
+            positions.append(position)
             if kind == Kind.SWITCH:
                 cpu = record[SWITCH.cpu]
-                event_stretch.append(-1)
-            else:
-                index = current.get(cpu, -1)
-                event_stretch.append(index)
-                if index >= 0:
-                    stretches[index].last_position = position
-            seq += 1
+                outline.turns.append((position, cpu))
+                cpus.append(-1)
+                cr3s.append(None)
+                opens.append(False)
+                continue
+            cpus.append(cpu)
+            cr3s.append(cr3.get(cpu))
+            opens.append(pending)
+            pending = False
         footer = reader.footer or {}
-        end = int(footer.get("position", position))
-    for stretch in open_by_cpu.values():
-        stretch.to_seq, stretch.to_position = seq, end
-    return stretches, event_stretch
+    outline.end = int(footer.get("position", position))
+    return outline
 
 
 _POSITIONED = frozenset({Kind.PIO_READ, Kind.PIO_WRITE, Kind.MMIO_READ, Kind.MMIO_WRITE, Kind.PIO_READ_RUN,
                          Kind.PIO_WRITE_RUN, Kind.INTERRUPT, Kind.INPUT, Kind.CLOCK, Kind.HALT, Kind.SWITCH})
+
+
+def cr3_write_sites(kernel: Path) -> list[int]:
+    """The linear address right after each `mov %reg, %cr3` (0F 22 /3) in the kernel ELF's
+    executable sections, decoded with capstone: where its CPU goes on in the new address space.
+    Each at the address it is linked at and, where its loadable segment is loaded elsewhere
+    (xv6: linked at 0x801xxxxx, loaded at 0x001xxxxx), at the load address too: code that runs
+    before paging is on (xv6's `entry`) executes there."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs, CsError
+
+    try:
+        with Path(kernel).open("rb") as f:
+            elf = ELFFile(f)
+            md = Cs(CS_ARCH_X86, CS_MODE_64 if elf.elfclass == 64 else CS_MODE_32)
+            md.skipdata = True                      # a byte that decodes to nothing: go past it
+            sites: list[int] = []
+            for section in elf.iter_sections():
+                if section["sh_type"] != "SHT_PROGBITS" or not section["sh_flags"] & SH_FLAGS.SHF_EXECINSTR:
+                    continue
+                for insn in md.disasm(section.data(), section["sh_addr"]):
+                    code = bytes(insn.bytes)
+                    at = code.find(b"\x0f\x22")
+                    if insn.mnemonic == "mov" and at >= 0 and len(code) > at + 2 \
+                            and (code[at + 2] >> 3) & 7 == 3 and insn.op_str.startswith("cr3,"):
+                        sites.append(insn.address + insn.size)
+            segments = [(seg["p_vaddr"], seg["p_memsz"], seg["p_paddr"]) for seg in elf.iter_segments()
+                        if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] != seg["p_paddr"]]
+    except (OSError, ELFError, CsError) as error:
+        raise UsageError(f"cannot read {kernel}: {error}") from None
+    twins = [site - vaddr + paddr for site in sites for vaddr, size, paddr in segments
+             if vaddr < site <= vaddr + size]          # the mov itself is in the segment
+    return sorted(set(sites + twins))
 
 
 class GuestMemory:
@@ -306,23 +381,183 @@ def owner(memory: GuestMemory, layout: Xv6Layout, cpu: int, cr3: int) -> tuple[i
     return None
 
 
-def find_processes(trace: Path, layout: Xv6Layout) -> tuple[list[Stretch], list[int]]:
-    """Replay `trace` (verified on the way: a divergence raises) and give every stretch its
-    process, read where the stretch starts; with each event's stretch (address_space_stretches)."""
+def find_processes(trace: Path, layout: Xv6Layout) -> ProcessesFound:
+    """Replay `trace` (verified against its footer: a divergence raises) and delimit the
+    stretches of each CPU in one address space, each with its process (see the module
+    docstring): exactly, at every CR3 write of the kernel (breakpoints after them), or, for a
+    kernel where none is found, at the first event the trace shows in each address space."""
+    outline = trace_outline(trace)
+    sites = cr3_write_sites(layout.kernel) if layout.kernel is not None else []
+    kernel = Path(layout.kernel).name if layout.kernel is not None else "the kernel"
+    if not sites:
+        method = (f"events: no CR3 write found in {kernel}'s executable sections; a stretch begins at "
+                  f"the first event in its address space")
+        stretches, replay = _event_pass(trace, layout, outline)
+    elif len(sites) > MAX_SITES:
+        method = (f"events: {kernel} writes CR3 at {len(sites)} places, more than the "
+                  f"{MAX_SITES} breakpoints the engine has; a stretch begins at the first event in "
+                  f"its address space")
+        stretches, replay = _event_pass(trace, layout, outline)
+    else:
+        method = (f"breakpoints: after each of the {len(sites)} CR3 writes of {kernel} "
+                  f"({', '.join(f'{site:#x}' for site in sites)}); a stretch begins at its CPU's "
+                  f"first instruction in its address space")
+        stretches, replay = _exact_pass(trace, layout, outline, sites)
+    event_stretch = _place(stretches, outline)
+    return ProcessesFound(stretches, event_stretch, method, replay)
+
+
+MAX_SITES = 64                      # the emu engine's breakpoints
+
+
+def _exact_pass(trace: Path, layout: Xv6Layout, outline: TraceOutline,
+                sites: list[int]) -> tuple[list[Stretch], str]:
+    """The replay with a breakpoint after every CR3 write: each stop is a CPU's first
+    instruction in the address space it just loaded (a stop where the CPU's address space did
+    not change, or in user mode, begins nothing). Every event the replay takes is also
+    checked against its CPU's stretch: an event in another address space means a CR3 write
+    the breakpoints missed (code outside the kernel's sections, such as xv6's entryother,
+    copied to 0x7000), and begins a stretch there, as the event method would."""
+    from replayvm.engines.base import DebugEngine
     from replayvm.replay.replayer import Replayer
 
-    stretches, event_stretch = address_space_stretches(trace)
-    if not stretches:
-        return stretches, event_stretch
+    replayer = Replayer(trace)
+    engine = replayer.engine
+    if not isinstance(engine, DebugEngine):          # check_processes_trace wants emu traces
+        replayer.close()
+        raise UsageError(f"{trace}: --processes needs an engine with breakpoints (emu)")
+    memory = GuestMemory(replayer.ram)
+    stretches: list[Stretch] = []
+    current: dict[int, Stretch] = {}
+    site_set = frozenset(sites)
+
+    def begin(cpu: int, cr3: int, position: int, exact: bool) -> None:
+        previous = current.get(cpu)
+        if previous is not None:
+            previous.to_position = position
+        stretch = Stretch(cpu, cr3, position, exact)
+        found = owner(memory, layout, cpu, cr3)
+        if found is not None:
+            stretch.pid, stretch.name = found
+        stretches.append(stretch)
+        current[cpu] = stretch
+
+    for cpu, cr3 in sorted(outline.initial_cr3.items()):
+        begin(cpu, cr3, outline.start, True)
+    for position, cpu in outline.turns:              # a CPU started later starts from reset
+        if cpu not in current:
+            stretch = Stretch(cpu, 0, position, True)
+            stretches.append(stretch)
+            current[cpu] = stretch
+
+    def on_event(event) -> None:
+        if event.cr3 is None:
+            return
+        cpu = engine.cpu
+        stretch = current.get(cpu)
+        if stretch is None or stretch.cr3 != event.cr3:
+            # An interrupt taken right after the CR3 write, before the breakpoint's stop, is
+            # at the first instruction all the same.
+            exact = event.kind == Kind.INTERRUPT and engine.linear_pc() in site_set
+            begin(cpu, event.cr3, event.position, exact)
+
+    replayer.on_event = on_event
+    engine.set_breakpoints(sites)
+    try:
+        while (outcome := replayer.run_to(None)) == "debug":
+            engine.take_debug_hit()
+            cpu = engine.cpu
+            cr3 = engine.address_space()
+            user = engine.reg("cr0") & 1 and engine.reg("cs") & 3
+            stretch = current.get(cpu)
+            if not user and (stretch is None or stretch.cr3 != cr3):
+                begin(cpu, cr3, engine.position, True)
+            engine.resume_here()
+        engine.set_breakpoints([])
+        replay = _verdict(replayer, outcome)
+    finally:
+        replayer.on_event = None
+        replayer.close()
+    return stretches, replay
+
+
+def _event_pass(trace: Path, layout: Xv6Layout, outline: TraceOutline) -> tuple[list[Stretch], str]:
+    """The replay stopping where the trace says a CPU's CR3 changed (an ASPACE record before
+    its event): the stretch begins at that event, and the process is read there."""
+    from replayvm.replay.replayer import Replayer
+
+    stretches = [Stretch(cpu, cr3, position, False)
+                 for position, cpu, cr3, opens in zip(outline.positions, outline.cpus, outline.cr3s, outline.opens)
+                 if opens and cr3 is not None]
     replayer = Replayer(trace)
     try:
         memory = GuestMemory(replayer.ram)
+        outcome = "limit"
         for stretch in stretches:
-            if replayer.run_to(stretch.from_position) == "end" and replayer.engine.position < stretch.from_position:
-                break
+            if replayer.engine.position < stretch.from_position:
+                outcome = replayer.run_to(stretch.from_position)
+                if outcome == "end" and replayer.engine.position < stretch.from_position:
+                    break
             found = owner(memory, layout, stretch.cpu, stretch.cr3)
             if found is not None:
                 stretch.pid, stretch.name = found
+        if outcome != "end":
+            outcome = replayer.run_to(None)
+        replay = _verdict(replayer, outcome)
     finally:
         replayer.close()
-    return stretches, event_stretch
+    return stretches, replay
+
+
+def _verdict(replayer, outcome: str) -> str:
+    """The replay's end checked against the footer (a divergence raises): the `meta` note."""
+    result = replayer.finish(outcome)
+    if result.verified:
+        return "verified"
+    return "not verified: the trace was cut short (no footer)" if result.truncated else "not verified"
+
+
+def _place(stretches: list[Stretch], outline: TraceOutline) -> list[int]:
+    """Sort the stretches (by from_position, then CPU), end each where its CPU's next one
+    begins (the last at the trace's end), count their instructions (their CPU's turns) and
+    events, and give each event (by seq) the index of its CPU's stretch holding its position."""
+    stretches.sort(key=lambda s: (s.from_position, s.cpu))
+    by_cpu: dict[int, list[int]] = {}
+    for index, stretch in enumerate(stretches):
+        by_cpu.setdefault(stretch.cpu, []).append(index)
+    for indexes in by_cpu.values():
+        for index, following in zip(indexes, indexes[1:] + [None]):
+            stretches[index].to_position = outline.end if following is None else stretches[following].from_position
+    starts = {cpu: [stretches[i].from_position for i in indexes] for cpu, indexes in by_cpu.items()}
+    positions = outline.positions
+    event_stretch = []
+    for seq, (position, cpu) in enumerate(zip(positions, outline.cpus)):
+        index = -1
+        if cpu >= 0 and cpu in starts:
+            at = bisect.bisect_right(starts[cpu], position) - 1
+            if at >= 0:
+                index = by_cpu[cpu][at]
+                stretch = stretches[index]
+                stretch.events += 1
+                stretch.last_position = position
+        event_stretch.append(index)
+    # instructions: each CPU's turns, as prefix sums of their lengths
+    turns: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for (start, cpu), following in zip(outline.turns, outline.turns[1:] + [(outline.end, -1)]):
+        begins, ends, done = turns.setdefault(cpu, ([], [], [0]))
+        begins.append(start)
+        ends.append(max(start, following[0]))
+        done.append(done[-1] + ends[-1] - start)
+
+    def ran(cpu: int, position: int) -> int:
+        """Instructions `cpu` executed before `position`."""
+        begins, ends, done = turns.get(cpu, ([], [], [0]))
+        at = bisect.bisect_right(begins, position) - 1
+        return 0 if at < 0 else done[at] + min(position, ends[at]) - begins[at]
+
+    for stretch in stretches:
+        stretch.instructions = ran(stretch.cpu, stretch.to_position) - ran(stretch.cpu, stretch.from_position)
+        stretch.from_seq = bisect.bisect_left(positions, stretch.from_position)
+        stretch.to_seq = bisect.bisect_left(positions, stretch.to_position) \
+            if stretch.to_position < outline.end else len(positions)
+    return event_stretch

@@ -333,7 +333,8 @@ void replayvm_on_code(uc_engine *uc, uint64_t address, uint32_t size, void *user
    the one running is the wrong kind it sets hflags and the hook range and leaves through
    cpu_loop_exit_noexc, so that QEMU looks the block up again: nothing of it has run yet.
    A fast block is only right when nothing can stop or observe the guest inside it:
-   - no stop target inside the block (a count, debugger breakpoints or watchpoints);
+   - no stop target inside the block (a count, a debugger breakpoint on one of its
+     instructions, any watchpoint);
    - no device access: IN/OUT/RDTSC/MMIO in a fast block send the guest back to the start of
      that instruction, counted up to it, and it runs again in a precise block. Unicorn has
      already synced EIP for IN/OUT/RDTSC; MMIO is restored from cpu->mem_io_pc.
@@ -471,11 +472,29 @@ static void __attribute__((noreturn)) switch_mode(struct emu_state *s, int preci
     cpu_loop_exit_noexc_x86_64(s->cpu);
 }
 
-/* Whether a block beginning now, at most `icount` instructions long, must be precise. */
-static int needs_precise(const struct emu_state *s, uint32_t icount)
+/* Whether a breakpoint lies in [pc, pc + size): only a block holding one needs the
+   per-instruction hook for it (the others run fast while breakpoints are set). */
+static int break_within(const struct emu_state *s, uint64_t pc, uint64_t size)
 {
-    return s->always_precise || s->nbreak || s->nwatch || s->icount < s->precise_until
-        || s->stop_at - s->icount < icount;
+    uint32_t i;
+    for (i = 0; i < s->nbreak; i++)
+        if (s->breaks[i] - pc < size) return 1;
+    return 0;
+}
+
+/* QEMU's i386 translator ends a block before it reaches TARGET_PAGE_SIZE - 32 bytes, plus one
+   instruction (15 bytes at most): no block starting at pc reaches past pc + BLOCK_BYTES_MAX. A
+   precise block goes fast only when no breakpoint lies that far after it, so that the fast
+   block of the same pc, whatever its length, never holds one (else the two would trade places
+   forever). */
+#define BLOCK_BYTES_MAX (4096 + 16)
+
+/* Whether a block beginning now at `pc`, at most `icount` instructions and `size` bytes long,
+   must be precise. */
+static int needs_precise(const struct emu_state *s, uint32_t icount, uint64_t pc, uint64_t size)
+{
+    return s->always_precise || (s->nbreak && break_within(s, pc, size)) || s->nwatch
+        || s->icount < s->precise_until || s->stop_at - s->icount < icount;
 }
 
 /* An exception inside the fast block under way, with EIP restored to the faulting instruction:
@@ -646,7 +665,7 @@ void replayvm_on_block(uc_engine *uc, uint64_t address, uint32_t size, void *use
        store would cut it short once more (and be counted once more). */
     if (tb->flags & PRECISE_HFLAG) {
         s->precise_blocks++;
-        if (!one_shot && !needs_precise(s, MAX_BLOCK_INSNS)) switch_mode(s, 0);
+        if (!one_shot && !needs_precise(s, MAX_BLOCK_INSNS, tb->pc, BLOCK_BYTES_MAX)) switch_mode(s, 0);
         return;                                   /* the per-instruction hook counts */
     }
     if ((int32_t)env32(env, s->icount_decr_offset) < 0) return;   /* exits before it runs */
@@ -663,7 +682,7 @@ void replayvm_on_block(uc_engine *uc, uint64_t address, uint32_t size, void *use
         uc_emu_stop(uc);
         return;
     }
-    if (!one_shot && needs_precise(s, tb->icount)) switch_mode(s, 1);
+    if (!one_shot && needs_precise(s, tb->icount, tb->pc, tb->size)) switch_mode(s, 1);
     if (tb->icount == 1 && tb->size == 2 && !one_shot) rep_stos_in_bulk(s, tb, env);
     s->fast_tb = tb;
     s->block_start = s->icount;

@@ -332,6 +332,9 @@ class Replayer:
         self._trace_cpu = int((header.get("start_cpus") or {}).get("current", 0))
         self._trace_cr3: dict[int, int] = {}
         self._address_space = self.engine.address_space
+        # Called with each event the replay takes (not typed input), at its position, after its
+        # checks: a pass that reads guest state at events (analyze --processes) without stopping.
+        self.on_event: Callable[[Event], None] | None = None
         self._advance()                           # loads initial RAM pages, finds the first event
         try:
             self.engine.set_state(self.machine.boot_state)
@@ -509,6 +512,8 @@ class Replayer:
                 self._mismatch(f"the recording made {event.describe()} in address space cr3 {event.cr3:#x}; "
                                f"the replayed guest is in cr3 {cr3:#x}", event)
         self._recent.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
         self._advance()
         if self.until_event is not None and event.index >= self.until_event:
             self.stopped_early = True
@@ -1116,8 +1121,12 @@ class Replayer:
         self._diverge(f"{detail} at position {self.engine.position}; {wanted}", event)
 
     def run(self) -> ReplayResult:
+        return self.finish(self.run_to(self.until_position))
+
+    def finish(self, outcome: str) -> ReplayResult:
+        """The result of a replay that `run_to` brought to `outcome` (its last one): verified
+        against the footer when it reached the recording's end (a divergence raises)."""
         engine = self.engine
-        outcome = self.run_to(self.until_position)
         if outcome == "limit":
             self.stopped_early = True
         if self.stopped_early:
