@@ -176,7 +176,7 @@ def test_long64_plain_kernel_on_kvm_replays_verified_every_time(tmp_path, requir
     handler's iretq when a tick came due inside it), and ring-3 code takes ticks while it makes
     system calls. Every recording must replay verified, wherever host timing put its ticks. The
     recorder before the placement rules (window exits without a landmark, ring-3 points, RF)
-    gave 10 verified of 20 on this guest here; with them, 80 of 80."""
+    gave 10 verified of 20 on this guest here; with them, 100 of 100."""
     kernel = guest_file("long64", "kernel.elf")
     for attempt in range(3):
         trace = tmp_path / f"long64-plain-kvm-{attempt}.zst"

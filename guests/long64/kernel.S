@@ -25,7 +25,7 @@
 # was never the problem: it stops at the loop's jump target and at an iretq's return point every
 # time (tests/test_kvm_engine.py). With the recorder's placement rules (window exits carry a
 # landmark, ring-3 ticks wait for the next kernel entry, never mid-`rep`) kernel.elf records and
-# replays verified on kvm every time (80 of 80; tests/test_long_mode.py), so kernel-pvm.elf is only
+# replays verified on kvm every time (100 of 100; tests/test_long_mode.py), so kernel-pvm.elf is only
 # the quieter of the two. A loop that changes memory but no register is still a kvm limit (see
 # replayvm/engines/kvm.py).
 # Memory: 4 KiB pages for the first 2 MiB (page 0 absent, 0x1FF000 supervisor-only), 2 MiB
