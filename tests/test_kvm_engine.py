@@ -191,3 +191,62 @@ def test_kvm_long_mode_guest_exits_and_takes_a_kicked_interrupt(require_kvm):
     assert engine._kicker.kicks >= 1 and machine.interrupts.acknowledged == [0x30]
     assert engine.get_state().efer & 0x400                       # still in long mode (LMA)
     engine.close()
+
+
+# A 64-bit ring-0 loop (20 iterations) and an interrupt handler that counts its calls at 0x3000.
+LANDMARK_LOOP = """
+    xorl    %ecx, %ecx
+1:  incq    %rcx
+    imulq   $3, %rcx, %rdx
+    cmpq    $20, %rcx
+    jb      1b
+    hlt
+.org 0x100
+    incq    0x3000
+    iretq
+"""
+LOOP_TARGET, HANDLER, VECTOR = 0x1002, 0x1100, 0x30
+
+
+def landmark_loop_engine():
+    import struct
+
+    from tests.asm import assemble
+
+    machine = TestMachine(ram_bytes=1 << 22)
+    code = assemble(LANDMARK_LOOP, 0x1000, bits=64)
+    machine.ram[0x1000:0x1000 + len(code)] = code
+    idt = 0x4000
+    machine.ram[idt + VECTOR * 16:idt + VECTOR * 16 + 16] = struct.pack(
+        "<HHHHII", HANDLER & 0xFFFF, 0x08, 0x8E00, HANDLER >> 16 & 0xFFFF, HANDLER >> 32, 0)
+    engine = make_engine("kvm", machine)
+    state = long_mode_state(machine)
+    state.idt = (idt, 0xFFF)
+    state.regs["rflags"] = 0x202
+    engine.set_state(state)
+    engine.places_interrupts = False          # injected as the test says (as on replay)
+    return machine, engine
+
+
+def test_kvm_breakpoint_stops_at_a_jump_target_and_an_iretq_return_every_time(require_kvm):
+    """What replay's landmark search relies on, on PVM's emulated ring 0: a hardware breakpoint
+    on a backward jump's target stops on every arrival (20 of 20, RF never set there), and one
+    on an interrupt's return address stops right after the handler's iretq, before the
+    instruction runs (the kernel.S comment once blamed these for missed landmarks)."""
+    machine, engine = landmark_loop_engine()
+    stops = []
+    engine.set_guest_debug(hw_breakpoints=[LOOP_TARGET])
+    while engine.run(budget_ns=HANG_BUDGET_NS) is StopReason.DEBUG:
+        state = engine.get_state()
+        stops.append((state.regs["rip"], state.regs["rcx"], state.regs["rflags"] & (1 << 16)))
+        if len(stops) == 5 and not machine.ram[0x3000]:
+            machine.interrupts.pending.append(VECTOR)   # delivered here; iretq returns here
+            continue
+        engine.set_guest_debug(single_step=True)
+        engine.run(budget_ns=HANG_BUDGET_NS)
+        engine.set_guest_debug(hw_breakpoints=[LOOP_TARGET])
+    engine.close()
+    assert machine.ram[0x3000] == 1 and machine.interrupts.acknowledged == [VECTOR]
+    # 20 arrivals by the loop, and once more at the 5th (rcx 4) after the handler's iretq
+    assert [rcx for rip, rcx, rf in stops] == [0, 1, 2, 3, 4, 4] + list(range(5, 20))
+    assert {rip for rip, rcx, rf in stops} == {LOOP_TARGET} and not any(rf for rip, rcx, rf in stops)

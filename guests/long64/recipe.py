@@ -1,6 +1,7 @@
 """Build the long64 test guest: ELF64 multiboot kernels from kernel.S: kernel.elf, and
 kernel-syscall.elf (-DWITH_SYSCALL: also system calls by `syscall`/`sysretq`, which PVM cannot
-run from user mode) and kernel-pvm.elf (-DFOR_PVM: for the kvm engine on PVM; see kernel.S).
+run from user mode) and kernel-pvm.elf (-DFOR_PVM: waits for its ticks with HLT, ticks every 5 ms;
+kernel.elf records and replays exactly on kvm too, see kernel.S).
 
 It is linked at 1 MiB with physical = virtual addresses; its multiboot header carries the
 a.out kludge, so loaders that only take 32-bit ELF files load it too.

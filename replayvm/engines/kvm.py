@@ -23,6 +23,13 @@ whichever comes first. An interrupt that arrives while a
 ring-3 task computes is thus delivered at the task's next entry into the kernel: exact, with a
 latency bounded by how often the task enters the kernel (a task that never does is not
 preempted while recording on PVM; hardware KVM has the same landmark limits but real debug exits).
+Elsewhere in the kernel the breakpoint finds every landmark (measured on PVM: at a backward jump's
+target, after an iretq, at a window exit; tests/test_kvm_engine.py, tests/test_long_mode.py). One
+kind it cannot tell apart: a landmark is registers, not memory, so in a loop whose iterations change
+memory but no register (`1: incq counter; cmpq $3, ticks; jb 1b`) every iteration has the same
+landmark, replay takes the first one after the last exit, and the trace diverges (measured: 6 of 6
+recordings of such a loop); without a PMU to count branches that needs a memory digest in the
+landmark. Record such a guest with `--engine emu`.
 
 Several CPUs (`--cpus N`, at most the host's KVM_CAP_NR_VCPUS): one KVM vCPU per CPU, each with
 its own kvm_run page and its own initial APIC ID in CPUID, all run by the one engine thread, one at
