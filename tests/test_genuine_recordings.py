@@ -10,6 +10,7 @@ through the real session code on both engines (tests/small_guests.py):
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -169,9 +170,7 @@ empty_idt:
 """
 FAULTS = {
     "triple fault": NO_IDT.format(fault="xorl %ecx, %ecx\n    divl %ecx"),
-    "read beyond RAM": "movl $0x7000000, %eax\n    movl (%eax), %ebx\n1:  jmp 1b",
-    "rep stos off the end of RAM": ("movl $0x3FFFF0, %edi\n    movl $100, %ecx\n    movb $0x5A, %al\n"
-                                    "    cld\n    rep stosb\n1:  jmp 1b"),
+    "code fetched beyond RAM": "movl $0x7000000, %eax\n    jmp *%eax",
 }
 
 
@@ -188,6 +187,44 @@ def test_a_recording_that_ends_in_a_fault_replays_verified_on_emu(tmp_path, faul
     assert shown.returncode == 0, shown
     assert shown.stdout.startswith("replay verified:") and end["detail"] in shown.stdout
 
+
+# Data beyond RAM is the open bus on both engines, as on a PC: reads give all-ones, writes go
+# nowhere, and the guest goes on. A `rep stos` that runs off the end of RAM (4 MiB here) fills
+# RAM up to its end and goes on too. The guest prints 'O' if all of that held, then '.'.
+OPEN_BUS = f"""
+    movl    $0x7000000, %eax
+    movl    (%eax), %ebx
+    movl    $0x12345678, (%eax)
+    movl    (%eax), %ecx
+    cmpl    $0xFFFFFFFF, %ebx
+    jne     1f
+    cmpl    $0xFFFFFFFF, %ecx
+    jne     1f
+    movl    $0x3FFFF0, %edi
+    movl    $100, %ecx
+    movb    $0x5A, %al
+    cld
+    rep stosb
+    cmpl    $0x3FFFF0 + 100, %edi
+    jne     1f
+    cmpb    $0x5A, 0x3FFFFF
+    jne     1f
+    movb    $'O', %al
+    outb    %al, ${hw.DEBUG_CON_PORT:#x}
+1:  movb    $'.', %al
+    outb    %al, ${hw.DEBUG_CON_PORT:#x}
+    {SHUTDOWN}
+"""
+
+
+@pytest.mark.parametrize("engine", ["emu", "kvm"])
+def test_data_beyond_ram_is_the_open_bus_on_both_engines(tmp_path, engine, request):
+    if engine == "kvm":
+        request.getfixturevalue("require_kvm")
+    trace = tmp_path / "t.zst"
+    assert record(trace, engine, kernel=multiboot_kernel(tmp_path, OPEN_BUS)) == ("shutdown", b"O.")
+    replayed = io.BytesIO()
+    assert replay(trace, output=replayed).verified and replayed.getvalue() == b"O."
 
 def test_a_fault_that_differs_from_the_recorded_end_diverges(tmp_path):
     trace = tmp_path / "t.zst"
@@ -399,12 +436,12 @@ def test_a_timeline_goes_to_a_recorded_fault_and_back(tmp_path):
     from replayvm.replay.timeline import Timeline
 
     trace = tmp_path / "t.zst"
-    assert record(trace, "emu", kernel=multiboot_kernel(tmp_path, FAULTS["rep stos off the end of RAM"]))[0] == "fault"
+    assert record(trace, "emu", kernel=multiboot_kernel(tmp_path, FAULTS["code fetched beyond RAM"]))[0] == "fault"
     timeline = Timeline(trace, checkpoint_every=5)
     try:
         assert timeline.seek(timeline.end).position == timeline.end == footer(trace)["position"]
         at_end = timeline.registers().regs
-        assert timeline.seek(3).position == 3
+        assert timeline.seek(1).position == 1
         assert timeline.cont().reason == "end" and timeline.position == timeline.end
         assert timeline.registers().regs == at_end
     finally:

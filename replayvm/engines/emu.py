@@ -127,6 +127,25 @@ class UnicornError(Exception):
     pass
 
 
+OPEN_BUS_END = 1 << 32              # the 32-bit physical address space: beyond it an access faults
+
+
+def _open_bus_holes(ram_bytes: int, mappings) -> list[tuple[int, int]]:
+    """(base, size) of the page-aligned physical ranges between the end of RAM and 4 GiB that no
+    device claims. They go to the machine's MMIO bus like a device's, which reads all-ones and
+    drops writes there (the open bus of a PC, and what the kvm engine does: KVM exits to the same
+    bus for any address no memory slot holds), so a guest that reads or writes a wild physical
+    address goes on as on hardware, on either engine, instead of ending the run."""
+    holes, start = [], (ram_bytes + 0xFFF) & ~0xFFF
+    claimed = sorted((m.base & ~0xFFF, (m.base + m.length + 0xFFF) & ~0xFFF) for m in mappings)
+    for base, end in claimed + [(OPEN_BUS_END, OPEN_BUS_END)]:
+        base = min(base, OPEN_BUS_END)
+        if base > start:
+            holes.append((start, base - start))
+        start = max(start, end)
+    return holes
+
+
 def _check(err: int, what: str) -> None:
     if err:
         raise UnicornError(f"{what}: {ffi.string(lib.uc_strerror(err)).decode()}")
@@ -178,6 +197,9 @@ class EmuEngine:
             size = (mapping.length + 0xFFF) & ~0xFFF
             _check(lib.replayvm_uc_map_mmio(self.uc, self.state, mapping.base, size, self._owner),
                    f"map MMIO {mapping.name}")
+        for base, size in _open_bus_holes(len(machine.ram), machine.mmio.mappings()):
+            _check(lib.replayvm_uc_map_mmio(self.uc, self.state, base, size, self._owner),
+                   f"map the open bus at {base:#x}")
         self.state.ram = ffi.cast("uint8_t *", self._ram)
         self.state.ram_size = len(machine.ram)
         self.page_walk = "qemu" if reference_mode() else "engine"
