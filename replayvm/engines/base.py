@@ -40,6 +40,62 @@ CPU_WAIT_SIPI = 1                   # after reset or INIT: nothing runs until a 
 CPU_STARTING = 2                    # a STARTUP IPI came: starts at its vector when next switched to
 
 
+
+class CpuModes:
+    """What each of several CPUs is doing, as both engines keep it: its mode (running, waiting for
+    a STARTUP IPI, starting at its STARTUP vector), that vector, and whether it halted (with IF
+    set: an interrupt can wake it). The engines add how they hold each CPU's registers."""
+
+    cpus: int
+    machine: "MachineView"
+
+    def _init_cpu_modes(self) -> None:
+        self._cpu_mode = [CPU_RUNNING] + [CPU_WAIT_SIPI] * (self.cpus - 1)
+        self._cpu_vector = [0] * self.cpus
+        self._cpu_halted = [False] * self.cpus
+        self._cpu_halted_if = [False] * self.cpus
+
+    def cpu_init(self, cpu: int) -> None:
+        """An INIT IPI (from inside a device access): the CPU waits for a STARTUP IPI; only the
+        mode changes here, the engine starts the CPU when it is next switched to."""
+        self._cpu_mode[cpu] = CPU_WAIT_SIPI
+        self._cpu_halted[cpu] = False
+
+    def cpu_startup(self, cpu: int, vector: int) -> None:
+        """A STARTUP IPI: a CPU waiting for one starts in real mode at vector * 4096 when it is
+        next switched to (a second one, as xv6 sends, finds it started and is ignored, as on
+        hardware)."""
+        if self._cpu_mode[cpu] == CPU_WAIT_SIPI:
+            self._cpu_mode[cpu] = CPU_STARTING
+            self._cpu_vector[cpu] = vector & 0xFF
+
+    def cpu_started(self, cpu: int) -> bool:
+        """Whether `cpu` runs (or is about to: a STARTUP IPI came), rather than waiting for one."""
+        return self.cpus == 1 or self._cpu_mode[cpu] != CPU_WAIT_SIPI
+
+    def _runnable(self, cpu: int) -> bool:
+        mode = self._cpu_mode[cpu]
+        if mode != CPU_RUNNING:
+            return mode == CPU_STARTING
+        if not self._cpu_halted[cpu]:
+            return True
+        return self._cpu_halted_if[cpu] and self.machine.lapics[cpu].has_pending()  # type: ignore[attr-defined]
+
+    def any_cpu_runnable(self) -> bool:
+        """Several CPUs: can any of them run (one halted waits for an interrupt it can take)?"""
+        return any(self._runnable(cpu) for cpu in range(self.cpus))
+
+    def _cpu_mode_fields(self) -> dict:
+        """The modes, vectors and halts, as a snapshot and a branch's start_cpus keep them."""
+        return {"modes": list(self._cpu_mode), "vectors": list(self._cpu_vector),
+                "halted": list(self._cpu_halted), "halted_if": list(self._cpu_halted_if)}
+
+    def _load_cpu_modes(self, saved: dict) -> None:
+        self._cpu_mode = [int(mode) for mode in saved["modes"]]
+        self._cpu_vector = [int(vector) for vector in saved["vectors"]]
+        self._cpu_halted = [bool(halted) for halted in saved["halted"]]
+        self._cpu_halted_if = [bool(halted_if) for halted_if in saved["halted_if"]]
+
 class StopReason(enum.Enum):
     HALT = "halt"                  # HLT with nothing to do: the machine waits for the next event
     SHUTDOWN = "shutdown"          # triple fault / shutdown: the guest is dead

@@ -28,8 +28,8 @@ from typing import Callable, Iterator
 
 from replayvm import hw
 from replayvm.clock import VirtualClock
-from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuState, DebugHit, DebugStop,
-                                   EngineSnapshot, GuestAddressFault, MachineView, Segment, StopReason,
+from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuModes, CpuState, DebugHit,
+                                   DebugStop, EngineSnapshot, GuestAddressFault, MachineView, Segment, StopReason,
                                    real_mode_state)
 from replayvm.engines import x86_delivery
 from replayvm.errors import EngineUnavailable
@@ -151,7 +151,7 @@ def _check(err: int, what: str) -> None:
         raise UnicornError(f"{what}: {ffi.string(lib.uc_strerror(err)).decode()}")
 
 
-class EmuEngine:
+class EmuEngine(CpuModes):
     """One x86 vCPU emulated by Unicorn over the machine's RAM (see module docstring).
 
     An `Engine`, a `SnapshotEngine` and a `DebugEngine` (replayvm.engines.base)."""
@@ -251,10 +251,7 @@ class EmuEngine:
             self._cpu_contexts = [self._new_context() for _ in range(self.cpus)]
             self._reset_context = self._new_context()      # the power-on CPU an AP starts from
             _check(lib.replayvm_uc_context_save(self.uc, self._reset_context), "save the reset CPU")
-            self._cpu_mode = [CPU_RUNNING] + [CPU_WAIT_SIPI] * (self.cpus - 1)
-            self._cpu_vector = [0] * self.cpus
-            self._cpu_halted = [False] * self.cpus
-            self._cpu_halted_if = [False] * self.cpus
+            self._init_cpu_modes()
             # CPUID leaf 1's APIC ID is the running CPU's (Unicorn's single vCPU says 0).
             leaf1 = next(entry for entry in self.cpuid_table if entry[:2] == (1, 0))
             self.state.cpuid1 = list(leaf1[2:6])
@@ -266,35 +263,6 @@ class EmuEngine:
         holder = ffi.new("uc_context **")
         _check(lib.uc_context_alloc(self.uc, holder), "allocate context")
         return ffi.gc(holder[0], lib.uc_context_free)
-
-    def cpu_init(self, cpu: int) -> None:
-        """An INIT IPI: the CPU waits for a STARTUP IPI (from inside a device access: only the
-        mode changes here; the context is made when the CPU is next switched to)."""
-        self._cpu_mode[cpu] = CPU_WAIT_SIPI
-        self._cpu_halted[cpu] = False
-
-    def cpu_startup(self, cpu: int, vector: int) -> None:
-        """A STARTUP IPI: a CPU waiting for one starts at vector * 4096 (a second one, as xv6
-        sends, finds it started and is ignored, as on hardware)."""
-        if self._cpu_mode[cpu] == CPU_WAIT_SIPI:
-            self._cpu_mode[cpu] = CPU_STARTING
-            self._cpu_vector[cpu] = vector & 0xFF
-
-    def cpu_started(self, cpu: int) -> bool:
-        """Whether `cpu` runs (or is about to: a STARTUP IPI came), rather than waiting for one."""
-        return self.cpus == 1 or self._cpu_mode[cpu] != CPU_WAIT_SIPI
-
-    def _runnable(self, cpu: int) -> bool:
-        mode = self._cpu_mode[cpu]
-        if mode != CPU_RUNNING:
-            return mode == CPU_STARTING
-        if not self._cpu_halted[cpu]:
-            return True
-        return self._cpu_halted_if[cpu] and self.machine.lapics[cpu].has_pending()
-
-    def any_cpu_runnable(self) -> bool:
-        """Several CPUs: can any of them run (one halted waits for an interrupt it can take)?"""
-        return any(self._runnable(cpu) for cpu in range(self.cpus))
 
     def _switch(self, cpu: int) -> None:
         """Unicorn holds `cpu`'s context from now on. Between runs only: the count, the blocks'
@@ -394,8 +362,7 @@ class EmuEngine:
         runs, each CPU's mode, STARTUP vector and halt, and each started CPU's CpuState (as for
         the running CPU's `initial_state`: no x87/SSE registers or MSRs)."""
         states = self.cpu_states()
-        return {"current": self.cpu, "modes": list(self._cpu_mode), "vectors": list(self._cpu_vector),
-                "halted": list(self._cpu_halted), "halted_if": list(self._cpu_halted_if),
+        return {"current": self.cpu, **self._cpu_mode_fields(),
                 "states": [state if cpu != self.cpu and "regs" in state else None
                            for cpu, state in enumerate(states)]}
 
@@ -414,10 +381,7 @@ class EmuEngine:
             _check(lib.replayvm_uc_context_save(self.uc, self._cpu_contexts[cpu]), "save a CPU")
         _check(lib.replayvm_uc_context_restore(self.uc, self.state, current), "restore a CPU")
         _check(lib.replayvm_uc_flush_tlb(self.uc), "flush TLB")
-        self._cpu_mode = [int(mode) for mode in start["modes"]]
-        self._cpu_vector = [int(vector) for vector in start["vectors"]]
-        self._cpu_halted = [bool(halted) for halted in start["halted"]]
-        self._cpu_halted_if = [bool(halted_if) for halted_if in start["halted_if"]]
+        self._load_cpu_modes(start)
         self.cpu = start["current"]
         self.machine.select_cpu(self.cpu)
         self._refresh_lapic_id()
@@ -1062,9 +1026,7 @@ class EmuEngine:
             bytes(ffi.buffer(self._cpu_contexts[cpu], self._context_size))
             if cpu != self.cpu and self._cpu_mode[cpu] == CPU_RUNNING else None
             for cpu in range(self.cpus)]
-        return {"current": self.cpu, "contexts": contexts, "modes": list(self._cpu_mode),
-                "vectors": list(self._cpu_vector), "halted": list(self._cpu_halted),
-                "halted_if": list(self._cpu_halted_if)}
+        return {"current": self.cpu, "contexts": contexts, **self._cpu_mode_fields()}
 
     def _restore_other_cpus(self, saved: dict | None) -> None:
         """The inverse of _save_other_cpus (before the running CPU's context is restored)."""
@@ -1078,10 +1040,7 @@ class EmuEngine:
                 if len(context) != self._context_size:
                     raise ValueError("a vCPU context of another size")
                 ffi.memmove(self._cpu_contexts[cpu], context, self._context_size)
-        self._cpu_mode = list(saved["modes"])
-        self._cpu_vector = list(saved["vectors"])
-        self._cpu_halted = list(saved["halted"])
-        self._cpu_halted_if = list(saved["halted_if"])
+        self._load_cpu_modes(saved)
         self.cpu = saved["current"]
         self.machine.select_cpu(self.cpu)
 

@@ -60,8 +60,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from replayvm.engines._kvm import ffi, lib
-from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuState, MachineView, Segment,
-                                   StopReason, real_mode_state)
+from replayvm.engines.base import (CPU_RUNNING, CPU_STARTING, CPU_WAIT_SIPI, CpuModes, CpuState, MachineView,
+                                   Segment, StopReason, real_mode_state)
 from replayvm.errors import EngineUnavailable, UsageError
 
 # A CPU that runs this long (guest time) without a synchronous exit, while another CPU could run,
@@ -213,7 +213,7 @@ class _Vcpu:
         self.run = ffi.cast("struct kvm_run *", self.run_buffer)
 
 
-class KvmEngine:
+class KvmEngine(CpuModes):
     """The vCPUs under KVM: an `Engine` and a `HardwareDebugEngine` (replayvm.engines.base).
 
     Positions are exit counts (see `position`), so this engine has no checkpoints and no exact
@@ -278,10 +278,7 @@ class KvmEngine:
         self._kicker = _Kicker(self.run_struct, threading.get_ident(), machine.clock)
         # Several CPUs (see the module docstring): what each is doing, as on the emu engine.
         self.on_switch: Callable[[int, int, dict | None], None] | None = None  # (cpu, position, landmark)
-        self._cpu_mode = [CPU_RUNNING] + [CPU_WAIT_SIPI] * (self.cpus - 1)
-        self._cpu_vector = [0] * self.cpus
-        self._cpu_halted = [False] * self.cpus
-        self._cpu_halted_if = [False] * self.cpus
+        self._init_cpu_modes()
         self._quiet_since_ns = 0             # recording: since when the running CPU made no exit ...
         self._quiet_position = -1            # ... (the position it has been at since then) ...
         self._turn_deadline_ns: int | None = None   # ... and when time ends its turn (another CPU waits)
@@ -370,35 +367,6 @@ class KvmEngine:
         _ioctl(self.vcpu_fd, lib.KVM_SET_REGS, self._regs, "KVM_SET_REGS")
 
     # ---------------------------------------------------------------- several CPUs
-    def cpu_init(self, cpu: int) -> None:
-        """An INIT IPI (from inside a device access): the CPU waits for a STARTUP IPI; its vCPU
-        is not run until then."""
-        self._cpu_mode[cpu] = CPU_WAIT_SIPI
-        self._cpu_halted[cpu] = False
-
-    def cpu_startup(self, cpu: int, vector: int) -> None:
-        """A STARTUP IPI: a CPU waiting for one starts in real mode at vector * 4096 when it is
-        next switched to (a second one finds it started and is ignored, as on hardware)."""
-        if self._cpu_mode[cpu] == CPU_WAIT_SIPI:
-            self._cpu_mode[cpu] = CPU_STARTING
-            self._cpu_vector[cpu] = vector & 0xFF
-
-    def cpu_started(self, cpu: int) -> bool:
-        """Whether `cpu` runs (or is about to: a STARTUP IPI came), rather than waiting for one."""
-        return self.cpus == 1 or self._cpu_mode[cpu] != CPU_WAIT_SIPI
-
-    def _runnable(self, cpu: int) -> bool:
-        mode = self._cpu_mode[cpu]
-        if mode != CPU_RUNNING:
-            return mode == CPU_STARTING
-        if not self._cpu_halted[cpu]:
-            return True
-        return self._cpu_halted_if[cpu] and self.machine.lapics[cpu].has_pending()  # type: ignore[attr-defined]
-
-    def any_cpu_runnable(self) -> bool:
-        """Several CPUs: can any of them run (one halted waits for an interrupt it can take)?"""
-        return any(self._runnable(cpu) for cpu in range(self.cpus))
-
     def _other_runnable(self) -> bool:
         return any(self._runnable(cpu) for cpu in range(self.cpus) if cpu != self.cpu)
 
@@ -527,8 +495,7 @@ class KvmEngine:
         """Several CPUs: what a branch trace (replay --live) starts its other CPUs from, as on
         the emu engine (EmuEngine.start_cpus)."""
         states = self.cpu_states()
-        return {"current": self.cpu, "modes": list(self._cpu_mode), "vectors": list(self._cpu_vector),
-                "halted": list(self._cpu_halted), "halted_if": list(self._cpu_halted_if),
+        return {"current": self.cpu, **self._cpu_mode_fields(),
                 "states": [state if cpu != self.cpu and "regs" in state else None
                            for cpu, state in enumerate(states)]}
 
@@ -547,10 +514,7 @@ class KvmEngine:
             elif state is not None:
                 with self.viewing_cpu(cpu):
                     self.set_state(CpuState.from_dict(state))
-        self._cpu_mode = [int(mode) for mode in start["modes"]]
-        self._cpu_vector = [int(vector) for vector in start["vectors"]]
-        self._cpu_halted = [bool(halted) for halted in start["halted"]]
-        self._cpu_halted_if = [bool(halted_if) for halted_if in start["halted_if"]]
+        self._load_cpu_modes(start)
         self.cpu = current
         self._use_vcpu(current)
         self.machine.select_cpu(current)          # type: ignore[attr-defined]
